@@ -1,0 +1,23 @@
+//! # medmesh-protocol
+//!
+//! The part of medmesh that is pure logic: no tokio, no sockets, no disk.
+//!
+//! - [`ids`]: the identifiers every other crate speaks in ([`DocId`], [`Collection`]).
+//! - [`schema`]: which collections exist, their fields and types, which fields are
+//!   indexed, and the validation of a JSON record against them. Built-in collections follow
+//!   the Hikma Health schema; a deployment can add its own from a schema file.
+//! - [`record`]: how a JSON record maps onto one Automerge document and back, field by
+//!   field, with nothing lost (nested objects, arrays, ints vs floats, unknown fields), and
+//!   how a write becomes the minimal set of field changes.
+//!
+//! Data flows one way: the node parses a request into JSON, [`schema`] validates it,
+//! [`record`] turns it into Automerge operations inside a transaction the storage crate
+//! owns, and turns documents back into JSON for answers.
+
+pub mod ids;
+pub mod record;
+pub mod schema;
+
+pub use ids::{Collection, DocId, IdError};
+pub use record::{ChangeAuthor, RecordError};
+pub use schema::{CollectionSpec, FieldSpec, FieldType, IndexKind, Schema, SchemaError};

@@ -1,0 +1,1588 @@
+//! Record schema: which collections exist, which fields they have, and what a valid
+//! record looks like.
+//!
+//! A **collection** is a named set of JSON records (a Hikma Health table such as
+//! `patients`, or an extra collection declared in a schema file). Each collection lists
+//! its known **fields** with a [`FieldType`], a `required` flag and an optional
+//! [`IndexKind`]. Every collection has the [common fields](COMMON_FIELDS) `id` (a
+//! required UUID string), `created_at`, `updated_at`, `deleted_at` (timestamps) and
+//! `is_deleted` (bool).
+//!
+//! [`Schema::hikma`] holds the built-in collections: every table of the Hikma Health sync
+//! API, plus medmesh's own `inventory_transactions` audit trail. A deployment may add
+//! collections with [`Schema::extend_from_json`]; the file format is
+//!
+//! ```json
+//! {"collections": [{"name": "lab_reports", "fields": [
+//!     {"name": "patient_id", "type": "id", "required": true, "index": "exact"},
+//!     {"name": "test_name", "type": "string", "index": "prefix"},
+//!     {"name": "result_value", "type": "number"}]}]}
+//! ```
+//!
+//! # Validation
+//!
+//! Validation guards what medmesh stores without ever refusing a record the Hikma app
+//! would write, so it is deliberately permissive:
+//!
+//! - Fields not in the schema are allowed and not checked (the cloud ignores unknown
+//!   columns, and WatermelonDB adds `_status`/`_changed`).
+//! - Only `id` and a few foreign keys are required; `null` is accepted for any other
+//!   field.
+//! - Values take the forms both sides of the sync use: timestamps as RFC 3339 strings
+//!   (what the cloud sends) or epoch milliseconds (what the app stores), dates as
+//!   `"YYYY-MM-DD"`, a timestamp or epoch milliseconds, decimals as numbers or numeric
+//!   strings, JSON columns as anything (the app sends JSON text, the cloud objects).
+//! - WatermelonDB writes `""` into string columns that were never set, so an empty
+//!   string counts as "no value" in an optional `id`, `date` or `decimal` field.
+//!
+//! # Indexes
+//!
+//! Fields marked with an [`IndexKind`] are looked up by the storage layer with keys made
+//! by [`index_value`]. `updated_at` is indexed by storage for every collection and is
+//! not marked here.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The fields every collection has; they are added automatically and may not be
+/// declared in a schema file.
+pub const COMMON_FIELDS: [&str; 5] = ["id", "created_at", "updated_at", "deleted_at", "is_deleted"];
+
+/// Longest string shown in an error message before it is cut short.
+const MAX_SHOWN_CHARS: usize = 40;
+
+/// Type of a field's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    /// A JSON string.
+    String,
+    /// A reference to a record: a non-empty JSON string (the `id` field itself must be a
+    /// hyphenated UUID).
+    Id,
+    /// A JSON integer that fits in an `i64` (not a float, not a string).
+    Int,
+    /// Any JSON number.
+    Number,
+    /// A JSON number, or a string holding a decimal number such as `"12.50"` (how the
+    /// cloud and the app carry money and doses).
+    Decimal,
+    /// `true` or `false`.
+    Bool,
+    /// An RFC 3339 / ISO 8601 date-time string, or non-negative epoch milliseconds.
+    Timestamp,
+    /// A calendar date: `"YYYY-MM-DD"`, an RFC 3339 timestamp, or epoch milliseconds
+    /// (the app stores some dates as numbers).
+    Date,
+    /// Any JSON value (the app sends JSON columns as text, the cloud as objects).
+    Json,
+    /// A JSON array of strings.
+    StringList,
+}
+
+impl FieldType {
+    /// Every field type, in declaration order.
+    pub const ALL: [FieldType; 10] = [
+        FieldType::String,
+        FieldType::Id,
+        FieldType::Int,
+        FieldType::Number,
+        FieldType::Decimal,
+        FieldType::Bool,
+        FieldType::Timestamp,
+        FieldType::Date,
+        FieldType::Json,
+        FieldType::StringList,
+    ];
+
+    /// The name used for this type in schema files, e.g. `"string_list"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldType::String => "string",
+            FieldType::Id => "id",
+            FieldType::Int => "int",
+            FieldType::Number => "number",
+            FieldType::Decimal => "decimal",
+            FieldType::Bool => "bool",
+            FieldType::Timestamp => "timestamp",
+            FieldType::Date => "date",
+            FieldType::Json => "json",
+            FieldType::StringList => "string_list",
+        }
+    }
+
+    /// The type whose schema-file name is `name`.
+    fn from_name(name: &str) -> Option<FieldType> {
+        FieldType::ALL.into_iter().find(|ty| ty.as_str() == name)
+    }
+
+    /// What a value of this type looks like, for error messages.
+    pub fn description(self) -> &'static str {
+        match self {
+            FieldType::String => "a string",
+            FieldType::Id => "a non-empty id string",
+            FieldType::Int => "an integer",
+            FieldType::Number => "a number",
+            FieldType::Decimal => "a decimal number (a number or a numeric string)",
+            FieldType::Bool => "true or false",
+            FieldType::Timestamp => "a timestamp (an RFC 3339 string or epoch milliseconds)",
+            FieldType::Date => {
+                "a date (\"YYYY-MM-DD\", an RFC 3339 timestamp or epoch milliseconds)"
+            }
+            FieldType::Json => "any JSON value",
+            FieldType::StringList => "an array of strings",
+        }
+    }
+
+    /// Whether a non-null `value` has this type. `null` is never accepted here; whether a
+    /// field may be null is up to [`FieldSpec::required`].
+    pub fn accepts(self, value: &Value) -> bool {
+        match self {
+            FieldType::String => value.is_string(),
+            FieldType::Id => value.as_str().is_some_and(|s| !s.is_empty()),
+            FieldType::Int => value.is_i64(),
+            FieldType::Number => value.is_number(),
+            FieldType::Decimal => value.is_number() || value.as_str().is_some_and(is_decimal_text),
+            FieldType::Bool => value.is_boolean(),
+            FieldType::Timestamp => match value {
+                Value::String(s) => is_timestamp_text(s),
+                _ => value.as_i64().is_some_and(|ms| ms >= 0),
+            },
+            FieldType::Date => match value {
+                Value::String(s) => is_date_text(s) || is_timestamp_text(s),
+                _ => value.is_i64(),
+            },
+            FieldType::Json => !value.is_null(),
+            FieldType::StringList => value
+                .as_array()
+                .is_some_and(|items| items.iter().all(Value::is_string)),
+        }
+    }
+
+    /// Types stored in WatermelonDB string columns, where `""` means "never set".
+    fn empty_means_unset(self) -> bool {
+        matches!(self, FieldType::Id | FieldType::Date | FieldType::Decimal)
+    }
+}
+
+/// How a field is indexed for lookups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexKind {
+    /// Look up by the exact value (ids, phone numbers, barcodes, statuses).
+    Exact,
+    /// Look up by a case- and whitespace-insensitive prefix (names).
+    Prefix,
+}
+
+impl IndexKind {
+    /// The index kind whose schema-file name is `name`.
+    fn from_name(name: &str) -> Option<IndexKind> {
+        match name {
+            "exact" => Some(IndexKind::Exact),
+            "prefix" => Some(IndexKind::Prefix),
+            _ => None,
+        }
+    }
+}
+
+/// One field of a collection.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldSpec {
+    /// The field's name (a JSON key of the record).
+    pub name: String,
+    /// The type its value must have.
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    /// Whether a record must have it, with a non-null value.
+    pub required: bool,
+    /// How it is indexed, if at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexKind>,
+}
+
+impl FieldSpec {
+    fn new(name: &str, ty: FieldType, required: bool, index: Option<IndexKind>) -> FieldSpec {
+        FieldSpec {
+            name: name.to_owned(),
+            ty,
+            required,
+            index,
+        }
+    }
+}
+
+/// A collection: its name and fields (the common fields first).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CollectionSpec {
+    /// The collection's name, e.g. `patients`.
+    pub name: String,
+    /// Its fields: the [common fields](COMMON_FIELDS), then its own.
+    pub fields: Vec<FieldSpec>,
+    /// Whether it is a built-in Hikma Health collection (not from a schema file).
+    pub builtin: bool,
+}
+
+impl CollectionSpec {
+    /// A collection with the common fields followed by `own`.
+    fn with_common_fields(name: &str, own: Vec<FieldSpec>, builtin: bool) -> CollectionSpec {
+        let mut fields = vec![
+            FieldSpec::new("id", FieldType::Id, true, None),
+            FieldSpec::new("created_at", FieldType::Timestamp, false, None),
+            FieldSpec::new("updated_at", FieldType::Timestamp, false, None),
+            FieldSpec::new("deleted_at", FieldType::Timestamp, false, None),
+            FieldSpec::new("is_deleted", FieldType::Bool, false, None),
+        ];
+        fields.extend(own);
+        CollectionSpec {
+            name: name.to_owned(),
+            fields,
+            builtin,
+        }
+    }
+
+    /// The field called `name`, if the collection has one.
+    pub fn field(&self, name: &str) -> Option<&FieldSpec> {
+        self.fields.iter().find(|field| field.name == name)
+    }
+
+    /// The fields that have an index, in declaration order.
+    pub fn indexed_fields(&self) -> impl Iterator<Item = &FieldSpec> {
+        self.fields.iter().filter(|field| field.index.is_some())
+    }
+
+    /// Validate a whole record (create or full replace): required fields present and not
+    /// null, every known field type-checked. Unknown fields are allowed and not checked.
+    pub fn validate_record(&self, record: &Map<String, Value>) -> Result<(), SchemaError> {
+        for field in &self.fields {
+            match record.get(&field.name) {
+                Some(value) => self.check_field(field, value)?,
+                None if field.required => return Err(self.missing(field)),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Validate a partial update: only the given fields are type-checked, and a required
+    /// field may not be set to null. An `id` in the patch must be a valid UUID; the caller
+    /// must check that it equals the record's current id.
+    pub fn validate_patch(&self, patch: &Map<String, Value>) -> Result<(), SchemaError> {
+        for (name, value) in patch {
+            if let Some(field) = self.field(name) {
+                self.check_field(field, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Check one present value of `field`.
+    fn check_field(&self, field: &FieldSpec, value: &Value) -> Result<(), SchemaError> {
+        if value.is_null() {
+            return if field.required {
+                Err(self.missing(field))
+            } else {
+                Ok(())
+            };
+        }
+        let (valid, expected) = if field.name == "id" {
+            (value.as_str().is_some_and(is_uuid_text), "a UUID string")
+        } else {
+            let unset =
+                !field.required && field.ty.empty_means_unset() && value.as_str() == Some("");
+            (unset || field.ty.accepts(value), field.ty.description())
+        };
+        if valid {
+            Ok(())
+        } else {
+            Err(SchemaError::InvalidField {
+                collection: self.name.clone(),
+                field: field.name.clone(),
+                expected,
+                found: describe_value(value),
+            })
+        }
+    }
+
+    fn missing(&self, field: &FieldSpec) -> SchemaError {
+        SchemaError::MissingField {
+            collection: self.name.clone(),
+            field: field.name.clone(),
+        }
+    }
+}
+
+/// The set of collections medmesh knows: the built-in Hikma Health collections plus any
+/// declared in schema files.
+#[derive(Debug, Clone)]
+pub struct Schema {
+    collections: BTreeMap<String, CollectionSpec>,
+}
+
+impl Schema {
+    /// The built-in Hikma Health collections.
+    pub fn hikma() -> Schema {
+        let collections = HIKMA_COLLECTIONS
+            .iter()
+            .map(|(name, columns)| {
+                let own = columns
+                    .iter()
+                    .map(|&(field, ty, required, index)| FieldSpec::new(field, ty, required, index))
+                    .collect();
+                (
+                    (*name).to_owned(),
+                    CollectionSpec::with_common_fields(name, own, true),
+                )
+            })
+            .collect();
+        Schema { collections }
+    }
+
+    /// Add the extra collections declared in a schema file's text (JSON). `source` names
+    /// the file in errors. Nothing is added unless the whole file is valid.
+    pub fn extend_from_json(&mut self, text: &str, source: &str) -> Result<(), SchemaFileError> {
+        let file: SchemaFile = serde_json::from_str(text).map_err(|err| {
+            let (line, column) = (err.line(), err.column());
+            let message = err.to_string();
+            let suffix = format!(" at line {line} column {column}");
+            SchemaFileError::Json {
+                source_name: source.to_owned(),
+                line,
+                column,
+                message: message.strip_suffix(&suffix).unwrap_or(&message).to_owned(),
+            }
+        })?;
+        let invalid = |message: String| SchemaFileError::Invalid {
+            source_name: source.to_owned(),
+            message,
+        };
+        let mut added: BTreeMap<String, CollectionSpec> = BTreeMap::new();
+        for decl in file.collections {
+            let spec = decl.into_spec().map_err(invalid)?;
+            if let Some(existing) = self.collections.get(&spec.name) {
+                return Err(invalid(if existing.builtin {
+                    format!(
+                        "collection `{}` is a built-in Hikma Health collection and cannot be \
+                         redefined; choose another name",
+                        spec.name
+                    )
+                } else {
+                    format!(
+                        "collection `{}` is already defined by an earlier schema file; \
+                         declare it only once",
+                        spec.name
+                    )
+                }));
+            }
+            if added.contains_key(&spec.name) {
+                return Err(invalid(format!(
+                    "collection `{}` is declared twice; merge the two declarations",
+                    spec.name
+                )));
+            }
+            added.insert(spec.name.clone(), spec);
+        }
+        self.collections.extend(added);
+        Ok(())
+    }
+
+    /// The collection called `name`, if there is one.
+    pub fn collection(&self, name: &str) -> Option<&CollectionSpec> {
+        self.collections.get(name)
+    }
+
+    /// All collections, ordered by name.
+    pub fn collections(&self) -> impl Iterator<Item = &CollectionSpec> {
+        self.collections.values()
+    }
+}
+
+/// Normalize a value for an index key. Prefix indexes lowercase strings and collapse
+/// their whitespace (trimmed); Exact keeps strings as they are; numbers and bools use
+/// their JSON text. `null`, objects, arrays and empty strings give `None` (not indexed).
+pub fn index_value(value: &Value, kind: IndexKind) -> Option<String> {
+    let key = match value {
+        Value::String(s) => match kind {
+            IndexKind::Exact => s.clone(),
+            IndexKind::Prefix => s
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_lowercase(),
+        },
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null | Value::Array(_) | Value::Object(_) => return None,
+    };
+    (!key.is_empty()).then_some(key)
+}
+
+/// Is `name` a valid collection name: `^[a-z][a-z0-9_]{0,62}$`. Field names in schema
+/// files follow the same rule.
+pub fn is_valid_collection_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    bytes.first().is_some_and(u8::is_ascii_lowercase)
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A record that does not fit its collection's schema.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum SchemaError {
+    /// A field has a value of the wrong type.
+    #[error("field `{field}` of {collection} must be {expected}, but got {found}")]
+    InvalidField {
+        /// The collection the record belongs to.
+        collection: String,
+        /// The field's name.
+        field: String,
+        /// What the value should have been.
+        expected: &'static str,
+        /// A short description of the value found.
+        found: String,
+    },
+    /// A required field is absent or null.
+    #[error("field `{field}` is required in {collection}")]
+    MissingField {
+        /// The collection the record belongs to.
+        collection: String,
+        /// The field's name.
+        field: String,
+    },
+}
+
+impl SchemaError {
+    /// The name of the field at fault.
+    pub fn field(&self) -> &str {
+        match self {
+            SchemaError::InvalidField { field, .. } | SchemaError::MissingField { field, .. } => {
+                field
+            }
+        }
+    }
+}
+
+/// A schema file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaFileError {
+    /// The file is not valid JSON, or does not have the schema file's shape.
+    #[error("schema file {source_name}, line {line}, column {column}: {message}")]
+    Json {
+        /// The file's name.
+        source_name: String,
+        /// Line of the error (1-based).
+        line: usize,
+        /// Column of the error (1-based).
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The file is well-formed but declares something medmesh cannot accept.
+    #[error("schema file {source_name}: {message}")]
+    Invalid {
+        /// The file's name.
+        source_name: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// The top level of a schema file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchemaFile {
+    collections: Vec<CollectionDecl>,
+}
+
+/// One collection in a schema file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CollectionDecl {
+    name: String,
+    #[serde(default)]
+    fields: Vec<FieldDecl>,
+}
+
+/// One field in a schema file. `type` and `index` are read as text so that a mistake
+/// gets a message naming the collection and field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FieldDecl {
+    name: String,
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(default)]
+    required: bool,
+    #[serde(default)]
+    index: Option<String>,
+}
+
+const NAME_RULE: &str = "use 1 to 63 lowercase letters, digits or `_`, starting with a letter";
+
+impl CollectionDecl {
+    /// Check the declaration and turn it into a collection; errors are messages.
+    fn into_spec(self) -> Result<CollectionSpec, String> {
+        let collection = self.name;
+        if !is_valid_collection_name(&collection) {
+            return Err(format!(
+                "collection name `{collection}` is not valid: {NAME_RULE} (e.g. `lab_reports`)"
+            ));
+        }
+        let mut own: Vec<FieldSpec> = Vec::with_capacity(self.fields.len());
+        for decl in self.fields {
+            let name = decl.name;
+            let at = format!("collection `{collection}`, field `{name}`");
+            if COMMON_FIELDS.contains(&name.as_str()) {
+                return Err(format!(
+                    "{at}: `{name}` is a common field every collection has automatically \
+                     ({}); remove it from the file",
+                    COMMON_FIELDS.join(", ")
+                ));
+            }
+            if !is_valid_collection_name(&name) {
+                return Err(format!("{at}: the name is not valid: {NAME_RULE}"));
+            }
+            if own.iter().any(|field| field.name == name) {
+                return Err(format!("{at}: declared twice; remove one of them"));
+            }
+            let ty = FieldType::from_name(&decl.ty).ok_or_else(|| {
+                let known: Vec<&str> = FieldType::ALL.iter().map(|ty| ty.as_str()).collect();
+                format!(
+                    "{at}: unknown type `{}`; use one of: {}",
+                    decl.ty,
+                    known.join(", ")
+                )
+            })?;
+            let index = match decl.index.as_deref() {
+                None => None,
+                Some(text) => Some(IndexKind::from_name(text).ok_or_else(|| {
+                    format!(
+                        "{at}: unknown index `{text}`; use `exact` or `prefix`, or leave `index` out"
+                    )
+                })?),
+            };
+            match (index, ty) {
+                (Some(_), FieldType::Json | FieldType::StringList) => {
+                    return Err(format!(
+                        "{at}: a field of type `{}` cannot be indexed; remove `index`",
+                        ty.as_str()
+                    ));
+                }
+                (Some(IndexKind::Prefix), ty) if ty != FieldType::String => {
+                    return Err(format!(
+                        "{at}: a `prefix` index needs a field of type `string`, not `{}`; \
+                         use `exact` instead",
+                        ty.as_str()
+                    ));
+                }
+                _ => {}
+            }
+            own.push(FieldSpec::new(&name, ty, decl.required, index));
+        }
+        Ok(CollectionSpec::with_common_fields(&collection, own, false))
+    }
+}
+
+/// A short description of a value for error messages, e.g. `a string "abc"`.
+fn describe_value(value: &Value) -> String {
+    match value {
+        Value::Null => "null".to_owned(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) if s.is_empty() => "an empty string".to_owned(),
+        Value::String(s) => {
+            let mut shown: String = s.chars().take(MAX_SHOWN_CHARS).collect();
+            if shown.len() < s.len() {
+                shown.push('…');
+            }
+            format!("a string {shown:?}")
+        }
+        Value::Array(items) => format!("an array of {} items", items.len()),
+        Value::Object(_) => "an object".to_owned(),
+    }
+}
+
+/// A UUID in its canonical hyphenated form (either case).
+fn is_uuid_text(s: &str) -> bool {
+    s.len() == 36 && uuid::Uuid::try_parse(s).is_ok()
+}
+
+/// `YYYY-MM-DD`, a real calendar date.
+fn is_date_text(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
+}
+
+/// An RFC 3339 date-time, or an ISO 8601 one without an offset (taken as UTC).
+fn is_timestamp_text(s: &str) -> bool {
+    chrono::DateTime::parse_from_rfc3339(s).is_ok()
+        || ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+            .iter()
+            .any(|format| chrono::NaiveDateTime::parse_from_str(s, format).is_ok())
+}
+
+/// A decimal number as text: optional sign, digits with an optional fraction, optional
+/// exponent (`-12`, `0.5`, `.5`, `1e3`). No spaces, `NaN` or infinities.
+fn is_decimal_text(s: &str) -> bool {
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((mantissa, exponent)) => (mantissa, Some(exponent)),
+        None => (unsigned, None),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let mantissa_ok =
+        digits(whole) && digits(fraction) && !(whole.is_empty() && fraction.is_empty());
+    let exponent_ok = exponent.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    mantissa_ok && exponent_ok
+}
+
+// The built-in collections, one row per column: (name, type, required, index).
+
+use FieldType as Ty;
+
+type Column = (&'static str, FieldType, bool, Option<IndexKind>);
+
+const REQUIRED: bool = true;
+const OPTIONAL: bool = false;
+const EXACT: Option<IndexKind> = Some(IndexKind::Exact);
+const PREFIX: Option<IndexKind> = Some(IndexKind::Prefix);
+const NO_INDEX: Option<IndexKind> = None;
+
+/// Every table of the Hikma Health sync API (see `HIKMA_SYNC_API.md`), plus medmesh's
+/// `inventory_transactions`. Only the keys a record cannot exist without are required.
+#[rustfmt::skip]
+const HIKMA_COLLECTIONS: &[(&str, &[Column])] = &[
+    ("patients", &[
+        ("given_name", Ty::String, OPTIONAL, PREFIX),
+        ("surname", Ty::String, OPTIONAL, PREFIX),
+        ("date_of_birth", Ty::Date, OPTIONAL, NO_INDEX),
+        ("citizenship", Ty::String, OPTIONAL, NO_INDEX),
+        ("hometown", Ty::String, OPTIONAL, NO_INDEX),
+        ("phone", Ty::String, OPTIONAL, EXACT),
+        ("sex", Ty::String, OPTIONAL, NO_INDEX),
+        ("camp", Ty::String, OPTIONAL, NO_INDEX),
+        ("additional_data", Ty::Json, OPTIONAL, NO_INDEX),
+        ("image_timestamp", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+        ("photo_url", Ty::String, OPTIONAL, NO_INDEX),
+        ("government_id", Ty::String, OPTIONAL, EXACT),
+        ("external_patient_id", Ty::String, OPTIONAL, EXACT),
+        ("primary_clinic_id", Ty::Id, OPTIONAL, EXACT),
+        ("last_modified_by", Ty::String, OPTIONAL, NO_INDEX),
+    ]),
+    ("patient_additional_attributes", &[
+        ("patient_id", Ty::Id, REQUIRED, EXACT),
+        ("attribute_id", Ty::Id, REQUIRED, NO_INDEX),
+        ("attribute", Ty::String, OPTIONAL, NO_INDEX),
+        ("number_value", Ty::Number, OPTIONAL, NO_INDEX),
+        ("string_value", Ty::String, OPTIONAL, NO_INDEX),
+        ("date_value", Ty::Date, OPTIONAL, NO_INDEX),
+        ("boolean_value", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("clinics", &[
+        ("name", Ty::String, OPTIONAL, PREFIX),
+        ("address", Ty::String, OPTIONAL, NO_INDEX),
+        ("attributes", Ty::StringList, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+        ("is_archived", Ty::Bool, OPTIONAL, NO_INDEX),
+    ]),
+    ("users", &[
+        ("name", Ty::String, OPTIONAL, PREFIX),
+        ("role", Ty::String, OPTIONAL, NO_INDEX),
+        ("email", Ty::String, OPTIONAL, EXACT),
+        ("hashed_password", Ty::String, OPTIONAL, NO_INDEX),
+        ("instance_url", Ty::String, OPTIONAL, NO_INDEX),
+        ("clinic_id", Ty::Id, OPTIONAL, EXACT),
+    ]),
+    ("visits", &[
+        ("patient_id", Ty::Id, REQUIRED, EXACT),
+        ("clinic_id", Ty::Id, OPTIONAL, EXACT),
+        ("provider_id", Ty::Id, OPTIONAL, EXACT),
+        ("provider_name", Ty::String, OPTIONAL, NO_INDEX),
+        ("check_in_timestamp", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("events", &[
+        ("patient_id", Ty::Id, REQUIRED, EXACT),
+        ("visit_id", Ty::Id, OPTIONAL, EXACT),
+        ("form_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("event_type", Ty::String, OPTIONAL, NO_INDEX),
+        ("form_data", Ty::Json, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+        ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
+    ]),
+    ("event_forms", &[
+        ("name", Ty::String, OPTIONAL, NO_INDEX),
+        ("description", Ty::String, OPTIONAL, NO_INDEX),
+        ("language", Ty::String, OPTIONAL, NO_INDEX),
+        ("is_editable", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("is_snapshot_form", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("form_fields", Ty::Json, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+        ("clinic_ids", Ty::Json, OPTIONAL, NO_INDEX),
+        ("translations", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("registration_forms", &[
+        ("clinic_id", Ty::Id, OPTIONAL, EXACT),
+        ("name", Ty::String, OPTIONAL, NO_INDEX),
+        ("fields", Ty::Json, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("appointments", &[
+        ("provider_id", Ty::Id, OPTIONAL, EXACT),
+        ("clinic_id", Ty::Id, OPTIONAL, EXACT),
+        ("patient_id", Ty::Id, OPTIONAL, EXACT),
+        ("user_id", Ty::Id, OPTIONAL, EXACT),
+        ("current_visit_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("fulfilled_visit_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("timestamp", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("duration", Ty::Int, OPTIONAL, NO_INDEX),
+        ("reason", Ty::String, OPTIONAL, NO_INDEX),
+        ("notes", Ty::String, OPTIONAL, NO_INDEX),
+        ("status", Ty::String, OPTIONAL, EXACT),
+        ("departments", Ty::Json, OPTIONAL, NO_INDEX),
+        ("is_walk_in", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("prescriptions", &[
+        ("patient_id", Ty::Id, REQUIRED, EXACT),
+        ("provider_id", Ty::Id, OPTIONAL, EXACT),
+        ("filled_by", Ty::String, OPTIONAL, NO_INDEX),
+        ("pickup_clinic_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("visit_id", Ty::Id, OPTIONAL, EXACT),
+        ("priority", Ty::String, OPTIONAL, NO_INDEX),
+        ("expiration_date", Ty::Date, OPTIONAL, NO_INDEX),
+        ("prescribed_at", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("filled_at", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("status", Ty::String, OPTIONAL, EXACT),
+        ("items", Ty::Json, OPTIONAL, NO_INDEX),
+        ("notes", Ty::String, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("patient_vitals", &[
+        ("patient_id", Ty::Id, REQUIRED, EXACT),
+        ("visit_id", Ty::Id, OPTIONAL, EXACT),
+        ("event_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("timestamp", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("systolic_bp", Ty::Number, OPTIONAL, NO_INDEX),
+        ("diastolic_bp", Ty::Number, OPTIONAL, NO_INDEX),
+        ("bp_position", Ty::String, OPTIONAL, NO_INDEX),
+        ("height_cm", Ty::Number, OPTIONAL, NO_INDEX),
+        ("weight_kg", Ty::Number, OPTIONAL, NO_INDEX),
+        ("bmi", Ty::Number, OPTIONAL, NO_INDEX),
+        ("waist_circumference_cm", Ty::Number, OPTIONAL, NO_INDEX),
+        ("heart_rate", Ty::Int, OPTIONAL, NO_INDEX),
+        ("pulse_rate", Ty::Int, OPTIONAL, NO_INDEX),
+        ("respiratory_rate", Ty::Int, OPTIONAL, NO_INDEX),
+        ("temperature_celsius", Ty::Number, OPTIONAL, NO_INDEX),
+        ("oxygen_saturation", Ty::Number, OPTIONAL, NO_INDEX),
+        ("pain_level", Ty::Int, OPTIONAL, NO_INDEX),
+        ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("patient_problems", &[
+        ("patient_id", Ty::Id, REQUIRED, EXACT),
+        ("visit_id", Ty::Id, OPTIONAL, EXACT),
+        ("problem_code_system", Ty::String, OPTIONAL, NO_INDEX),
+        ("problem_code", Ty::String, OPTIONAL, NO_INDEX),
+        ("problem_label", Ty::String, OPTIONAL, NO_INDEX),
+        ("clinical_status", Ty::String, OPTIONAL, NO_INDEX),
+        ("verification_status", Ty::String, OPTIONAL, NO_INDEX),
+        ("severity_score", Ty::Number, OPTIONAL, NO_INDEX),
+        ("onset_date", Ty::Date, OPTIONAL, NO_INDEX),
+        ("end_date", Ty::Date, OPTIONAL, NO_INDEX),
+        ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("clinic_departments", &[
+        ("clinic_id", Ty::Id, OPTIONAL, EXACT),
+        ("name", Ty::String, OPTIONAL, NO_INDEX),
+        ("code", Ty::String, OPTIONAL, NO_INDEX),
+        ("description", Ty::String, OPTIONAL, NO_INDEX),
+        ("status", Ty::String, OPTIONAL, NO_INDEX),
+        ("can_dispense_medications", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_perform_labs", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_perform_imaging", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("additional_capabilities", Ty::Json, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("drug_catalogue", &[
+        ("barcode", Ty::String, OPTIONAL, EXACT),
+        ("generic_name", Ty::String, OPTIONAL, PREFIX),
+        ("brand_name", Ty::String, OPTIONAL, PREFIX),
+        ("form", Ty::String, OPTIONAL, NO_INDEX),
+        ("route", Ty::String, OPTIONAL, NO_INDEX),
+        ("dosage_quantity", Ty::Decimal, OPTIONAL, NO_INDEX),
+        ("dosage_units", Ty::String, OPTIONAL, NO_INDEX),
+        ("manufacturer", Ty::String, OPTIONAL, NO_INDEX),
+        ("sale_price", Ty::Decimal, OPTIONAL, NO_INDEX),
+        ("sale_currency", Ty::String, OPTIONAL, NO_INDEX),
+        ("min_stock_level", Ty::Int, OPTIONAL, NO_INDEX),
+        ("max_stock_level", Ty::Int, OPTIONAL, NO_INDEX),
+        ("is_controlled", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("requires_refrigeration", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("is_active", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("notes", Ty::String, OPTIONAL, NO_INDEX),
+        ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("clinic_inventory", &[
+        ("clinic_id", Ty::Id, REQUIRED, EXACT),
+        ("drug_id", Ty::Id, REQUIRED, EXACT),
+        ("batch_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("quantity_available", Ty::Int, OPTIONAL, NO_INDEX),
+        ("reserved_quantity", Ty::Int, OPTIONAL, NO_INDEX),
+        ("last_counted_at", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("batch_number", Ty::String, OPTIONAL, NO_INDEX),
+        ("batch_expiry_date", Ty::Date, OPTIONAL, NO_INDEX),
+        ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("prescription_items", &[
+        ("prescription_id", Ty::Id, REQUIRED, EXACT),
+        ("patient_id", Ty::Id, OPTIONAL, EXACT),
+        ("drug_id", Ty::Id, OPTIONAL, EXACT),
+        ("clinic_id", Ty::Id, OPTIONAL, EXACT),
+        ("dosage_instructions", Ty::String, OPTIONAL, NO_INDEX),
+        ("quantity_prescribed", Ty::Int, OPTIONAL, NO_INDEX),
+        ("quantity_dispensed", Ty::Int, OPTIONAL, NO_INDEX),
+        ("refills_authorized", Ty::Int, OPTIONAL, NO_INDEX),
+        ("refills_used", Ty::Int, OPTIONAL, NO_INDEX),
+        ("item_status", Ty::String, OPTIONAL, NO_INDEX),
+        ("notes", Ty::String, OPTIONAL, NO_INDEX),
+        ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("dispensing_records", &[
+        ("clinic_id", Ty::Id, REQUIRED, EXACT),
+        ("drug_id", Ty::Id, REQUIRED, EXACT),
+        ("batch_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("prescription_item_id", Ty::Id, OPTIONAL, EXACT),
+        ("patient_id", Ty::Id, OPTIONAL, EXACT),
+        ("quantity_dispensed", Ty::Int, OPTIONAL, NO_INDEX),
+        ("dosage_instructions", Ty::String, OPTIONAL, NO_INDEX),
+        ("days_supply", Ty::Int, OPTIONAL, NO_INDEX),
+        ("dispensed_by", Ty::String, OPTIONAL, NO_INDEX),
+        ("dispensed_at", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    // medmesh's own stock audit trail; `transaction_type` is one of dispense, restock,
+    // adjustment or count.
+    ("inventory_transactions", &[
+        ("clinic_id", Ty::Id, OPTIONAL, EXACT),
+        ("drug_id", Ty::Id, OPTIONAL, EXACT),
+        ("stock_item_id", Ty::Id, REQUIRED, EXACT),
+        ("transaction_type", Ty::String, REQUIRED, NO_INDEX),
+        ("quantity_change", Ty::Int, REQUIRED, NO_INDEX),
+        ("balance_after", Ty::Int, OPTIONAL, NO_INDEX),
+        ("reason", Ty::String, OPTIONAL, NO_INDEX),
+        ("reference_id", Ty::Id, OPTIONAL, NO_INDEX),
+        ("performed_by", Ty::String, OPTIONAL, NO_INDEX),
+        ("performed_at", Ty::Timestamp, OPTIONAL, NO_INDEX),
+        ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
+    ]),
+    ("user_clinic_permissions", &[
+        ("user_id", Ty::Id, REQUIRED, EXACT),
+        ("clinic_id", Ty::Id, REQUIRED, EXACT),
+        ("can_register_patients", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_view_history", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_edit_records", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_delete_records", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_edit_other_provider_event", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_download_patient_reports", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_prescribe_medications", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_dispense_medications", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_delete_patient_visits", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("can_delete_patient_records", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("is_clinic_admin", Ty::Bool, OPTIONAL, NO_INDEX),
+        ("created_by", Ty::String, OPTIONAL, NO_INDEX),
+        ("last_modified_by", Ty::String, OPTIONAL, NO_INDEX),
+    ]),
+    ("app_config", &[
+        ("namespace", Ty::String, REQUIRED, EXACT),
+        ("key", Ty::String, REQUIRED, EXACT),
+        ("value", Ty::Json, OPTIONAL, NO_INDEX),
+        ("data_type", Ty::String, OPTIONAL, NO_INDEX),
+        ("display_name", Ty::String, OPTIONAL, NO_INDEX),
+        ("last_modified_by", Ty::String, OPTIONAL, NO_INDEX),
+    ]),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const PATIENT_ID: &str = "0190f3a2-6c1e-7d4b-9a3e-5b2c8f1d0e47";
+    const CLINIC_ID: &str = "0190f3a2-6c1e-7d4b-9a3e-5b2c8f1d0e48";
+
+    fn object(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            other => panic!("test value is not an object: {other}"),
+        }
+    }
+
+    fn hikma(collection: &str) -> CollectionSpec {
+        Schema::hikma()
+            .collection(collection)
+            .cloned()
+            .expect("built-in collection")
+    }
+
+    /// A patient as the Hikma mobile app pushes it (WatermelonDB raw record).
+    fn app_patient() -> Map<String, Value> {
+        object(json!({
+            "id": PATIENT_ID,
+            "given_name": "Amina",
+            "surname": "Haddad",
+            "date_of_birth": "1987-03-14",
+            "citizenship": "Syrian",
+            "hometown": "Aleppo",
+            "phone": "+961 70 123 456",
+            "sex": "female",
+            "camp": "",
+            "additional_data": "{}",
+            "metadata": "{\"source\":\"registration\"}",
+            "photo_url": "",
+            "image_timestamp": 0,
+            "government_id": "",
+            "external_patient_id": "",
+            "primary_clinic_id": CLINIC_ID,
+            "last_modified_by": null,
+            "is_deleted": false,
+            "deleted_at": null,
+            "created_at": 1715000000000_i64,
+            "updated_at": 1715000000123_i64,
+            "_status": "created",
+            "_changed": ""
+        }))
+    }
+
+    #[test]
+    fn every_api_table_is_built_in_with_the_common_fields() {
+        let schema = Schema::hikma();
+        let names: Vec<&str> = schema.collections().map(|c| c.name.as_str()).collect();
+        assert_eq!(names.len(), 20);
+        for name in [
+            "patients",
+            "patient_additional_attributes",
+            "clinics",
+            "users",
+            "visits",
+            "events",
+            "event_forms",
+            "registration_forms",
+            "appointments",
+            "prescriptions",
+            "prescription_items",
+            "patient_vitals",
+            "patient_problems",
+            "clinic_departments",
+            "drug_catalogue",
+            "clinic_inventory",
+            "dispensing_records",
+            "inventory_transactions",
+            "user_clinic_permissions",
+            "app_config",
+        ] {
+            let spec = schema.collection(name).expect(name);
+            assert!(spec.builtin);
+            let first: Vec<&str> = spec
+                .fields
+                .iter()
+                .take(5)
+                .map(|f| f.name.as_str())
+                .collect();
+            assert_eq!(first, COMMON_FIELDS);
+            assert!(
+                spec.field("id")
+                    .is_some_and(|f| f.required && f.ty == FieldType::Id)
+            );
+            assert!(spec.field("updated_at").is_some_and(|f| f.index.is_none()));
+            let mut seen = std::collections::BTreeSet::new();
+            assert!(
+                spec.fields.iter().all(|f| seen.insert(f.name.as_str())),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            schema
+                .collection("event_forms")
+                .map(|c| c.indexed_fields().count()),
+            Some(0)
+        );
+        let patients = hikma("patients");
+        let indexed: Vec<(&str, IndexKind)> = patients
+            .indexed_fields()
+            .filter_map(|f| Some((f.name.as_str(), f.index?)))
+            .collect();
+        assert_eq!(
+            indexed,
+            [
+                ("given_name", IndexKind::Prefix),
+                ("surname", IndexKind::Prefix),
+                ("phone", IndexKind::Exact),
+                ("government_id", IndexKind::Exact),
+                ("external_patient_id", IndexKind::Exact),
+                ("primary_clinic_id", IndexKind::Exact),
+            ]
+        );
+    }
+
+    #[test]
+    fn accepts_a_patient_from_the_app_and_from_the_cloud() {
+        let patients = hikma("patients");
+        assert_eq!(patients.validate_record(&app_patient()), Ok(()));
+
+        let pulled = object(json!({
+            "id": PATIENT_ID,
+            "given_name": "Amina",
+            "surname": "Haddad",
+            "date_of_birth": "1987-03-14T00:00:00.000Z",
+            "additional_data": {"blood_type": "O+"},
+            "metadata": {},
+            "primary_clinic_id": null,
+            "is_deleted": false,
+            "created_at": "2024-05-06T12:53:20.000Z",
+            "updated_at": "2024-05-06T12:53:20.123+00:00",
+            "last_modified": "2024-05-06 12:53:20.5",
+            "server_created_at": "2024-05-06T12:53:21Z"
+        }));
+        assert_eq!(patients.validate_record(&pulled), Ok(()));
+    }
+
+    #[test]
+    fn refuses_a_bad_date_naming_the_field() {
+        let mut patient = app_patient();
+        patient.insert("date_of_birth".into(), json!("14/03/1987"));
+        let err = hikma("patients")
+            .validate_record(&patient)
+            .expect_err("bad date");
+        assert_eq!(err.field(), "date_of_birth");
+        assert_eq!(
+            err.to_string(),
+            "field `date_of_birth` of patients must be a date (\"YYYY-MM-DD\", an RFC 3339 \
+             timestamp or epoch milliseconds), but got a string \"14/03/1987\""
+        );
+        patient.insert("date_of_birth".into(), json!("1987-02-30"));
+        assert!(hikma("patients").validate_record(&patient).is_err());
+    }
+
+    #[test]
+    fn refuses_a_string_where_an_int_is_expected() {
+        let item = object(json!({
+            "id": PATIENT_ID,
+            "prescription_id": CLINIC_ID,
+            "quantity_prescribed": "30",
+        }));
+        let err = hikma("prescription_items")
+            .validate_record(&item)
+            .expect_err("string for int");
+        assert_eq!(
+            err,
+            SchemaError::InvalidField {
+                collection: "prescription_items".into(),
+                field: "quantity_prescribed".into(),
+                expected: "an integer",
+                found: "a string \"30\"".into(),
+            }
+        );
+        let float =
+            object(json!({"id": PATIENT_ID, "prescription_id": CLINIC_ID, "refills_used": 1.5}));
+        let err = hikma("prescription_items")
+            .validate_record(&float)
+            .expect_err("float for int");
+        assert_eq!(err.field(), "refills_used");
+        assert!(err.to_string().ends_with("but got the number 1.5"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_missing_or_null_required_field() {
+        let visit = object(json!({"id": PATIENT_ID, "clinic_id": CLINIC_ID}));
+        let err = hikma("visits")
+            .validate_record(&visit)
+            .expect_err("no patient_id");
+        assert_eq!(
+            err,
+            SchemaError::MissingField {
+                collection: "visits".into(),
+                field: "patient_id".into()
+            }
+        );
+        assert_eq!(err.to_string(), "field `patient_id` is required in visits");
+
+        let visit = object(json!({"id": PATIENT_ID, "patient_id": null}));
+        assert_eq!(
+            hikma("visits")
+                .validate_record(&visit)
+                .map_err(|e| e.field().to_owned()),
+            Err("patient_id".to_owned())
+        );
+        let visit = object(json!({"id": PATIENT_ID, "patient_id": ""}));
+        assert!(hikma("visits").validate_record(&visit).is_err());
+        assert_eq!(
+            hikma("patients")
+                .validate_record(&Map::new())
+                .map_err(|e| e.field().to_owned()),
+            Err("id".to_owned())
+        );
+    }
+
+    #[test]
+    fn refuses_an_id_that_is_not_a_uuid() {
+        let mut patient = app_patient();
+        patient.insert("id".into(), json!("patient-42"));
+        let err = hikma("patients")
+            .validate_record(&patient)
+            .expect_err("bad id");
+        assert_eq!(
+            err.to_string(),
+            "field `id` of patients must be a UUID string, but got a string \"patient-42\""
+        );
+        patient.insert("id".into(), json!(42));
+        let err = hikma("patients")
+            .validate_record(&patient)
+            .expect_err("numeric id");
+        assert!(err.to_string().ends_with("but got the number 42"), "{err}");
+        patient.insert("id".into(), json!("0190f3a26c1e7d4b9a3e5b2c8f1d0e47"));
+        assert!(hikma("patients").validate_record(&patient).is_err());
+        patient.insert("id".into(), json!("0190F3A2-6C1E-7D4B-9A3E-5B2C8F1D0E47"));
+        assert_eq!(hikma("patients").validate_record(&patient), Ok(()));
+    }
+
+    #[test]
+    fn checks_each_field_type() {
+        let cases: &[(&str, &str, Value, bool)] = &[
+            ("drug_catalogue", "sale_price", json!("12.50"), true),
+            ("drug_catalogue", "sale_price", json!(12.5), true),
+            ("drug_catalogue", "sale_price", json!(""), true),
+            ("drug_catalogue", "sale_price", json!("-1e3"), true),
+            ("drug_catalogue", "sale_price", json!("12,50"), false),
+            ("drug_catalogue", "sale_price", json!("NaN"), false),
+            ("drug_catalogue", "sale_price", json!("."), false),
+            ("drug_catalogue", "is_active", json!(1), false),
+            ("drug_catalogue", "is_active", json!(true), true),
+            ("clinics", "attributes", json!(["rural", "mobile"]), true),
+            ("clinics", "attributes", json!(["rural", 3]), false),
+            ("clinics", "attributes", json!("rural"), false),
+            (
+                "visits",
+                "check_in_timestamp",
+                json!(1715000000000_i64),
+                true,
+            ),
+            ("visits", "check_in_timestamp", json!(-1), false),
+            (
+                "visits",
+                "check_in_timestamp",
+                json!(1715000000000.5),
+                false,
+            ),
+            ("visits", "check_in_timestamp", json!("yesterday"), false),
+            ("visits", "clinic_id", json!(""), true),
+            ("visits", "clinic_id", json!(7), false),
+            ("patient_problems", "onset_date", json!(-86_400_000), true),
+            ("patient_problems", "onset_date", json!("2020-01-31"), true),
+            ("patient_problems", "onset_date", json!("2020-1-31"), false),
+            ("patient_vitals", "temperature_celsius", json!(37.2), true),
+            (
+                "patient_vitals",
+                "temperature_celsius",
+                json!("37.2"),
+                false,
+            ),
+            ("patient_vitals", "heart_rate", json!(72), true),
+            ("patient_vitals", "heart_rate", json!(u64::MAX), false),
+            ("events", "form_data", json!("[{\"name\":\"cough\"}]"), true),
+            ("events", "form_data", json!([{"name": "cough"}]), true),
+            ("patients", "given_name", json!(12), false),
+            ("patients", "given_name", json!(null), true),
+        ];
+        for (collection, field, value, ok) in cases {
+            let mut record = object(json!({"id": PATIENT_ID, "patient_id": PATIENT_ID}));
+            record.insert((*field).into(), value.clone());
+            let result = hikma(collection).validate_record(&record);
+            assert_eq!(
+                result.is_ok(),
+                *ok,
+                "{collection}.{field} = {value}: {result:?}"
+            );
+            if let Err(err) = result {
+                assert_eq!(err.field(), *field);
+            }
+        }
+    }
+
+    #[test]
+    fn describes_values_briefly() {
+        assert_eq!(describe_value(&json!({"a": 1})), "an object");
+        assert_eq!(describe_value(&json!([1, 2])), "an array of 2 items");
+        assert_eq!(describe_value(&json!(false)), "the boolean false");
+        assert_eq!(describe_value(&json!("")), "an empty string");
+        let long = "é".repeat(100);
+        let shown = describe_value(&json!(long));
+        assert_eq!(
+            shown,
+            format!("a string \"{}…\"", "é".repeat(MAX_SHOWN_CHARS))
+        );
+    }
+
+    #[test]
+    fn validates_patches() {
+        let visits = hikma("visits");
+        let ok =
+            object(json!({"provider_name": "Dr. Saleh", "check_in_timestamp": 1715000000000_i64}));
+        assert_eq!(visits.validate_patch(&ok), Ok(()));
+        assert_eq!(
+            visits.validate_patch(&object(json!({"unknown_column": [1]}))),
+            Ok(())
+        );
+        assert_eq!(
+            visits.validate_patch(&object(json!({"clinic_id": null}))),
+            Ok(())
+        );
+
+        let null_required = object(json!({"patient_id": null}));
+        assert_eq!(
+            visits.validate_patch(&null_required),
+            Err(SchemaError::MissingField {
+                collection: "visits".into(),
+                field: "patient_id".into()
+            })
+        );
+        let bad_type = object(json!({"check_in_timestamp": true}));
+        assert_eq!(
+            visits
+                .validate_patch(&bad_type)
+                .map_err(|e| e.field().to_owned()),
+            Err("check_in_timestamp".to_owned())
+        );
+        let bad_id = object(json!({"id": "not-a-uuid"}));
+        assert_eq!(
+            visits
+                .validate_patch(&bad_id)
+                .map_err(|e| e.field().to_owned()),
+            Err("id".to_owned())
+        );
+        assert_eq!(
+            visits.validate_patch(&object(json!({"id": PATIENT_ID}))),
+            Ok(())
+        );
+    }
+
+    const LAB_REPORTS: &str = r#"{"collections": [{"name": "lab_reports", "fields": [
+        {"name": "patient_id", "type": "id", "required": true, "index": "exact"},
+        {"name": "test_name", "type": "string", "index": "prefix"},
+        {"name": "result_value", "type": "number"},
+        {"name": "reported_at", "type": "timestamp"}]}]}"#;
+
+    #[test]
+    fn extends_the_schema_from_a_file() {
+        let mut schema = Schema::hikma();
+        schema
+            .extend_from_json(LAB_REPORTS, "lab.json")
+            .expect("valid schema file");
+        let labs = schema.collection("lab_reports").expect("added");
+        assert!(!labs.builtin);
+        assert_eq!(labs.fields.len(), 9);
+        assert_eq!(
+            labs.field("result_value"),
+            Some(&FieldSpec {
+                name: "result_value".into(),
+                ty: FieldType::Number,
+                required: false,
+                index: None
+            })
+        );
+        let indexed: Vec<(&str, Option<IndexKind>)> = labs
+            .indexed_fields()
+            .map(|f| (f.name.as_str(), f.index))
+            .collect();
+        assert_eq!(
+            indexed,
+            [
+                ("patient_id", Some(IndexKind::Exact)),
+                ("test_name", Some(IndexKind::Prefix))
+            ]
+        );
+
+        let report = object(json!({
+            "id": PATIENT_ID, "patient_id": PATIENT_ID, "test_name": "HbA1c",
+            "result_value": 6.1, "reported_at": "2024-05-06T12:00:00Z"
+        }));
+        assert_eq!(labs.validate_record(&report), Ok(()));
+        let bad =
+            object(json!({"id": PATIENT_ID, "patient_id": PATIENT_ID, "result_value": "high"}));
+        let err = labs.validate_record(&bad).expect_err("string for number");
+        assert_eq!(err.field(), "result_value");
+        assert!(
+            err.to_string().contains("of lab_reports must be a number"),
+            "{err}"
+        );
+        let missing = object(json!({"id": PATIENT_ID}));
+        assert_eq!(
+            labs.validate_record(&missing)
+                .map_err(|e| e.field().to_owned()),
+            Err("patient_id".to_owned())
+        );
+
+        let spec = serde_json::to_value(labs.field("test_name")).expect("serializes");
+        assert_eq!(
+            spec,
+            json!({"name": "test_name", "type": "string", "required": false, "index": "prefix"})
+        );
+
+        let err = schema
+            .extend_from_json(LAB_REPORTS, "again.json")
+            .expect_err("defined twice");
+        assert!(
+            err.to_string()
+                .contains("already defined by an earlier schema file"),
+            "{err}"
+        );
+        let empty = r#"{"collections": [{"name": "referrals"}]}"#;
+        schema
+            .extend_from_json(empty, "referrals.json")
+            .expect("fields may be left out");
+        assert_eq!(
+            schema.collection("referrals").map(|c| c.fields.len()),
+            Some(5)
+        );
+    }
+
+    fn file_error(text: &str) -> SchemaFileError {
+        Schema::hikma()
+            .extend_from_json(text, "extra.json")
+            .expect_err("schema file should be refused")
+    }
+
+    fn invalid_message(text: &str) -> String {
+        match file_error(text) {
+            SchemaFileError::Invalid {
+                source_name,
+                message,
+            } => {
+                assert_eq!(source_name, "extra.json");
+                message
+            }
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    fn one_field(field: &str) -> String {
+        format!(r#"{{"collections": [{{"name": "lab_reports", "fields": [{field}]}}]}}"#)
+    }
+
+    #[test]
+    fn reports_json_errors_with_line_and_column() {
+        match file_error("{\"collections\": [\n  {\"name\": \"x\",]\n}") {
+            SchemaFileError::Json {
+                source_name,
+                line,
+                column,
+                message,
+            } => {
+                assert_eq!((source_name.as_str(), line), ("extra.json", 2));
+                assert!(column > 1);
+                assert!(!message.contains("at line"), "{message}");
+            }
+            other => panic!("expected a Json error, got {other:?}"),
+        }
+        let err = file_error(&one_field(r#"{"name": "x", "typ": "string"}"#));
+        assert!(matches!(err, SchemaFileError::Json { .. }));
+        assert!(err.to_string().contains("unknown field `typ`"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("schema file extra.json, line 1, column"),
+            "{err}"
+        );
+        let err = file_error(r#"{"collections": [], "version": 2}"#);
+        assert!(err.to_string().contains("unknown field `version`"), "{err}");
+        let err = file_error(r#"{"tables": []}"#);
+        assert!(err.to_string().contains("unknown field `tables`"), "{err}");
+    }
+
+    #[test]
+    fn refuses_bad_declarations_saying_what_to_fix() {
+        let message = invalid_message(r#"{"collections": [{"name": "Lab Reports"}]}"#);
+        assert!(
+            message.contains("collection name `Lab Reports` is not valid"),
+            "{message}"
+        );
+
+        let message = invalid_message(r#"{"collections": [{"name": "patients"}]}"#);
+        assert!(
+            message.contains("`patients` is a built-in Hikma Health collection"),
+            "{message}"
+        );
+
+        let message = invalid_message(r#"{"collections": [{"name": "a"}, {"name": "a"}]}"#);
+        assert!(
+            message.contains("collection `a` is declared twice"),
+            "{message}"
+        );
+
+        let message = invalid_message(&one_field(r#"{"name": "Result", "type": "number"}"#));
+        assert!(
+            message.contains("field `Result`: the name is not valid"),
+            "{message}"
+        );
+
+        let message = invalid_message(&one_field(r#"{"name": "result", "type": "float"}"#));
+        assert!(
+            message.contains("unknown type `float`; use one of: string, id, int"),
+            "{message}"
+        );
+
+        let message = invalid_message(&one_field(
+            r#"{"name": "r", "type": "id", "index": "hash"}"#,
+        ));
+        assert!(message.contains("unknown index `hash`"), "{message}");
+
+        let message = invalid_message(&one_field(
+            r#"{"name": "r", "type": "json", "index": "exact"}"#,
+        ));
+        assert!(message.contains("cannot be indexed"), "{message}");
+
+        let message = invalid_message(&one_field(
+            r#"{"name": "r", "type": "int", "index": "prefix"}"#,
+        ));
+        assert!(message.contains("use `exact` instead"), "{message}");
+
+        let message = invalid_message(&one_field(
+            r#"{"name": "r", "type": "int"}, {"name": "r", "type": "string"}"#,
+        ));
+        assert!(
+            message.contains("collection `lab_reports`, field `r`: declared twice"),
+            "{message}"
+        );
+
+        for common in COMMON_FIELDS {
+            let message = invalid_message(&one_field(&format!(
+                r#"{{"name": "{common}", "type": "timestamp"}}"#
+            )));
+            assert!(message.contains("is a common field"), "{message}");
+        }
+
+        // A refused file adds nothing, even the collections before the bad one.
+        let mut schema = Schema::hikma();
+        let text = r#"{"collections": [{"name": "good"}, {"name": "Bad"}]}"#;
+        assert!(schema.extend_from_json(text, "extra.json").is_err());
+        assert!(schema.collection("good").is_none());
+    }
+
+    #[test]
+    fn normalizes_index_values() {
+        let prefix = |v: Value| index_value(&v, IndexKind::Prefix);
+        let exact = |v: Value| index_value(&v, IndexKind::Exact);
+        assert_eq!(
+            prefix(json!("  Amina \t  HADDAD\n")),
+            Some("amina haddad".into())
+        );
+        assert_eq!(prefix(json!("ÉLODIE")), Some("élodie".into()));
+        assert_eq!(
+            exact(json!(" +961 70 123 456")),
+            Some(" +961 70 123 456".into())
+        );
+        assert_eq!(exact(json!(42)), Some("42".into()));
+        assert_eq!(prefix(json!(2.5)), Some("2.5".into()));
+        assert_eq!(exact(json!(true)), Some("true".into()));
+        assert_eq!(exact(json!(null)), None);
+        assert_eq!(exact(json!({"a": 1})), None);
+        assert_eq!(prefix(json!(["a"])), None);
+        assert_eq!(exact(json!("")), None);
+        assert_eq!(prefix(json!("   ")), None);
+    }
+
+    #[test]
+    fn collection_names() {
+        for ok in ["a", "patients", "lab_reports_v2", &"a".repeat(63)] {
+            assert!(is_valid_collection_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "_a",
+            "1a",
+            "Lab",
+            "lab-reports",
+            "lab reports",
+            "é",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_valid_collection_name(bad), "{bad}");
+        }
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec(("[a-z_]{1,8}", inner), 0..6)
+                    .prop_map(|entries| Value::Object(entries.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn a_json_field_accepts_any_value(value in any_json()) {
+            let events = hikma("events");
+            let record = object(json!({"id": PATIENT_ID, "patient_id": PATIENT_ID, "form_data": value.clone()}));
+            prop_assert_eq!(events.validate_record(&record), Ok(()));
+            let patch = object(json!({"metadata": value}));
+            prop_assert_eq!(events.validate_patch(&patch), Ok(()));
+        }
+
+        #[test]
+        fn an_int_field_accepts_every_i64(n in any::<i64>()) {
+            let record = object(json!({
+                "id": PATIENT_ID, "stock_item_id": PATIENT_ID,
+                "transaction_type": "adjustment", "quantity_change": n,
+            }));
+            prop_assert_eq!(hikma("inventory_transactions").validate_record(&record), Ok(()));
+        }
+
+        #[test]
+        fn validation_never_panics(value in any_json(), field in "[a-z_]{1,12}") {
+            let schema = Schema::hikma();
+            let record = object(json!({"id": PATIENT_ID, "patient_id": value.clone()}));
+            let patch = object(json!({ field: value }));
+            for collection in schema.collections() {
+                let _ = collection.validate_record(&record);
+                let _ = collection.validate_patch(&patch);
+            }
+        }
+
+        #[test]
+        fn prefix_keys_are_already_normalized(s in "\\PC{0,30}") {
+            if let Some(key) = index_value(&Value::String(s), IndexKind::Prefix) {
+                prop_assert_eq!(index_value(&Value::String(key.clone()), IndexKind::Prefix), Some(key));
+            }
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Per-document metadata and index keys.
+
+use medmesh_protocol::DocId;
+
+/// What the store keeps beside each document, so that lists, the feed and compaction
+/// need not load the document itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocMeta {
+    /// The record's collection.
+    pub collection: String,
+    /// Position of the document's latest change in the local feed.
+    pub seq: u64,
+    /// The record's `updated_at` in milliseconds (0 when unknown).
+    pub updated_ms: i64,
+    /// Soft-deleted (`deleted_at` set).
+    pub deleted: bool,
+    /// Chunks saved since the snapshot.
+    pub chunks: u32,
+}
+
+const META_VERSION: u8 = 1;
+
+impl DocMeta {
+    /// Encodes: version, flags, seq, updated_ms, chunks, collection name.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(22 + self.collection.len());
+        out.push(META_VERSION);
+        out.push(u8::from(self.deleted));
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.updated_ms.to_be_bytes());
+        out.extend_from_slice(&self.chunks.to_be_bytes());
+        out.extend_from_slice(self.collection.as_bytes());
+        out
+    }
+
+    /// Decodes what [`DocMeta::encode`] wrote; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < 22 || bytes[0] != META_VERSION {
+            return None;
+        }
+        Some(Self {
+            deleted: bytes[1] != 0,
+            seq: u64::from_be_bytes(bytes[2..10].try_into().ok()?),
+            updated_ms: i64::from_be_bytes(bytes[10..18].try_into().ok()?),
+            chunks: u32::from_be_bytes(bytes[18..22].try_into().ok()?),
+            collection: String::from_utf8(bytes[22..].to_vec()).ok()?,
+        })
+    }
+}
+
+/// The `updated_at` pseudo-field's name in index keys.
+pub const UPDATED_AT: &str = "updated_at";
+
+/// The prefix of every index key of `field` in `collection`.
+pub fn index_prefix(collection: &str, field: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(collection.len() + field.len() + 2);
+    key.extend_from_slice(collection.as_bytes());
+    key.push(0);
+    key.extend_from_slice(field.as_bytes());
+    key.push(0);
+    key
+}
+
+/// The index key of one (collection, field, value, document).
+pub fn index_key(collection: &str, field: &str, value: &str, id: &DocId) -> Vec<u8> {
+    let mut key = index_prefix(collection, field);
+    key.extend(value.bytes().filter(|b| *b != 0));
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// The index value of an `updated_at` in milliseconds: fixed-width, so that byte order is
+/// time order.
+pub fn updated_value(ms: i64) -> String {
+    // Shift into unsigned space so that times before 1970 still sort first.
+    format!("{:016x}", (ms as u64) ^ (1u64 << 63))
+}
+
+/// The document id at the end of an index key.
+pub fn doc_of_index_key(key: &[u8]) -> Option<DocId> {
+    let start = key.len().checked_sub(16)?;
+    DocId::from_slice(&key[start..])
+}
+
+/// A document id as the tables' key.
+pub fn doc_key(id: &DocId) -> u128 {
+    u128::from_be_bytes(*id.as_bytes())
+}
+
+/// The document id of a tables' key.
+pub fn key_doc(key: u128) -> DocId {
+    DocId::from_bytes(key.to_be_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips() {
+        let meta = DocMeta {
+            collection: "patients".into(),
+            seq: 42,
+            updated_ms: 1_715_000_000_000,
+            deleted: true,
+            chunks: 3,
+        };
+        assert_eq!(DocMeta::decode(&meta.encode()), Some(meta));
+        assert_eq!(DocMeta::decode(&[9, 9, 9]), None);
+    }
+
+    #[test]
+    fn updated_values_sort_by_time() {
+        let times = [-5i64, 0, 1, 1_715_000_000_000, i64::MAX];
+        let values: Vec<String> = times.iter().map(|t| updated_value(*t)).collect();
+        let mut sorted = values.clone();
+        sorted.sort();
+        assert_eq!(values, sorted);
+    }
+
+    #[test]
+    fn index_key_ends_with_the_doc() {
+        let id = DocId::new_v7();
+        let key = index_key("patients", "surname", "diaz", &id);
+        assert!(key.starts_with(&index_prefix("patients", "surname")));
+        assert_eq!(doc_of_index_key(&key), Some(id));
+    }
+}

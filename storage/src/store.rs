@@ -1,0 +1,631 @@
+//! The store: opening, reading, and handing writes to the writer thread.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use automerge::Automerge;
+use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::schema::index_value;
+use medmesh_protocol::{DocId, IndexKind, Schema};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, StorageBackend};
+use tokio::sync::oneshot;
+
+use crate::error::{Result, StoreError};
+use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
+use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, INDEX, INFO};
+use crate::write::{WriteBatch, WriteOutcome};
+use crate::writer::{Command, WRITE_QUEUE_CAPACITY, Writer};
+
+/// Memory redb may use to cache pages. Bounded so that a device's memory does not grow
+/// with the number of records.
+const PAGE_CACHE_BYTES: usize = 24 * 1024 * 1024;
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Documents the writer keeps loaded (least recently used are dropped).
+    pub doc_cache: usize,
+    /// Compact a document once it has this many change chunks.
+    pub compact_after_chunks: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            doc_cache: 512,
+            compact_after_chunks: 8,
+        }
+    }
+}
+
+/// Facts about a store that do not change while it is open.
+#[derive(Debug, Clone)]
+pub struct StoreInfo {
+    /// The database file; `None` for an in-memory store.
+    pub path: Option<PathBuf>,
+    /// Random id of this store's change feed. A peer that sees a new epoch knows the feed
+    /// was started over (store replaced) and catches up from zero.
+    pub feed_epoch: String,
+    /// The Automerge actor id this store writes with (hex).
+    pub actor: String,
+}
+
+/// One record as read from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordView {
+    /// Its collection.
+    pub collection: String,
+    /// Its id.
+    pub id: DocId,
+    /// The record's fields.
+    pub record: Fields,
+    /// Soft-deleted.
+    pub deleted: bool,
+    /// Position of its latest change in the local feed.
+    pub seq: u64,
+}
+
+/// A filter of a list query, on an indexed field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filter {
+    /// The field equals the value (case-insensitively for name fields).
+    Equals {
+        /// The field.
+        field: String,
+        /// The value.
+        value: String,
+    },
+    /// The field starts with the text (name fields, case-insensitive).
+    Prefix {
+        /// The field.
+        field: String,
+        /// The start of the value.
+        prefix: String,
+    },
+}
+
+/// A page of a list query.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// The collection.
+    pub collection: String,
+    /// Filters on indexed fields; all must hold.
+    pub filters: Vec<Filter>,
+    /// Also list soft-deleted records.
+    pub include_deleted: bool,
+    /// Page size.
+    pub limit: usize,
+    /// Where the previous page stopped ([`Page::next`]).
+    pub cursor: Option<Vec<u8>>,
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// The records, in index order (by `updated_at` when there is no filter).
+    pub records: Vec<RecordView>,
+    /// Pass as [`Query::cursor`] for the next page; `None` at the end.
+    pub next: Option<Vec<u8>>,
+    /// Records that matched but could not be read (damaged), with the reason.
+    pub unreadable: Vec<(DocId, String)>,
+}
+
+/// A record changed after a feed position.
+#[derive(Debug, Clone)]
+pub struct FeedEntry {
+    /// Its position.
+    pub seq: u64,
+    /// The record, or why it could not be read.
+    pub record: std::result::Result<RecordView, String>,
+}
+
+/// The medmesh store: Automerge documents in redb, with a change feed and indexes.
+///
+/// Cloning is cheap; all clones share one database and one writer thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    schema: Arc<Schema>,
+    info: StoreInfo,
+    writer: std::sync::mpsc::SyncSender<Command>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.writer.try_send(Command::Shutdown);
+        if let Ok(mut handle) = self.writer_thread.lock()
+            && let Some(handle) = handle.take()
+        {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("info", &self.inner.info).finish()
+    }
+}
+
+impl Store {
+    /// Opens the store in the file at `path`, creating it when it does not exist.
+    pub fn open(path: &Path, schema: Schema, options: StoreOptions) -> Result<Self> {
+        let display = path.display().to_string();
+        let opened = std::panic::catch_unwind(|| {
+            Database::builder()
+                .set_cache_size(PAGE_CACHE_BYTES)
+                .create(path)
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(StoreError::Open {
+                    path: display,
+                    reason: "another medmesh node is already using it; stop that node first, or give this one another --data directory".into(),
+                });
+            }
+            Ok(Err(err)) => return Err(open_error(&display, err)),
+            Err(_) => {
+                return Err(StoreError::CorruptDatabase {
+                    path: display,
+                    reason: "its structure could not be read".into(),
+                });
+            }
+        };
+        Self::start(db, Some(path.to_path_buf()), schema, options)
+    }
+
+    /// A store that lives in memory only, for tests.
+    pub fn memory(schema: Schema) -> Result<Self> {
+        Self::with_backend(redb::backends::InMemoryBackend::new(), schema, StoreOptions::default())
+    }
+
+    /// A store on a custom redb storage backend (tests use one that fails like a full disk).
+    #[doc(hidden)]
+    pub fn with_backend(
+        backend: impl StorageBackend,
+        schema: Schema,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        let db = Database::builder()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create_with_backend(backend)
+            .map_err(|e| open_error("(custom backend)", e))?;
+        Self::start(db, None, schema, options)
+    }
+
+    fn start(
+        db: Database,
+        path: Option<PathBuf>,
+        schema: Schema,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        let display = path
+            .as_ref()
+            .map_or_else(|| "(memory)".to_owned(), |p| p.display().to_string());
+        let info = init_tables(&db, path.clone()).map_err(|e| match e {
+            StoreError::CorruptDatabase { reason, .. } => StoreError::CorruptDatabase {
+                path: display.clone(),
+                reason,
+            },
+            other => other,
+        })?;
+        let db = Arc::new(db);
+        let schema = Arc::new(schema);
+        let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE_CAPACITY);
+        let writer = Writer::new(db.clone(), schema.clone(), &info, options)?;
+        let handle = std::thread::Builder::new()
+            .name("medmesh-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                schema,
+                info,
+                writer: tx,
+                writer_thread: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// The schema records are checked against.
+    pub fn schema(&self) -> &Schema {
+        &self.inner.schema
+    }
+
+    /// Facts about this store.
+    pub fn info(&self) -> &StoreInfo {
+        &self.inner.info
+    }
+
+    /// Applies a batch of writes; answers once they are durably stored.
+    ///
+    /// The outer error is for the whole batch (disk full, store closed, or — for an
+    /// atomic batch — the first operation that failed); the inner results are per
+    /// operation.
+    pub async fn write(&self, batch: WriteBatch) -> Result<Vec<Result<WriteOutcome>>> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Write { batch, reply })?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Store::write`] for threads outside an async runtime.
+    pub fn write_blocking(&self, batch: WriteBatch) -> Result<Vec<Result<WriteOutcome>>> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Write { batch, reply })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Writes one store-wide value (such as the node's identity) durably.
+    pub fn put_info_blocking(&self, key: &str, value: &[u8]) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::PutInfo {
+            key: key.to_owned(),
+            value: value.to_vec(),
+            reply,
+        })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Compacts every document that has change chunks, now (the writer also does this in
+    /// the background when idle). Answers with the number of documents compacted.
+    pub fn compact_all_blocking(&self) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::CompactAll { reply })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn send(&self, command: Command) -> Result<()> {
+        self.inner
+            .writer
+            .send(command)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Reads one store-wide value.
+    pub fn get_info(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(INFO)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn read_txn(&self) -> Result<ReadTransaction> {
+        Ok(self.inner.db.begin_read()?)
+    }
+
+    /// Reads one record of `collection`.
+    pub fn get(&self, collection: &str, id: &DocId) -> Result<RecordView> {
+        self.check_collection(collection)?;
+        let txn = self.read_txn()?;
+        let meta = read_meta(&txn, id)?
+            .filter(|m| m.collection == collection)
+            .ok_or_else(|| StoreError::NotFound {
+                collection: collection.to_owned(),
+                id: *id,
+            })?;
+        let doc = load_document(&txn, id, &meta)?;
+        Ok(view(*id, meta, &doc))
+    }
+
+    /// Loads the Automerge document of one record (for history and conflicts).
+    pub fn document(&self, collection: &str, id: &DocId) -> Result<Automerge> {
+        self.check_collection(collection)?;
+        let txn = self.read_txn()?;
+        let meta = read_meta(&txn, id)?
+            .filter(|m| m.collection == collection)
+            .ok_or_else(|| StoreError::NotFound {
+                collection: collection.to_owned(),
+                id: *id,
+            })?;
+        load_document(&txn, id, &meta)
+    }
+
+    fn check_collection(&self, collection: &str) -> Result<()> {
+        match self.inner.schema.collection(collection) {
+            Some(_) => Ok(()),
+            None => Err(StoreError::UnknownCollection(collection.to_owned())),
+        }
+    }
+
+    /// Lists records of a collection, optionally filtered on indexed fields.
+    pub fn list(&self, query: &Query) -> Result<Page> {
+        let spec = self
+            .inner
+            .schema
+            .collection(&query.collection)
+            .ok_or_else(|| StoreError::UnknownCollection(query.collection.clone()))?;
+        let limit = query.limit.max(1);
+        // The first filter picks the index to scan; the others are checked on each record.
+        let mut checks = Vec::new();
+        let (scan_prefix, start) = match query.filters.first() {
+            None => {
+                let prefix = index_prefix(&query.collection, meta::UPDATED_AT);
+                (prefix.clone(), prefix)
+            }
+            Some(first) => {
+                for filter in &query.filters {
+                    let (field, text) = match filter {
+                        Filter::Equals { field, value } => (field, value),
+                        Filter::Prefix { field, prefix } => (field, prefix),
+                    };
+                    let spec_field = spec.field(field).filter(|f| f.index.is_some());
+                    let Some(kind) = spec_field.and_then(|f| f.index) else {
+                        let indexed: Vec<&str> =
+                            spec.indexed_fields().map(|f| f.name.as_str()).collect();
+                        return Err(StoreError::BadQuery(format!(
+                            "`{field}` cannot be searched in {}: searchable fields are {}",
+                            query.collection,
+                            indexed.join(", ")
+                        )));
+                    };
+                    if matches!(filter, Filter::Prefix { .. }) && kind != IndexKind::Prefix {
+                        return Err(StoreError::BadQuery(format!(
+                            "`{field}` can only be matched exactly, not by its beginning (drop the *)"
+                        )));
+                    }
+                    let normalized =
+                        index_value(&serde_json::Value::String(text.clone()), kind)
+                            .unwrap_or_default();
+                    checks.push((field.clone(), kind, normalized, matches!(filter, Filter::Prefix { .. })));
+                }
+                let (field, _, value, is_prefix) = &checks[0];
+                let mut prefix = index_prefix(&query.collection, field);
+                prefix.extend(value.bytes().filter(|b| *b != 0));
+                if !is_prefix {
+                    prefix.push(0);
+                }
+                let _ = first;
+                (prefix.clone(), prefix)
+            }
+        };
+        let txn = self.read_txn()?;
+        let index = txn.open_table(INDEX)?;
+        let lower = match &query.cursor {
+            Some(cursor) if cursor.starts_with(&scan_prefix) => Bound::Excluded(cursor.as_slice()),
+            _ => Bound::Included(start.as_slice()),
+        };
+        let mut page = Page::default();
+        let mut last_key: Option<Vec<u8>> = None;
+        let range = index.range::<&[u8]>((lower, Bound::Unbounded))?;
+        for entry in range {
+            let (key, _) = entry?;
+            let key = key.value();
+            if !key.starts_with(&scan_prefix) {
+                break;
+            }
+            if page.records.len() >= limit {
+                page.next = last_key.take();
+                break;
+            }
+            last_key = Some(key.to_vec());
+            let Some(id) = doc_of_index_key(key) else { continue };
+            let Some(meta) = read_meta(&txn, &id)? else { continue };
+            if meta.deleted && !query.include_deleted {
+                continue;
+            }
+            let doc = match load_document(&txn, &id, &meta) {
+                Ok(doc) => doc,
+                Err(err) => {
+                    page.unreadable.push((id, err.to_string()));
+                    continue;
+                }
+            };
+            let record_view = view(id, meta, &doc);
+            let matches = checks.iter().skip(1).all(|(field, kind, value, is_prefix)| {
+                record_view
+                    .record
+                    .get(field)
+                    .and_then(|v| index_value(v, *kind))
+                    .is_some_and(|v| if *is_prefix { v.starts_with(value.as_str()) } else { v == *value })
+            });
+            if matches {
+                page.records.push(record_view);
+            }
+        }
+        Ok(page)
+    }
+
+    /// Records changed after feed position `since`, oldest change first, at most `limit`.
+    pub fn changes_since(&self, since: u64, limit: usize) -> Result<Vec<FeedEntry>> {
+        let txn = self.read_txn()?;
+        let feed = txn.open_table(FEED)?;
+        let mut out = Vec::new();
+        for entry in feed.range(since.saturating_add(1)..)?.take(limit) {
+            let (seq, id) = entry?;
+            let id = key_doc(id.value());
+            let record = match read_meta(&txn, &id)? {
+                None => Err(format!("record {id} has no metadata")),
+                Some(meta) => load_document(&txn, &id, &meta)
+                    .map(|doc| view(id, meta, &doc))
+                    .map_err(|e| e.to_string()),
+            };
+            out.push(FeedEntry {
+                seq: seq.value(),
+                record,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The position of the latest change in the local feed (0 when empty).
+    pub fn last_seq(&self) -> Result<u64> {
+        let txn = self.read_txn()?;
+        let feed = txn.open_table(FEED)?;
+        Ok(feed.last()?.map_or(0, |(k, _)| k.value()))
+    }
+
+    /// Live (not deleted) records per collection.
+    pub fn counts(&self) -> Result<BTreeMap<String, u64>> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(COUNTS)?;
+        let mut out = BTreeMap::new();
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            out.insert(k.value().to_owned(), v.value());
+        }
+        Ok(out)
+    }
+
+    /// Replaces the stored snapshot of a document with raw bytes. Only for tests that
+    /// check how a damaged document is reported.
+    #[doc(hidden)]
+    pub fn debug_overwrite_document(&self, id: &DocId, bytes: &[u8]) -> Result<()> {
+        let txn = self.inner.db.begin_write()?;
+        {
+            let mut docs = txn.open_table(DOCS)?;
+            docs.insert(doc_key(id), bytes)?;
+            let mut chunks = txn.open_table(CHUNKS)?;
+            chunks.retain_in((doc_key(id), 0)..=(doc_key(id), u32::MAX), |_, _| false)?;
+        }
+        txn.commit()?;
+        self.send(Command::Evict { id: *id })?;
+        Ok(())
+    }
+}
+
+fn open_error(path: &str, err: redb::DatabaseError) -> StoreError {
+    match err {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason)) => {
+            StoreError::CorruptDatabase {
+                path: path.to_owned(),
+                reason,
+            }
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            StoreError::Open {
+                path: path.to_owned(),
+                reason: "permission denied: run medmesh as the user that owns the data directory".into(),
+            }
+        }
+        redb::DatabaseError::UpgradeRequired(v) => StoreError::Open {
+            path: path.to_owned(),
+            reason: format!("it was written by an older storage format ({v}); run the medmesh version that wrote it"),
+        },
+        other => match StoreError::from(other) {
+            StoreError::DiskFull => StoreError::DiskFull,
+            StoreError::CorruptDatabase { reason, .. } => StoreError::CorruptDatabase {
+                path: path.to_owned(),
+                reason,
+            },
+            other => StoreError::Open {
+                path: path.to_owned(),
+                reason: other.to_string(),
+            },
+        },
+    }
+}
+
+/// Creates the tables of a new store, or checks those of an existing one.
+fn init_tables(db: &Database, path: Option<PathBuf>) -> Result<StoreInfo> {
+    let txn = db.begin_write()?;
+    let info = {
+        for_each_table(&txn)?;
+        let mut table = txn.open_table(INFO)?;
+        let format = table.get("format")?.map(|v| v.value().to_vec());
+        match format {
+            Some(bytes) => {
+                let version = <[u8; 4]>::try_from(bytes.as_slice()).ok().map(u32::from_be_bytes);
+                if version != Some(FORMAT_VERSION) {
+                    return Err(StoreError::Open {
+                        path: path.map(|p| p.display().to_string()).unwrap_or_default(),
+                        reason: format!(
+                            "its format ({version:?}) is not the one this medmesh writes ({FORMAT_VERSION}); use a matching medmesh version"
+                        ),
+                    });
+                }
+            }
+            None => {
+                table.insert("format", FORMAT_VERSION.to_be_bytes().as_slice())?;
+                let epoch = uuid::Uuid::new_v4().simple().to_string();
+                table.insert("feed_epoch", epoch.as_bytes())?;
+                let actor: [u8; 16] = rand::random();
+                table.insert("actor", actor.as_slice())?;
+            }
+        }
+        let text = |key: &str| -> Result<Vec<u8>> {
+            Ok(table.get(key)?.map(|v| v.value().to_vec()).unwrap_or_default())
+        };
+        StoreInfo {
+            path,
+            feed_epoch: String::from_utf8_lossy(&text("feed_epoch")?).into_owned(),
+            actor: text("actor")?.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    };
+    txn.commit()?;
+    Ok(info)
+}
+
+fn for_each_table(txn: &redb::WriteTransaction) -> Result<()> {
+    txn.open_table(DOCS)?;
+    txn.open_table(CHUNKS)?;
+    txn.open_table(DOC_META)?;
+    txn.open_table(FEED)?;
+    txn.open_table(INDEX)?;
+    txn.open_table(COUNTS)?;
+    Ok(())
+}
+
+pub(crate) fn read_meta(txn: &ReadTransaction, id: &DocId) -> Result<Option<DocMeta>> {
+    let table = txn.open_table(DOC_META)?;
+    let Some(bytes) = table.get(doc_key(id))? else {
+        return Ok(None);
+    };
+    DocMeta::decode(bytes.value())
+        .map(Some)
+        .ok_or_else(|| StoreError::CorruptDocument {
+            id: *id,
+            collection: "(unknown)".into(),
+            reason: "its metadata entry is unreadable".into(),
+        })
+}
+
+/// Loads a document from its snapshot and chunks.
+pub(crate) fn load_from_tables(
+    docs: &impl ReadableTable<u128, &'static [u8]>,
+    chunks: &impl ReadableTable<(u128, u32), &'static [u8]>,
+    id: &DocId,
+    collection: &str,
+) -> Result<Automerge> {
+    let corrupt = |reason: String| StoreError::CorruptDocument {
+        id: *id,
+        collection: collection.to_owned(),
+        reason,
+    };
+    let snapshot = docs
+        .get(doc_key(id))?
+        .ok_or_else(|| corrupt("its snapshot is missing".into()))?;
+    let mut doc = Automerge::load(snapshot.value()).map_err(|e| corrupt(e.to_string()))?;
+    for chunk in chunks.range((doc_key(id), 0)..=(doc_key(id), u32::MAX))? {
+        let (_, bytes) = chunk?;
+        doc.load_incremental(bytes.value())
+            .map_err(|e| corrupt(e.to_string()))?;
+    }
+    Ok(doc)
+}
+
+fn load_document(txn: &ReadTransaction, id: &DocId, meta: &DocMeta) -> Result<Automerge> {
+    let docs = txn.open_table(DOCS)?;
+    let chunks = txn.open_table(CHUNKS)?;
+    load_from_tables(&docs, &chunks, id, &meta.collection)
+}
+
+fn view(id: DocId, meta: DocMeta, doc: &Automerge) -> RecordView {
+    RecordView {
+        collection: meta.collection,
+        id,
+        record: record::read_record(doc),
+        deleted: meta.deleted,
+        seq: meta.seq,
+    }
+}

@@ -1,0 +1,31 @@
+//! The redb tables. Each name carries a format version ("docs-1"); a change of layout
+//! gets a new name and a migration, never a silent reinterpretation.
+
+use redb::TableDefinition;
+
+/// Document id → the document's compacted Automerge snapshot.
+pub const DOCS: TableDefinition<u128, &[u8]> = TableDefinition::new("docs-1");
+
+/// (document id, chunk number) → Automerge changes saved since the snapshot.
+/// The background compaction folds them into the snapshot.
+pub const CHUNKS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("chunks-1");
+
+/// Document id → [`crate::meta::DocMeta`]: collection, feed position, flags.
+pub const DOC_META: TableDefinition<u128, &[u8]> = TableDefinition::new("doc_meta-1");
+
+/// The change feed: local sequence number → document id. A document appears once, at
+/// the position of its latest change; a peer's cursor is a sequence number.
+pub const FEED: TableDefinition<u64, u128> = TableDefinition::new("feed-1");
+
+/// Index entries: `collection \0 field \0 value \0 doc-id(16 bytes)` → ().
+/// `updated_at` is indexed for every collection, other fields as the schema says.
+pub const INDEX: TableDefinition<&[u8], ()> = TableDefinition::new("index-1");
+
+/// Collection → number of live (not deleted) records.
+pub const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts-1");
+
+/// Store-wide values: format version, feed epoch, actor id, node identity.
+pub const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info-1");
+
+/// The format version written in [`INFO`] under `format`.
+pub const FORMAT_VERSION: u32 = 1;

@@ -1,0 +1,81 @@
+//! The writes a store accepts.
+
+use medmesh_protocol::record::Fields;
+use medmesh_protocol::{ChangeAuthor, DocId};
+
+/// What one write does to one record.
+#[derive(Debug, Clone)]
+pub enum WriteKind {
+    /// A new record; fails if the id exists. The id is the record's `id` field, or a new
+    /// UUIDv7 when it has none.
+    Create(Fields),
+    /// Changes only the given fields.
+    Patch(Fields),
+    /// Makes the record equal to the given fields (written as the minimal set of field
+    /// changes); `id` and `created_at` are kept.
+    Replace(Fields),
+    /// Soft delete: sets `deleted_at`; the record stays as a tombstone.
+    Delete,
+}
+
+/// One write to one record, as one Automerge change.
+#[derive(Debug, Clone)]
+pub struct WriteOp {
+    /// The record's collection.
+    pub collection: String,
+    /// The record (`None` for a create that takes the id from the record or makes one).
+    pub id: Option<DocId>,
+    /// What to do.
+    pub kind: WriteKind,
+    /// Who asks: recorded in the change.
+    pub author: ChangeAuthor,
+    /// When, in milliseconds since the epoch: the change's time and the record's
+    /// `updated_at`.
+    pub time_ms: i64,
+}
+
+impl WriteOp {
+    /// A write made now.
+    pub fn new(collection: &str, id: Option<DocId>, kind: WriteKind, author: ChangeAuthor) -> Self {
+        Self {
+            collection: collection.to_owned(),
+            id,
+            kind,
+            author,
+            time_ms: chrono::Utc::now().timestamp_millis(),
+        }
+    }
+}
+
+/// Writes applied together, in one database transaction.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    /// The writes, in order.
+    pub ops: Vec<WriteOp>,
+    /// All or nothing: when one write fails, none is stored. Otherwise each write
+    /// succeeds or fails on its own (an import).
+    pub atomic: bool,
+}
+
+impl WriteBatch {
+    /// A batch of one write.
+    pub fn one(op: WriteOp) -> Self {
+        Self {
+            ops: vec![op],
+            atomic: true,
+        }
+    }
+}
+
+/// The result of one write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteOutcome {
+    /// The record's id.
+    pub id: DocId,
+    /// The record after the write.
+    pub record: Fields,
+    /// False when the write asked for what the record already held (no change made).
+    pub changed: bool,
+    /// The record's position in the local feed.
+    pub seq: u64,
+}

@@ -1,0 +1,758 @@
+//! The writer thread: the only place that writes to the database.
+//!
+//! Commands arrive on a bounded channel. The thread takes every command already waiting
+//! (up to [`MAX_COMMANDS_PER_COMMIT`]), applies them all in one redb write transaction and
+//! commits it durably before answering any of them: group commit, so the commit delay is
+//! bounded by one transaction and concurrent writers share an fsync. When idle it compacts
+//! documents whose change chunks have piled up.
+//!
+//! Each record write is worked out in memory first (load the document, validate, apply
+//! one Automerge change); only then are its bytes, metadata, feed position and index
+//! entries written. A refused write therefore changes nothing, and a failed commit drops
+//! the loaded documents so that memory never holds what the disk does not.
+
+use std::collections::{BTreeSet, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, ChangeHash, ROOT, ReadDoc};
+use lru::LruCache;
+use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::schema::index_value;
+use medmesh_protocol::{CollectionSpec, DocId, RecordError, Schema, SchemaError};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::error::{Result, StoreError};
+use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
+use crate::store::{StoreInfo, StoreOptions, load_from_tables};
+use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, INDEX, INFO};
+use crate::write::{WriteBatch, WriteKind, WriteOp, WriteOutcome};
+
+/// Commands that may wait for the writer.
+pub(crate) const WRITE_QUEUE_CAPACITY: usize = 1024;
+/// Commands applied in one transaction at most.
+const MAX_COMMANDS_PER_COMMIT: usize = 256;
+/// Idle time after which the writer compacts.
+const IDLE_BEFORE_COMPACTION: Duration = Duration::from_millis(200);
+/// Documents compacted per transaction.
+const COMPACTIONS_PER_COMMIT: usize = 256;
+
+type WriteReply = oneshot::Sender<Result<Vec<Result<WriteOutcome>>>>;
+
+pub(crate) enum Command {
+    Write {
+        batch: WriteBatch,
+        reply: WriteReply,
+    },
+    PutInfo {
+        key: String,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    CompactAll {
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    Evict {
+        id: DocId,
+    },
+    Shutdown,
+}
+
+pub(crate) struct Writer {
+    db: Arc<Database>,
+    schema: Arc<Schema>,
+    actor: ActorId,
+    cache: LruCache<DocId, Automerge>,
+    next_seq: u64,
+    compact_after: u32,
+    to_compact: BTreeSet<DocId>,
+}
+
+struct Tables<'txn> {
+    docs: Table<'txn, u128, &'static [u8]>,
+    chunks: Table<'txn, (u128, u32), &'static [u8]>,
+    meta: Table<'txn, u128, &'static [u8]>,
+    feed: Table<'txn, u64, u128>,
+    index: Table<'txn, &'static [u8], ()>,
+    counts: Table<'txn, &'static str, u64>,
+    info: Table<'txn, &'static str, &'static [u8]>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self> {
+        Ok(Self {
+            docs: txn.open_table(DOCS)?,
+            chunks: txn.open_table(CHUNKS)?,
+            meta: txn.open_table(DOC_META)?,
+            feed: txn.open_table(FEED)?,
+            index: txn.open_table(INDEX)?,
+            counts: txn.open_table(COUNTS)?,
+            info: txn.open_table(INFO)?,
+        })
+    }
+
+    fn meta_of(&self, id: &DocId) -> Result<Option<DocMeta>> {
+        match self.meta.get(doc_key(id))? {
+            None => Ok(None),
+            Some(bytes) => DocMeta::decode(bytes.value()).map(Some).ok_or_else(|| {
+                StoreError::CorruptDocument {
+                    id: *id,
+                    collection: "(unknown)".into(),
+                    reason: "its metadata entry is unreadable".into(),
+                }
+            }),
+        }
+    }
+}
+
+/// A document being changed in the current transaction.
+struct Working {
+    doc: Automerge,
+    collection: String,
+    /// Its metadata before this transaction; `None` for a new document.
+    old_meta: Option<DocMeta>,
+    /// Its record before this transaction (for index maintenance).
+    old_record: Fields,
+    /// Its heads before this transaction (to save only the new changes).
+    old_heads: Vec<ChangeHash>,
+}
+
+/// Documents loaded or changed by one transaction, in first-touch order.
+#[derive(Default)]
+struct Staged {
+    docs: HashMap<DocId, Working>,
+    order: Vec<DocId>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        db: Arc<Database>,
+        schema: Arc<Schema>,
+        info: &StoreInfo,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        let actor_bytes: Vec<u8> = (0..info.actor.len() / 2)
+            .filter_map(|i| u8::from_str_radix(info.actor.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        let next_seq = {
+            let txn = db.begin_read()?;
+            let feed = txn.open_table(FEED)?;
+            feed.last()?.map_or(0, |(k, _)| k.value()) + 1
+        };
+        Ok(Self {
+            db,
+            schema,
+            actor: ActorId::from(actor_bytes),
+            cache: LruCache::new(NonZeroUsize::new(options.doc_cache.max(1)).unwrap_or(NonZeroUsize::MIN)),
+            next_seq,
+            compact_after: options.compact_after_chunks.max(1),
+            to_compact: BTreeSet::new(),
+        })
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            let first = if self.to_compact.is_empty() {
+                match rx.recv() {
+                    Ok(command) => command,
+                    Err(_) => return,
+                }
+            } else {
+                match rx.recv_timeout(IDLE_BEFORE_COMPACTION) {
+                    Ok(command) => command,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(err) = self.compact_some(COMPACTIONS_PER_COMMIT) {
+                            tracing::warn!(error = %err, "background compaction failed; will retry");
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            let mut commands = vec![first];
+            while commands.len() < MAX_COMMANDS_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(command) => commands.push(command),
+                    Err(_) => break,
+                }
+            }
+            if self.process(commands) {
+                return;
+            }
+        }
+    }
+
+    /// Applies commands; true when the writer should stop.
+    fn process(&mut self, commands: Vec<Command>) -> bool {
+        let mut writes = Vec::new();
+        let mut shutdown = false;
+        for command in commands {
+            match command {
+                Command::Shutdown => shutdown = true,
+                Command::Evict { id } => {
+                    self.cache.pop(&id);
+                }
+                Command::CompactAll { reply } => {
+                    let _ = reply.send(self.compact_all());
+                }
+                other => writes.push(other),
+            }
+        }
+        if !writes.is_empty() {
+            self.commit_writes(writes);
+        }
+        shutdown
+    }
+
+    fn commit_writes(&mut self, commands: Vec<Command>) {
+        let first_seq = self.next_seq;
+        let mut replies = Vec::with_capacity(commands.len());
+        let mut pending = Vec::with_capacity(commands.len());
+        for command in commands {
+            match command {
+                Command::Write { batch, reply } => {
+                    pending.push(Pending::Write(batch));
+                    replies.push(Reply::Write(reply, None));
+                }
+                Command::PutInfo { key, value, reply } => {
+                    pending.push(Pending::Info(key, value));
+                    replies.push(Reply::Info(reply));
+                }
+                _ => {}
+            }
+        }
+        let mut staged = Staged::default();
+        match self.transaction(pending, &mut staged, &mut replies) {
+            Ok(()) => {
+                for id in staged.order {
+                    if let Some(working) = staged.docs.remove(&id) {
+                        self.cache.put(id, working.doc);
+                    }
+                }
+                for reply in replies {
+                    reply.send_ok();
+                }
+            }
+            Err(err) => {
+                // Nothing of this transaction is stored: forget what it changed in memory
+                // (the staged documents are dropped) and tell every writer.
+                self.next_seq = first_seq;
+                tracing::error!(error = %err, "a write to the database failed; nothing of it was stored");
+                for reply in replies {
+                    reply.send_err(&err);
+                }
+            }
+        }
+    }
+
+    fn transaction(
+        &mut self,
+        pending: Vec<Pending>,
+        staged: &mut Staged,
+        replies: &mut [Reply],
+    ) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut tables = Tables::open(&txn)?;
+            for (index, work) in pending.into_iter().enumerate() {
+                match work {
+                    Pending::Write(batch) => {
+                        let answer = self.apply_batch(&mut tables, staged, batch)?;
+                        if let Some(Reply::Write(_, slot)) = replies.get_mut(index) {
+                            *slot = Some(answer);
+                        }
+                    }
+                    Pending::Info(key, value) => {
+                        tables.info.insert(key.as_str(), value.as_slice())?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Applies one batch: works every write out in memory, then stores the documents it
+    /// changed. The outer error is a storage failure that aborts the whole transaction.
+    fn apply_batch(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: WriteBatch,
+    ) -> Result<Result<Vec<Result<WriteOutcome>>>> {
+        let mut batch_docs = Staged::default();
+        let mut outcomes = Vec::with_capacity(batch.ops.len());
+        for op in batch.ops {
+            match self.apply_op(tables, staged, &mut batch_docs, op) {
+                Ok(outcome) => outcomes.push(Ok(outcome)),
+                Err(err) if is_fatal(&err) => return Err(err),
+                Err(err) if batch.atomic => {
+                    // Refused: none of this batch is stored; its documents are reloaded
+                    // from disk next time.
+                    return Ok(Err(err));
+                }
+                Err(err) => outcomes.push(Err(err)),
+            }
+        }
+        let mut seqs = HashMap::new();
+        for id in &batch_docs.order {
+            if let Some(working) = batch_docs.docs.get(id)
+                && let Some(seq) = self.store_doc(tables, id, working)?
+            {
+                seqs.insert(*id, seq);
+            }
+        }
+        for (id, working) in batch_docs.docs {
+            if !staged.docs.contains_key(&id) {
+                staged.order.push(id);
+            }
+            staged.docs.insert(id, working);
+        }
+        for outcome in outcomes.iter_mut().flatten() {
+            match seqs.get(&outcome.id) {
+                Some(seq) => outcome.seq = *seq,
+                None => {
+                    if let Some(meta) = tables.meta_of(&outcome.id)? {
+                        outcome.seq = meta.seq;
+                    }
+                }
+            }
+        }
+        Ok(Ok(outcomes))
+    }
+
+    /// Brings a document into `batch` (from this batch, this transaction, the cache, or
+    /// the tables); `None` when it does not exist.
+    fn load_working(
+        &mut self,
+        tables: &Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        id: &DocId,
+    ) -> Result<bool> {
+        if batch.docs.contains_key(id) {
+            return Ok(true);
+        }
+        if let Some(mut working) = staged.docs.remove(id) {
+            // Changed earlier in this transaction: carry on from there; what is stored
+            // already counts as the old state.
+            working.old_meta = tables.meta_of(id)?;
+            working.old_record = record::read_record(&working.doc);
+            working.old_heads = working.doc.get_heads();
+            staged.order.retain(|d| d != id);
+            batch.order.push(*id);
+            batch.docs.insert(*id, working);
+            return Ok(true);
+        }
+        let Some(old_meta) = tables.meta_of(id)? else {
+            return Ok(false);
+        };
+        let mut doc = match self.cache.pop(id) {
+            Some(doc) => doc,
+            None => load_from_tables(&tables.docs, &tables.chunks, id, &old_meta.collection)?,
+        };
+        doc.set_actor(self.actor.clone());
+        batch.order.push(*id);
+        batch.docs.insert(
+            *id,
+            Working {
+                old_record: record::read_record(&doc),
+                old_heads: doc.get_heads(),
+                collection: old_meta.collection.clone(),
+                old_meta: Some(old_meta),
+                doc,
+            },
+        );
+        Ok(true)
+    }
+
+    fn apply_op(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        op: WriteOp,
+    ) -> Result<WriteOutcome> {
+        let spec = self
+            .schema
+            .collection(&op.collection)
+            .ok_or_else(|| StoreError::UnknownCollection(op.collection.clone()))?
+            .clone();
+        let now = Value::String(record::format_timestamp(op.time_ms));
+        let options = CommitOptions::default()
+            .with_message(op.author.to_message())
+            .with_time(op.time_ms);
+        match op.kind {
+            WriteKind::Create(mut fields) => {
+                let id = match (op.id, fields.get("id")) {
+                    (Some(id), _) => id,
+                    (None, Some(Value::String(text))) => {
+                        text.parse::<DocId>().map_err(|_| bad_id(&spec, text))?
+                    }
+                    (None, Some(other)) => return Err(bad_id(&spec, &other.to_string())),
+                    (None, None) => DocId::new_v7(),
+                };
+                fields.insert("id".into(), Value::String(id.to_string()));
+                fields.entry("created_at").or_insert_with(|| now.clone());
+                fields.insert("updated_at".into(), now);
+                spec.validate_record(&fields)?;
+                if self.load_working(tables, staged, batch, &id)? {
+                    return Err(StoreError::AlreadyExists {
+                        collection: op.collection,
+                        id,
+                    });
+                }
+                let mut doc = Automerge::new().with_actor(self.actor.clone());
+                doc.transact_with::<_, _, RecordError, _>(
+                    |_| options,
+                    |tx| record::write_fields(tx, &fields),
+                )
+                .map_err(|f| StoreError::Storage(f.error.to_string()))?;
+                let record = record::read_record(&doc);
+                batch.order.push(id);
+                batch.docs.insert(
+                    id,
+                    Working {
+                        doc,
+                        collection: op.collection,
+                        old_meta: None,
+                        old_record: Fields::new(),
+                        old_heads: Vec::new(),
+                    },
+                );
+                Ok(WriteOutcome {
+                    id,
+                    record,
+                    changed: true,
+                    seq: 0,
+                })
+            }
+            kind => {
+                let id = op.id.ok_or_else(|| {
+                    StoreError::BadQuery("this write needs the record's id".into())
+                })?;
+                let not_found = || StoreError::NotFound {
+                    collection: op.collection.clone(),
+                    id,
+                };
+                if !self.load_working(tables, staged, batch, &id)? {
+                    return Err(not_found());
+                }
+                let working = batch.docs.get_mut(&id).ok_or_else(not_found)?;
+                if working.collection != op.collection {
+                    return Err(not_found());
+                }
+                let change = match kind {
+                    WriteKind::Patch(mut fields) => {
+                        check_same_id(&spec, &mut fields, &id)?;
+                        fields.remove("updated_at");
+                        spec.validate_patch(&fields)?;
+                        Change::Write(fields)
+                    }
+                    WriteKind::Replace(mut fields) => {
+                        check_same_id(&spec, &mut fields, &id)?;
+                        fields.remove("updated_at");
+                        let mut full = fields.clone();
+                        full.insert("id".into(), Value::String(id.to_string()));
+                        for keep in KEPT_ON_REPLACE {
+                            if let (false, Some(v)) =
+                                (full.contains_key(*keep), working.old_record_field(keep))
+                            {
+                                full.insert((*keep).to_owned(), v);
+                            }
+                        }
+                        spec.validate_record(&full)?;
+                        Change::Replace(fields)
+                    }
+                    WriteKind::Delete => Change::Delete,
+                    WriteKind::Create(_) => unreachable_create(),
+                };
+                let result = working.doc.transact_with::<_, _, RecordError, _>(
+                    |_| options,
+                    |tx| {
+                        match &change {
+                            Change::Write(fields) => record::write_fields(tx, fields)?,
+                            Change::Replace(fields) => {
+                                record::replace_fields(tx, fields, KEPT_ON_REPLACE)?
+                            }
+                            Change::Delete => {
+                                let deleted = tx.get(ROOT, "deleted_at")?.is_some_and(|(v, _)| {
+                                    !matches!(v, automerge::Value::Scalar(ref s) if s.is_null())
+                                });
+                                if !deleted {
+                                    let mut fields = Fields::new();
+                                    fields.insert("deleted_at".into(), now.clone());
+                                    fields.insert("is_deleted".into(), Value::Bool(true));
+                                    record::write_fields(tx, &fields)?;
+                                }
+                            }
+                        }
+                        if tx.pending_ops() > 0 {
+                            let mut stamp = Fields::new();
+                            stamp.insert("updated_at".into(), now.clone());
+                            record::write_fields(tx, &stamp)?;
+                        }
+                        Ok(())
+                    },
+                );
+                let changed = match result {
+                    Ok(success) => success.hash.is_some(),
+                    Err(failure) => return Err(StoreError::Storage(failure.error.to_string())),
+                };
+                Ok(WriteOutcome {
+                    id,
+                    record: record::read_record(&working.doc),
+                    changed,
+                    seq: 0,
+                })
+            }
+        }
+    }
+
+    /// Stores one changed document: its bytes, metadata, feed position, index entries and
+    /// the collection's count. Answers its new feed position, or `None` if unchanged.
+    fn store_doc(&mut self, tables: &mut Tables<'_>, id: &DocId, working: &Working) -> Result<Option<u64>> {
+        if working.old_meta.is_some() && working.doc.get_heads() == working.old_heads {
+            return Ok(None);
+        }
+        let spec = self
+            .schema
+            .collection(&working.collection)
+            .ok_or_else(|| StoreError::UnknownCollection(working.collection.clone()))?;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let record = record::read_record(&working.doc);
+        let deleted = record.get("deleted_at").is_some_and(|v| !v.is_null());
+        let updated_ms = record
+            .get("updated_at")
+            .and_then(record::timestamp_ms)
+            .unwrap_or(0);
+        let key = doc_key(id);
+        let chunks = match &working.old_meta {
+            None => {
+                tables.docs.insert(key, working.doc.save().as_slice())?;
+                0
+            }
+            Some(old) => {
+                let bytes = working.doc.save_after(&working.old_heads);
+                tables.chunks.insert((key, old.chunks), bytes.as_slice())?;
+                let chunks = old.chunks + 1;
+                if chunks >= self.compact_after {
+                    self.to_compact.insert(*id);
+                }
+                chunks
+            }
+        };
+        if let Some(old) = &working.old_meta {
+            tables.feed.remove(old.seq)?;
+        }
+        tables.feed.insert(seq, key)?;
+        let old_entries = match &working.old_meta {
+            Some(_) => index_entries(spec, id, &working.old_record),
+            None => BTreeSet::new(),
+        };
+        let new_entries = index_entries(spec, id, &record);
+        for stale in old_entries.difference(&new_entries) {
+            tables.index.remove(stale.as_slice())?;
+        }
+        for fresh in new_entries.difference(&old_entries) {
+            tables.index.insert(fresh.as_slice(), ())?;
+        }
+        let was_live = working.old_meta.as_ref().is_some_and(|m| !m.deleted);
+        if was_live != !deleted {
+            let current = tables
+                .counts
+                .get(working.collection.as_str())?
+                .map_or(0, |v| v.value());
+            let next = if deleted {
+                current.saturating_sub(1)
+            } else {
+                current + 1
+            };
+            tables.counts.insert(working.collection.as_str(), next)?;
+        }
+        let meta = DocMeta {
+            collection: working.collection.clone(),
+            seq,
+            updated_ms,
+            deleted,
+            chunks,
+        };
+        tables.meta.insert(key, meta.encode().as_slice())?;
+        Ok(Some(seq))
+    }
+
+    fn compact_all(&mut self) -> Result<usize> {
+        {
+            let txn = self.db.begin_read()?;
+            let table = txn.open_table(DOC_META)?;
+            for entry in table.iter()? {
+                let (key, value) = entry?;
+                if DocMeta::decode(value.value()).is_some_and(|m| m.chunks > 0) {
+                    self.to_compact.insert(meta::key_doc(key.value()));
+                }
+            }
+        }
+        let mut total = 0;
+        while !self.to_compact.is_empty() {
+            total += self.compact_some(COMPACTIONS_PER_COMMIT)?;
+        }
+        Ok(total)
+    }
+
+    /// Folds the change chunks of up to `max` documents into their snapshots.
+    fn compact_some(&mut self, max: usize) -> Result<usize> {
+        let ids: Vec<DocId> = self.to_compact.iter().take(max).copied().collect();
+        let txn = self.db.begin_write()?;
+        let mut done = 0;
+        {
+            let mut tables = Tables::open(&txn)?;
+            for id in &ids {
+                let Some(mut meta) = tables.meta_of(id)? else { continue };
+                if meta.chunks == 0 {
+                    continue;
+                }
+                let doc = match self.cache.get(id) {
+                    Some(doc) => doc.clone(),
+                    None => match load_from_tables(&tables.docs, &tables.chunks, id, &meta.collection) {
+                        Ok(doc) => doc,
+                        Err(err) => {
+                            tracing::warn!(doc = %id, error = %err, "cannot compact a damaged document; leaving it as it is");
+                            continue;
+                        }
+                    },
+                };
+                let key = doc_key(id);
+                tables.docs.insert(key, doc.save().as_slice())?;
+                tables
+                    .chunks
+                    .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
+                meta.chunks = 0;
+                tables.meta.insert(key, meta.encode().as_slice())?;
+                done += 1;
+            }
+        }
+        txn.commit()?;
+        for id in ids {
+            self.to_compact.remove(&id);
+        }
+        Ok(done)
+    }
+}
+
+/// Fields a PUT leaves as they are unless it names them.
+const KEPT_ON_REPLACE: &[&str] = &["id", "created_at", "updated_at", "deleted_at", "is_deleted"];
+
+enum Pending {
+    Write(WriteBatch),
+    Info(String, Vec<u8>),
+}
+
+enum Reply {
+    Write(WriteReply, Option<Result<Vec<Result<WriteOutcome>>>>),
+    Info(oneshot::Sender<Result<()>>),
+}
+
+impl Reply {
+    fn send_ok(self) {
+        match self {
+            Reply::Write(reply, answer) => {
+                let _ = reply.send(answer.unwrap_or_else(|| Err(StoreError::Storage("the write was not processed".into()))));
+            }
+            Reply::Info(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn send_err(self, err: &StoreError) {
+        match self {
+            Reply::Write(reply, _) => {
+                let _ = reply.send(Err(replicate(err)));
+            }
+            Reply::Info(reply) => {
+                let _ = reply.send(Err(replicate(err)));
+            }
+        }
+    }
+}
+
+/// The same transaction-wide failure, for each waiting writer.
+fn replicate(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::DiskFull => StoreError::DiskFull,
+        StoreError::Closed => StoreError::Closed,
+        other => StoreError::Storage(other.to_string()),
+    }
+}
+
+enum Change {
+    Write(Fields),
+    Replace(Fields),
+    Delete,
+}
+
+fn unreachable_create() -> Change {
+    Change::Write(Fields::new())
+}
+
+impl Working {
+    fn old_record_field(&self, field: &str) -> Option<Value> {
+        record::read_record(&self.doc).get(field).cloned()
+    }
+}
+
+fn bad_id(spec: &CollectionSpec, text: &str) -> StoreError {
+    StoreError::Invalid(SchemaError::InvalidField {
+        collection: spec.name.clone(),
+        field: "id".into(),
+        expected: "a UUID",
+        found: format!("{text:?}"),
+    })
+}
+
+/// A patch may repeat the record's id but not change it.
+fn check_same_id(spec: &CollectionSpec, fields: &mut Fields, id: &DocId) -> Result<()> {
+    match fields.remove("id") {
+        None => Ok(()),
+        Some(Value::String(text)) if text.parse::<DocId>().ok() == Some(*id) => Ok(()),
+        Some(other) => Err(StoreError::Invalid(SchemaError::InvalidField {
+            collection: spec.name.clone(),
+            field: "id".into(),
+            expected: "the record's own id (ids cannot be changed)",
+            found: other.to_string(),
+        })),
+    }
+}
+
+fn index_entries(spec: &CollectionSpec, id: &DocId, record: &Fields) -> BTreeSet<Vec<u8>> {
+    let mut out = BTreeSet::new();
+    let updated = record
+        .get("updated_at")
+        .and_then(record::timestamp_ms)
+        .unwrap_or(0);
+    out.insert(index_key(&spec.name, meta::UPDATED_AT, &updated_value(updated), id));
+    for field in spec.indexed_fields() {
+        let Some(kind) = field.index else { continue };
+        if let Some(value) = record.get(&field.name).and_then(|v| index_value(v, kind)) {
+            out.insert(index_key(&spec.name, &field.name, &value, id));
+        }
+    }
+    out
+}
+
+/// Errors that mean the transaction cannot go on (as opposed to one refused write).
+fn is_fatal(err: &StoreError) -> bool {
+    matches!(
+        err,
+        StoreError::DiskFull
+            | StoreError::Storage(_)
+            | StoreError::CorruptDatabase { .. }
+            | StoreError::Closed
+    )
+}
