@@ -1,1 +1,51 @@
-fn main() {}
+//! The `medmesh` command.
+
+use clap::Parser;
+use medmesh::config::{Cli, Command};
+use medmesh::{client, server};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEDMESH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,medmesh=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Init { data } => server::init(&data.dir()),
+            Command::Start(args) => server::start(args).await,
+            Command::Status { api } => client::status(&api).await,
+            Command::Put { api, collection, json } => client::put(&api, &collection, &json).await,
+            Command::Get { api, collection, id } => client::get(&api, &collection, &id).await,
+            Command::List { api, collection, filters, limit, include_deleted } => {
+                client::list(&api, &collection, &filters, limit, include_deleted).await
+            }
+            Command::Delete { api, collection, id } => client::delete(&api, &collection, &id).await,
+            Command::History { api, collection, id } => client::history(&api, &collection, &id).await,
+            Command::Import { api, collection, file } => client::import(&api, &collection, &file).await,
+            Command::Export { api, collection, include_deleted } => {
+                client::export(&api, &collection, include_deleted).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

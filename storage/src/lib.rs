@@ -21,6 +21,7 @@
 
 pub mod error;
 pub mod meta;
+mod slot;
 mod store;
 pub mod tables;
 mod write;

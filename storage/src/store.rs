@@ -14,6 +14,7 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, StorageBa
 use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
+use crate::slot::DbSlot;
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
 use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, INDEX, INFO};
 use crate::write::{WriteBatch, WriteOutcome};
@@ -131,7 +132,7 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     schema: Arc<Schema>,
     info: StoreInfo,
     writer: std::sync::mpsc::SyncSender<Command>,
@@ -158,52 +159,43 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens the store in the file at `path`, creating it when it does not exist.
     pub fn open(path: &Path, schema: Schema, options: StoreOptions) -> Result<Self> {
-        let display = path.display().to_string();
-        let opened = std::panic::catch_unwind(|| {
-            Database::builder()
-                .set_cache_size(PAGE_CACHE_BYTES)
-                .create(path)
-        });
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
-                return Err(StoreError::Open {
-                    path: display,
-                    reason: "another medmesh node is already using it; stop that node first, or give this one another --data directory".into(),
-                });
-            }
-            Ok(Err(err)) => return Err(open_error(&display, err)),
-            Err(_) => {
-                return Err(StoreError::CorruptDatabase {
-                    path: display,
-                    reason: "its structure could not be read".into(),
-                });
-            }
-        };
-        Self::start(db, Some(path.to_path_buf()), schema, options)
+        let db = open_file(path)?;
+        let reopen_path = path.to_path_buf();
+        Self::start(
+            DbSlot::new(db, Box::new(move || open_file(&reopen_path))),
+            Some(path.to_path_buf()),
+            schema,
+            options,
+        )
     }
 
     /// A store that lives in memory only, for tests.
     pub fn memory(schema: Schema) -> Result<Self> {
-        Self::with_backend(redb::backends::InMemoryBackend::new(), schema, StoreOptions::default())
+        let backend = Arc::new(redb::backends::InMemoryBackend::new());
+        Self::with_backend(move || SharedBackend(backend.clone()), schema, StoreOptions::default())
     }
 
-    /// A store on a custom redb storage backend (tests use one that fails like a full disk).
+    /// A store on a custom redb storage backend (tests use one that fails like a full
+    /// disk). `backend` is called again to reopen the database after a failed write, and
+    /// must give access to the same data.
     #[doc(hidden)]
-    pub fn with_backend(
-        backend: impl StorageBackend,
+    pub fn with_backend<B: StorageBackend>(
+        backend: impl Fn() -> B + Send + Sync + 'static,
         schema: Schema,
         options: StoreOptions,
     ) -> Result<Self> {
-        let db = Database::builder()
-            .set_cache_size(PAGE_CACHE_BYTES)
-            .create_with_backend(backend)
-            .map_err(|e| open_error("(custom backend)", e))?;
-        Self::start(db, None, schema, options)
+        let open = move || {
+            Database::builder()
+                .set_cache_size(PAGE_CACHE_BYTES)
+                .create_with_backend(backend())
+                .map_err(|e| open_error("(custom backend)", e))
+        };
+        let db = open()?;
+        Self::start(DbSlot::new(db, Box::new(open)), None, schema, options)
     }
 
     fn start(
-        db: Database,
+        db: DbSlot,
         path: Option<PathBuf>,
         schema: Schema,
         options: StoreOptions,
@@ -211,7 +203,7 @@ impl Store {
         let display = path
             .as_ref()
             .map_or_else(|| "(memory)".to_owned(), |p| p.display().to_string());
-        let info = init_tables(&db, path.clone()).map_err(|e| match e {
+        let info = init_tables(&*db.get()?, path.clone()).map_err(|e| match e {
             StoreError::CorruptDatabase { reason, .. } => StoreError::CorruptDatabase {
                 path: display.clone(),
                 reason,
@@ -299,7 +291,7 @@ impl Store {
     }
 
     fn read_txn(&self) -> Result<ReadTransaction> {
-        Ok(self.inner.db.begin_read()?)
+        Ok(self.inner.db.get()?.begin_read()?)
     }
 
     /// Reads one record of `collection`.
@@ -479,7 +471,7 @@ impl Store {
     /// check how a damaged document is reported.
     #[doc(hidden)]
     pub fn debug_overwrite_document(&self, id: &DocId, bytes: &[u8]) -> Result<()> {
-        let txn = self.inner.db.begin_write()?;
+        let txn = self.inner.db.get()?.begin_write()?;
         {
             let mut docs = txn.open_table(DOCS)?;
             docs.insert(doc_key(id), bytes)?;
@@ -489,6 +481,51 @@ impl Store {
         txn.commit()?;
         self.send(Command::Evict { id: *id })?;
         Ok(())
+    }
+}
+
+/// Opens (or creates) the database file; a file so damaged that redb panics on it is
+/// reported as damaged.
+fn open_file(path: &Path) -> Result<Database> {
+    let display = path.display().to_string();
+    let opened = std::panic::catch_unwind(|| {
+        Database::builder()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(path)
+    });
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::Open {
+            path: display,
+            reason: "another medmesh node is already using it; stop that node first, or give this one another --data directory".into(),
+        }),
+        Ok(Err(err)) => Err(open_error(&display, err)),
+        Err(_) => Err(StoreError::CorruptDatabase {
+            path: display,
+            reason: "its structure could not be read".into(),
+        }),
+    }
+}
+
+/// An in-memory backend that a reopen finds again.
+#[derive(Debug)]
+struct SharedBackend(Arc<redb::backends::InMemoryBackend>);
+
+impl StorageBackend for SharedBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
     }
 }
 

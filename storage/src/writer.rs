@@ -23,11 +23,12 @@ use lru::LruCache;
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::schema::index_value;
 use medmesh_protocol::{CollectionSpec, DocId, RecordError, Schema, SchemaError};
-use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
+use crate::slot::DbSlot;
 use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
 use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, INDEX, INFO};
@@ -64,7 +65,9 @@ pub(crate) enum Command {
 }
 
 pub(crate) struct Writer {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
+    /// A write failed at the storage level: reopen the database before the next one.
+    needs_reopen: bool,
     schema: Arc<Schema>,
     actor: ActorId,
     cache: LruCache<DocId, Automerge>,
@@ -131,7 +134,7 @@ struct Staged {
 
 impl Writer {
     pub(crate) fn new(
-        db: Arc<Database>,
+        db: Arc<DbSlot>,
         schema: Arc<Schema>,
         info: &StoreInfo,
         options: StoreOptions,
@@ -140,12 +143,13 @@ impl Writer {
             .filter_map(|i| u8::from_str_radix(info.actor.get(2 * i..2 * i + 2)?, 16).ok())
             .collect();
         let next_seq = {
-            let txn = db.begin_read()?;
+            let txn = db.get()?.begin_read()?;
             let feed = txn.open_table(FEED)?;
             feed.last()?.map_or(0, |(k, _)| k.value()) + 1
         };
         Ok(Self {
             db,
+            needs_reopen: false,
             schema,
             actor: ActorId::from(actor_bytes),
             cache: LruCache::new(NonZeroUsize::new(options.doc_cache.max(1)).unwrap_or(NonZeroUsize::MIN)),
@@ -242,6 +246,7 @@ impl Writer {
                 // Nothing of this transaction is stored: forget what it changed in memory
                 // (the staged documents are dropped) and tell every writer.
                 self.next_seq = first_seq;
+                self.needs_reopen = true;
                 tracing::error!(error = %err, "a write to the database failed; nothing of it was stored");
                 for reply in replies {
                     reply.send_err(&err);
@@ -256,7 +261,12 @@ impl Writer {
         staged: &mut Staged,
         replies: &mut [Reply],
     ) -> Result<()> {
-        let txn = self.db.begin_write()?;
+        if self.needs_reopen {
+            self.db.reopen()?;
+            self.needs_reopen = false;
+            self.next_seq = self.read_next_seq()?;
+        }
+        let txn = self.db.get()?.begin_write()?;
         {
             let mut tables = Tables::open(&txn)?;
             for (index, work) in pending.into_iter().enumerate() {
@@ -587,9 +597,15 @@ impl Writer {
         Ok(Some(seq))
     }
 
+    fn read_next_seq(&self) -> Result<u64> {
+        let txn = self.db.get()?.begin_read()?;
+        let feed = txn.open_table(FEED)?;
+        Ok(feed.last()?.map_or(0, |(k, _)| k.value()) + 1)
+    }
+
     fn compact_all(&mut self) -> Result<usize> {
         {
-            let txn = self.db.begin_read()?;
+            let txn = self.db.get()?.begin_read()?;
             let table = txn.open_table(DOC_META)?;
             for entry in table.iter()? {
                 let (key, value) = entry?;
@@ -608,7 +624,11 @@ impl Writer {
     /// Folds the change chunks of up to `max` documents into their snapshots.
     fn compact_some(&mut self, max: usize) -> Result<usize> {
         let ids: Vec<DocId> = self.to_compact.iter().take(max).copied().collect();
-        let txn = self.db.begin_write()?;
+        if self.needs_reopen {
+            self.db.reopen()?;
+            self.needs_reopen = false;
+        }
+        let txn = self.db.get()?.begin_write()?;
         let mut done = 0;
         {
             let mut tables = Tables::open(&txn)?;
@@ -637,7 +657,10 @@ impl Writer {
                 done += 1;
             }
         }
-        txn.commit()?;
+        if let Err(err) = txn.commit() {
+            self.needs_reopen = true;
+            return Err(err.into());
+        }
         for id in ids {
             self.to_compact.remove(&id);
         }

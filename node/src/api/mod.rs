@@ -1,0 +1,117 @@
+//! The local HTTP API (axum), for apps on the device and the `medmesh` CLI.
+//!
+//! Every answer is JSON; every error is `{"error": {"code", "message"}}` with a status
+//! that says whose fault it was (see [`error`]). Handlers never touch redb on the async
+//! threads: reads run on blocking threads, writes go to the store's writer thread.
+
+pub mod error;
+mod records;
+mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use medmesh_storage::Store;
+
+pub use error::ApiError;
+
+/// Largest request body for one record.
+pub const MAX_RECORD_BODY: usize = 1024 * 1024;
+/// Largest request body for an import batch.
+pub const MAX_IMPORT_BODY: usize = 32 * 1024 * 1024;
+/// Records in one import request, at most.
+pub const MAX_IMPORT_RECORDS: usize = 5_000;
+/// Default and largest page of a list.
+pub const DEFAULT_PAGE: usize = 50;
+/// Largest page of a list.
+pub const MAX_PAGE: usize = 1000;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    store: Store,
+    peer_id: String,
+    data_dir: Option<PathBuf>,
+    started: std::time::Instant,
+}
+
+impl AppState {
+    /// State for a node with this store and identity.
+    pub fn new(store: Store, peer_id: String, data_dir: Option<PathBuf>) -> Self {
+        Self {
+            inner: Arc::new(StateInner {
+                store,
+                peer_id,
+                data_dir,
+                started: std::time::Instant::now(),
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The node's peer id.
+    pub fn peer_id(&self) -> &str {
+        &self.inner.peer_id
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    let import = Router::new()
+        .route("/v1/{collection}/_import", post(records::import))
+        .layer(DefaultBodyLimit::max(MAX_IMPORT_BODY));
+    Router::new()
+        .route("/health", get(status::health))
+        .route("/v1/status", get(status::status))
+        .route("/v1/changes", get(status::changes))
+        .route(
+            "/v1/{collection}",
+            post(records::create).get(records::list),
+        )
+        .route(
+            "/v1/{collection}/{id}",
+            get(records::get_one)
+                .patch(records::patch)
+                .put(records::replace)
+                .delete(records::delete),
+        )
+        .route("/v1/{collection}/{id}/history", get(records::history))
+        .route("/v1/{collection}/{id}/conflicts", get(records::conflicts))
+        .layer(DefaultBodyLimit::max(MAX_RECORD_BODY))
+        .merge(import)
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_such_endpoint",
+        "there is no such endpoint; see the README for the API",
+    )
+}
+
+/// Runs blocking store work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the request was interrupted; try again",
+        )
+    })?
+}

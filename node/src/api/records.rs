@@ -1,0 +1,331 @@
+//! Record endpoints: create, read, list, patch, replace, delete, history, conflicts,
+//! import.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query as UrlQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::{ChangeAuthor, DocId};
+use medmesh_storage::{Filter, Query, RecordView, WriteBatch, WriteKind, WriteOp};
+use serde_json::{Value, json};
+
+use super::{
+    ApiError, AppState, DEFAULT_PAGE, MAX_IMPORT_RECORDS, MAX_PAGE, MAX_RECORD_BODY, blocking,
+};
+
+/// The request header naming the user or app that makes a change.
+pub const USER_HEADER: &str = "x-medmesh-user";
+
+fn author(state: &AppState, headers: &HeaderMap) -> ChangeAuthor {
+    let user = headers
+        .get(USER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().chars().take(200).collect::<String>())
+        .filter(|v| !v.is_empty());
+    ChangeAuthor {
+        device: state.peer_id().to_owned(),
+        user,
+    }
+}
+
+fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "the request body is too large (a record may be at most {} KiB; import many records with `medmesh import`)",
+                    MAX_RECORD_BODY / 1024
+                ),
+            )
+        } else {
+            ApiError::bad_request("bad_body", format!("the request body could not be read: {rejection}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request("bad_json", format!("the request body is not valid JSON: {e}"))
+    })
+}
+
+fn body_object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
+    match body_json(body)? {
+        Value::Object(fields) => Ok(fields),
+        other => Err(ApiError::bad_request(
+            "bad_json",
+            format!("the body must be a JSON object (one record), not {}", kind_of(&other)),
+        )),
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_id(id: &str) -> Result<DocId, ApiError> {
+    id.parse::<DocId>()
+        .map_err(|e| ApiError::bad_request("bad_id", e.to_string()))
+}
+
+fn check_collection(state: &AppState, collection: &str) -> Result<(), ApiError> {
+    if state.store().schema().collection(collection).is_some() {
+        Ok(())
+    } else {
+        Err(medmesh_storage::StoreError::UnknownCollection(collection.to_owned()).into())
+    }
+}
+
+async fn write_one(state: &AppState, op: WriteOp) -> Result<medmesh_storage::WriteOutcome, ApiError> {
+    let mut outcomes = state.store().write(WriteBatch::one(op)).await?;
+    match outcomes.pop() {
+        Some(result) => Ok(result?),
+        None => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the store gave no answer for the write",
+        )),
+    }
+}
+
+/// `POST /v1/{collection}`
+pub async fn create(
+    State(state): State<AppState>,
+    Path(collection): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    check_collection(&state, &collection)?;
+    let fields = body_object(body)?;
+    let op = WriteOp::new(&collection, None, WriteKind::Create(fields), author(&state, &headers));
+    let outcome = write_one(&state, op).await?;
+    Ok((StatusCode::CREATED, Json(Value::Object(outcome.record))))
+}
+
+/// `GET /v1/{collection}/{id}`
+pub async fn get_one(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    check_collection(&state, &collection)?;
+    let id = parse_id(&id)?;
+    let view = blocking(move || Ok(state.store().get(&collection, &id)?)).await?;
+    Ok(Json(Value::Object(view.record)))
+}
+
+async fn change(
+    state: AppState,
+    collection: String,
+    id: String,
+    headers: HeaderMap,
+    kind: impl FnOnce() -> Result<WriteKind, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    check_collection(&state, &collection)?;
+    let id = parse_id(&id)?;
+    let kind = kind()?;
+    let op = WriteOp::new(&collection, Some(id), kind, author(&state, &headers));
+    let outcome = write_one(&state, op).await?;
+    Ok(Json(Value::Object(outcome.record)))
+}
+
+/// `PATCH /v1/{collection}/{id}`: only the given fields change.
+pub async fn patch(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    change(state, collection, id, headers, || Ok(WriteKind::Patch(body_object(body)?))).await
+}
+
+/// `PUT /v1/{collection}/{id}`: the record becomes the given fields.
+pub async fn replace(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    change(state, collection, id, headers, || Ok(WriteKind::Replace(body_object(body)?))).await
+}
+
+/// `DELETE /v1/{collection}/{id}`: soft delete; answers the tombstone.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    change(state, collection, id, headers, || Ok(WriteKind::Delete)).await
+}
+
+/// `GET /v1/{collection}?field=value&field=prefix*&limit=N&cursor=C&include_deleted=true`
+pub async fn list(
+    State(state): State<AppState>,
+    Path(collection): Path<String>,
+    UrlQuery(params): UrlQuery<Vec<(String, String)>>,
+) -> Result<Json<Value>, ApiError> {
+    check_collection(&state, &collection)?;
+    let mut query = Query {
+        collection,
+        limit: DEFAULT_PAGE,
+        ..Query::default()
+    };
+    for (key, value) in params {
+        match key.as_str() {
+            "limit" => {
+                query.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "bad_query",
+                            format!("limit must be a number from 1 to {MAX_PAGE}, not `{value}`"),
+                        )
+                    })?;
+            }
+            "cursor" => {
+                query.cursor = Some(hex::decode(&value).map_err(|_| {
+                    ApiError::bad_request("bad_query", "cursor must be the `next` value of the previous page")
+                })?);
+            }
+            "include_deleted" => query.include_deleted = matches!(value.as_str(), "true" | "1" | "yes"),
+            _ => query.filters.push(match value.strip_suffix('*') {
+                Some(prefix) => Filter::Prefix {
+                    field: key,
+                    prefix: prefix.to_owned(),
+                },
+                None => Filter::Equals { field: key, value },
+            }),
+        }
+    }
+    let page = blocking(move || Ok(state.store().list(&query)?)).await?;
+    let mut answer = json!({
+        "records": page.records.into_iter().map(|r| Value::Object(r.record)).collect::<Vec<_>>(),
+        "next": page.next.map(hex::encode),
+    });
+    if !page.unreadable.is_empty() {
+        answer["unreadable"] = page
+            .unreadable
+            .iter()
+            .map(|(id, reason)| json!({"id": id, "error": reason}))
+            .collect();
+    }
+    Ok(Json(answer))
+}
+
+/// `GET /v1/{collection}/{id}/history`: who changed what, when; oldest first.
+pub async fn history(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    check_collection(&state, &collection)?;
+    let id = parse_id(&id)?;
+    let doc = blocking(move || Ok(state.store().document(&collection, &id)?)).await?;
+    let changes: Vec<Value> = record::history(&doc)
+        .into_iter()
+        .map(|entry| {
+            json!({
+                "time": record::format_timestamp(entry.time_ms),
+                "device": entry.author.device,
+                "user": entry.author.user,
+                "fields": entry.fields,
+                "hash": entry.hash,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "changes": changes })))
+}
+
+/// `GET /v1/{collection}/{id}/conflicts`: fields holding concurrent values after a merge.
+pub async fn conflicts(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    check_collection(&state, &collection)?;
+    let id = parse_id(&id)?;
+    let doc = blocking(move || Ok(state.store().document(&collection, &id)?)).await?;
+    Ok(Json(json!({ "conflicts": record::conflicts(&doc) })))
+}
+
+/// `POST /v1/{collection}/_import` with `{"records": [...]}`: each record is created as its
+/// own document with its own change; answers a result per record, in order.
+pub async fn import(
+    State(state): State<AppState>,
+    Path(collection): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    check_collection(&state, &collection)?;
+    let records = match body_json(body)? {
+        Value::Object(mut body) => match body.remove("records") {
+            Some(Value::Array(records)) => records,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "bad_json",
+                    "the body must be {\"records\": [ ...records... ]}",
+                ));
+            }
+        },
+        _ => {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                "the body must be {\"records\": [ ...records... ]}",
+            ));
+        }
+    };
+    if records.len() > MAX_IMPORT_RECORDS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("at most {MAX_IMPORT_RECORDS} records per import request"),
+        ));
+    }
+    let who = author(&state, &headers);
+    let mut results: Vec<Option<Value>> = Vec::with_capacity(records.len());
+    let mut ops = Vec::with_capacity(records.len());
+    for record in records {
+        match record {
+            Value::Object(fields) => {
+                results.push(None);
+                ops.push(WriteOp::new(&collection, None, WriteKind::Create(fields), who.clone()));
+            }
+            other => results.push(Some(json!({
+                "ok": false,
+                "error": {"code": "bad_json", "message": format!("a record must be a JSON object, not {}", kind_of(&other))}
+            }))),
+        }
+    }
+    let outcomes = state
+        .store()
+        .write(WriteBatch { ops, atomic: false })
+        .await?;
+    let mut outcomes = outcomes.into_iter();
+    let answer: Vec<Value> = results
+        .into_iter()
+        .map(|slot| match slot {
+            Some(refused) => refused,
+            None => match outcomes.next() {
+                Some(Ok(outcome)) => json!({"ok": true, "id": outcome.id}),
+                Some(Err(err)) => {
+                    let err = ApiError::from(err);
+                    json!({"ok": false, "error": {"code": err.code, "message": err.message, "field": err.field}})
+                }
+                None => json!({"ok": false, "error": {"code": "internal", "message": "no result"}}),
+            },
+        })
+        .collect();
+    Ok(Json(json!({ "results": answer })))
+}
+
+/// A record view as the API shows it.
+pub fn record_json(view: RecordView) -> Value {
+    Value::Object(view.record)
+}

@@ -1,0 +1,66 @@
+//! Health, status and the change feed.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState, MAX_PAGE, blocking};
+
+/// `GET /health`
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /v1/status`
+pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let s = state.clone();
+    let (counts, seq) = blocking(move || Ok((s.store().counts()?, s.store().last_seq()?))).await?;
+    let total: u64 = counts.values().sum();
+    let info = state.store().info();
+    Ok(Json(json!({
+        "peer_id": state.peer_id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "data_dir": state.inner.data_dir.as_ref().map(|p| p.display().to_string()),
+        "database": info.path.as_ref().map(|p| p.display().to_string()),
+        "records": counts,
+        "total_records": total,
+        "feed": {"seq": seq, "epoch": info.feed_epoch},
+        "uptime_s": state.inner.started.elapsed().as_secs(),
+    })))
+}
+
+/// Parameters of `GET /v1/changes`.
+#[derive(Debug, Deserialize)]
+pub struct ChangesParams {
+    /// Feed position after which to list changes.
+    #[serde(default)]
+    since: u64,
+    /// At most this many.
+    limit: Option<usize>,
+}
+
+/// `GET /v1/changes?since=SEQ&limit=N`: records changed after a feed position.
+pub async fn changes(
+    State(state): State<AppState>,
+    Query(params): Query<ChangesParams>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = params.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let since = params.since;
+    let entries = blocking(move || Ok(state.store().changes_since(since, limit)?)).await?;
+    let next = entries.last().map_or(since, |e| e.seq);
+    let changes: Vec<Value> = entries
+        .into_iter()
+        .map(|entry| match entry.record {
+            Ok(view) => json!({
+                "seq": entry.seq,
+                "collection": view.collection,
+                "id": view.id,
+                "deleted": view.deleted,
+                "record": Value::Object(view.record),
+            }),
+            Err(reason) => json!({"seq": entry.seq, "error": reason}),
+        })
+        .collect();
+    Ok(Json(json!({"changes": changes, "next": next})))
+}

@@ -1,0 +1,383 @@
+//! The command line's side of the API: `medmesh put | get | list | delete | history |
+//! status | import | export` against a running node.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::config::ApiArgs;
+
+/// Records sent per import request.
+pub const IMPORT_BATCH: usize = 1000;
+/// Refusal reasons printed after an import (all are counted).
+const IMPORT_REASONS_SHOWN: usize = 20;
+
+/// A connection to a running node's API.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    user: Option<String>,
+}
+
+impl Client {
+    /// A client for the node at `api` (`host:port` or a URL).
+    pub fn new(api: &ApiArgs) -> Result<Self> {
+        let base = if api.api.starts_with("http://") || api.api.starts_with("https://") {
+            api.api.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{}", api.api)
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(300))
+            .build()
+            .context("cannot set up the HTTP client")?;
+        Ok(Self {
+            http,
+            base,
+            user: api.user.clone(),
+        })
+    }
+
+    /// Sends a request; answers the JSON body of a success, or an error that says what
+    /// the node said.
+    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<(StatusCode, Value)> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(user) = &self.user {
+            request = request.header("x-medmesh-user", user);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() {
+                anyhow!(
+                    "cannot reach a medmesh node at {}: is it running? Start one with `medmesh start`, or point to it with --api",
+                    self.base
+                )
+            } else {
+                anyhow!("the request to {} failed: {e}", self.base)
+            }
+        })?;
+        let status = response.status();
+        let text = response.text().await.context("the node's answer was cut off")?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            Ok((status, value))
+        } else {
+            let message = value["error"]["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
+            bail!("{message} (HTTP {})", status.as_u16())
+        }
+    }
+}
+
+fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn read_json_arg(json: &str) -> Result<Value> {
+    let text = if json == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("cannot read the record from standard input")?;
+        text
+    } else {
+        json.to_owned()
+    };
+    let value: Value = serde_json::from_str(&text).context("the record is not valid JSON")?;
+    if !value.is_object() {
+        bail!("the record must be a JSON object like {{\"given_name\": \"Amina\"}}");
+    }
+    Ok(value)
+}
+
+/// `medmesh status`
+pub async fn status(api: &ApiArgs) -> Result<()> {
+    let client = Client::new(api)?;
+    let (_, status) = client.call(Method::GET, "/v1/status", None).await?;
+    println!("Node:     {}", status["peer_id"].as_str().unwrap_or("?"));
+    println!("Data:     {}", status["data_dir"].as_str().unwrap_or("?"));
+    println!("Records:  {}", status["total_records"]);
+    if let Some(counts) = status["records"].as_object() {
+        for (collection, n) in counts {
+            if n.as_u64().unwrap_or(0) > 0 {
+                println!("  {collection:<32} {n}");
+            }
+        }
+    }
+    println!("Changes:  {} (feed position)", status["feed"]["seq"]);
+    Ok(())
+}
+
+/// `medmesh put COLLECTION JSON`
+pub async fn put(api: &ApiArgs, collection: &str, json: &str) -> Result<()> {
+    let client = Client::new(api)?;
+    let record = read_json_arg(json)?;
+    let existing = match record["id"].as_str() {
+        Some(id) => client
+            .call(Method::GET, &format!("/v1/{collection}/{id}"), None)
+            .await
+            .ok()
+            .map(|_| id.to_owned()),
+        None => None,
+    };
+    let (_, answer) = match existing {
+        Some(id) => {
+            client
+                .call(Method::PUT, &format!("/v1/{collection}/{id}"), Some(&record))
+                .await?
+        }
+        None => {
+            client
+                .call(Method::POST, &format!("/v1/{collection}"), Some(&record))
+                .await?
+        }
+    };
+    print_json(&answer);
+    Ok(())
+}
+
+/// `medmesh get COLLECTION ID`
+pub async fn get(api: &ApiArgs, collection: &str, id: &str) -> Result<()> {
+    let client = Client::new(api)?;
+    let (_, record) = client
+        .call(Method::GET, &format!("/v1/{collection}/{id}"), None)
+        .await?;
+    print_json(&record);
+    Ok(())
+}
+
+/// `medmesh delete COLLECTION ID`
+pub async fn delete(api: &ApiArgs, collection: &str, id: &str) -> Result<()> {
+    let client = Client::new(api)?;
+    client
+        .call(Method::DELETE, &format!("/v1/{collection}/{id}"), None)
+        .await?;
+    println!("Deleted {collection}/{id} (kept as a tombstone so the deletion reaches other devices).");
+    Ok(())
+}
+
+/// `medmesh history COLLECTION ID`
+pub async fn history(api: &ApiArgs, collection: &str, id: &str) -> Result<()> {
+    let client = Client::new(api)?;
+    let (_, answer) = client
+        .call(Method::GET, &format!("/v1/{collection}/{id}/history"), None)
+        .await?;
+    for change in answer["changes"].as_array().into_iter().flatten() {
+        let fields: Vec<&str> = change["fields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "{}  device {}  user {}  changed: {}",
+            change["time"].as_str().unwrap_or("?"),
+            change["device"].as_str().filter(|d| !d.is_empty()).unwrap_or("?"),
+            change["user"].as_str().unwrap_or("-"),
+            fields.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn encode(value: &str) -> String {
+    let mut out = String::new();
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'*' => {
+                out.push(byte as char)
+            }
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
+/// Pages through a collection, calling `each` per record.
+async fn for_each_record(
+    client: &Client,
+    collection: &str,
+    filters: &[String],
+    include_deleted: bool,
+    max: Option<usize>,
+    mut each: impl FnMut(&Value) -> Result<()>,
+) -> Result<usize> {
+    let mut params = String::new();
+    for filter in filters {
+        let (field, value) = filter
+            .split_once('=')
+            .ok_or_else(|| anyhow!("`{filter}` is not a filter: write field=value, e.g. surname=Okafor"))?;
+        params.push_str(&format!("&{}={}", encode(field), encode(value)));
+    }
+    if include_deleted {
+        params.push_str("&include_deleted=true");
+    }
+    let mut cursor: Option<String> = None;
+    let mut seen = 0;
+    loop {
+        let page_size = max.map_or(1000, |m| (m - seen).clamp(1, 1000));
+        let mut path = format!("/v1/{collection}?limit={page_size}{params}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (_, page) = client.call(Method::GET, &path, None).await?;
+        for record in page["records"].as_array().into_iter().flatten() {
+            each(record)?;
+            seen += 1;
+        }
+        for unreadable in page["unreadable"].as_array().into_iter().flatten() {
+            eprintln!(
+                "warning: record {} could not be read: {}",
+                unreadable["id"].as_str().unwrap_or("?"),
+                unreadable["error"].as_str().unwrap_or("?")
+            );
+        }
+        match page["next"].as_str() {
+            Some(next) if max.is_none_or(|m| seen < m) => cursor = Some(next.to_owned()),
+            _ => return Ok(seen),
+        }
+    }
+}
+
+/// `medmesh list COLLECTION [--where f=v]...`
+pub async fn list(api: &ApiArgs, collection: &str, filters: &[String], limit: usize, include_deleted: bool) -> Result<()> {
+    let client = Client::new(api)?;
+    let n = for_each_record(&client, collection, filters, include_deleted, Some(limit), |r| {
+        println!("{r}");
+        Ok(())
+    })
+    .await?;
+    eprintln!("{n} record(s)");
+    Ok(())
+}
+
+/// `medmesh export COLLECTION`: JSON Lines on standard output.
+pub async fn export(api: &ApiArgs, collection: &str, include_deleted: bool) -> Result<()> {
+    let client = Client::new(api)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let n = for_each_record(&client, collection, &[], include_deleted, None, |r| {
+        writeln!(out, "{r}").context("cannot write the export")
+    })
+    .await?;
+    out.flush().context("cannot write the export")?;
+    eprintln!("Exported {n} record(s) from {collection}.");
+    Ok(())
+}
+
+/// What an import did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ImportSummary {
+    /// Records stored.
+    pub accepted: usize,
+    /// Lines refused, with their line number and reason.
+    pub refused: Vec<(usize, String)>,
+}
+
+/// `medmesh import COLLECTION FILE`: sends the file in batches; each record is its own
+/// change. Prints a progress bar and a summary; fails if any line was refused.
+pub async fn import(api: &ApiArgs, collection: &str, file: &Path) -> Result<()> {
+    let summary = import_file(api, collection, file, true).await?;
+    println!(
+        "Imported {} record(s) into {collection}; {} line(s) refused.",
+        summary.accepted,
+        summary.refused.len()
+    );
+    for (line, reason) in summary.refused.iter().take(IMPORT_REASONS_SHOWN) {
+        println!("  line {line}: {reason}");
+    }
+    if summary.refused.len() > IMPORT_REASONS_SHOWN {
+        println!("  ... and {} more", summary.refused.len() - IMPORT_REASONS_SHOWN);
+    }
+    if !summary.refused.is_empty() {
+        bail!("{} line(s) of {} were not imported; fix them and import those lines again", summary.refused.len(), file.display());
+    }
+    Ok(())
+}
+
+/// Imports a JSON Lines file and answers what happened to each line.
+pub async fn import_file(api: &ApiArgs, collection: &str, file: &Path, progress: bool) -> Result<ImportSummary> {
+    let client = Client::new(api)?;
+    let handle = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new(size);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let reader = std::io::BufReader::new(handle);
+    let mut summary = ImportSummary::default();
+    let mut batch: Vec<(usize, Value)> = Vec::with_capacity(IMPORT_BATCH);
+    let mut read = 0u64;
+    for (index, line) in reader.lines().enumerate() {
+        let number = index + 1;
+        let line = match line {
+            Ok(line) => line,
+            Err(err) => {
+                summary.refused.push((number, format!("cannot be read: {err}")));
+                continue;
+            }
+        };
+        read += line.len() as u64 + 1;
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(record)) => batch.push((number, Value::Object(record))),
+            Ok(_) => summary.refused.push((number, "not a JSON object (one record per line)".into())),
+            Err(err) => summary.refused.push((number, format!("not valid JSON: {err}"))),
+        }
+        if batch.len() >= IMPORT_BATCH {
+            send_import_batch(&client, collection, &mut batch, &mut summary).await?;
+            bar.set_position(read);
+            bar.set_message(format!("{} imported", summary.accepted));
+        }
+    }
+    send_import_batch(&client, collection, &mut batch, &mut summary).await?;
+    bar.finish_and_clear();
+    summary.refused.sort_by_key(|(line, _)| *line);
+    Ok(summary)
+}
+
+async fn send_import_batch(
+    client: &Client,
+    collection: &str,
+    batch: &mut Vec<(usize, Value)>,
+    summary: &mut ImportSummary,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let (lines, records): (Vec<usize>, Vec<Value>) = batch.drain(..).unzip();
+    let (_, answer) = client
+        .call(
+            Method::POST,
+            &format!("/v1/{collection}/_import"),
+            Some(&json!({ "records": records })),
+        )
+        .await
+        .context("the import stopped; the lines before this batch are stored, import the rest again")?;
+    let results = answer["results"].as_array().cloned().unwrap_or_default();
+    for (line, result) in lines.into_iter().zip(results) {
+        if result["ok"].as_bool() == Some(true) {
+            summary.accepted += 1;
+        } else {
+            let reason = result["error"]["message"].as_str().unwrap_or("refused").to_owned();
+            summary.refused.push((line, reason));
+        }
+    }
+    Ok(())
+}

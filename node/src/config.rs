@@ -1,0 +1,175 @@
+//! Command-line flags and environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The default address of the local HTTP API: loopback only.
+pub const DEFAULT_API: &str = "127.0.0.1:7400";
+/// The default libp2p listen address.
+pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/7401";
+
+/// medmesh keeps a clinic's records in sync between devices, with no server.
+#[derive(Debug, Parser)]
+#[command(name = "medmesh", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where a node keeps its data.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// The node's data directory (default: the platform's data directory, e.g.
+    /// ~/.local/share/medmesh).
+    #[arg(long, env = "MEDMESH_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The directory to use.
+    pub fn dir(&self) -> PathBuf {
+        self.data.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+/// The platform's data directory for medmesh.
+pub fn default_data_dir() -> PathBuf {
+    dirs::data_dir()
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("medmesh")
+}
+
+/// Which running node to talk to.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The node's HTTP API address.
+    #[arg(long, env = "MEDMESH_API", default_value = DEFAULT_API)]
+    pub api: String,
+    /// Who is making this change (recorded in the record's history).
+    #[arg(long, env = "MEDMESH_USER")]
+    pub user: Option<String>,
+}
+
+/// Flags of `medmesh start`.
+#[derive(Debug, Clone, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    /// Data directory.
+    pub data: DataArgs,
+    /// Address of the HTTP API. Loopback by default; use 0.0.0.0:7400 to serve the LAN.
+    #[arg(long, env = "MEDMESH_API", default_value = DEFAULT_API)]
+    pub api: SocketAddr,
+    /// libp2p address to listen on for other nodes (repeatable).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: Vec<String>,
+    /// A node to connect to directly, when discovery cannot see it (repeatable).
+    #[arg(long)]
+    pub peer: Vec<String>,
+    /// Do not use mDNS discovery on the local network.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// A schema file declaring extra collections (kept in the data directory for the
+    /// next starts).
+    #[arg(long, env = "MEDMESH_SCHEMA")]
+    pub schema: Option<PathBuf>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a node's identity and an empty store in a data directory.
+    Init {
+        #[command(flatten)]
+        /// Data directory.
+        data: DataArgs,
+    },
+    /// Run a node (creates the data directory on first start).
+    Start(StartArgs),
+    /// Show a running node's status.
+    Status {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+    },
+    /// Create a record, or replace it when the JSON has the id of an existing one.
+    Put {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The collection, e.g. patients.
+        collection: String,
+        /// The record as JSON; `-` reads it from standard input.
+        json: String,
+    },
+    /// Show one record.
+    Get {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The collection.
+        collection: String,
+        /// The record's id.
+        id: String,
+    },
+    /// List records, optionally filtered: --where surname=Okafor --where given_name=Am*
+    List {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The collection.
+        collection: String,
+        /// field=value (exact) or field=start* (beginning of a name); repeatable.
+        #[arg(long = "where", value_name = "FIELD=VALUE")]
+        filters: Vec<String>,
+        /// At most this many records.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Include deleted records.
+        #[arg(long)]
+        include_deleted: bool,
+    },
+    /// Delete a record (it stays as a tombstone so the deletion syncs).
+    Delete {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The collection.
+        collection: String,
+        /// The record's id.
+        id: String,
+    },
+    /// Show who changed a record, when, and which fields.
+    History {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The collection.
+        collection: String,
+        /// The record's id.
+        id: String,
+    },
+    /// Import records from a JSON Lines file (one record per line).
+    Import {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The collection.
+        collection: String,
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print every record of a collection as JSON Lines.
+    Export {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The collection.
+        collection: String,
+        /// Include deleted records.
+        #[arg(long)]
+        include_deleted: bool,
+    },
+}
