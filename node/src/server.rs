@@ -71,6 +71,13 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     })
 }
 
+/// [`open_data`] on a blocking thread, for async callers.
+pub async fn open_data_async(dir: PathBuf, extra_schema: Option<PathBuf>) -> Result<OpenedData> {
+    tokio::task::spawn_blocking(move || open_data(&dir, extra_schema.as_deref()))
+        .await
+        .context("opening the data directory was interrupted")?
+}
+
 /// A running node's HTTP API, for tests and the binary.
 pub struct RunningApi {
     /// The address it listens on.
@@ -110,10 +117,7 @@ pub async fn start(args: StartArgs) -> Result<()> {
             bail!("`{addr}` is not a libp2p address; write it like /ip4/192.168.1.20/tcp/7401");
         }
     }
-    let schema = args.schema.clone();
-    let opened = tokio::task::spawn_blocking(move || open_data(&dir, schema.as_deref()))
-        .await
-        .context("opening the data directory was interrupted")??;
+    let opened = open_data_async(dir, args.schema.clone()).await?;
     if opened.created {
         println!("Created a new medmesh node in {}", opened.dir.display());
     }

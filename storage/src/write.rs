@@ -16,6 +16,10 @@ pub enum WriteKind {
     Replace(Fields),
     /// Soft delete: sets `deleted_at`; the record stays as a tombstone.
     Delete,
+    /// Merges Automerge changes or a saved document received from elsewhere (another
+    /// node), creating the record if it is new here. Never refused for the schema: a
+    /// merge must not lose what another device wrote.
+    Merge(Vec<u8>),
 }
 
 /// One write to one record, as one Automerge change.

@@ -398,6 +398,59 @@ impl Writer {
             .with_message(op.author.to_message())
             .with_time(op.time_ms);
         match op.kind {
+            WriteKind::Merge(bytes) => {
+                let id = op.id.ok_or_else(|| {
+                    StoreError::BadQuery("a merge needs the record's id".into())
+                })?;
+                let damaged = |reason: String| StoreError::CorruptDocument {
+                    id,
+                    collection: op.collection.clone(),
+                    reason: format!("the changes received could not be merged: {reason}"),
+                };
+                if self.load_working(tables, staged, batch, &id)? {
+                    let working = batch.docs.get_mut(&id).ok_or_else(|| damaged("lost".into()))?;
+                    if working.collection != op.collection {
+                        return Err(StoreError::BadQuery(format!(
+                            "record {id} belongs to {}, not {}",
+                            working.collection, op.collection
+                        )));
+                    }
+                    // Merge into a copy, so that damaged bytes leave the document as it was.
+                    let mut merged = working.doc.clone();
+                    merged
+                        .load_incremental(&bytes)
+                        .map_err(|e| damaged(e.to_string()))?;
+                    let changed = merged.get_heads() != working.doc.get_heads();
+                    working.doc = merged;
+                    Ok(WriteOutcome {
+                        id,
+                        record: record::read_record(&working.doc),
+                        changed,
+                        seq: 0,
+                    })
+                } else {
+                    let mut doc = Automerge::load(&bytes).map_err(|e| damaged(e.to_string()))?;
+                    doc.set_actor(self.actor.clone());
+                    let record = record::read_record(&doc);
+                    batch.order.push(id);
+                    batch.docs.insert(
+                        id,
+                        Working {
+                            doc,
+                            collection: op.collection,
+                            old_meta: None,
+                            old_record: Fields::new(),
+                            old_heads: Vec::new(),
+                        },
+                    );
+                    Ok(WriteOutcome {
+                        id,
+                        record,
+                        changed: true,
+                        seq: 0,
+                    })
+                }
+            }
             WriteKind::Create(mut fields) => {
                 let id = match (op.id, fields.get("id")) {
                     (Some(id), _) => id,
@@ -480,7 +533,10 @@ impl Writer {
                         Change::Replace(fields)
                     }
                     WriteKind::Delete => Change::Delete,
-                    WriteKind::Create(_) => unreachable_create(),
+                    // Handled above.
+                    WriteKind::Create(_) | WriteKind::Merge(_) => {
+                        return Err(StoreError::BadQuery("this write cannot be applied here".into()));
+                    }
                 };
                 let result = working.doc.transact_with::<_, _, RecordError, _>(
                     |_| options,
@@ -718,10 +774,6 @@ enum Change {
     Write(Fields),
     Replace(Fields),
     Delete,
-}
-
-fn unreachable_create() -> Change {
-    Change::Write(Fields::new())
 }
 
 impl Working {

@@ -8,7 +8,7 @@ use axum::extract::{Path, Query as UrlQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::{ChangeAuthor, DocId};
-use medmesh_storage::{Filter, Query, RecordView, WriteBatch, WriteKind, WriteOp};
+use medmesh_storage::{Filter, Query, WriteBatch, WriteKind, WriteOp};
 use serde_json::{Value, json};
 
 use super::{
@@ -323,9 +323,4 @@ pub async fn import(
         })
         .collect();
     Ok(Json(json!({ "results": answer })))
-}
-
-/// A record view as the API shows it.
-pub fn record_json(view: RecordView) -> Value {
-    Value::Object(view.record)
 }
