@@ -26,7 +26,12 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Init { data } => server::init(&data.dir()),
+            Command::Init { data } => {
+                let dir = data.dir();
+                tokio::task::spawn_blocking(move || server::init(&dir))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("init was interrupted: {e}")))
+            }
             Command::Start(args) => server::start(args).await,
             Command::Status { api } => client::status(&api).await,
             Command::Put { api, collection, json } => client::put(&api, &collection, &json).await,

@@ -1,1 +1,166 @@
-//! placeholder
+//! # medmesh-tests
+//!
+//! Multi-process tests and benchmarks: helpers to find the `medmesh` binary, start real
+//! nodes as child processes on loopback, wait for them, and read their memory use.
+//! The tests are in `tests/`, the benchmark programs in `src/bin/`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The `medmesh` binary of this build (`MEDMESH_BIN` overrides).
+pub fn medmesh_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("MEDMESH_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/test-xxxx or target/<profile>/bench
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join(format!("medmesh{}", std::env::consts::EXE_SUFFIX));
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("the medmesh binary was not found next to {}; build it first (cargo build -p medmesh) or set MEDMESH_BIN", exe.display());
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A `medmesh start` child process on loopback, without mDNS.
+pub struct NodeProcess {
+    /// The child.
+    pub child: Child,
+    /// Its API address (`127.0.0.1:port`).
+    pub api: String,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts a node on `data` and waits until its API answers.
+    pub fn start(data: &Path) -> Result<Self> {
+        Self::start_with(medmesh_bin().as_path(), data)
+    }
+
+    /// Starts a node from a given binary.
+    pub fn start_with(bin: &Path, data: &Path) -> Result<Self> {
+        let api = format!("127.0.0.1:{}", free_port());
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        let child = Command::new(bin)
+            .args(["start", "--no-mdns", "--data"])
+            .arg(data)
+            .args(["--api", &api, "--listen", &listen])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut node = Self {
+            child,
+            api,
+            data: data.to_path_buf(),
+        };
+        node.wait_ready(Duration::from_secs(30))?;
+        Ok(node)
+    }
+
+    /// The API's base URL.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the node exited before it was ready: {status}");
+            }
+            if std::net::TcpStream::connect(&self.api).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("the node did not answer on {} within {timeout:?}", self.api)
+    }
+
+    /// Kills the node with SIGKILL (no chance to flush anything).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the node with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        #[allow(unsafe_code)]
+        // SAFETY: sending a signal to our own child process by its pid.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
+    /// Resident memory now and at its peak, in bytes (Linux).
+    pub fn rss(&self) -> Option<(u64, u64)> {
+        process_rss(self.child.id())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// Current and peak resident memory of a process, in bytes, from /proc.
+pub fn process_rss(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// A generated patient record of about 600 bytes of JSON, like a Hikma Health patient.
+pub fn patient(i: usize) -> serde_json::Value {
+    const GIVEN: [&str; 8] = ["Amina", "Bola", "Chidi", "Dina", "Emeka", "Fatima", "Grace", "Hassan"];
+    const SURNAME: [&str; 8] = ["Okafor", "Bello", "Haddad", "Mensah", "Diallo", "Nwosu", "Kamara", "Osei"];
+    const TOWNS: [&str; 4] = ["Kano", "Jos", "Maiduguri", "Yola"];
+    const BLOOD: [&str; 4] = ["A+", "B+", "O+", "AB-"];
+    serde_json::json!({
+        "id": uuid::Uuid::now_v7().to_string(),
+        "given_name": format!("{}{}", GIVEN[i % 8], i),
+        "surname": SURNAME[(i / 8) % 8],
+        "date_of_birth": format!("{:04}-{:02}-{:02}", 1950 + i % 70, 1 + i % 12, 1 + i % 28),
+        "citizenship": "Nigerian",
+        "hometown": TOWNS[i % 4],
+        "phone": format!("+234 803 {:03} {:04}", i % 1000, i % 10000),
+        "sex": if i % 2 == 0 { "female" } else { "male" },
+        "camp": format!("Camp {}", i % 12),
+        "government_id": format!("NIN-{:011}", i),
+        "external_patient_id": format!("EXT-{i:08}"),
+        "primary_clinic_id": "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e",
+        "additional_data": {"blood_group": BLOOD[i % 4], "allergies": ["penicillin"], "notes": "registered at outreach"},
+        "metadata": {"source": "hikma-mobile", "app_version": "2.4.1"},
+        "photo_url": ""
+    })
+}
