@@ -13,10 +13,14 @@ use crate::config::ApiArgs;
 
 /// Records sent per import request.
 pub const IMPORT_BATCH: usize = 1000;
+/// Import requests in flight at once: the node works out one batch while it stores the
+/// previous one.
+const IMPORT_IN_FLIGHT: usize = 2;
 /// Refusal reasons printed after an import (all are counted).
 const IMPORT_REASONS_SHOWN: usize = 20;
 
 /// A connection to a running node's API.
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -44,7 +48,12 @@ impl Client {
 
     /// Sends a request; answers the JSON body of a success, or an error that says what
     /// the node said.
-    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<(StatusCode, Value)> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value)> {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(user) = &self.user {
             request = request.header("x-medmesh-user", user);
@@ -63,7 +72,10 @@ impl Client {
             }
         })?;
         let status = response.status();
-        let text = response.text().await.context("the node's answer was cut off")?;
+        let text = response
+            .text()
+            .await
+            .context("the node's answer was cut off")?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
             Ok((status, value))
@@ -78,7 +90,10 @@ impl Client {
 }
 
 fn print_json(value: &Value) {
-    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
 }
 
 fn read_json_arg(json: &str) -> Result<Value> {
@@ -130,7 +145,11 @@ pub async fn put(api: &ApiArgs, collection: &str, json: &str) -> Result<()> {
     let (_, answer) = match existing {
         Some(id) => {
             client
-                .call(Method::PUT, &format!("/v1/{collection}/{id}"), Some(&record))
+                .call(
+                    Method::PUT,
+                    &format!("/v1/{collection}/{id}"),
+                    Some(&record),
+                )
                 .await?
         }
         None => {
@@ -159,7 +178,9 @@ pub async fn delete(api: &ApiArgs, collection: &str, id: &str) -> Result<()> {
     client
         .call(Method::DELETE, &format!("/v1/{collection}/{id}"), None)
         .await?;
-    println!("Deleted {collection}/{id} (kept as a tombstone so the deletion reaches other devices).");
+    println!(
+        "Deleted {collection}/{id} (kept as a tombstone so the deletion reaches other devices)."
+    );
     Ok(())
 }
 
@@ -179,7 +200,10 @@ pub async fn history(api: &ApiArgs, collection: &str, id: &str) -> Result<()> {
         println!(
             "{}  device {}  user {}  changed: {}",
             change["time"].as_str().unwrap_or("?"),
-            change["device"].as_str().filter(|d| !d.is_empty()).unwrap_or("?"),
+            change["device"]
+                .as_str()
+                .filter(|d| !d.is_empty())
+                .unwrap_or("?"),
             change["user"].as_str().unwrap_or("-"),
             fields.join(", ")
         );
@@ -211,9 +235,9 @@ async fn for_each_record(
 ) -> Result<usize> {
     let mut params = String::new();
     for filter in filters {
-        let (field, value) = filter
-            .split_once('=')
-            .ok_or_else(|| anyhow!("`{filter}` is not a filter: write field=value, e.g. surname=Okafor"))?;
+        let (field, value) = filter.split_once('=').ok_or_else(|| {
+            anyhow!("`{filter}` is not a filter: write field=value, e.g. surname=Okafor")
+        })?;
         params.push_str(&format!("&{}={}", encode(field), encode(value)));
     }
     if include_deleted {
@@ -247,12 +271,25 @@ async fn for_each_record(
 }
 
 /// `medmesh list COLLECTION [--where f=v]...`
-pub async fn list(api: &ApiArgs, collection: &str, filters: &[String], limit: usize, include_deleted: bool) -> Result<()> {
+pub async fn list(
+    api: &ApiArgs,
+    collection: &str,
+    filters: &[String],
+    limit: usize,
+    include_deleted: bool,
+) -> Result<()> {
     let client = Client::new(api)?;
-    let n = for_each_record(&client, collection, filters, include_deleted, Some(limit), |r| {
-        println!("{r}");
-        Ok(())
-    })
+    let n = for_each_record(
+        &client,
+        collection,
+        filters,
+        include_deleted,
+        Some(limit),
+        |r| {
+            println!("{r}");
+            Ok(())
+        },
+    )
     .await?;
     eprintln!("{n} record(s)");
     Ok(())
@@ -294,18 +331,31 @@ pub async fn import(api: &ApiArgs, collection: &str, file: &Path) -> Result<()> 
         println!("  line {line}: {reason}");
     }
     if summary.refused.len() > IMPORT_REASONS_SHOWN {
-        println!("  ... and {} more", summary.refused.len() - IMPORT_REASONS_SHOWN);
+        println!(
+            "  ... and {} more",
+            summary.refused.len() - IMPORT_REASONS_SHOWN
+        );
     }
     if !summary.refused.is_empty() {
-        bail!("{} line(s) of {} were not imported; fix them and import those lines again", summary.refused.len(), file.display());
+        bail!(
+            "{} line(s) of {} were not imported; fix them and import those lines again",
+            summary.refused.len(),
+            file.display()
+        );
     }
     Ok(())
 }
 
 /// Imports a JSON Lines file and answers what happened to each line.
-pub async fn import_file(api: &ApiArgs, collection: &str, file: &Path, progress: bool) -> Result<ImportSummary> {
+pub async fn import_file(
+    api: &ApiArgs,
+    collection: &str,
+    file: &Path,
+    progress: bool,
+) -> Result<ImportSummary> {
     let client = Client::new(api)?;
-    let handle = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let handle =
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(size);
@@ -320,13 +370,16 @@ pub async fn import_file(api: &ApiArgs, collection: &str, file: &Path, progress:
     let reader = std::io::BufReader::new(handle);
     let mut summary = ImportSummary::default();
     let mut batch: Vec<(usize, Value)> = Vec::with_capacity(IMPORT_BATCH);
+    let mut in_flight = std::collections::VecDeque::new();
     let mut read = 0u64;
     for (index, line) in reader.lines().enumerate() {
         let number = index + 1;
         let line = match line {
             Ok(line) => line,
             Err(err) => {
-                summary.refused.push((number, format!("cannot be read: {err}")));
+                summary
+                    .refused
+                    .push((number, format!("cannot be read: {err}")));
                 continue;
             }
         };
@@ -337,31 +390,65 @@ pub async fn import_file(api: &ApiArgs, collection: &str, file: &Path, progress:
         }
         match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(record)) => batch.push((number, Value::Object(record))),
-            Ok(_) => summary.refused.push((number, "not a JSON object (one record per line)".into())),
-            Err(err) => summary.refused.push((number, format!("not valid JSON: {err}"))),
+            Ok(_) => summary
+                .refused
+                .push((number, "not a JSON object (one record per line)".into())),
+            Err(err) => summary
+                .refused
+                .push((number, format!("not valid JSON: {err}"))),
         }
         if batch.len() >= IMPORT_BATCH {
-            send_import_batch(&client, collection, &mut batch, &mut summary).await?;
-            bar.set_position(read);
-            bar.set_message(format!("{} imported", summary.accepted));
+            if in_flight.len() >= IMPORT_IN_FLIGHT
+                && let Some(oldest) = in_flight.pop_front()
+            {
+                collect_import_batch(oldest, &mut summary).await?;
+                bar.set_position(read);
+                bar.set_message(format!("{} imported", summary.accepted));
+            }
+            in_flight.push_back(tokio::spawn(send_import_batch(
+                client.clone(),
+                collection.to_owned(),
+                std::mem::take(&mut batch),
+            )));
         }
     }
-    send_import_batch(&client, collection, &mut batch, &mut summary).await?;
+    if !batch.is_empty() {
+        in_flight.push_back(tokio::spawn(send_import_batch(
+            client.clone(),
+            collection.to_owned(),
+            batch,
+        )));
+    }
+    while let Some(oldest) = in_flight.pop_front() {
+        collect_import_batch(oldest, &mut summary).await?;
+    }
     bar.finish_and_clear();
     summary.refused.sort_by_key(|(line, _)| *line);
     Ok(summary)
 }
 
-async fn send_import_batch(
-    client: &Client,
-    collection: &str,
-    batch: &mut Vec<(usize, Value)>,
+type BatchResult = Result<Vec<(usize, Result<(), String>)>>;
+
+async fn collect_import_batch(
+    task: tokio::task::JoinHandle<BatchResult>,
     summary: &mut ImportSummary,
 ) -> Result<()> {
-    if batch.is_empty() {
-        return Ok(());
+    let results = task.await.context("the import was interrupted")??;
+    for (line, result) in results {
+        match result {
+            Ok(()) => summary.accepted += 1,
+            Err(reason) => summary.refused.push((line, reason)),
+        }
     }
-    let (lines, records): (Vec<usize>, Vec<Value>) = batch.drain(..).unzip();
+    Ok(())
+}
+
+async fn send_import_batch(
+    client: Client,
+    collection: String,
+    batch: Vec<(usize, Value)>,
+) -> BatchResult {
+    let (lines, records): (Vec<usize>, Vec<Value>) = batch.into_iter().unzip();
     let (_, answer) = client
         .call(
             Method::POST,
@@ -369,15 +456,25 @@ async fn send_import_batch(
             Some(&json!({ "records": records })),
         )
         .await
-        .context("the import stopped; the lines before this batch are stored, import the rest again")?;
+        .context(
+            "the import stopped; the lines before this batch are stored, import the rest again",
+        )?;
     let results = answer["results"].as_array().cloned().unwrap_or_default();
-    for (line, result) in lines.into_iter().zip(results) {
-        if result["ok"].as_bool() == Some(true) {
-            summary.accepted += 1;
-        } else {
-            let reason = result["error"]["message"].as_str().unwrap_or("refused").to_owned();
-            summary.refused.push((line, reason));
-        }
-    }
-    Ok(())
+    Ok(lines
+        .into_iter()
+        .zip(results)
+        .map(|(line, result)| {
+            if result["ok"].as_bool() == Some(true) {
+                (line, Ok(()))
+            } else {
+                (
+                    line,
+                    Err(result["error"]["message"]
+                        .as_str()
+                        .unwrap_or("refused")
+                        .to_owned()),
+                )
+            }
+        })
+        .collect())
 }

@@ -17,7 +17,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start: {err}");
@@ -34,17 +37,43 @@ fn main() -> std::process::ExitCode {
             }
             Command::Start(args) => server::start(args).await,
             Command::Status { api } => client::status(&api).await,
-            Command::Put { api, collection, json } => client::put(&api, &collection, &json).await,
-            Command::Get { api, collection, id } => client::get(&api, &collection, &id).await,
-            Command::List { api, collection, filters, limit, include_deleted } => {
-                client::list(&api, &collection, &filters, limit, include_deleted).await
-            }
-            Command::Delete { api, collection, id } => client::delete(&api, &collection, &id).await,
-            Command::History { api, collection, id } => client::history(&api, &collection, &id).await,
-            Command::Import { api, collection, file } => client::import(&api, &collection, &file).await,
-            Command::Export { api, collection, include_deleted } => {
-                client::export(&api, &collection, include_deleted).await
-            }
+            Command::Put {
+                api,
+                collection,
+                json,
+            } => client::put(&api, &collection, &json).await,
+            Command::Get {
+                api,
+                collection,
+                id,
+            } => client::get(&api, &collection, &id).await,
+            Command::List {
+                api,
+                collection,
+                filters,
+                limit,
+                include_deleted,
+            } => client::list(&api, &collection, &filters, limit, include_deleted).await,
+            Command::Delete {
+                api,
+                collection,
+                id,
+            } => client::delete(&api, &collection, &id).await,
+            Command::History {
+                api,
+                collection,
+                id,
+            } => client::history(&api, &collection, &id).await,
+            Command::Import {
+                api,
+                collection,
+                file,
+            } => client::import(&api, &collection, &file).await,
+            Command::Export {
+                api,
+                collection,
+                include_deleted,
+            } => client::export(&api, &collection, include_deleted).await,
         }
     });
     match result {

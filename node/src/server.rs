@@ -47,7 +47,10 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
             .extend_from_json(&text, &source.display().to_string())
             .with_context(|| format!("the schema file {} is not valid", source.display()))?;
         std::fs::write(&kept_schema, &text).with_context(|| {
-            format!("cannot keep a copy of the schema file in {}", kept_schema.display())
+            format!(
+                "cannot keep a copy of the schema file in {}",
+                kept_schema.display()
+            )
         })?;
     }
     let mut schema = Schema::hikma();
@@ -56,7 +59,12 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
             .with_context(|| format!("cannot read {}", kept_schema.display()))?;
         schema
             .extend_from_json(&text, &kept_schema.display().to_string())
-            .with_context(|| format!("the kept schema file {} is not valid", kept_schema.display()))?;
+            .with_context(|| {
+                format!(
+                    "the kept schema file {} is not valid",
+                    kept_schema.display()
+                )
+            })?;
     }
     let path = dir.join(STORE_FILE);
     let created = !path.exists();
@@ -123,7 +131,11 @@ pub async fn start(args: StartArgs) -> Result<()> {
     }
     let counts = opened.store.counts().unwrap_or_default();
     let total: u64 = counts.values().sum();
-    let state = AppState::new(opened.store.clone(), opened.peer_id.clone(), Some(opened.dir.clone()));
+    let state = AppState::new(
+        opened.store.clone(),
+        opened.peer_id.clone(),
+        Some(opened.dir.clone()),
+    );
     let api = serve_api(state, args.api).await?;
     println!("medmesh node {} is running", opened.peer_id);
     println!("  data:    {} ({total} records)", opened.dir.display());
@@ -174,9 +186,15 @@ pub fn init(dir: &Path) -> Result<()> {
     if opened.created {
         println!("Created a new medmesh node in {}", opened.dir.display());
     } else {
-        println!("{} already holds a medmesh node; nothing changed.", opened.dir.display());
+        println!(
+            "{} already holds a medmesh node; nothing changed.",
+            opened.dir.display()
+        );
     }
     println!("Node id: {}", opened.peer_id);
-    println!("Start it with: medmesh start --data {}", opened.dir.display());
+    println!(
+        "Start it with: medmesh start --data {}",
+        opened.dir.display()
+    );
     Ok(())
 }

@@ -20,13 +20,21 @@ struct Node {
 impl Node {
     async fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let opened = open_data_async(dir.path().to_path_buf(), None).await.expect("open");
+        let opened = open_data_async(dir.path().to_path_buf(), None)
+            .await
+            .expect("open");
         Self::serve(opened.store, opened.peer_id, Some(dir)).await
     }
 
     async fn serve(store: Store, peer_id: String, dir: Option<tempfile::TempDir>) -> Self {
-        let state = AppState::new(store.clone(), peer_id, dir.as_ref().map(|d| d.path().to_path_buf()));
-        let api = serve_api(state, "127.0.0.1:0".parse().expect("addr")).await.expect("serve");
+        let state = AppState::new(
+            store.clone(),
+            peer_id,
+            dir.as_ref().map(|d| d.path().to_path_buf()),
+        );
+        let api = serve_api(state, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("serve");
         Self {
             api,
             http: reqwest::Client::new(),
@@ -39,15 +47,26 @@ impl Node {
         format!("http://{}{path}", self.api.addr)
     }
 
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, self.url(path)).header("x-medmesh-user", "nurse-amy");
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, self.url(path))
+            .header("x-medmesh-user", "nurse-amy");
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.expect("send");
         let status = response.status();
         let text = response.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -88,7 +107,11 @@ async fn health_status_and_the_create_read_update_delete_cycle() {
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["id"].as_str().expect("id").to_owned();
     assert!(id.parse::<DocId>().is_ok());
-    assert_eq!(created["app_field_v9"], json!(true), "unknown fields are kept");
+    assert_eq!(
+        created["app_field_v9"],
+        json!(true),
+        "unknown fields are kept"
+    );
     assert!(created["created_at"].is_string() && created["updated_at"].is_string());
 
     let (status, got) = node.get(&format!("/v1/patients/{id}")).await;
@@ -96,20 +119,34 @@ async fn health_status_and_the_create_read_update_delete_cycle() {
     assert_eq!(got, created);
 
     let (status, patched) = node
-        .send(reqwest::Method::PATCH, &format!("/v1/patients/{id}"), Some(json!({"phone": "0803"})))
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/v1/patients/{id}"),
+            Some(json!({"phone": "0803"})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(patched["phone"], json!("0803"));
-    assert_eq!(patched["given_name"], json!("Amina"), "PATCH leaves other fields");
+    assert_eq!(
+        patched["given_name"],
+        json!("Amina"),
+        "PATCH leaves other fields"
+    );
 
     let (status, replaced) = node
-        .send(reqwest::Method::PUT, &format!("/v1/patients/{id}"), Some(json!({"given_name": "Amina", "surname": "Bello"})))
+        .send(
+            reqwest::Method::PUT,
+            &format!("/v1/patients/{id}"),
+            Some(json!({"given_name": "Amina", "surname": "Bello"})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert!(replaced.get("phone").is_none(), "PUT replaces: {replaced}");
     assert_eq!(replaced["created_at"], created["created_at"]);
 
-    let (status, tombstone) = node.send(reqwest::Method::DELETE, &format!("/v1/patients/{id}"), None).await;
+    let (status, tombstone) = node
+        .send(reqwest::Method::DELETE, &format!("/v1/patients/{id}"), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert!(tombstone["deleted_at"].is_string());
     let (_, list) = node.get("/v1/patients").await;
@@ -123,11 +160,19 @@ async fn health_status_and_the_create_read_update_delete_cycle() {
     assert_eq!(changes.len(), 4);
     assert_eq!(changes[0]["user"], json!("nurse-amy"));
     assert_eq!(changes[1]["fields"], json!(["phone", "updated_at"]));
-    assert!(changes.iter().all(|c| c["device"].as_str().is_some_and(|d| d.starts_with("12D3"))));
+    assert!(
+        changes
+            .iter()
+            .all(|c| c["device"].as_str().is_some_and(|d| d.starts_with("12D3")))
+    );
 
     let (status, node_status) = node.get("/v1/status").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(node_status["peer_id"].as_str().is_some_and(|p| p.starts_with("12D3")));
+    assert!(
+        node_status["peer_id"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("12D3"))
+    );
     assert!(node_status["data_dir"].is_string());
     assert_eq!(node_status["records"]["patients"], json!(0));
 
@@ -144,41 +189,87 @@ async fn health_status_and_the_create_read_update_delete_cycle() {
 #[tokio::test]
 async fn every_error_is_json_with_a_clear_status() {
     let node = Node::start().await;
-    let (status, body) = node.raw(reqwest::Method::POST, "/v1/patients", b"{\"given_name\": ".to_vec()).await;
+    let (status, body) = node
+        .raw(
+            reqwest::Method::POST,
+            "/v1/patients",
+            b"{\"given_name\": ".to_vec(),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_code(&body), "bad_json");
 
-    let (status, body) = node.post("/v1/patients", json!(["not", "an", "object"])).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_json"));
+    let (status, body) = node
+        .post("/v1/patients", json!(["not", "an", "object"]))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_json")
+    );
 
-    let (status, body) = node.post("/v1/patients", json!({"date_of_birth": "02/04/1990"})).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "invalid_field"));
+    let (status, body) = node
+        .post("/v1/patients", json!({"date_of_birth": "02/04/1990"}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "invalid_field")
+    );
     assert_eq!(body["error"]["field"], json!("date_of_birth"));
-    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("date_of_birth")));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("date_of_birth"))
+    );
 
     let (status, body) = node.post("/v1/no_such_things", json!({})).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::NOT_FOUND, "unknown_collection"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "unknown_collection")
+    );
     let missing = DocId::new_v7();
     let (status, body) = node.get(&format!("/v1/patients/{missing}")).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
     let (status, body) = node.get("/v1/patients/not-a-uuid").await;
-    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_id"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_id")
+    );
     let (status, body) = node.get("/v1/nowhere/at/all/really").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(error_code(&body), "no_such_endpoint");
 
     let (_, created) = node.post("/v1/visits", json!({"patient_id": "p-1"})).await;
-    let (status, body) = node.post("/v1/visits", json!({"id": created["id"], "patient_id": "p-2"})).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::CONFLICT, "already_exists"));
+    let (status, body) = node
+        .post(
+            "/v1/visits",
+            json!({"id": created["id"], "patient_id": "p-2"}),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "already_exists")
+    );
 
     let big = json!({"patient_id": "p", "notes": "x".repeat(2 * 1024 * 1024)});
     let (status, body) = node.post("/v1/visits", big).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::PAYLOAD_TOO_LARGE, "too_large"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+    );
 
     let (status, body) = node.get("/v1/patients?limit=1001").await;
-    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_query"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_query")
+    );
     let (status, body) = node.get("/v1/patients?hometown=Kano").await;
-    assert_eq!((status, error_code(&body)), (StatusCode::BAD_REQUEST, "bad_query"));
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_query")
+    );
 
     // None of the refused requests stored anything.
     let (_, status_body) = node.get("/v1/status").await;
@@ -199,16 +290,28 @@ async fn lists_filter_on_indexed_fields_and_page_with_a_cursor() {
         assert_eq!(status, StatusCode::CREATED);
     }
     let (_, page) = node.get("/v1/patients").await;
-    assert_eq!(page["records"].as_array().map(Vec::len), Some(50), "default page is 50");
+    assert_eq!(
+        page["records"].as_array().map(Vec::len),
+        Some(50),
+        "default page is 50"
+    );
     assert!(page["next"].is_string());
 
     let (_, page) = node.get("/v1/patients?given_name=amina*&limit=1000").await;
     assert_eq!(page["records"].as_array().map(Vec::len), Some(60));
     assert!(page["next"].is_null());
-    let (_, page) = node.get(&format!("/v1/patients?primary_clinic_id={clinic}&given_name=Bola*")).await;
+    let (_, page) = node
+        .get(&format!(
+            "/v1/patients?primary_clinic_id={clinic}&given_name=Bola*"
+        ))
+        .await;
     assert_eq!(page["records"].as_array().map(Vec::len), Some(5));
     let (_, page) = node.get("/v1/patients?given_name=Amina4").await;
-    assert_eq!(page["records"].as_array().map(Vec::len), Some(1), "exact match, not a prefix");
+    assert_eq!(
+        page["records"].as_array().map(Vec::len),
+        Some(1),
+        "exact match, not a prefix"
+    );
 
     let mut seen = std::collections::BTreeSet::new();
     let mut path = "/v1/patients?limit=7".to_owned();
@@ -216,7 +319,10 @@ async fn lists_filter_on_indexed_fields_and_page_with_a_cursor() {
         let (status, page) = node.get(&path).await;
         assert_eq!(status, StatusCode::OK);
         for record in page["records"].as_array().expect("records") {
-            assert!(seen.insert(record["id"].as_str().expect("id").to_owned()), "no duplicates");
+            assert!(
+                seen.insert(record["id"].as_str().expect("id").to_owned()),
+                "no duplicates"
+            );
         }
         match page["next"].as_str() {
             Some(next) => path = format!("/v1/patients?limit=7&cursor={next}"),
@@ -230,13 +336,25 @@ async fn lists_filter_on_indexed_fields_and_page_with_a_cursor() {
 async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
     let a = Node::start().await;
     let b = Node::start().await;
-    let (_, created) = a.post("/v1/patients", json!({"given_name": "Ana", "phone": "1"})).await;
+    let (_, created) = a
+        .post("/v1/patients", json!({"given_name": "Ana", "phone": "1"}))
+        .await;
     let id: DocId = created["id"].as_str().expect("id").parse().expect("uuid");
     // B receives A's document, then both edit while apart.
     let doc = a.store.document("patients", &id).expect("doc").save();
     merge(&b.store, id, doc).await;
-    a.send(reqwest::Method::PATCH, &format!("/v1/patients/{id}"), Some(json!({"phone": "2", "surname": "Diaz"}))).await;
-    b.send(reqwest::Method::PATCH, &format!("/v1/patients/{id}"), Some(json!({"phone": "3", "sex": "female"}))).await;
+    a.send(
+        reqwest::Method::PATCH,
+        &format!("/v1/patients/{id}"),
+        Some(json!({"phone": "2", "surname": "Diaz"})),
+    )
+    .await;
+    b.send(
+        reqwest::Method::PATCH,
+        &format!("/v1/patients/{id}"),
+        Some(json!({"phone": "3", "sex": "female"})),
+    )
+    .await;
     // They meet: each merges the other's document.
     let from_a = a.store.document("patients", &id).expect("doc").save();
     let from_b = b.store.document("patients", &id).expect("doc").save();
@@ -257,14 +375,24 @@ async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
         .and_then(|c| c.iter().find(|c| c["field"] == json!("phone")))
         .expect("phone conflict")
         .clone();
-    let mut values: Vec<String> = phone["values"].as_array().expect("values").iter().map(|v| v.to_string()).collect();
+    let mut values: Vec<String> = phone["values"]
+        .as_array()
+        .expect("values")
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
     values.sort();
     assert_eq!(values, vec!["\"2\"", "\"3\""]);
     assert_eq!(phone["value"], on_a["phone"]);
 }
 
 async fn merge(store: &Store, id: DocId, bytes: Vec<u8>) {
-    let op = WriteOp::new("patients", Some(id), WriteKind::Merge(bytes), Default::default());
+    let op = WriteOp::new(
+        "patients",
+        Some(id),
+        WriteKind::Merge(bytes),
+        Default::default(),
+    );
     let out = store.write(WriteBatch::one(op)).await.expect("merge");
     out.into_iter().next().expect("one").expect("merged");
 }
@@ -341,12 +469,24 @@ async fn a_full_disk_answers_503_and_keeps_what_was_stored() {
     )
     .expect("store");
     let node = Node::serve(store, "12D3KooWtest".into(), None).await;
-    let (status, kept) = node.post("/v1/patients", json!({"given_name": "Kept"})).await;
+    let (status, kept) = node
+        .post("/v1/patients", json!({"given_name": "Kept"}))
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     full.store(true, Ordering::SeqCst);
-    let (status, body) = node.post("/v1/patients", json!({"given_name": "Refused"})).await;
-    assert_eq!((status, error_code(&body)), (StatusCode::SERVICE_UNAVAILABLE, "disk_full"), "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("Free some space")));
+    let (status, body) = node
+        .post("/v1/patients", json!({"given_name": "Refused"}))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "disk_full"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Free some space"))
+    );
     full.store(false, Ordering::SeqCst);
     let id = kept["id"].as_str().expect("id");
     let mut got = (StatusCode::SERVICE_UNAVAILABLE, Value::Null);
@@ -360,7 +500,11 @@ async fn a_full_disk_answers_503_and_keeps_what_was_stored() {
     assert_eq!(got.0, StatusCode::OK);
     assert_eq!(got.1["given_name"], json!("Kept"));
     let (_, list) = node.get("/v1/patients?given_name=Refused").await;
-    assert_eq!(list["records"], json!([]), "the refused record left no trace");
+    assert_eq!(
+        list["records"],
+        json!([]),
+        "the refused record left no trace"
+    );
 }
 
 #[tokio::test]
@@ -376,17 +520,39 @@ async fn a_deployment_schema_file_adds_a_collection_without_recompiling() {
     )
     .expect("write schema");
     let data = dir.path().join("node");
-    let opened = open_data_async(data.clone(), Some(schema.clone())).await.expect("open with schema");
+    let opened = open_data_async(data.clone(), Some(schema.clone()))
+        .await
+        .expect("open with schema");
     let node = Node::serve(opened.store, opened.peer_id, None).await;
-    let (status, _) = node.post("/v1/lab_reports", json!({"patient_id": "p1", "test_name": "Hemoglobin", "result_value": 12.5})).await;
+    let (status, _) = node
+        .post(
+            "/v1/lab_reports",
+            json!({"patient_id": "p1", "test_name": "Hemoglobin", "result_value": 12.5}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
-    let (status, body) = node.post("/v1/lab_reports", json!({"patient_id": "p1", "result_value": "high"})).await;
-    assert_eq!((status, body["error"]["field"].clone()), (StatusCode::BAD_REQUEST, json!("result_value")));
-    let (status, body) = node.post("/v1/lab_reports", json!({"test_name": "x"})).await;
-    assert_eq!((status, body["error"]["field"].clone()), (StatusCode::BAD_REQUEST, json!("patient_id")));
+    let (status, body) = node
+        .post(
+            "/v1/lab_reports",
+            json!({"patient_id": "p1", "result_value": "high"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("result_value"))
+    );
+    let (status, body) = node
+        .post("/v1/lab_reports", json!({"test_name": "x"}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("patient_id"))
+    );
     let (_, page) = node.get("/v1/lab_reports?test_name=hemo*").await;
     assert_eq!(page["records"].as_array().map(Vec::len), Some(1));
-    let Node { api, store, http, .. } = node;
+    let Node {
+        api, store, http, ..
+    } = node;
     drop(http);
     api.shutdown.cancel();
     let _ = api.task.await;
@@ -397,6 +563,9 @@ async fn a_deployment_schema_file_adds_a_collection_without_recompiling() {
     // A bad schema file is refused with its name.
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"collections": [{"name": "patients"}]}"#).expect("write");
-    let err = open_data_async(dir.path().join("other"), Some(bad.clone())).await.err().expect("refused");
+    let err = open_data_async(dir.path().join("other"), Some(bad.clone()))
+        .await
+        .err()
+        .expect("refused");
     assert!(format!("{err:#}").contains("bad.json"), "{err:#}");
 }

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use automerge::transaction::Transactable;
 use automerge::{
     Automerge, ChangeHash, ObjId, ObjType, PatchAction, Prop, ROOT, ReadDoc, ScalarValue,
-    ScalarValueRef, ValueRef,
+    ScalarValueRef, ValueRef, hydrate,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
@@ -190,7 +190,10 @@ fn put_value<T: Transactable>(
             for (key, v) in fields {
                 put_value(tx, &child, Prop::Map(key.clone()), v)?;
             }
-            let stale: Vec<String> = tx.keys(&child).filter(|k| !fields.contains_key(k)).collect();
+            let stale: Vec<String> = tx
+                .keys(&child)
+                .filter(|k| !fields.contains_key(k))
+                .collect();
             for key in stale {
                 tx.delete(&child, key.as_str())?;
             }
@@ -207,10 +210,9 @@ fn put_value<T: Transactable>(
                 tx.delete(&child, index)?;
             }
         }
-        (
-            Value::Number(n),
-            Some((automerge::Value::Scalar(stored), _)),
-        ) if matches!(stored.as_ref(), ScalarValue::Counter(_)) => {
+        (Value::Number(n), Some((automerge::Value::Scalar(stored), _)))
+            if matches!(stored.as_ref(), ScalarValue::Counter(_)) =>
+        {
             // A counter stays a counter: setting it to N is an increment by the
             // difference, so concurrent increments elsewhere are kept.
             let current = match stored.as_ref() {
@@ -257,30 +259,20 @@ fn scalar_value_as_ref(value: &ScalarValue) -> ScalarValueRef<'_> {
     }
 }
 
-/// Writes `value` at `prop` as a new value, replacing whatever was there.
+/// Writes `value` at `prop` as a new value, replacing whatever was there. Objects and
+/// arrays are created in one batch operation (much faster than one put per node).
 fn put_fresh<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     prop: Prop,
     value: &Value,
 ) -> Result<(), RecordError> {
-    match value {
-        Value::Object(fields) => {
-            let child = tx.put_object(obj, prop, ObjType::Map)?;
-            for (key, v) in fields {
-                put_fresh(tx, &child, Prop::Map(key.clone()), v)?;
-            }
+    match json_to_scalar(value) {
+        Some(scalar) => {
+            tx.put(obj, prop, scalar)?;
         }
-        Value::Array(items) => {
-            let child = tx.put_object(obj, prop, ObjType::List)?;
-            for (index, item) in items.iter().enumerate() {
-                insert_value(tx, &child, index, item)?;
-            }
-        }
-        scalar => {
-            if let Some(s) = json_to_scalar(scalar) {
-                tx.put(obj, prop, s)?;
-            }
+        None => {
+            tx.batch_create_object(obj, prop, &to_hydrate(value), false)?;
         }
     }
     Ok(())
@@ -292,31 +284,50 @@ fn insert_value<T: Transactable>(
     index: usize,
     value: &Value,
 ) -> Result<(), RecordError> {
-    match value {
-        Value::Object(fields) => {
-            let child = tx.insert_object(list, index, ObjType::Map)?;
-            for (key, v) in fields {
-                put_fresh(tx, &child, Prop::Map(key.clone()), v)?;
-            }
+    match json_to_scalar(value) {
+        Some(scalar) => {
+            tx.insert(list, index, scalar)?;
         }
-        Value::Array(items) => {
-            let child = tx.insert_object(list, index, ObjType::List)?;
-            for (i, item) in items.iter().enumerate() {
-                insert_value(tx, &child, i, item)?;
-            }
-        }
-        scalar => {
-            if let Some(s) = json_to_scalar(scalar) {
-                tx.insert(list, index, s)?;
-            }
+        None => {
+            tx.batch_create_object(list, Prop::Seq(index), &to_hydrate(value), true)?;
         }
     }
     Ok(())
 }
 
+/// A JSON value as Automerge's hydrated form.
+fn to_hydrate(value: &Value) -> hydrate::Value {
+    match value {
+        Value::Object(fields) => hydrate::Value::Map(hydrate_map(fields)),
+        Value::Array(items) => {
+            hydrate::Value::List(items.iter().map(to_hydrate).collect::<Vec<_>>().into())
+        }
+        scalar => hydrate::Value::Scalar(json_to_scalar(scalar).unwrap_or(ScalarValue::Null)),
+    }
+}
+
+fn hydrate_map(fields: &Fields) -> hydrate::Map {
+    fields
+        .iter()
+        .map(|(k, v)| (k.clone(), to_hydrate(v)))
+        .collect::<std::collections::HashMap<String, hydrate::Value>>()
+        .into()
+}
+
+/// Writes a whole new record into an empty document in one batch (the fast path for
+/// creating records).
+pub fn init_record<T: Transactable>(tx: &mut T, fields: &Fields) -> Result<(), RecordError> {
+    tx.init_root_from_hydrate(&hydrate_map(fields))?;
+    Ok(())
+}
+
 /// Makes `field` of the record an Automerge counter starting at `start` (used for stock
 /// quantities, so concurrent movements add up).
-pub fn put_counter<T: Transactable>(tx: &mut T, field: &str, start: i64) -> Result<(), RecordError> {
+pub fn put_counter<T: Transactable>(
+    tx: &mut T,
+    field: &str,
+    start: i64,
+) -> Result<(), RecordError> {
     tx.put(ROOT, field, ScalarValue::counter(start))?;
     Ok(())
 }
@@ -367,7 +378,9 @@ fn collect_conflicts<R: ReadDoc>(doc: &R, obj: &ObjId, prefix: &str, out: &mut V
                 .get(obj, key.as_str())
                 .ok()
                 .flatten()
-                .map_or(Value::Null, |(value, id)| owned_value_to_json(doc, value, id));
+                .map_or(Value::Null, |(value, id)| {
+                    owned_value_to_json(doc, value, id)
+                });
             out.push(FieldConflict {
                 field: path.clone(),
                 value,
@@ -458,7 +471,11 @@ pub fn timestamp_ms(value: &Value) -> Option<i64> {
             .map(|t| t.timestamp_millis()),
         Value::Number(n) => {
             let v = n.as_i64()?;
-            Some(if v.abs() < 10_000_000_000 { v * 1000 } else { v })
+            Some(if v.abs() < 10_000_000_000 {
+                v * 1000
+            } else {
+                v
+            })
         }
         _ => None,
     }
@@ -520,8 +537,10 @@ mod tests {
     #[test]
     fn patch_changes_only_the_given_fields() {
         let mut doc = doc_from(&obj(json!({"a": 1, "b": {"c": 2, "d": 3}})));
-        doc.transact::<_, _, RecordError>(|tx| write_fields(tx, &obj(json!({"b": {"c": 2, "d": 4}}))))
-            .expect("patch");
+        doc.transact::<_, _, RecordError>(|tx| {
+            write_fields(tx, &obj(json!({"b": {"c": 2, "d": 4}})))
+        })
+        .expect("patch");
         assert_eq!(
             Value::Object(read_record(&doc)),
             json!({"a": 1, "b": {"c": 2, "d": 4}})
@@ -556,16 +575,28 @@ mod tests {
 
     #[test]
     fn concurrent_edits_of_different_fields_both_survive_and_same_field_conflicts() {
-        let base = doc_from(&obj(json!({"given_name": "Ana", "surname": "Diaz", "phone": "1"})));
+        let base = doc_from(&obj(
+            json!({"given_name": "Ana", "surname": "Diaz", "phone": "1"}),
+        ));
         let mut left = base.fork();
         let mut right = base.fork();
         left.transact_with::<_, _, RecordError, _>(
-            |_| CommitOptions::default().with_message(ChangeAuthor { device: "L".into(), user: Some("nurse".into()) }.to_message()),
+            |_| {
+                CommitOptions::default().with_message(
+                    ChangeAuthor {
+                        device: "L".into(),
+                        user: Some("nurse".into()),
+                    }
+                    .to_message(),
+                )
+            },
             |tx| write_fields(tx, &obj(json!({"given_name": "Anna", "phone": "2"}))),
         )
         .expect("left");
         right
-            .transact::<_, _, RecordError>(|tx| write_fields(tx, &obj(json!({"surname": "Díaz", "phone": "3"}))))
+            .transact::<_, _, RecordError>(|tx| {
+                write_fields(tx, &obj(json!({"surname": "Díaz", "phone": "3"})))
+            })
             .expect("right");
         let mut merged_lr = left.clone();
         merged_lr.merge(&mut right.clone()).expect("merge");
@@ -582,8 +613,13 @@ mod tests {
         values.sort();
         assert_eq!(values, vec!["\"2\"", "\"3\""]);
         assert_eq!(c, conflicts(&merged_rl));
-        let authors: Vec<ChangeAuthor> = history(&merged_lr).into_iter().map(|h| h.author).collect();
-        assert!(authors.iter().any(|a| a.device == "L" && a.user.as_deref() == Some("nurse")));
+        let authors: Vec<ChangeAuthor> =
+            history(&merged_lr).into_iter().map(|h| h.author).collect();
+        assert!(
+            authors
+                .iter()
+                .any(|a| a.device == "L" && a.user.as_deref() == Some("nurse"))
+        );
     }
 
     #[test]
@@ -631,7 +667,8 @@ mod tests {
         // Automerge maps are ordered by key; compare as sorted objects.
         match v {
             Value::Object(m) => {
-                let mut entries: Vec<(String, Value)> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+                let mut entries: Vec<(String, Value)> =
+                    m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
                 entries.sort_by(|a, b| a.0.cmp(&b.0));
                 Value::Object(entries.into_iter().collect())
             }

@@ -14,11 +14,13 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, StorageBa
 use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
-use crate::slot::DbSlot;
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
+use crate::slot::DbSlot;
 use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, INDEX, INFO};
 use crate::write::{WriteBatch, WriteOutcome};
-use crate::writer::{Command, WRITE_QUEUE_CAPACITY, Writer};
+use crate::writer::{
+    Command, PREPARE_OFF_WRITER, WRITE_QUEUE_CAPACITY, Writer, actor_from_hex, prepare_creates,
+};
 
 /// Memory redb may use to cache pages. Bounded so that a device's memory does not grow
 /// with the number of records.
@@ -152,7 +154,9 @@ impl Drop for Inner {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("info", &self.inner.info).finish()
+        f.debug_struct("Store")
+            .field("info", &self.inner.info)
+            .finish()
     }
 }
 
@@ -172,7 +176,11 @@ impl Store {
     /// A store that lives in memory only, for tests.
     pub fn memory(schema: Schema) -> Result<Self> {
         let backend = Arc::new(redb::backends::InMemoryBackend::new());
-        Self::with_backend(move || SharedBackend(backend.clone()), schema, StoreOptions::default())
+        Self::with_backend(
+            move || SharedBackend(backend.clone()),
+            schema,
+            StoreOptions::default(),
+        )
     }
 
     /// A store on a custom redb storage backend (tests use one that fails like a full
@@ -244,17 +252,52 @@ impl Store {
     /// The outer error is for the whole batch (disk full, store closed, or — for an
     /// atomic batch — the first operation that failed); the inner results are per
     /// operation.
-    pub async fn write(&self, batch: WriteBatch) -> Result<Vec<Result<WriteOutcome>>> {
+    pub async fn write(&self, mut batch: WriteBatch) -> Result<Vec<Result<WriteOutcome>>> {
+        let mut prepared = Vec::new();
+        if creates(&batch) >= PREPARE_OFF_WRITER {
+            // Work the new documents out on a blocking thread, beside the writer.
+            let store = self.clone();
+            (batch, prepared) = tokio::task::spawn_blocking(move || {
+                let prepared = store.prepare(&mut batch);
+                (batch, prepared)
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        }
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Write { batch, reply })?;
+        self.send(Command::Write {
+            batch,
+            prepared,
+            reply,
+        })?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// [`Store::write`] for threads outside an async runtime.
-    pub fn write_blocking(&self, batch: WriteBatch) -> Result<Vec<Result<WriteOutcome>>> {
+    pub fn write_blocking(&self, mut batch: WriteBatch) -> Result<Vec<Result<WriteOutcome>>> {
+        let prepared = if creates(&batch) >= PREPARE_OFF_WRITER {
+            self.prepare(&mut batch)
+        } else {
+            Vec::new()
+        };
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Write { batch, reply })?;
+        self.send(Command::Write {
+            batch,
+            prepared,
+            reply,
+        })?;
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn prepare(
+        &self,
+        batch: &mut WriteBatch,
+    ) -> Vec<Option<Result<crate::writer::PreparedCreate>>> {
+        prepare_creates(
+            &self.inner.schema,
+            &actor_from_hex(&self.inner.info.actor),
+            batch,
+        )
     }
 
     /// Writes one store-wide value (such as the node's identity) durably.
@@ -364,10 +407,14 @@ impl Store {
                             "`{field}` can only be matched exactly, not by its beginning (drop the *)"
                         )));
                     }
-                    let normalized =
-                        index_value(&serde_json::Value::String(text.clone()), kind)
-                            .unwrap_or_default();
-                    checks.push((field.clone(), kind, normalized, matches!(filter, Filter::Prefix { .. })));
+                    let normalized = index_value(&serde_json::Value::String(text.clone()), kind)
+                        .unwrap_or_default();
+                    checks.push((
+                        field.clone(),
+                        kind,
+                        normalized,
+                        matches!(filter, Filter::Prefix { .. }),
+                    ));
                 }
                 let (field, _, value, is_prefix) = &checks[0];
                 let mut prefix = index_prefix(&query.collection, field);
@@ -399,8 +446,12 @@ impl Store {
                 break;
             }
             last_key = Some(key.to_vec());
-            let Some(id) = doc_of_index_key(key) else { continue };
-            let Some(meta) = read_meta(&txn, &id)? else { continue };
+            let Some(id) = doc_of_index_key(key) else {
+                continue;
+            };
+            let Some(meta) = read_meta(&txn, &id)? else {
+                continue;
+            };
             if meta.deleted && !query.include_deleted {
                 continue;
             }
@@ -412,13 +463,22 @@ impl Store {
                 }
             };
             let record_view = view(id, meta, &doc);
-            let matches = checks.iter().skip(1).all(|(field, kind, value, is_prefix)| {
-                record_view
-                    .record
-                    .get(field)
-                    .and_then(|v| index_value(v, *kind))
-                    .is_some_and(|v| if *is_prefix { v.starts_with(value.as_str()) } else { v == *value })
-            });
+            let matches = checks
+                .iter()
+                .skip(1)
+                .all(|(field, kind, value, is_prefix)| {
+                    record_view
+                        .record
+                        .get(field)
+                        .and_then(|v| index_value(v, *kind))
+                        .is_some_and(|v| {
+                            if *is_prefix {
+                                v.starts_with(value.as_str())
+                            } else {
+                                v == *value
+                            }
+                        })
+                });
             if matches {
                 page.records.push(record_view);
             }
@@ -529,6 +589,14 @@ impl StorageBackend for SharedBackend {
     }
 }
 
+fn creates(batch: &WriteBatch) -> usize {
+    batch
+        .ops
+        .iter()
+        .filter(|op| matches!(op.kind, crate::write::WriteKind::Create(_)))
+        .count()
+}
+
 fn open_error(path: &str, err: redb::DatabaseError) -> StoreError {
     match err {
         redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason)) => {
@@ -542,12 +610,15 @@ fn open_error(path: &str, err: redb::DatabaseError) -> StoreError {
         {
             StoreError::Open {
                 path: path.to_owned(),
-                reason: "permission denied: run medmesh as the user that owns the data directory".into(),
+                reason: "permission denied: run medmesh as the user that owns the data directory"
+                    .into(),
             }
         }
         redb::DatabaseError::UpgradeRequired(v) => StoreError::Open {
             path: path.to_owned(),
-            reason: format!("it was written by an older storage format ({v}); run the medmesh version that wrote it"),
+            reason: format!(
+                "it was written by an older storage format ({v}); run the medmesh version that wrote it"
+            ),
         },
         other => match StoreError::from(other) {
             StoreError::DiskFull => StoreError::DiskFull,
@@ -572,7 +643,9 @@ fn init_tables(db: &Database, path: Option<PathBuf>) -> Result<StoreInfo> {
         let format = table.get("format")?.map(|v| v.value().to_vec());
         match format {
             Some(bytes) => {
-                let version = <[u8; 4]>::try_from(bytes.as_slice()).ok().map(u32::from_be_bytes);
+                let version = <[u8; 4]>::try_from(bytes.as_slice())
+                    .ok()
+                    .map(u32::from_be_bytes);
                 if version != Some(FORMAT_VERSION) {
                     return Err(StoreError::Open {
                         path: path.map(|p| p.display().to_string()).unwrap_or_default(),
@@ -591,7 +664,10 @@ fn init_tables(db: &Database, path: Option<PathBuf>) -> Result<StoreInfo> {
             }
         }
         let text = |key: &str| -> Result<Vec<u8>> {
-            Ok(table.get(key)?.map(|v| v.value().to_vec()).unwrap_or_default())
+            Ok(table
+                .get(key)?
+                .map(|v| v.value().to_vec())
+                .unwrap_or_default())
         };
         StoreInfo {
             path,

@@ -28,12 +28,15 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
-use crate::slot::DbSlot;
 use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
+use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
 use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, INDEX, INFO};
 use crate::write::{WriteBatch, WriteKind, WriteOp, WriteOutcome};
 
+/// Batches with at least this many creates have their documents worked out by the
+/// caller's thread, so that two cores share an import.
+pub(crate) const PREPARE_OFF_WRITER: usize = 8;
 /// Commands that may wait for the writer.
 pub(crate) const WRITE_QUEUE_CAPACITY: usize = 1024;
 /// Commands applied in one transaction at most.
@@ -48,6 +51,8 @@ type WriteReply = oneshot::Sender<Result<Vec<Result<WriteOutcome>>>>;
 pub(crate) enum Command {
     Write {
         batch: WriteBatch,
+        /// Creates already worked out by the caller, aligned with the batch's writes.
+        prepared: Vec<Option<Result<PreparedCreate>>>,
         reply: WriteReply,
     },
     PutInfo {
@@ -123,6 +128,8 @@ struct Working {
     old_record: Fields,
     /// Its heads before this transaction (to save only the new changes).
     old_heads: Vec<ChangeHash>,
+    /// Its record now, when already known (saves reading the document again).
+    record: Option<Fields>,
 }
 
 /// Documents loaded or changed by one transaction, in first-touch order.
@@ -130,7 +137,13 @@ struct Working {
 struct Staged {
     docs: HashMap<DocId, Working>,
     order: Vec<DocId>,
+    /// Documents worth keeping loaded after the commit (from small, interactive
+    /// batches; a bulk import would only churn the cache).
+    cacheable: BTreeSet<DocId>,
 }
+
+/// Batches of at most this many writes keep their documents in the cache.
+const CACHEABLE_BATCH: usize = 16;
 
 impl Writer {
     pub(crate) fn new(
@@ -139,9 +152,6 @@ impl Writer {
         info: &StoreInfo,
         options: StoreOptions,
     ) -> Result<Self> {
-        let actor_bytes: Vec<u8> = (0..info.actor.len() / 2)
-            .filter_map(|i| u8::from_str_radix(info.actor.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
         let next_seq = {
             let txn = db.get()?.begin_read()?;
             let feed = txn.open_table(FEED)?;
@@ -151,8 +161,10 @@ impl Writer {
             db,
             needs_reopen: false,
             schema,
-            actor: ActorId::from(actor_bytes),
-            cache: LruCache::new(NonZeroUsize::new(options.doc_cache.max(1)).unwrap_or(NonZeroUsize::MIN)),
+            actor: actor_from_hex(&info.actor),
+            cache: LruCache::new(
+                NonZeroUsize::new(options.doc_cache.max(1)).unwrap_or(NonZeroUsize::MIN),
+            ),
             next_seq,
             compact_after: options.compact_after_chunks.max(1),
             to_compact: BTreeSet::new(),
@@ -219,8 +231,12 @@ impl Writer {
         let mut pending = Vec::with_capacity(commands.len());
         for command in commands {
             match command {
-                Command::Write { batch, reply } => {
-                    pending.push(Pending::Write(batch));
+                Command::Write {
+                    batch,
+                    prepared,
+                    reply,
+                } => {
+                    pending.push(Pending::Write(batch, prepared));
                     replies.push(Reply::Write(reply, None));
                 }
                 Command::PutInfo { key, value, reply } => {
@@ -234,7 +250,9 @@ impl Writer {
         match self.transaction(pending, &mut staged, &mut replies) {
             Ok(()) => {
                 for id in staged.order {
-                    if let Some(working) = staged.docs.remove(&id) {
+                    if let Some(working) = staged.docs.remove(&id)
+                        && staged.cacheable.contains(&id)
+                    {
                         self.cache.put(id, working.doc);
                     }
                 }
@@ -271,8 +289,8 @@ impl Writer {
             let mut tables = Tables::open(&txn)?;
             for (index, work) in pending.into_iter().enumerate() {
                 match work {
-                    Pending::Write(batch) => {
-                        let answer = self.apply_batch(&mut tables, staged, batch)?;
+                    Pending::Write(batch, prepared) => {
+                        let answer = self.apply_batch(&mut tables, staged, batch, prepared)?;
                         if let Some(Reply::Write(_, slot)) = replies.get_mut(index) {
                             *slot = Some(answer);
                         }
@@ -294,11 +312,15 @@ impl Writer {
         tables: &mut Tables<'_>,
         staged: &mut Staged,
         batch: WriteBatch,
+        prepared: Vec<Option<Result<PreparedCreate>>>,
     ) -> Result<Result<Vec<Result<WriteOutcome>>>> {
         let mut batch_docs = Staged::default();
+        let cacheable = batch.ops.len() <= CACHEABLE_BATCH;
         let mut outcomes = Vec::with_capacity(batch.ops.len());
+        let mut prepared = prepared.into_iter();
         for op in batch.ops {
-            match self.apply_op(tables, staged, &mut batch_docs, op) {
+            let ready = prepared.next().flatten();
+            match self.apply_op(tables, staged, &mut batch_docs, op, ready) {
                 Ok(outcome) => outcomes.push(Ok(outcome)),
                 Err(err) if is_fatal(&err) => return Err(err),
                 Err(err) if batch.atomic => {
@@ -320,6 +342,9 @@ impl Writer {
         for (id, working) in batch_docs.docs {
             if !staged.docs.contains_key(&id) {
                 staged.order.push(id);
+            }
+            if cacheable {
+                staged.cacheable.insert(id);
             }
             staged.docs.insert(id, working);
         }
@@ -352,7 +377,10 @@ impl Writer {
             // Changed earlier in this transaction: carry on from there; what is stored
             // already counts as the old state.
             working.old_meta = tables.meta_of(id)?;
-            working.old_record = record::read_record(&working.doc);
+            working.old_record = match working.record.take() {
+                Some(record) => record,
+                None => record::read_record(&working.doc),
+            };
             working.old_heads = working.doc.get_heads();
             staged.order.retain(|d| d != id);
             batch.order.push(*id);
@@ -372,6 +400,7 @@ impl Writer {
             *id,
             Working {
                 old_record: record::read_record(&doc),
+                record: None,
                 old_heads: doc.get_heads(),
                 collection: old_meta.collection.clone(),
                 old_meta: Some(old_meta),
@@ -387,28 +416,29 @@ impl Writer {
         staged: &mut Staged,
         batch: &mut Staged,
         op: WriteOp,
+        prepared: Option<Result<PreparedCreate>>,
     ) -> Result<WriteOutcome> {
-        let spec = self
-            .schema
+        let schema = self.schema.clone();
+        let spec = schema
             .collection(&op.collection)
-            .ok_or_else(|| StoreError::UnknownCollection(op.collection.clone()))?
-            .clone();
+            .ok_or_else(|| StoreError::UnknownCollection(op.collection.clone()))?;
         let now = Value::String(record::format_timestamp(op.time_ms));
-        let options = CommitOptions::default()
-            .with_message(op.author.to_message())
-            .with_time(op.time_ms);
+        let options = commit_options(&op);
         match op.kind {
             WriteKind::Merge(bytes) => {
-                let id = op.id.ok_or_else(|| {
-                    StoreError::BadQuery("a merge needs the record's id".into())
-                })?;
+                let id = op
+                    .id
+                    .ok_or_else(|| StoreError::BadQuery("a merge needs the record's id".into()))?;
                 let damaged = |reason: String| StoreError::CorruptDocument {
                     id,
                     collection: op.collection.clone(),
                     reason: format!("the changes received could not be merged: {reason}"),
                 };
                 if self.load_working(tables, staged, batch, &id)? {
-                    let working = batch.docs.get_mut(&id).ok_or_else(|| damaged("lost".into()))?;
+                    let working = batch
+                        .docs
+                        .get_mut(&id)
+                        .ok_or_else(|| damaged("lost".into()))?;
                     if working.collection != op.collection {
                         return Err(StoreError::BadQuery(format!(
                             "record {id} belongs to {}, not {}",
@@ -422,6 +452,7 @@ impl Writer {
                         .map_err(|e| damaged(e.to_string()))?;
                     let changed = merged.get_heads() != working.doc.get_heads();
                     working.doc = merged;
+                    working.record = None;
                     Ok(WriteOutcome {
                         id,
                         record: record::read_record(&working.doc),
@@ -441,6 +472,7 @@ impl Writer {
                             old_meta: None,
                             old_record: Fields::new(),
                             old_heads: Vec::new(),
+                            record: Some(record.clone()),
                         },
                     );
                     Ok(WriteOutcome {
@@ -451,46 +483,33 @@ impl Writer {
                     })
                 }
             }
-            WriteKind::Create(mut fields) => {
-                let id = match (op.id, fields.get("id")) {
-                    (Some(id), _) => id,
-                    (None, Some(Value::String(text))) => {
-                        text.parse::<DocId>().map_err(|_| bad_id(&spec, text))?
-                    }
-                    (None, Some(other)) => return Err(bad_id(&spec, &other.to_string())),
-                    (None, None) => DocId::new_v7(),
+            WriteKind::Create(fields) => {
+                let created = match prepared {
+                    Some(result) => result?,
+                    None => prepare_create(&spec, &self.actor, op.id, fields, op.time_ms, options)?,
                 };
-                fields.insert("id".into(), Value::String(id.to_string()));
-                fields.entry("created_at").or_insert_with(|| now.clone());
-                fields.insert("updated_at".into(), now);
-                spec.validate_record(&fields)?;
+                let id = created.id;
                 if self.load_working(tables, staged, batch, &id)? {
                     return Err(StoreError::AlreadyExists {
                         collection: op.collection,
                         id,
                     });
                 }
-                let mut doc = Automerge::new().with_actor(self.actor.clone());
-                doc.transact_with::<_, _, RecordError, _>(
-                    |_| options,
-                    |tx| record::write_fields(tx, &fields),
-                )
-                .map_err(|f| StoreError::Storage(f.error.to_string()))?;
-                let record = record::read_record(&doc);
                 batch.order.push(id);
                 batch.docs.insert(
                     id,
                     Working {
-                        doc,
+                        doc: created.doc,
                         collection: op.collection,
                         old_meta: None,
                         old_record: Fields::new(),
                         old_heads: Vec::new(),
+                        record: Some(created.record.clone()),
                     },
                 );
                 Ok(WriteOutcome {
                     id,
-                    record,
+                    record: created.record,
                     changed: true,
                     seq: 0,
                 })
@@ -512,13 +531,13 @@ impl Writer {
                 }
                 let change = match kind {
                     WriteKind::Patch(mut fields) => {
-                        check_same_id(&spec, &mut fields, &id)?;
+                        check_same_id(spec, &mut fields, &id)?;
                         fields.remove("updated_at");
                         spec.validate_patch(&fields)?;
                         Change::Write(fields)
                     }
                     WriteKind::Replace(mut fields) => {
-                        check_same_id(&spec, &mut fields, &id)?;
+                        check_same_id(spec, &mut fields, &id)?;
                         fields.remove("updated_at");
                         let mut full = fields.clone();
                         full.insert("id".into(), Value::String(id.to_string()));
@@ -535,7 +554,9 @@ impl Writer {
                     WriteKind::Delete => Change::Delete,
                     // Handled above.
                     WriteKind::Create(_) | WriteKind::Merge(_) => {
-                        return Err(StoreError::BadQuery("this write cannot be applied here".into()));
+                        return Err(StoreError::BadQuery(
+                            "this write cannot be applied here".into(),
+                        ));
                     }
                 };
                 let result = working.doc.transact_with::<_, _, RecordError, _>(
@@ -570,9 +591,11 @@ impl Writer {
                     Ok(success) => success.hash.is_some(),
                     Err(failure) => return Err(StoreError::Storage(failure.error.to_string())),
                 };
+                let record = record::read_record(&working.doc);
+                working.record = Some(record.clone());
                 Ok(WriteOutcome {
                     id,
-                    record: record::read_record(&working.doc),
+                    record,
                     changed,
                     seq: 0,
                 })
@@ -582,7 +605,12 @@ impl Writer {
 
     /// Stores one changed document: its bytes, metadata, feed position, index entries and
     /// the collection's count. Answers its new feed position, or `None` if unchanged.
-    fn store_doc(&mut self, tables: &mut Tables<'_>, id: &DocId, working: &Working) -> Result<Option<u64>> {
+    fn store_doc(
+        &mut self,
+        tables: &mut Tables<'_>,
+        id: &DocId,
+        working: &Working,
+    ) -> Result<Option<u64>> {
         if working.old_meta.is_some() && working.doc.get_heads() == working.old_heads {
             return Ok(None);
         }
@@ -592,7 +620,14 @@ impl Writer {
             .ok_or_else(|| StoreError::UnknownCollection(working.collection.clone()))?;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let record = record::read_record(&working.doc);
+        let read;
+        let record = match &working.record {
+            Some(record) => record,
+            None => {
+                read = record::read_record(&working.doc);
+                &read
+            }
+        };
         let deleted = record.get("deleted_at").is_some_and(|v| !v.is_null());
         let updated_ms = record
             .get("updated_at")
@@ -622,7 +657,7 @@ impl Writer {
             Some(_) => index_entries(spec, id, &working.old_record),
             None => BTreeSet::new(),
         };
-        let new_entries = index_entries(spec, id, &record);
+        let new_entries = index_entries(spec, id, record);
         for stale in old_entries.difference(&new_entries) {
             tables.index.remove(stale.as_slice())?;
         }
@@ -689,19 +724,23 @@ impl Writer {
         {
             let mut tables = Tables::open(&txn)?;
             for id in &ids {
-                let Some(mut meta) = tables.meta_of(id)? else { continue };
+                let Some(mut meta) = tables.meta_of(id)? else {
+                    continue;
+                };
                 if meta.chunks == 0 {
                     continue;
                 }
                 let doc = match self.cache.get(id) {
                     Some(doc) => doc.clone(),
-                    None => match load_from_tables(&tables.docs, &tables.chunks, id, &meta.collection) {
-                        Ok(doc) => doc,
-                        Err(err) => {
-                            tracing::warn!(doc = %id, error = %err, "cannot compact a damaged document; leaving it as it is");
-                            continue;
+                    None => {
+                        match load_from_tables(&tables.docs, &tables.chunks, id, &meta.collection) {
+                            Ok(doc) => doc,
+                            Err(err) => {
+                                tracing::warn!(doc = %id, error = %err, "cannot compact a damaged document; leaving it as it is");
+                                continue;
+                            }
                         }
-                    },
+                    }
                 };
                 let key = doc_key(id);
                 tables.docs.insert(key, doc.save().as_slice())?;
@@ -728,7 +767,7 @@ impl Writer {
 const KEPT_ON_REPLACE: &[&str] = &["id", "created_at", "updated_at", "deleted_at", "is_deleted"];
 
 enum Pending {
-    Write(WriteBatch),
+    Write(WriteBatch, Vec<Option<Result<PreparedCreate>>>),
     Info(String, Vec<u8>),
 }
 
@@ -741,7 +780,9 @@ impl Reply {
     fn send_ok(self) {
         match self {
             Reply::Write(reply, answer) => {
-                let _ = reply.send(answer.unwrap_or_else(|| Err(StoreError::Storage("the write was not processed".into()))));
+                let _ = reply.send(answer.unwrap_or_else(|| {
+                    Err(StoreError::Storage("the write was not processed".into()))
+                }));
             }
             Reply::Info(reply) => {
                 let _ = reply.send(Ok(()));
@@ -782,6 +823,93 @@ impl Working {
     }
 }
 
+/// A new record worked out in memory: its id, document and fields.
+pub(crate) struct PreparedCreate {
+    id: DocId,
+    doc: Automerge,
+    record: Fields,
+}
+
+fn commit_options(op: &WriteOp) -> CommitOptions {
+    CommitOptions::default()
+        .with_message(op.author.to_message())
+        .with_time(op.time_ms)
+}
+
+/// Works out a new record: its id (given, in the record, or a new UUIDv7), timestamps,
+/// validation, and its document with one change. Needs nothing from the database, so
+/// callers can do it on their own thread.
+pub(crate) fn prepare_create(
+    spec: &CollectionSpec,
+    actor: &ActorId,
+    id: Option<DocId>,
+    mut fields: Fields,
+    time_ms: i64,
+    options: CommitOptions,
+) -> Result<PreparedCreate> {
+    let id = match (id, fields.get("id")) {
+        (Some(id), _) => id,
+        (None, Some(Value::String(text))) => {
+            text.parse::<DocId>().map_err(|_| bad_id(spec, text))?
+        }
+        (None, Some(other)) => return Err(bad_id(spec, &other.to_string())),
+        (None, None) => DocId::new_v7(),
+    };
+    let now = Value::String(record::format_timestamp(time_ms));
+    fields.insert("id".into(), Value::String(id.to_string()));
+    fields.entry("created_at").or_insert_with(|| now.clone());
+    fields.insert("updated_at".into(), now);
+    spec.validate_record(&fields)?;
+    let mut doc = Automerge::new().with_actor(actor.clone());
+    doc.transact_with::<_, _, RecordError, _>(|_| options, |tx| record::init_record(tx, &fields))
+        .map_err(|f| StoreError::Storage(f.error.to_string()))?;
+    // The document holds exactly these fields (Automerge orders keys).
+    fields.sort_keys();
+    Ok(PreparedCreate {
+        id,
+        doc,
+        record: fields,
+    })
+}
+
+/// Works out every create of a batch (taking their fields out of the batch).
+pub(crate) fn prepare_creates(
+    schema: &Schema,
+    actor: &ActorId,
+    batch: &mut WriteBatch,
+) -> Vec<Option<Result<PreparedCreate>>> {
+    batch
+        .ops
+        .iter_mut()
+        .map(|op| {
+            let WriteKind::Create(fields) = &mut op.kind else {
+                return None;
+            };
+            let fields = std::mem::take(fields);
+            let spec = match schema.collection(&op.collection) {
+                Some(spec) => spec,
+                None => return Some(Err(StoreError::UnknownCollection(op.collection.clone()))),
+            };
+            Some(prepare_create(
+                spec,
+                actor,
+                op.id,
+                fields,
+                op.time_ms,
+                commit_options(op),
+            ))
+        })
+        .collect()
+}
+
+/// The actor id of a store, from its hex form.
+pub(crate) fn actor_from_hex(hex: &str) -> ActorId {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    ActorId::from(bytes)
+}
+
 fn bad_id(spec: &CollectionSpec, text: &str) -> StoreError {
     StoreError::Invalid(SchemaError::InvalidField {
         collection: spec.name.clone(),
@@ -811,7 +939,12 @@ fn index_entries(spec: &CollectionSpec, id: &DocId, record: &Fields) -> BTreeSet
         .get("updated_at")
         .and_then(record::timestamp_ms)
         .unwrap_or(0);
-    out.insert(index_key(&spec.name, meta::UPDATED_AT, &updated_value(updated), id));
+    out.insert(index_key(
+        &spec.name,
+        meta::UPDATED_AT,
+        &updated_value(updated),
+        id,
+    ));
     for field in spec.indexed_fields() {
         let Some(kind) = field.index else { continue };
         if let Some(value) = record.get(&field.name).and_then(|v| index_value(v, kind)) {

@@ -45,27 +45,62 @@ fn create_patch_replace_delete_and_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("store.redb");
     let store = open(&path);
-    let id = create(&store, "patients", json!({"given_name": "Amina", "surname": "Okafor", "metadata": {"a": 1}})).expect("create");
+    let id = create(
+        &store,
+        "patients",
+        json!({"given_name": "Amina", "surname": "Okafor", "metadata": {"a": 1}}),
+    )
+    .expect("create");
     let got = store.get("patients", &id).expect("get");
     assert_eq!(got.record["given_name"], json!("Amina"));
     assert!(got.record["created_at"].is_string());
     assert!(got.record["updated_at"].is_string());
 
-    assert!(write(&store, "patients", id, WriteKind::Patch(fields(json!({"surname": "Okafor-Bello"})))).expect("patch"));
+    assert!(
+        write(
+            &store,
+            "patients",
+            id,
+            WriteKind::Patch(fields(json!({"surname": "Okafor-Bello"})))
+        )
+        .expect("patch")
+    );
     // A patch with the same value changes nothing.
-    assert!(!write(&store, "patients", id, WriteKind::Patch(fields(json!({"surname": "Okafor-Bello"})))).expect("patch"));
+    assert!(
+        !write(
+            &store,
+            "patients",
+            id,
+            WriteKind::Patch(fields(json!({"surname": "Okafor-Bello"})))
+        )
+        .expect("patch")
+    );
     let got = store.get("patients", &id).expect("get");
     assert_eq!(got.record["given_name"], json!("Amina"));
     assert_eq!(got.record["surname"], json!("Okafor-Bello"));
 
-    write(&store, "patients", id, WriteKind::Replace(fields(json!({"given_name": "Amina", "sex": "female"})))).expect("put");
+    write(
+        &store,
+        "patients",
+        id,
+        WriteKind::Replace(fields(json!({"given_name": "Amina", "sex": "female"}))),
+    )
+    .expect("put");
     let got = store.get("patients", &id).expect("get");
-    assert!(!got.record.contains_key("surname"), "PUT removes fields not given");
-    assert!(got.record.contains_key("created_at"), "PUT keeps created_at");
+    assert!(
+        !got.record.contains_key("surname"),
+        "PUT removes fields not given"
+    );
+    assert!(
+        got.record.contains_key("created_at"),
+        "PUT keeps created_at"
+    );
     assert_eq!(got.record["id"], json!(id.to_string()));
 
     write(&store, "patients", id, WriteKind::Delete).expect("delete");
-    let got = store.get("patients", &id).expect("tombstone still readable");
+    let got = store
+        .get("patients", &id)
+        .expect("tombstone still readable");
     assert!(got.deleted);
     assert!(got.record["deleted_at"].is_string());
     assert_eq!(store.counts().expect("counts").get("patients"), Some(&0));
@@ -87,17 +122,44 @@ fn refused_writes_change_nothing() {
     let store = Store::memory(Schema::hikma()).expect("store");
     let id = create(&store, "visits", json!({"patient_id": "p1"})).expect("create");
     let before = store.get("visits", &id).expect("get");
-    let err = write(&store, "visits", id, WriteKind::Patch(fields(json!({"check_in_timestamp": "yesterday"})))).unwrap_err();
+    let err = write(
+        &store,
+        "visits",
+        id,
+        WriteKind::Patch(fields(json!({"check_in_timestamp": "yesterday"}))),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("check_in_timestamp"), "{err}");
     let err = create(&store, "visits", json!({"clinic_id": "c"})).unwrap_err();
     assert!(err.to_string().contains("patient_id"), "{err}");
-    let err = create(&store, "visits", json!({"id": id.to_string(), "patient_id": "p"})).unwrap_err();
+    let err = create(
+        &store,
+        "visits",
+        json!({"id": id.to_string(), "patient_id": "p"}),
+    )
+    .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
-    assert!(matches!(create(&store, "nope", json!({})), Err(StoreError::UnknownCollection(_))));
+    assert!(matches!(
+        create(&store, "nope", json!({})),
+        Err(StoreError::UnknownCollection(_))
+    ));
     // An atomic batch with one bad write stores none of it.
-    let good = WriteOp::new("visits", Some(id), WriteKind::Patch(fields(json!({"clinic_id": "c9"}))), author());
-    let bad = WriteOp::new("visits", Some(id), WriteKind::Patch(fields(json!({"metadata": 1, "check_in_timestamp": false}))), author());
-    let result = store.write_blocking(WriteBatch { ops: vec![good, bad], atomic: true });
+    let good = WriteOp::new(
+        "visits",
+        Some(id),
+        WriteKind::Patch(fields(json!({"clinic_id": "c9"}))),
+        author(),
+    );
+    let bad = WriteOp::new(
+        "visits",
+        Some(id),
+        WriteKind::Patch(fields(json!({"metadata": 1, "check_in_timestamp": false}))),
+        author(),
+    );
+    let result = store.write_blocking(WriteBatch {
+        ops: vec![good, bad],
+        atomic: true,
+    });
     assert!(result.is_err());
     assert_eq!(store.get("visits", &id).expect("get"), before);
     assert_eq!(store.last_seq().expect("seq"), before.seq);
@@ -107,11 +169,28 @@ fn refused_writes_change_nothing() {
 fn non_atomic_batches_keep_the_good_writes() {
     let store = Store::memory(Schema::hikma()).expect("store");
     let ops = vec![
-        WriteOp::new("patients", None, WriteKind::Create(fields(json!({"given_name": "A"}))), author()),
-        WriteOp::new("patients", None, WriteKind::Create(fields(json!({"date_of_birth": "31/12/1990"}))), author()),
-        WriteOp::new("patients", None, WriteKind::Create(fields(json!({"given_name": "C"}))), author()),
+        WriteOp::new(
+            "patients",
+            None,
+            WriteKind::Create(fields(json!({"given_name": "A"}))),
+            author(),
+        ),
+        WriteOp::new(
+            "patients",
+            None,
+            WriteKind::Create(fields(json!({"date_of_birth": "31/12/1990"}))),
+            author(),
+        ),
+        WriteOp::new(
+            "patients",
+            None,
+            WriteKind::Create(fields(json!({"given_name": "C"}))),
+            author(),
+        ),
     ];
-    let out = store.write_blocking(WriteBatch { ops, atomic: false }).expect("batch");
+    let out = store
+        .write_blocking(WriteBatch { ops, atomic: false })
+        .expect("batch");
     assert!(out[0].is_ok() && out[1].is_err() && out[2].is_ok());
     assert_eq!(store.counts().expect("counts").get("patients"), Some(&2));
 }
@@ -122,13 +201,25 @@ fn feed_lists_each_changed_record_once_at_its_latest_change() {
     let a = create(&store, "patients", json!({"given_name": "A"})).expect("a");
     let b = create(&store, "patients", json!({"given_name": "B"})).expect("b");
     let mark = store.last_seq().expect("seq");
-    write(&store, "patients", a, WriteKind::Patch(fields(json!({"surname": "X"})))).expect("patch");
+    write(
+        &store,
+        "patients",
+        a,
+        WriteKind::Patch(fields(json!({"surname": "X"}))),
+    )
+    .expect("patch");
     let all = store.changes_since(0, 100).expect("feed");
-    let ids: Vec<DocId> = all.iter().map(|e| e.record.as_ref().expect("readable").id).collect();
+    let ids: Vec<DocId> = all
+        .iter()
+        .map(|e| e.record.as_ref().expect("readable").id)
+        .collect();
     assert_eq!(ids, vec![b, a]);
     let since = store.changes_since(mark, 100).expect("feed");
     assert_eq!(since.len(), 1);
-    assert_eq!(since[0].record.as_ref().expect("readable").record["surname"], json!("X"));
+    assert_eq!(
+        since[0].record.as_ref().expect("readable").record["surname"],
+        json!("X")
+    );
 }
 
 #[test]
@@ -140,7 +231,12 @@ fn indexed_queries_with_prefix_equality_and_paging() {
         ("Bola", "Okafor", "c2"),
         ("amelia", "Smith", "c2"),
     ] {
-        create(&store, "patients", json!({"given_name": given, "surname": surname, "primary_clinic_id": clinic})).expect("create");
+        create(
+            &store,
+            "patients",
+            json!({"given_name": given, "surname": surname, "primary_clinic_id": clinic}),
+        )
+        .expect("create");
     }
     let query = |filters: Vec<Filter>| Query {
         collection: "patients".into(),
@@ -150,27 +246,62 @@ fn indexed_queries_with_prefix_equality_and_paging() {
         cursor: None,
     };
     let names = |q: &Query| -> Vec<String> {
-        let mut v: Vec<String> = store.list(q).expect("list").records.iter().map(|r| r.record["given_name"].as_str().unwrap_or("").to_owned()).collect();
+        let mut v: Vec<String> = store
+            .list(q)
+            .expect("list")
+            .records
+            .iter()
+            .map(|r| r.record["given_name"].as_str().unwrap_or("").to_owned())
+            .collect();
         v.sort();
         v
     };
-    assert_eq!(names(&query(vec![Filter::Prefix { field: "given_name".into(), prefix: "AM".into() }])), vec!["Amina", "Amir", "amelia"]);
-    assert_eq!(names(&query(vec![Filter::Equals { field: "surname".into(), value: "okafor".into() }])), vec!["Amina", "Bola"]);
+    assert_eq!(
+        names(&query(vec![Filter::Prefix {
+            field: "given_name".into(),
+            prefix: "AM".into()
+        }])),
+        vec!["Amina", "Amir", "amelia"]
+    );
+    assert_eq!(
+        names(&query(vec![Filter::Equals {
+            field: "surname".into(),
+            value: "okafor".into()
+        }])),
+        vec!["Amina", "Bola"]
+    );
     assert_eq!(
         names(&query(vec![
-            Filter::Prefix { field: "given_name".into(), prefix: "am".into() },
-            Filter::Equals { field: "primary_clinic_id".into(), value: "c2".into() }
+            Filter::Prefix {
+                field: "given_name".into(),
+                prefix: "am".into()
+            },
+            Filter::Equals {
+                field: "primary_clinic_id".into(),
+                value: "c2".into()
+            }
         ])),
         vec!["amelia"]
     );
-    let err = store.list(&query(vec![Filter::Equals { field: "hometown".into(), value: "x".into() }])).unwrap_err();
+    let err = store
+        .list(&query(vec![Filter::Equals {
+            field: "hometown".into(),
+            value: "x".into(),
+        }]))
+        .unwrap_err();
     assert!(err.to_string().contains("hometown"), "{err}");
 
     // Paging through everything, two at a time, sees each record once.
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let page = store.list(&Query { limit: 2, cursor: cursor.clone(), ..query(vec![]) }).expect("page");
+        let page = store
+            .list(&Query {
+                limit: 2,
+                cursor: cursor.clone(),
+                ..query(vec![])
+            })
+            .expect("page");
         seen.extend(page.records.iter().map(|r| r.id));
         match page.next {
             Some(next) => cursor = Some(next),
@@ -188,12 +319,24 @@ fn compaction_keeps_documents_identical() {
     let store = Store::memory(Schema::hikma()).expect("store");
     let id = create(&store, "patients", json!({"given_name": "A"})).expect("create");
     for i in 0..20 {
-        write(&store, "patients", id, WriteKind::Patch(fields(json!({"phone": format!("555-{i}"), "metadata": {"n": i}})))).expect("patch");
+        write(
+            &store,
+            "patients",
+            id,
+            WriteKind::Patch(fields(
+                json!({"phone": format!("555-{i}"), "metadata": {"n": i}}),
+            )),
+        )
+        .expect("patch");
     }
     let before = store.document("patients", &id).expect("doc");
     let record_before = store.get("patients", &id).expect("get");
     store.compact_all_blocking().expect("compact");
-    assert_eq!(store.compact_all_blocking().expect("compact again"), 0, "nothing left to compact");
+    assert_eq!(
+        store.compact_all_blocking().expect("compact again"),
+        0,
+        "nothing left to compact"
+    );
     let after = store.document("patients", &id).expect("doc");
     assert_eq!(before.get_heads(), after.get_heads());
     assert_eq!(before.save(), after.save());
@@ -206,18 +349,44 @@ fn a_damaged_document_is_named_and_the_rest_stays_readable() {
     let store = Store::memory(Schema::hikma()).expect("store");
     let good = create(&store, "patients", json!({"given_name": "Good"})).expect("good");
     let bad = create(&store, "patients", json!({"given_name": "Bad"})).expect("bad");
-    store.debug_overwrite_document(&bad, b"\x85\x6f\x4a\x83garbage").expect("corrupt");
+    store
+        .debug_overwrite_document(&bad, b"\x85\x6f\x4a\x83garbage")
+        .expect("corrupt");
     let err = store.get("patients", &bad).unwrap_err();
-    assert!(matches!(err, StoreError::CorruptDocument { id, .. } if id == bad), "{err}");
+    assert!(
+        matches!(err, StoreError::CorruptDocument { id, .. } if id == bad),
+        "{err}"
+    );
     assert!(err.to_string().contains(&bad.to_string()));
-    assert_eq!(store.get("patients", &good).expect("good").record["given_name"], json!("Good"));
-    let page = store.list(&Query { collection: "patients".into(), limit: 50, ..Query::default() }).expect("list");
+    assert_eq!(
+        store.get("patients", &good).expect("good").record["given_name"],
+        json!("Good")
+    );
+    let page = store
+        .list(&Query {
+            collection: "patients".into(),
+            limit: 50,
+            ..Query::default()
+        })
+        .expect("list");
     assert_eq!(page.records.len(), 1);
     assert_eq!(page.unreadable.len(), 1);
     // Writing to it fails with the same clear error; other writes go on.
-    let err = write(&store, "patients", bad, WriteKind::Patch(fields(json!({"surname": "x"})))).unwrap_err();
+    let err = write(
+        &store,
+        "patients",
+        bad,
+        WriteKind::Patch(fields(json!({"surname": "x"}))),
+    )
+    .unwrap_err();
     assert!(matches!(err, StoreError::CorruptDocument { .. }), "{err}");
-    write(&store, "patients", good, WriteKind::Patch(fields(json!({"surname": "x"})))).expect("good write");
+    write(
+        &store,
+        "patients",
+        good,
+        WriteKind::Patch(fields(json!({"surname": "x"}))),
+    )
+    .expect("good write");
 }
 
 #[test]
@@ -231,17 +400,27 @@ fn a_truncated_database_file_is_reported_not_panicked() {
         }
     }
     let len = std::fs::metadata(&path).expect("meta").len();
-    let file = std::fs::OpenOptions::new().write(true).open(&path).expect("file");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("file");
     file.set_len(len / 3).expect("truncate");
     drop(file);
     match Store::open(&path, Schema::hikma(), StoreOptions::default()) {
         Ok(store) => {
             // redb may repair what it can; then reads must not panic either.
-            let _ = store.list(&Query { collection: "patients".into(), limit: 1000, ..Query::default() });
+            let _ = store.list(&Query {
+                collection: "patients".into(),
+                limit: 1000,
+                ..Query::default()
+            });
         }
         Err(err) => {
             let text = err.to_string();
-            assert!(text.contains("store.redb"), "the error names the file: {text}");
+            assert!(
+                text.contains("store.redb"),
+                "the error names the file: {text}"
+            );
         }
     }
 }
@@ -295,8 +474,17 @@ fn a_full_disk_refuses_the_write_and_loses_nothing() {
     let err = create(&store, "patients", json!({"given_name": "Lost"})).unwrap_err();
     assert!(matches!(err, StoreError::DiskFull), "{err}");
     assert!(err.to_string().contains("disk is full"));
-    let err = write(&store, "patients", kept, WriteKind::Patch(fields(json!({"surname": "x"})))).unwrap_err();
-    assert!(matches!(err, StoreError::DiskFull | StoreError::Storage(_)), "{err}");
+    let err = write(
+        &store,
+        "patients",
+        kept,
+        WriteKind::Patch(fields(json!({"surname": "x"}))),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, StoreError::DiskFull | StoreError::Storage(_)),
+        "{err}"
+    );
     // While the disk is full, reads either work or say clearly why not.
     if let Err(err) = store.get("patients", &kept) {
         assert!(err.to_string().contains("disk"), "{err}");
@@ -306,7 +494,14 @@ fn a_full_disk_refuses_the_write_and_loses_nothing() {
     full.store(false, Ordering::SeqCst);
     let mut recovered = false;
     for _ in 0..50 {
-        if write(&store, "patients", kept, WriteKind::Patch(fields(json!({"surname": "y"})))).is_ok() {
+        if write(
+            &store,
+            "patients",
+            kept,
+            WriteKind::Patch(fields(json!({"surname": "y"}))),
+        )
+        .is_ok()
+        {
             recovered = true;
             break;
         }

@@ -24,7 +24,10 @@ pub fn medmesh_bin() -> PathBuf {
             return candidate;
         }
     }
-    panic!("the medmesh binary was not found next to {}; build it first (cargo build -p medmesh) or set MEDMESH_BIN", exe.display());
+    panic!(
+        "the medmesh binary was not found next to {}; build it first (cargo build -p medmesh) or set MEDMESH_BIN",
+        exe.display()
+    );
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -142,8 +145,12 @@ pub fn process_rss(pid: u32) -> Option<(u64, u64)> {
 
 /// A generated patient record of about 600 bytes of JSON, like a Hikma Health patient.
 pub fn patient(i: usize) -> serde_json::Value {
-    const GIVEN: [&str; 8] = ["Amina", "Bola", "Chidi", "Dina", "Emeka", "Fatima", "Grace", "Hassan"];
-    const SURNAME: [&str; 8] = ["Okafor", "Bello", "Haddad", "Mensah", "Diallo", "Nwosu", "Kamara", "Osei"];
+    const GIVEN: [&str; 8] = [
+        "Amina", "Bola", "Chidi", "Dina", "Emeka", "Fatima", "Grace", "Hassan",
+    ];
+    const SURNAME: [&str; 8] = [
+        "Okafor", "Bello", "Haddad", "Mensah", "Diallo", "Nwosu", "Kamara", "Osei",
+    ];
     const TOWNS: [&str; 4] = ["Kano", "Jos", "Maiduguri", "Yola"];
     const BLOOD: [&str; 4] = ["A+", "B+", "O+", "AB-"];
     serde_json::json!({
@@ -159,7 +166,8 @@ pub fn patient(i: usize) -> serde_json::Value {
         "government_id": format!("NIN-{:011}", i),
         "external_patient_id": format!("EXT-{i:08}"),
         "primary_clinic_id": "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e",
-        "additional_data": {"blood_group": BLOOD[i % 4], "allergies": ["penicillin"], "notes": "registered at outreach"},
+        "additional_data": {"blood_group": BLOOD[i % 4], "allergies": ["penicillin"], "notes": "registered at outreach", "emergency_contact": format!("+234 806 {:03} {:04}", (i * 7) % 1000, (i * 13) % 10000)},
+        "image_timestamp": 1_715_000_000_000i64 + i as i64,
         "metadata": {"source": "hikma-mobile", "app_version": "2.4.1"},
         "photo_url": ""
     })

@@ -28,27 +28,44 @@ fn import_reports_refused_lines_and_keeps_the_good_ones() {
     for i in 0..1500 {
         match i {
             3 => writeln!(f, "{{\"given_name\": \"broken").expect("write"),
-            7 => writeln!(f, "{{\"given_name\": \"X\", \"date_of_birth\": \"31/12/1990\"}}").expect("write"),
+            7 => writeln!(
+                f,
+                "{{\"given_name\": \"X\", \"date_of_birth\": \"31/12/1990\"}}"
+            )
+            .expect("write"),
             9 => writeln!(f, "[1, 2, 3]").expect("write"),
             11 => writeln!(f).expect("write"),
             _ => writeln!(f, "{}", patient(i)).expect("write"),
         }
     }
     drop(f);
-    let (ok, stdout, stderr) = medmesh(&node.api, &["import", "patients", file.to_str().expect("path")]);
+    let (ok, stdout, stderr) = medmesh(
+        &node.api,
+        &["import", "patients", file.to_str().expect("path")],
+    );
     assert!(!ok, "an import with refused lines exits with failure");
-    assert!(stdout.contains("Imported 1496 record(s) into patients; 3 line(s) refused."), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("Imported 1496 record(s) into patients; 3 line(s) refused."),
+        "{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("line 4: not valid JSON"), "{stdout}");
-    assert!(stdout.contains("line 8:") && stdout.contains("date_of_birth"), "{stdout}");
+    assert!(
+        stdout.contains("line 8:") && stdout.contains("date_of_birth"),
+        "{stdout}"
+    );
     assert!(stdout.contains("line 10: not a JSON object"), "{stdout}");
 
     let (ok, exported, _) = medmesh(&node.api, &["export", "patients"]);
     assert!(ok);
     assert_eq!(exported.lines().count(), 1496);
-    let first: serde_json::Value = serde_json::from_str(exported.lines().next().expect("a line")).expect("json");
+    let first: serde_json::Value =
+        serde_json::from_str(exported.lines().next().expect("a line")).expect("json");
     assert!(first["given_name"].is_string());
     // Importing the same file again refuses every record as already existing.
-    let (_, stdout, _) = medmesh(&node.api, &["import", "patients", file.to_str().expect("path")]);
+    let (_, stdout, _) = medmesh(
+        &node.api,
+        &["import", "patients", file.to_str().expect("path")],
+    );
     assert!(stdout.contains("Imported 0 record(s)"), "{stdout}");
     assert!(stdout.contains("already exists"), "{stdout}");
 }
@@ -57,29 +74,52 @@ fn import_reports_refused_lines_and_keeps_the_good_ones() {
 fn put_get_list_delete_history_and_status() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = NodeProcess::start(&dir.path().join("node")).expect("node");
-    let (ok, out, err) = medmesh(&node.api, &["put", "patients", r#"{"given_name": "Amina", "surname": "Okafor"}"#]);
+    let (ok, out, err) = medmesh(
+        &node.api,
+        &[
+            "put",
+            "patients",
+            r#"{"given_name": "Amina", "surname": "Okafor"}"#,
+        ],
+    );
     assert!(ok, "{err}");
     let record: serde_json::Value = serde_json::from_str(&out).expect("json");
     let id = record["id"].as_str().expect("id").to_owned();
     // put with the id of an existing record replaces it.
-    let (ok, out, err) = medmesh(&node.api, &["put", "patients", &format!(r#"{{"id": "{id}", "given_name": "Amina", "surname": "Bello"}}"#)]);
+    let (ok, out, err) = medmesh(
+        &node.api,
+        &[
+            "put",
+            "patients",
+            &format!(r#"{{"id": "{id}", "given_name": "Amina", "surname": "Bello"}}"#),
+        ],
+    );
     assert!(ok, "{err}");
     assert!(out.contains("Bello"));
     let (ok, out, _) = medmesh(&node.api, &["get", "patients", &id]);
     assert!(ok && out.contains("Bello"));
-    let (ok, out, _) = medmesh(&node.api, &["list", "patients", "--where", "given_name=ami*"]);
+    let (ok, out, _) = medmesh(
+        &node.api,
+        &["list", "patients", "--where", "given_name=ami*"],
+    );
     assert!(ok && out.lines().count() == 1, "{out}");
     let (ok, out, _) = medmesh(&node.api, &["history", "patients", &id]);
     assert!(ok);
     assert_eq!(out.lines().count(), 2, "{out}");
-    assert!(out.contains("user registrar-1") && out.contains("changed: surname, updated_at"), "{out}");
+    assert!(
+        out.contains("user registrar-1") && out.contains("changed: surname, updated_at"),
+        "{out}"
+    );
     let (ok, _, _) = medmesh(&node.api, &["delete", "patients", &id]);
     assert!(ok);
     let (ok, out, _) = medmesh(&node.api, &["list", "patients"]);
     assert!(ok && out.is_empty(), "{out}");
     let (ok, out, _) = medmesh(&node.api, &["status"]);
     assert!(ok && out.contains("Node:") && out.contains("12D3"), "{out}");
-    let (ok, _, err) = medmesh(&node.api, &["get", "patients", "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e"]);
+    let (ok, _, err) = medmesh(
+        &node.api,
+        &["get", "patients", "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e"],
+    );
     assert!(!ok && err.contains("no record"), "{err}");
 }
 

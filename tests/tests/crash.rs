@@ -57,23 +57,37 @@ fn store_keeps_every_acknowledged_write_across_kill_9() {
         let mut this_round = 0;
         for line in lines {
             let mut parts = line.split_whitespace();
-            if let (Some("ack"), Some(id), Some(value)) = (parts.next(), parts.next(), parts.next()) {
+            if let (Some("ack"), Some(id), Some(value)) = (parts.next(), parts.next(), parts.next())
+            {
                 let id: DocId = id.parse().expect("id");
                 acked.insert(id, parse_value(value).expect("value"));
                 this_round += 1;
             }
         }
-        assert!(this_round > 0, "round {round}: the writer acknowledged nothing");
-        let store = Store::open(&db, Schema::hikma(), StoreOptions::default()).expect("reopen after kill -9");
+        assert!(
+            this_round > 0,
+            "round {round}: the writer acknowledged nothing"
+        );
+        let store = Store::open(&db, Schema::hikma(), StoreOptions::default())
+            .expect("reopen after kill -9");
         for (id, (thread, n)) in &acked {
-            let record = store
-                .get("patients", id)
-                .unwrap_or_else(|e| panic!("round {round}: acknowledged record {id} is missing: {e}"));
-            let stored = record.record["phone"].as_str().and_then(parse_value).expect("phone");
+            let record = store.get("patients", id).unwrap_or_else(|e| {
+                panic!("round {round}: acknowledged record {id} is missing: {e}")
+            });
+            let stored = record.record["phone"]
+                .as_str()
+                .and_then(parse_value)
+                .expect("phone");
             assert_eq!(stored.0, *thread);
-            assert!(stored.1 >= *n, "round {round}: record {id} lost an acknowledged write: has {stored:?}, acknowledged {n}");
+            assert!(
+                stored.1 >= *n,
+                "round {round}: record {id} lost an acknowledged write: has {stored:?}, acknowledged {n}"
+            );
         }
-        println!("round {round}: {this_round} acknowledged writes, {} records checked", acked.len());
+        println!(
+            "round {round}: {this_round} acknowledged writes, {} records checked",
+            acked.len()
+        );
     }
 }
 
@@ -98,7 +112,12 @@ async fn node_keeps_every_answered_write_across_kill_9() {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 20_000 {
                     n += 1;
                     let name = format!("r{round}-w{w}-{n}");
-                    match http.post(&url).json(&json!({"given_name": name})).send().await {
+                    match http
+                        .post(&url)
+                        .json(&json!({"given_name": name}))
+                        .send()
+                        .await
+                    {
                         Ok(response) if response.status() == reqwest::StatusCode::CREATED => {
                             if let Ok(body) = response.json::<serde_json::Value>().await
                                 && let Some(id) = body["id"].as_str()
@@ -121,12 +140,23 @@ async fn node_keeps_every_answered_write_across_kill_9() {
         let node = NodeProcess::start(dir.path()).expect("restart node");
         let http = reqwest::Client::new();
         for (id, name) in &acked {
-            let response = http.get(node.url(&format!("/v1/patients/{id}"))).send().await.expect("get");
-            assert_eq!(response.status(), reqwest::StatusCode::OK, "round {round}: answered record {id} is missing");
+            let response = http
+                .get(node.url(&format!("/v1/patients/{id}")))
+                .send()
+                .await
+                .expect("get");
+            assert_eq!(
+                response.status(),
+                reqwest::StatusCode::OK,
+                "round {round}: answered record {id} is missing"
+            );
             let body: serde_json::Value = response.json().await.expect("json");
             assert_eq!(body["given_name"], json!(name));
         }
-        println!("round {round}: {} answered writes survived kill -9", acked.len());
+        println!(
+            "round {round}: {} answered writes survived kill -9",
+            acked.len()
+        );
         drop(node);
     }
     assert!(!acked.is_empty());

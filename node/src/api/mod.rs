@@ -76,10 +76,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(status::health))
         .route("/v1/status", get(status::status))
         .route("/v1/changes", get(status::changes))
-        .route(
-            "/v1/{collection}",
-            post(records::create).get(records::list),
-        )
+        .route("/v1/{collection}", post(records::create).get(records::list))
         .route(
             "/v1/{collection}/{id}",
             get(records::get_one)

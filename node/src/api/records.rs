@@ -46,7 +46,10 @@ fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
         }
     })?;
     serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::bad_request("bad_json", format!("the request body is not valid JSON: {e}"))
+        ApiError::bad_request(
+            "bad_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
     })
 }
 
@@ -55,7 +58,10 @@ fn body_object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> 
         Value::Object(fields) => Ok(fields),
         other => Err(ApiError::bad_request(
             "bad_json",
-            format!("the body must be a JSON object (one record), not {}", kind_of(&other)),
+            format!(
+                "the body must be a JSON object (one record), not {}",
+                kind_of(&other)
+            ),
         )),
     }
 }
@@ -84,7 +90,10 @@ fn check_collection(state: &AppState, collection: &str) -> Result<(), ApiError> 
     }
 }
 
-async fn write_one(state: &AppState, op: WriteOp) -> Result<medmesh_storage::WriteOutcome, ApiError> {
+async fn write_one(
+    state: &AppState,
+    op: WriteOp,
+) -> Result<medmesh_storage::WriteOutcome, ApiError> {
     let mut outcomes = state.store().write(WriteBatch::one(op)).await?;
     match outcomes.pop() {
         Some(result) => Ok(result?),
@@ -105,7 +114,12 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_collection(&state, &collection)?;
     let fields = body_object(body)?;
-    let op = WriteOp::new(&collection, None, WriteKind::Create(fields), author(&state, &headers));
+    let op = WriteOp::new(
+        &collection,
+        None,
+        WriteKind::Create(fields),
+        author(&state, &headers),
+    );
     let outcome = write_one(&state, op).await?;
     Ok((StatusCode::CREATED, Json(Value::Object(outcome.record))))
 }
@@ -143,7 +157,10 @@ pub async fn patch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    change(state, collection, id, headers, || Ok(WriteKind::Patch(body_object(body)?))).await
+    change(state, collection, id, headers, || {
+        Ok(WriteKind::Patch(body_object(body)?))
+    })
+    .await
 }
 
 /// `PUT /v1/{collection}/{id}`: the record becomes the given fields.
@@ -153,7 +170,10 @@ pub async fn replace(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    change(state, collection, id, headers, || Ok(WriteKind::Replace(body_object(body)?))).await
+    change(state, collection, id, headers, || {
+        Ok(WriteKind::Replace(body_object(body)?))
+    })
+    .await
 }
 
 /// `DELETE /v1/{collection}/{id}`: soft delete; answers the tombstone.
@@ -193,10 +213,15 @@ pub async fn list(
             }
             "cursor" => {
                 query.cursor = Some(hex::decode(&value).map_err(|_| {
-                    ApiError::bad_request("bad_query", "cursor must be the `next` value of the previous page")
+                    ApiError::bad_request(
+                        "bad_query",
+                        "cursor must be the `next` value of the previous page",
+                    )
                 })?);
             }
-            "include_deleted" => query.include_deleted = matches!(value.as_str(), "true" | "1" | "yes"),
+            "include_deleted" => {
+                query.include_deleted = matches!(value.as_str(), "true" | "1" | "yes")
+            }
             _ => query.filters.push(match value.strip_suffix('*') {
                 Some(prefix) => Filter::Prefix {
                     field: key,

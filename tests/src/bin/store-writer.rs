@@ -8,8 +8,14 @@ use medmesh_storage::{Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
 use serde_json::json;
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args().nth(1).ok_or_else(|| anyhow::anyhow!("usage: store-writer DB"))?;
-    let store = Store::open(std::path::Path::new(&path), Schema::hikma(), StoreOptions::default())?;
+    let path = std::env::args()
+        .nth(1)
+        .ok_or_else(|| anyhow::anyhow!("usage: store-writer DB"))?;
+    let store = Store::open(
+        std::path::Path::new(&path),
+        Schema::hikma(),
+        StoreOptions::default(),
+    )?;
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let store = store.clone();
