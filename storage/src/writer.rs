@@ -486,7 +486,7 @@ impl Writer {
             WriteKind::Create(fields) => {
                 let created = match prepared {
                     Some(result) => result?,
-                    None => prepare_create(&spec, &self.actor, op.id, fields, op.time_ms, options)?,
+                    None => prepare_create(spec, &self.actor, op.id, fields, op.time_ms, options)?,
                 };
                 let id = created.id;
                 if self.load_working(tables, staged, batch, &id)? {
@@ -665,7 +665,7 @@ impl Writer {
             tables.index.insert(fresh.as_slice(), ())?;
         }
         let was_live = working.old_meta.as_ref().is_some_and(|m| !m.deleted);
-        if was_live != !deleted {
+        if was_live == deleted {
             let current = tables
                 .counts
                 .get(working.collection.as_str())?

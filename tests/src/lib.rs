@@ -161,7 +161,7 @@ pub fn patient(i: usize) -> serde_json::Value {
         "citizenship": "Nigerian",
         "hometown": TOWNS[i % 4],
         "phone": format!("+234 803 {:03} {:04}", i % 1000, i % 10000),
-        "sex": if i % 2 == 0 { "female" } else { "male" },
+        "sex": if i.is_multiple_of(2) { "female" } else { "male" },
         "camp": format!("Camp {}", i % 12),
         "government_id": format!("NIN-{:011}", i),
         "external_patient_id": format!("EXT-{i:08}"),
