@@ -4,6 +4,8 @@ use clap::Parser;
 use medmesh::config::{Cli, Command};
 use medmesh::{client, server};
 
+// mimalloc: glibc's allocator fragments under many small documents (see BENCHMARKS.md).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
