@@ -10,13 +10,22 @@
 //!   field, with nothing lost (nested objects, arrays, ints vs floats, unknown fields), and
 //!   how a write becomes the minimal set of field changes.
 //!
+//! - [`membership`]: mesh secrets, invites, fingerprints, proofs of membership.
+//! - [`wire`]: the sync protocol's messages and their length-prefixed, versioned,
+//!   compressed CBOR frames, decoded without trusting the peer.
+//! - [`sync`]: the sync session with one peer as a state machine
+//!   (`handle(input, now) -> outputs`), both directions, no I/O.
+//!
 //! Data flows one way: the node parses a request into JSON, [`schema`] validates it,
 //! [`record`] turns it into Automerge operations inside a transaction the storage crate
 //! owns, and turns documents back into JSON for answers.
 
 pub mod ids;
+pub mod membership;
 pub mod record;
 pub mod schema;
+pub mod sync;
+pub mod wire;
 
 pub use ids::{Collection, DocId, IdError};
 pub use record::{ChangeAuthor, RecordError};

@@ -1,0 +1,461 @@
+//! The sync protocol's messages and their framing.
+//!
+//! A frame is `length (u32, big-endian) | version (u8) | flags (u8) | payload`, where the
+//! length counts the version, flags and payload, and the payload is one [`Message`] in
+//! CBOR, deflate-compressed when that makes it smaller (flag [`FLAG_DEFLATE`]). Decoding
+//! checks the length against [`MAX_FRAME`] before buffering anything, limits what a
+//! compressed payload may expand to, and answers a [`WireError`] for anything malformed:
+//! a peer can make a session fail, never make the node panic or allocate without bound.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::DocId;
+
+/// The wire format version in every frame.
+pub const WIRE_VERSION: u8 = 1;
+/// Largest frame accepted (length field), compressed or not.
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Largest payload a compressed frame may expand to.
+pub const MAX_DECOMPRESSED: usize = 16 * 1024 * 1024;
+/// Payloads at least this large are compressed.
+const COMPRESS_FROM: usize = 256;
+/// Flag: the payload is deflate-compressed.
+pub const FLAG_DEFLATE: u8 = 1;
+const HEADER: usize = 4;
+
+/// The opening message of each side of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sync protocol version the sender speaks.
+    pub version: u16,
+    /// The sender's mesh fingerprint.
+    pub mesh: String,
+    /// The challenge: random bytes the other side must bind into its proof.
+    pub nonce: ByteBuf,
+    /// The sender's change feed epoch (a new one when its store was replaced).
+    pub feed_epoch: String,
+}
+
+/// Proof of membership, answering the other side's challenge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Proof {
+    /// HMAC with the shared mesh secret (see [`crate::membership`]).
+    SharedSecret {
+        /// The MAC.
+        mac: ByteBuf,
+    },
+}
+
+/// One entry of a node's change feed: a document changed at `seq`, now at `heads`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedItem {
+    /// Feed position.
+    pub seq: u64,
+    /// The document.
+    pub id: DocId,
+    /// Its collection.
+    pub collection: String,
+    /// Its heads: 32-byte change hashes, concatenated.
+    pub heads: ByteBuf,
+}
+
+/// A document the asker has, with its heads, for which it wants the changes it lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WantChanges {
+    /// The document.
+    pub id: DocId,
+    /// The asker's heads (concatenated 32-byte hashes).
+    pub heads: ByteBuf,
+}
+
+/// A document, whole or as the changes the asker lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocPayload {
+    /// The document.
+    pub id: DocId,
+    /// Its collection.
+    pub collection: String,
+    /// Automerge bytes (a saved document or changes), to merge.
+    pub bytes: ByteBuf,
+}
+
+/// A message of the sync protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Message {
+    /// Opens the session.
+    Hello(Hello),
+    /// Answers the other side's challenge.
+    Proof(Proof),
+    /// The session is refused or ended, and why.
+    Refuse {
+        /// What to tell the person at the other device.
+        reason: String,
+    },
+    /// The asker wants the sender's feed after `since` (in feed `epoch`), and then every
+    /// later change as it happens.
+    Subscribe {
+        /// The feed epoch the asker's cursor belongs to.
+        epoch: String,
+        /// The asker's cursor.
+        since: u64,
+    },
+    /// A page of the feed; everything up to `upto` is covered by it.
+    Feed {
+        /// Changed documents.
+        entries: Vec<FeedItem>,
+        /// The feed position this page reaches.
+        upto: u64,
+    },
+    /// What the asker needs, for its request `req`.
+    Want {
+        /// Request number (answered by `Docs` with the same number).
+        req: u64,
+        /// Documents the asker does not have at all.
+        whole: Vec<DocId>,
+        /// Documents the asker has but is behind on.
+        changes: Vec<WantChanges>,
+    },
+    /// Documents answering request `req`; `done` on the last message of the answer.
+    Docs {
+        /// The request answered.
+        req: u64,
+        /// The documents.
+        docs: Vec<DocPayload>,
+        /// This is the last message of the answer.
+        done: bool,
+    },
+    /// Part of a document too large for one frame; parts arrive in order.
+    DocPart {
+        /// The request answered.
+        req: u64,
+        /// The document.
+        id: DocId,
+        /// Its collection.
+        collection: String,
+        /// The whole size of its bytes.
+        total: u64,
+        /// This part.
+        bytes: ByteBuf,
+    },
+    /// The asker has durably stored everything of the feed up to `upto`.
+    Ack {
+        /// Feed position.
+        upto: u64,
+    },
+}
+
+/// A frame or message that cannot be accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The length field is larger than the protocol allows.
+    #[error("the peer sent a frame of {0} bytes, more than the {MAX_FRAME} allowed")]
+    TooLarge(usize),
+    /// A frame shorter than its header.
+    #[error("the peer sent an empty frame")]
+    Empty,
+    /// A frame of another wire version.
+    #[error(
+        "the peer speaks wire version {0}, this node speaks {WIRE_VERSION}; update medmesh on both devices"
+    )]
+    Version(u8),
+    /// Unknown flags.
+    #[error("the peer sent a frame with unknown flags {0:#x}")]
+    Flags(u8),
+    /// The payload does not decompress, or expands beyond the limit.
+    #[error("the peer sent a compressed frame that is damaged or too large")]
+    Compression,
+    /// The payload is not a message.
+    #[error("the peer sent a message that could not be read: {0}")]
+    Decode(String),
+    /// The message could not be encoded (too large).
+    #[error("a message could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// Encodes one message as a frame.
+pub fn encode(message: &Message) -> Result<Vec<u8>, WireError> {
+    let mut payload = Vec::new();
+    ciborium::into_writer(message, &mut payload).map_err(|e| WireError::Encode(e.to_string()))?;
+    let mut flags = 0;
+    if payload.len() >= COMPRESS_FROM {
+        let mut encoder = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(payload.len() / 2),
+            flate2::Compression::fast(),
+        );
+        if encoder.write_all(&payload).is_ok()
+            && let Ok(compressed) = encoder.finish()
+            && compressed.len() < payload.len()
+        {
+            payload = compressed;
+            flags |= FLAG_DEFLATE;
+        }
+    }
+    let length = payload.len() + 2;
+    if length > MAX_FRAME {
+        return Err(WireError::Encode(format!(
+            "{length} bytes is over the frame limit"
+        )));
+    }
+    let mut frame = Vec::with_capacity(HEADER + length);
+    frame.extend_from_slice(&(length as u32).to_be_bytes());
+    frame.push(WIRE_VERSION);
+    frame.push(flags);
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+/// Reads the length of the frame starting `header`; checks it against [`MAX_FRAME`].
+pub fn frame_length(header: [u8; 4]) -> Result<usize, WireError> {
+    let length = u32::from_be_bytes(header) as usize;
+    if length > MAX_FRAME {
+        Err(WireError::TooLarge(length))
+    } else if length < 2 {
+        Err(WireError::Empty)
+    } else {
+        Ok(length)
+    }
+}
+
+/// Decodes a frame's body (what follows the length field).
+pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
+    let [version, flags, payload @ ..] = body else {
+        return Err(WireError::Empty);
+    };
+    if *version != WIRE_VERSION {
+        return Err(WireError::Version(*version));
+    }
+    match *flags {
+        0 => ciborium::from_reader(payload).map_err(|e| WireError::Decode(e.to_string())),
+        FLAG_DEFLATE => {
+            let mut decoder =
+                flate2::read::DeflateDecoder::new(payload).take(MAX_DECOMPRESSED as u64 + 1);
+            let mut plain = Vec::new();
+            decoder
+                .read_to_end(&mut plain)
+                .map_err(|_| WireError::Compression)?;
+            if plain.len() > MAX_DECOMPRESSED {
+                return Err(WireError::Compression);
+            }
+            ciborium::from_reader(plain.as_slice()).map_err(|e| WireError::Decode(e.to_string()))
+        }
+        other => Err(WireError::Flags(other)),
+    }
+}
+
+/// Decodes frames from a byte stream, without I/O: push what arrived, take messages out.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buffer: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// A decoder with nothing buffered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes received from the peer.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if one has arrived. An error means the stream must be
+    /// closed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        let Some(header) = self.buffer.get(..HEADER) else {
+            return Ok(None);
+        };
+        let mut length_bytes = [0u8; 4];
+        length_bytes.copy_from_slice(header);
+        let length = frame_length(length_bytes)?;
+        if self.buffer.len() < HEADER + length {
+            return Ok(None);
+        }
+        let message = decode_body(&self.buffer[HEADER..HEADER + length]);
+        self.buffer.drain(..HEADER + length);
+        message.map(Some)
+    }
+}
+
+/// Concatenated 32-byte heads as separate hashes; `None` when the length is wrong.
+pub fn split_heads(heads: &[u8]) -> Option<Vec<[u8; 32]>> {
+    if !heads.len().is_multiple_of(32) {
+        return None;
+    }
+    Some(
+        heads
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect(),
+    )
+}
+
+/// Hashes concatenated for the wire.
+pub fn join_heads(heads: &[[u8; 32]]) -> ByteBuf {
+    ByteBuf::from(heads.concat())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<Message> {
+        let id = DocId::new_v7();
+        vec![
+            Message::Hello(Hello {
+                version: 1,
+                mesh: "00aa".into(),
+                nonce: ByteBuf::from(vec![1; 32]),
+                feed_epoch: "e".into(),
+            }),
+            Message::Proof(Proof::SharedSecret {
+                mac: ByteBuf::from(vec![2; 32]),
+            }),
+            Message::Refuse {
+                reason: "no".into(),
+            },
+            Message::Subscribe {
+                epoch: "e".into(),
+                since: 42,
+            },
+            Message::Feed {
+                entries: (0..300)
+                    .map(|i| FeedItem {
+                        seq: i,
+                        id,
+                        collection: "patients".into(),
+                        heads: ByteBuf::from(vec![3; 32]),
+                    })
+                    .collect(),
+                upto: 299,
+            },
+            Message::Want {
+                req: 1,
+                whole: vec![id],
+                changes: vec![WantChanges {
+                    id,
+                    heads: ByteBuf::from(vec![4; 64]),
+                }],
+            },
+            Message::Docs {
+                req: 1,
+                docs: vec![DocPayload {
+                    id,
+                    collection: "visits".into(),
+                    bytes: ByteBuf::from(vec![5; 1000]),
+                }],
+                done: true,
+            },
+            Message::DocPart {
+                req: 2,
+                id,
+                collection: "visits".into(),
+                total: 10,
+                bytes: ByteBuf::from(vec![6; 5]),
+            },
+            Message::Ack { upto: 299 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_a_byte_stream_in_pieces() {
+        let messages = sample();
+        let mut stream = Vec::new();
+        for m in &messages {
+            stream.extend(encode(m).expect("encode"));
+        }
+        let mut decoder = FrameDecoder::new();
+        let mut out = Vec::new();
+        for piece in stream.chunks(7) {
+            decoder.push(piece);
+            while let Some(m) = decoder.next_message().expect("decode") {
+                out.push(m);
+            }
+        }
+        assert_eq!(out, messages);
+    }
+
+    #[test]
+    fn large_messages_are_compressed() {
+        let feed = &sample()[4];
+        let frame = encode(feed).expect("encode");
+        assert_eq!(frame[5], FLAG_DEFLATE);
+        let mut plain = Vec::new();
+        ciborium::into_writer(feed, &mut plain).expect("cbor");
+        assert!(
+            frame.len() < plain.len() / 2,
+            "{} vs {}",
+            frame.len(),
+            plain.len()
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            decoder.next_message(),
+            Err(WireError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn wrong_version_flags_and_zip_bombs_are_refused() {
+        let mut frame = encode(&Message::Ack { upto: 1 }).expect("encode");
+        frame[4] = 9;
+        assert!(matches!(
+            decode_body(&frame[4..]),
+            Err(WireError::Version(9))
+        ));
+        frame[4] = WIRE_VERSION;
+        frame[5] = 0x80;
+        assert!(matches!(decode_body(&frame[4..]), Err(WireError::Flags(_))));
+        // 64 MiB of zeros compresses to a few KiB: it must be refused, not expanded.
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1024 * 1024];
+        for _ in 0..64 {
+            encoder.write_all(&zeros).expect("compress");
+        }
+        let bomb = encoder.finish().expect("finish");
+        let mut body = vec![WIRE_VERSION, FLAG_DEFLATE];
+        body.extend(bomb);
+        assert!(matches!(decode_body(&body), Err(WireError::Compression)));
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes);
+            for _ in 0..4 {
+                match decoder.next_message() {
+                    Ok(Some(_)) => continue,
+                    _ => break,
+                }
+            }
+            let _ = decode_body(&bytes);
+        }
+
+        #[test]
+        fn truncated_frames_never_decode_wrongly(cut in 0usize..200) {
+            let frame = encode(&sample()[5]).expect("encode");
+            let cut = cut.min(frame.len().saturating_sub(1));
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&frame[..cut]);
+            prop_assert!(matches!(decoder.next_message(), Ok(None)));
+        }
+    }
+}
