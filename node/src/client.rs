@@ -478,3 +478,56 @@ async fn send_import_batch(
         })
         .collect())
 }
+
+/// `medmesh peers` and `medmesh peers add MULTIADDR`
+pub async fn peers(api: &ApiArgs, action: Option<&str>, addr: Option<&str>) -> Result<()> {
+    let client = Client::new(api)?;
+    match (action, addr) {
+        (Some("add"), Some(addr)) => {
+            client
+                .call(Method::POST, "/v1/peers", Some(&json!({ "addr": addr })))
+                .await?;
+            println!(
+                "Connecting to {addr}; it is remembered for the next starts. See `medmesh peers`."
+            );
+            Ok(())
+        }
+        (Some("add"), None) => {
+            bail!("give the address: medmesh peers add /ip4/192.168.1.20/tcp/7401")
+        }
+        (Some(other), _) => bail!(
+            "unknown peers action `{other}`: use `medmesh peers` or `medmesh peers add MULTIADDR`"
+        ),
+        (None, _) => {
+            let (_, answer) = client.call(Method::GET, "/v1/peers", None).await?;
+            let peers = answer["peers"].as_array().cloned().unwrap_or_default();
+            println!(
+                "Mesh {}: {} peer(s)",
+                answer["mesh"].as_str().unwrap_or("?"),
+                peers.len()
+            );
+            for peer in peers {
+                println!(
+                    "{}  {}  last sync {}  waiting in {} / out {}{}",
+                    peer["peer_id"].as_str().unwrap_or("?"),
+                    if peer["connected"] == json!(true) {
+                        "connected   "
+                    } else {
+                        "disconnected"
+                    },
+                    peer["last_sync"].as_str().unwrap_or("never"),
+                    peer["pending_in"],
+                    peer["pending_out"],
+                    peer["last_error"]
+                        .as_str()
+                        .map(|e| format!("  ({e})"))
+                        .unwrap_or_default(),
+                );
+                for addr in peer["addresses"].as_array().into_iter().flatten() {
+                    println!("    {}", addr.as_str().unwrap_or("?"));
+                }
+            }
+            Ok(())
+        }
+    }
+}

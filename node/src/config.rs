@@ -71,6 +71,9 @@ pub struct StartArgs {
     /// Do not use mDNS discovery on the local network.
     #[arg(long)]
     pub no_mdns: bool,
+    /// Use mDNS only on this network interface (repeatable; default all).
+    #[arg(long = "mdns-interface", value_name = "NAME")]
+    pub mdns_interfaces: Vec<String>,
     /// A schema file declaring extra collections (kept in the data directory for the
     /// next starts).
     #[arg(long, env = "MEDMESH_SCHEMA")]
@@ -80,11 +83,34 @@ pub struct StartArgs {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a node's identity and an empty store in a data directory.
+    /// Create a node's identity and an empty store in a data directory, in a new mesh or
+    /// joining one with an invite.
     Init {
         #[command(flatten)]
         /// Data directory.
         data: DataArgs,
+        /// Join the mesh of this invite (from `medmesh invite` on one of its devices).
+        #[arg(long, value_name = "INVITE")]
+        join: Option<String>,
+    },
+    /// Print an invite for another device to join this node's mesh (the last line).
+    Invite {
+        #[command(flatten)]
+        /// Data directory.
+        data: DataArgs,
+        /// An address where this node can be reached, added to the invite (repeatable).
+        #[arg(long = "addr", value_name = "MULTIADDR")]
+        addrs: Vec<String>,
+    },
+    /// List the other nodes (or add one with `peers add MULTIADDR`).
+    Peers {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// `add`
+        action: Option<String>,
+        /// The address for `add`, e.g. /ip4/192.168.1.20/tcp/7401
+        addr: Option<String>,
     },
     /// Run a node (creates the data directory on first start).
     Start(StartArgs),

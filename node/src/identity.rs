@@ -2,7 +2,8 @@
 //! the store, so the node's peer id never changes.
 
 use anyhow::{Context, Result};
-use libp2p_identity::{Keypair, PeerId};
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
 use medmesh_storage::Store;
 
 const IDENTITY_KEY: &str = "node_identity";

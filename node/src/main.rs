@@ -31,13 +31,17 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Init { data } => {
+            Command::Init { data, join } => {
                 let dir = data.dir();
-                tokio::task::spawn_blocking(move || server::init(&dir))
+                tokio::task::spawn_blocking(move || server::init(&dir, join.as_deref()))
                     .await
                     .unwrap_or_else(|e| Err(anyhow::anyhow!("init was interrupted: {e}")))
             }
             Command::Start(args) => server::start(args).await,
+            Command::Invite { data, addrs } => server::invite(&data.dir(), &addrs),
+            Command::Peers { api, action, addr } => {
+                client::peers(&api, action.as_deref(), addr.as_deref()).await
+            }
             Command::Status { api } => client::status(&api).await,
             Command::Put {
                 api,

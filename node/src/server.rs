@@ -11,6 +11,9 @@ use tokio::net::TcpListener;
 use crate::api::{self, AppState};
 use crate::config::StartArgs;
 use crate::identity;
+use crate::mesh::{self, MeshConfig};
+use libp2p::identity::Keypair;
+use medmesh_protocol::membership::{Credential, MeshSecret};
 
 /// The store's file inside a data directory.
 pub const STORE_FILE: &str = "medmesh.redb";
@@ -25,6 +28,10 @@ pub struct OpenedData {
     pub store: Store,
     /// The node's peer id.
     pub peer_id: String,
+    /// The node's key pair.
+    pub keypair: Keypair,
+    /// The mesh this node belongs to.
+    pub secret: MeshSecret,
     /// True when this call created the directory's store.
     pub created: bool,
 }
@@ -71,10 +78,21 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     let store = Store::open(&path, schema, StoreOptions::default())
         .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let keypair = identity::load_or_create(&store)?;
+    let secret = match mesh::read_mesh_secret(dir)? {
+        Some(secret) => secret,
+        None => {
+            // A node started without an invite founds a new mesh.
+            let secret = MeshSecret::from_bytes(rand::random());
+            mesh::write_mesh_secret(dir, &secret)?;
+            secret
+        }
+    };
     Ok(OpenedData {
         dir: dir.to_path_buf(),
         store,
         peer_id: identity::peer_id(&keypair).to_string(),
+        keypair,
+        secret,
         created,
     })
 }
@@ -131,22 +149,47 @@ pub async fn start(args: StartArgs) -> Result<()> {
     }
     let counts = opened.store.counts().unwrap_or_default();
     let total: u64 = counts.values().sum();
+    let mesh_config = MeshConfig {
+        listen: parse_addrs(&args.listen, "--listen")?,
+        peers: parse_addrs(&args.peer, "--peer")?,
+        mdns: !args.no_mdns,
+        mdns_interfaces: args.mdns_interfaces.clone(),
+    };
+    let mesh_shutdown = tokio_util::sync::CancellationToken::new();
+    let (mesh, mesh_task) = mesh::start(
+        opened.store.clone(),
+        opened.keypair.clone(),
+        Credential::SharedSecret(opened.secret.clone()),
+        mesh_config,
+        mesh_shutdown.clone(),
+    )
+    .await?;
     let state = AppState::new(
         opened.store.clone(),
         opened.peer_id.clone(),
         Some(opened.dir.clone()),
-    );
+    )
+    .with_mesh(mesh.clone());
     let api = serve_api(state, args.api).await?;
     println!("medmesh node {} is running", opened.peer_id);
     println!("  data:    {} ({total} records)", opened.dir.display());
     println!("  API:     http://{}", api.addr);
+    println!(
+        "  mesh:    {} (listening on {})",
+        mesh.fingerprint(),
+        args.listen.join(", ")
+    );
     if args.no_mdns {
-        println!("  mesh:    discovery off (--no-mdns)");
+        println!(
+            "           discovery off (--no-mdns): other nodes come from --peer or `medmesh peers add`"
+        );
     }
     println!("Press Ctrl-C to stop.");
     tracing::info!(peer = %opened.peer_id, api = %api.addr, "node started");
     shutdown_signal().await;
     println!("Stopping: finishing the writes in progress...");
+    mesh_shutdown.cancel();
+    let _ = mesh_task.await;
     api.shutdown.cancel();
     match api.task.await {
         Ok(Ok(())) => {}
@@ -180,8 +223,55 @@ async fn shutdown_signal() {
     }
 }
 
-/// `medmesh init`: creates the identity and store; says what to do next.
-pub fn init(dir: &Path) -> Result<()> {
+fn parse_addrs(addrs: &[String], flag: &str) -> Result<Vec<libp2p::Multiaddr>> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse().with_context(|| {
+                format!(
+                    "{flag} {a} is not a libp2p address; write it like /ip4/192.168.1.20/tcp/7401"
+                )
+            })
+        })
+        .collect()
+}
+
+/// `medmesh init`: creates the identity and store, in a new mesh or the invite's;
+/// says what to do next.
+pub fn init(dir: &Path, join: Option<&str>) -> Result<()> {
+    if let Some(invite) = join {
+        let (secret, addrs) = MeshSecret::from_invite(invite)?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+        match mesh::read_mesh_secret(dir)? {
+            Some(existing) if existing != secret => bail!(
+                "{} already belongs to mesh {}; to join mesh {} use a new --data directory",
+                dir.display(),
+                existing.fingerprint(),
+                secret.fingerprint()
+            ),
+            Some(_) => {}
+            None => mesh::write_mesh_secret(dir, &secret)?,
+        }
+        let opened = open_data(dir, None)?;
+        for addr in &addrs {
+            let record = medmesh_storage::PeerRecord {
+                addrs: vec![addr.clone()],
+                pinned: true,
+                ..Default::default()
+            };
+            let store = opened.store.clone();
+            let key = format!("addr:{addr}");
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .context("cannot remember the invite's addresses")?
+                .block_on(async move { store.put_peer(&key, &record).await })?;
+        }
+        println!("Joined mesh {} in {}", secret.fingerprint(), dir.display());
+        println!("Node id: {}", opened.peer_id);
+        println!("Start it with: medmesh start --data {}", dir.display());
+        return Ok(());
+    }
     let opened = open_data(dir, None)?;
     if opened.created {
         println!("Created a new medmesh node in {}", opened.dir.display());
@@ -191,10 +281,30 @@ pub fn init(dir: &Path) -> Result<()> {
             opened.dir.display()
         );
     }
+    println!("Mesh:    {}", opened.secret.fingerprint());
     println!("Node id: {}", opened.peer_id);
     println!(
         "Start it with: medmesh start --data {}",
         opened.dir.display()
     );
+    Ok(())
+}
+
+/// `medmesh invite`: prints an invite to this node's mesh, as the last line.
+pub fn invite(dir: &Path, addrs: &[String]) -> Result<()> {
+    let secret = mesh::read_mesh_secret(dir)?.with_context(|| {
+        format!(
+            "{} holds no medmesh node yet; create one with `medmesh init --data {}`",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    println!(
+        "Invite to mesh {}. On the other device run:",
+        secret.fingerprint()
+    );
+    println!("  medmesh init --data DIR --join INVITE");
+    println!("Keep it private: anyone with it can join the mesh and read its records.");
+    println!("{}", secret.invite(addrs));
     Ok(())
 }

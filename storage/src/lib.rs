@@ -21,6 +21,7 @@
 
 pub mod error;
 pub mod meta;
+mod peer;
 mod slot;
 mod store;
 pub mod tables;
@@ -29,4 +30,4 @@ mod writer;
 
 pub use error::{Result, StoreError};
 pub use store::{FeedEntry, Filter, Page, Query, RecordView, Store, StoreInfo, StoreOptions};
-pub use write::{WriteBatch, WriteKind, WriteOp, WriteOutcome};
+pub use write::{PeerRecord, WriteBatch, WriteKind, WriteOp, WriteOutcome};

@@ -16,34 +16,51 @@ pub struct DocMeta {
     pub deleted: bool,
     /// Chunks saved since the snapshot.
     pub chunks: u32,
+    /// The document's heads (Automerge change hashes), so the feed can be served
+    /// without loading documents.
+    pub heads: Vec<[u8; 32]>,
 }
 
 const META_VERSION: u8 = 1;
+const FIXED: usize = 23;
 
 impl DocMeta {
-    /// Encodes: version, flags, seq, updated_ms, chunks, collection name.
+    /// Encodes: version, flags, seq, updated_ms, chunks, number of heads, heads,
+    /// collection name.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(22 + self.collection.len());
+        let heads = self.heads.len().min(255);
+        let mut out = Vec::with_capacity(FIXED + 32 * heads + self.collection.len());
         out.push(META_VERSION);
         out.push(u8::from(self.deleted));
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.updated_ms.to_be_bytes());
         out.extend_from_slice(&self.chunks.to_be_bytes());
+        out.push(heads as u8);
+        for head in self.heads.iter().take(heads) {
+            out.extend_from_slice(head);
+        }
         out.extend_from_slice(self.collection.as_bytes());
         out
     }
 
     /// Decodes what [`DocMeta::encode`] wrote; `None` for anything else.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < 22 || bytes[0] != META_VERSION {
+        if bytes.len() < FIXED || bytes[0] != META_VERSION {
             return None;
         }
+        let heads = usize::from(bytes[22]);
+        let names = FIXED + 32 * heads;
+        let head_bytes = bytes.get(FIXED..names)?;
         Some(Self {
             deleted: bytes[1] != 0,
             seq: u64::from_be_bytes(bytes[2..10].try_into().ok()?),
             updated_ms: i64::from_be_bytes(bytes[10..18].try_into().ok()?),
             chunks: u32::from_be_bytes(bytes[18..22].try_into().ok()?),
-            collection: String::from_utf8(bytes[22..].to_vec()).ok()?,
+            heads: head_bytes
+                .chunks_exact(32)
+                .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+                .collect(),
+            collection: String::from_utf8(bytes.get(names..)?.to_vec()).ok()?,
         })
     }
 }
@@ -105,6 +122,7 @@ mod tests {
             updated_ms: 1_715_000_000_000,
             deleted: true,
             chunks: 3,
+            heads: vec![[1; 32], [2; 32]],
         };
         assert_eq!(DocMeta::decode(&meta.encode()), Some(meta));
         assert_eq!(DocMeta::decode(&[9, 9, 9]), None);

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
 use crate::slot::DbSlot;
-use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, INDEX, INFO};
+use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, INDEX, INFO, PEERS};
 use crate::write::{WriteBatch, WriteOutcome};
 use crate::writer::{
     Command, PREPARE_OFF_WRITER, WRITE_QUEUE_CAPACITY, Writer, actor_from_hex, prepare_creates,
@@ -130,11 +130,12 @@ pub struct FeedEntry {
 /// Cloning is cheap; all clones share one database and one writer thread.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     db: Arc<DbSlot>,
+    pub(crate) feed: tokio::sync::watch::Receiver<u64>,
     schema: Arc<Schema>,
     info: StoreInfo,
     writer: std::sync::mpsc::SyncSender<Command>,
@@ -221,7 +222,8 @@ impl Store {
         let db = Arc::new(db);
         let schema = Arc::new(schema);
         let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE_CAPACITY);
-        let writer = Writer::new(db.clone(), schema.clone(), &info, options)?;
+        let (feed_tx, feed) = tokio::sync::watch::channel(0);
+        let writer = Writer::new(feed_tx, db.clone(), schema.clone(), &info, options)?;
         let handle = std::thread::Builder::new()
             .name("medmesh-store-writer".into())
             .spawn(move || writer.run(rx))
@@ -229,6 +231,7 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
+                feed,
                 schema,
                 info,
                 writer: tx,
@@ -319,7 +322,7 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
-    fn send(&self, command: Command) -> Result<()> {
+    pub(crate) fn send(&self, command: Command) -> Result<()> {
         self.inner
             .writer
             .send(command)
@@ -333,7 +336,7 @@ impl Store {
         Ok(table.get(key)?.map(|v| v.value().to_vec()))
     }
 
-    fn read_txn(&self) -> Result<ReadTransaction> {
+    pub(crate) fn read_txn(&self) -> Result<ReadTransaction> {
         Ok(self.inner.db.get()?.begin_read()?)
     }
 
@@ -686,6 +689,7 @@ fn for_each_table(txn: &redb::WriteTransaction) -> Result<()> {
     txn.open_table(FEED)?;
     txn.open_table(INDEX)?;
     txn.open_table(COUNTS)?;
+    txn.open_table(PEERS)?;
     Ok(())
 }
 
@@ -727,7 +731,11 @@ pub(crate) fn load_from_tables(
     Ok(doc)
 }
 
-fn load_document(txn: &ReadTransaction, id: &DocId, meta: &DocMeta) -> Result<Automerge> {
+pub(crate) fn load_document(
+    txn: &ReadTransaction,
+    id: &DocId,
+    meta: &DocMeta,
+) -> Result<Automerge> {
     let docs = txn.open_table(DOCS)?;
     let chunks = txn.open_table(CHUNKS)?;
     load_from_tables(&docs, &chunks, id, &meta.collection)

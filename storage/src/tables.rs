@@ -27,5 +27,10 @@ pub const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts-1");
 /// Store-wide values: format version, feed epoch, actor id, node identity.
 pub const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info-1");
 
+/// Peer id (or `addr:` + address for a peer known only by address) → what this node
+/// keeps about that peer: its feed cursor, addresses, when last seen and synced (JSON of
+/// [`crate::PeerRecord`]).
+pub const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers-1");
+
 /// The format version written in [`INFO`] under `format`.
 pub const FORMAT_VERSION: u32 = 1;

@@ -83,3 +83,26 @@ pub struct WriteOutcome {
     /// The record's position in the local feed.
     pub seq: u64,
 }
+
+/// What the node keeps about one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerRecord {
+    /// The epoch of the peer's feed that `cursor_seq` belongs to.
+    #[serde(default)]
+    pub cursor_epoch: Option<String>,
+    /// How far this node has durably stored the peer's feed.
+    #[serde(default)]
+    pub cursor_seq: u64,
+    /// Addresses the peer was reached at (multiaddrs, as text).
+    #[serde(default)]
+    pub addrs: Vec<String>,
+    /// Added by hand (`--peer`, the API): dialed even when discovery does not see it.
+    #[serde(default)]
+    pub pinned: bool,
+    /// When the peer was last connected (milliseconds since the epoch).
+    #[serde(default)]
+    pub last_seen_ms: Option<i64>,
+    /// When this node last held everything of the peer's feed.
+    #[serde(default)]
+    pub last_sync_ms: Option<i64>,
+}

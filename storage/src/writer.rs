@@ -31,7 +31,7 @@ use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
 use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
-use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, INDEX, INFO};
+use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, INDEX, INFO, PEERS};
 use crate::write::{WriteBatch, WriteKind, WriteOp, WriteOutcome};
 
 /// Batches with at least this many creates have their documents worked out by the
@@ -60,6 +60,11 @@ pub(crate) enum Command {
         value: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
     },
+    PutPeer {
+        key: String,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
     CompactAll {
         reply: oneshot::Sender<Result<usize>>,
     },
@@ -71,6 +76,8 @@ pub(crate) enum Command {
 
 pub(crate) struct Writer {
     db: Arc<DbSlot>,
+    /// Tells subscribers the newest feed position after each commit.
+    feed: tokio::sync::watch::Sender<u64>,
     /// A write failed at the storage level: reopen the database before the next one.
     needs_reopen: bool,
     schema: Arc<Schema>,
@@ -89,6 +96,7 @@ struct Tables<'txn> {
     index: Table<'txn, &'static [u8], ()>,
     counts: Table<'txn, &'static str, u64>,
     info: Table<'txn, &'static str, &'static [u8]>,
+    peers: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -101,6 +109,7 @@ impl<'txn> Tables<'txn> {
             index: txn.open_table(INDEX)?,
             counts: txn.open_table(COUNTS)?,
             info: txn.open_table(INFO)?,
+            peers: txn.open_table(PEERS)?,
         })
     }
 
@@ -147,6 +156,7 @@ const CACHEABLE_BATCH: usize = 16;
 
 impl Writer {
     pub(crate) fn new(
+        feed: tokio::sync::watch::Sender<u64>,
         db: Arc<DbSlot>,
         schema: Arc<Schema>,
         info: &StoreInfo,
@@ -157,7 +167,9 @@ impl Writer {
             let feed = txn.open_table(FEED)?;
             feed.last()?.map_or(0, |(k, _)| k.value()) + 1
         };
+        feed.send_replace(next_seq - 1);
         Ok(Self {
+            feed,
             db,
             needs_reopen: false,
             schema,
@@ -243,12 +255,19 @@ impl Writer {
                     pending.push(Pending::Info(key, value));
                     replies.push(Reply::Info(reply));
                 }
+                Command::PutPeer { key, value, reply } => {
+                    pending.push(Pending::Peer(key, value));
+                    replies.push(Reply::Info(reply));
+                }
                 _ => {}
             }
         }
         let mut staged = Staged::default();
         match self.transaction(pending, &mut staged, &mut replies) {
             Ok(()) => {
+                if self.next_seq != first_seq {
+                    self.feed.send_replace(self.next_seq - 1);
+                }
                 for id in staged.order {
                     if let Some(working) = staged.docs.remove(&id)
                         && staged.cacheable.contains(&id)
@@ -297,6 +316,9 @@ impl Writer {
                     }
                     Pending::Info(key, value) => {
                         tables.info.insert(key.as_str(), value.as_slice())?;
+                    }
+                    Pending::Peer(key, value) => {
+                        tables.peers.insert(key.as_str(), value.as_slice())?;
                     }
                 }
             }
@@ -683,6 +705,7 @@ impl Writer {
             updated_ms,
             deleted,
             chunks,
+            heads: working.doc.get_heads().iter().map(|h| h.0).collect(),
         };
         tables.meta.insert(key, meta.encode().as_slice())?;
         Ok(Some(seq))
@@ -769,6 +792,7 @@ const KEPT_ON_REPLACE: &[&str] = &["id", "created_at", "updated_at", "deleted_at
 enum Pending {
     Write(WriteBatch, Vec<Option<Result<PreparedCreate>>>),
     Info(String, Vec<u8>),
+    Peer(String, Vec<u8>),
 }
 
 enum Reply {

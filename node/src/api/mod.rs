@@ -5,6 +5,7 @@
 //! threads: reads run on blocking threads, writes go to the store's writer thread.
 
 pub mod error;
+mod peers;
 mod records;
 mod status;
 
@@ -38,6 +39,7 @@ pub struct AppState {
 
 struct StateInner {
     store: Store,
+    mesh: Option<crate::mesh::Mesh>,
     peer_id: String,
     data_dir: Option<PathBuf>,
     started: std::time::Instant,
@@ -49,11 +51,31 @@ impl AppState {
         Self {
             inner: Arc::new(StateInner {
                 store,
+                mesh: None,
                 peer_id,
                 data_dir,
                 started: std::time::Instant::now(),
             }),
         }
+    }
+
+    /// The same state with the mesh attached (for `/v1/peers`).
+    pub fn with_mesh(self, mesh: crate::mesh::Mesh) -> Self {
+        let inner = StateInner {
+            store: self.inner.store.clone(),
+            mesh: Some(mesh),
+            peer_id: self.inner.peer_id.clone(),
+            data_dir: self.inner.data_dir.clone(),
+            started: self.inner.started,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The mesh, when the node runs one.
+    pub fn mesh(&self) -> Option<&crate::mesh::Mesh> {
+        self.inner.mesh.as_ref()
     }
 
     /// The store.
@@ -76,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(status::health))
         .route("/v1/status", get(status::status))
         .route("/v1/changes", get(status::changes))
+        .route("/v1/peers", get(peers::list).post(peers::add))
         .route("/v1/{collection}", post(records::create).get(records::list))
         .route(
             "/v1/{collection}/{id}",

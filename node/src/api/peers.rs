@@ -1,0 +1,60 @@
+//! The mesh's peers: `GET /v1/peers`, `POST /v1/peers {"addr": MULTIADDR}`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::{ApiError, AppState};
+
+fn no_mesh() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_mesh",
+        "this node runs without the mesh",
+    )
+}
+
+/// Every peer known now: id, addresses, connected, last sync, documents pending each way.
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    Ok(Json(
+        json!({ "mesh": mesh.fingerprint(), "peers": mesh.peers() }),
+    ))
+}
+
+/// Connects to a node by address (and remembers it).
+pub async fn add(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.to_string()))?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "bad_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })?;
+    let addr = value["addr"].as_str().ok_or_else(|| {
+        ApiError::bad_request(
+            "bad_json",
+            "the body must be {\"addr\": \"/ip4/192.168.1.20/tcp/7401\"}",
+        )
+    })?;
+    let addr: libp2p::Multiaddr = addr.parse().map_err(|_| {
+        ApiError::bad_request(
+            "bad_addr",
+            format!("`{addr}` is not a libp2p address; write it like /ip4/192.168.1.20/tcp/7401"),
+        )
+    })?;
+    mesh.add_peer(addr.clone())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_mesh", e.to_string()))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"addr": addr.to_string(), "status": "connecting"})),
+    ))
+}

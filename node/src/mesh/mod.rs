@@ -1,0 +1,166 @@
+//! The mesh: finding the other nodes of this mesh and keeping every record in sync with
+//! them over libp2p.
+//!
+//! - [`network`]: the actor that owns the libp2p swarm (TCP, noise, yamux). It dials
+//!   peers from `--peer`, the API, remembered peers and mDNS, keeps exactly one
+//!   connection per pair of peers, reconnects with backoff, and starts one sync session
+//!   per connected peer on the `/medmesh/sync/1` stream.
+//! - [`session`]: drives `medmesh_protocol::sync::Session` for one peer: frames in and
+//!   out of the stream, store work on blocking threads, the cursor saved after the
+//!   documents it covers.
+//! - [`discovery`]: mDNS (`_medmesh._udp.local.`) advertising and browsing.
+//!
+//! [`Mesh`] is the handle the rest of the node uses: a bounded channel to the network
+//! actor, and the shared per-peer status the API reports.
+
+pub mod discovery;
+mod network;
+mod session;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, anyhow};
+use libp2p::{Multiaddr, StreamProtocol};
+use medmesh_protocol::membership::MeshSecret;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+pub use network::{MeshConfig, start};
+
+/// The sync protocol's stream name.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/medmesh/sync/1");
+/// Commands that may wait for the network actor.
+const COMMAND_CAPACITY: usize = 64;
+/// The mesh secret's file in the data directory.
+pub const MESH_KEY_FILE: &str = "mesh.key";
+
+/// What the API shows about one peer.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PeerView {
+    /// Its libp2p peer id.
+    pub peer_id: String,
+    /// Where it was reached or seen.
+    pub addresses: Vec<String>,
+    /// Connected now.
+    pub connected: bool,
+    /// A sync session is running with it.
+    pub syncing: bool,
+    /// When it was last connected (RFC 3339).
+    pub last_seen: Option<String>,
+    /// When this node last held everything of its feed (RFC 3339).
+    pub last_sync: Option<String>,
+    /// Documents requested from it and not stored yet.
+    pub pending_in: usize,
+    /// Local changes it has not acknowledged yet.
+    pub pending_out: u64,
+    /// What the sync with it waits for.
+    pub waiting_for: Option<String>,
+    /// Why the last session ended, if it did.
+    pub last_error: Option<String>,
+}
+
+/// Per-peer status shared by the network actor and the sessions.
+pub type SharedStatus = Arc<Mutex<BTreeMap<String, PeerView>>>;
+
+pub(crate) fn update_status(status: &SharedStatus, peer: &str, change: impl FnOnce(&mut PeerView)) {
+    if let Ok(mut map) = status.lock() {
+        let view = map.entry(peer.to_owned()).or_insert_with(|| PeerView {
+            peer_id: peer.to_owned(),
+            ..PeerView::default()
+        });
+        change(view);
+    }
+}
+
+pub(crate) enum Command {
+    AddPeer {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+}
+
+/// A handle to the running mesh.
+#[derive(Clone)]
+pub struct Mesh {
+    commands: mpsc::Sender<Command>,
+    status: SharedStatus,
+    fingerprint: String,
+}
+
+impl Mesh {
+    fn closed() -> anyhow::Error {
+        anyhow!("the mesh has stopped (the node is shutting down)")
+    }
+
+    /// Connects to a node by address, now and after restarts.
+    pub async fn add_peer(&self, addr: Multiaddr) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::AddPeer { addr, reply })
+            .await
+            .map_err(|_| Self::closed())?;
+        answer.await.map_err(|_| Self::closed())?
+    }
+
+    /// The addresses the node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::ListenAddrs { reply })
+            .await
+            .map_err(|_| Self::closed())?;
+        answer.await.map_err(|_| Self::closed())
+    }
+
+    /// Every peer known now.
+    pub fn peers(&self) -> Vec<PeerView> {
+        self.status
+            .lock()
+            .map(|map| map.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The mesh's fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+/// Reads the mesh secret of a data directory.
+pub fn read_mesh_secret(dir: &Path) -> Result<Option<MeshSecret>> {
+    let path = dir.join(MESH_KEY_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the mesh key {}", path.display()))?;
+    let bytes = hex::decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok());
+    match bytes {
+        Some(bytes) => Ok(Some(MeshSecret::from_bytes(bytes))),
+        None => Err(anyhow!(
+            "the mesh key {} is damaged; restore it from a backup or join the mesh again with an invite (in a new data directory)",
+            path.display()
+        )),
+    }
+}
+
+/// Writes the mesh secret into a data directory (readable by its owner only).
+pub fn write_mesh_secret(dir: &Path, secret: &MeshSecret) -> Result<()> {
+    let path = dir.join(MESH_KEY_FILE);
+    std::fs::write(&path, hex::encode(secret.as_bytes()))
+        .with_context(|| format!("cannot write the mesh key {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot protect the mesh key {}", path.display()))?;
+    }
+    Ok(())
+}

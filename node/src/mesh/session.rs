@@ -1,0 +1,289 @@
+//! One sync session over one libp2p stream: bytes in and out, store work, status.
+
+use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use medmesh_protocol::membership::Credential;
+use medmesh_protocol::record;
+use medmesh_protocol::sync::{Cursor, Input, Output, Session, SessionConfig};
+use medmesh_protocol::wire::{self, FrameDecoder};
+use medmesh_storage::{PeerRecord, Store, WriteBatch, WriteKind, WriteOp};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{SharedStatus, update_status};
+
+/// Frames that may wait to be written to the peer. The protocol's windows bound what is
+/// in flight far below this, so the session never stops reading while it waits.
+const OUTGOING_FRAMES: usize = 256;
+/// Bytes read from the stream at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What a session needs from the node.
+#[derive(Clone)]
+pub(crate) struct SessionContext {
+    pub store: Store,
+    pub local_peer: String,
+    pub credential: Credential,
+    pub status: SharedStatus,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the sync session with `remote` on `stream` until either side ends it, the
+/// stream breaks or `cancel` fires. Answers why it ended.
+pub(crate) async fn run(
+    stream: libp2p::Stream,
+    remote: String,
+    context: SessionContext,
+    cancel: CancellationToken,
+) -> Result<String> {
+    let span = tracing::info_span!("sync", peer = %remote);
+    drive(stream, remote, context, cancel)
+        .instrument(span)
+        .await
+}
+
+async fn drive(
+    stream: libp2p::Stream,
+    remote: String,
+    context: SessionContext,
+    cancel: CancellationToken,
+) -> Result<String> {
+    let store = context.store.clone();
+    let key = remote.clone();
+    let mut peer = tokio::task::spawn_blocking(move || store.peer(&key))
+        .await
+        .context("reading the peer's state was interrupted")??
+        .unwrap_or_default();
+    let cursor = peer.cursor_epoch.clone().map(|epoch| Cursor {
+        epoch,
+        seq: peer.cursor_seq,
+    });
+    let nonce: [u8; 32] = rand::random();
+    let mut session = Session::new(SessionConfig {
+        local_peer: context.local_peer.clone(),
+        remote_peer: remote.clone(),
+        credential: context.credential.clone(),
+        nonce: nonce.to_vec(),
+        local_epoch: context.store.info().feed_epoch.clone(),
+        cursor,
+    });
+    let (mut reader, mut writer) = stream.split();
+    let (frames, mut outgoing) = mpsc::channel::<Vec<u8>>(OUTGOING_FRAMES);
+    let write_task = tokio::spawn(async move {
+        while let Some(frame) = outgoing.recv().await {
+            writer.write_all(&frame).await?;
+            if outgoing.is_empty() {
+                writer.flush().await?;
+            }
+        }
+        writer.close().await
+    });
+    let mut feed = context.store.subscribe_feed();
+    let mut decoder = FrameDecoder::new();
+    let mut buffer = vec![0u8; READ_CHUNK];
+    let mut driver = Driver {
+        context: &context,
+        remote: &remote,
+        frames,
+        peer: &mut peer,
+    };
+    update_status(&context.status, &remote, |v| {
+        v.syncing = true;
+        v.last_error = None;
+    });
+    let first = session.start();
+    let mut ended = driver.execute(&mut session, first).await?;
+    while ended.is_none() {
+        let input = tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                ended = Some("the node is stopping or reconnecting".to_owned());
+                break;
+            }
+            read = reader.read(&mut buffer) => {
+                let n = read.context("the connection to the peer broke")?;
+                if n == 0 {
+                    ended = Some("the peer closed the connection".to_owned());
+                    break;
+                }
+                decoder.push(&buffer[..n]);
+                let mut inputs = Vec::new();
+                loop {
+                    match decoder.next_message() {
+                        Ok(Some(message)) => inputs.push(Input::Message(message)),
+                        Ok(None) => break,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "closing the sync: the peer sent something unreadable");
+                            ended = Some(format!("the peer sent something unreadable: {err}"));
+                            break;
+                        }
+                    }
+                }
+                inputs
+            }
+            changed = feed.changed() => {
+                if changed.is_err() {
+                    ended = Some("the store closed".to_owned());
+                    break;
+                }
+                let seq = *feed.borrow_and_update();
+                vec![Input::LocalFeedAdvanced { seq }]
+            }
+        };
+        for input in input {
+            let outputs = session.handle(input, now_ms());
+            if let Some(reason) = driver.execute(&mut session, outputs).await? {
+                ended = Some(reason);
+                break;
+            }
+        }
+        if ended.is_none() {
+            update_status(&context.status, &remote, |v| {
+                v.pending_in = session.pending_in();
+                v.pending_out = session.pending_out();
+                v.waiting_for = Some(session.waiting_for());
+                if let Some(ms) = session.last_synced_ms() {
+                    v.last_sync = Some(record::format_timestamp(ms as i64));
+                }
+            });
+        }
+    }
+    drop(driver);
+    let _ = write_task.await;
+    let reason = ended.unwrap_or_else(|| "ended".into());
+    update_status(&context.status, &remote, |v| {
+        v.syncing = false;
+        v.pending_in = 0;
+        v.waiting_for = None;
+        v.last_error = Some(reason.clone());
+    });
+    Ok(reason)
+}
+
+struct Driver<'a> {
+    context: &'a SessionContext,
+    remote: &'a str,
+    frames: mpsc::Sender<Vec<u8>>,
+    peer: &'a mut PeerRecord,
+}
+
+impl Driver<'_> {
+    /// Performs outputs (and the outputs their answers produce) until none are left.
+    /// Answers `Some(reason)` when the session ended.
+    async fn execute(
+        &mut self,
+        session: &mut Session,
+        outputs: Vec<Output>,
+    ) -> Result<Option<String>> {
+        let mut queue: VecDeque<Output> = outputs.into();
+        while let Some(output) = queue.pop_front() {
+            let input = match output {
+                Output::Send(message) => {
+                    let frame = wire::encode(&message)?;
+                    self.frames
+                        .send(frame)
+                        .await
+                        .map_err(|_| anyhow!("the connection to the peer closed"))?;
+                    None
+                }
+                Output::ReadFeed { after, limit } => {
+                    let store = self.context.store.clone();
+                    let head = *store.subscribe_feed().borrow();
+                    let (entries, last_seq) =
+                        blocking(move || store.feed_page(after, limit)).await?;
+                    Some(Input::FeedRead {
+                        entries,
+                        last_seq,
+                        head: head.max(last_seq),
+                    })
+                }
+                Output::CheckDocs { upto, entries } => {
+                    let store = self.context.store.clone();
+                    let (missing, behind) = blocking(move || store.check_docs(&entries)).await?;
+                    Some(Input::Checked {
+                        upto,
+                        missing,
+                        behind,
+                    })
+                }
+                Output::LoadDocs {
+                    req,
+                    whole,
+                    changes,
+                } => {
+                    let store = self.context.store.clone();
+                    let docs = blocking(move || store.load_for_peer(&whole, &changes)).await?;
+                    Some(Input::Loaded { req, docs })
+                }
+                Output::StoreDocs { req, docs } => {
+                    let count = docs.len();
+                    let ops = docs
+                        .into_iter()
+                        .map(|doc| {
+                            WriteOp::new(
+                                &doc.collection,
+                                Some(doc.id),
+                                WriteKind::Merge(doc.bytes.into_vec()),
+                                Default::default(),
+                            )
+                        })
+                        .collect();
+                    let results = self
+                        .context
+                        .store
+                        .write(WriteBatch { ops, atomic: false })
+                        .await
+                        .context("storing documents from the peer failed")?;
+                    for result in results {
+                        if let Err(err) = result {
+                            tracing::warn!(error = %err, "a document from the peer could not be merged; it is skipped");
+                        }
+                    }
+                    tracing::debug!(req, count, "stored documents from the peer");
+                    Some(Input::Stored { req })
+                }
+                Output::SaveCursor(cursor) => {
+                    self.peer.cursor_epoch = Some(cursor.epoch);
+                    self.peer.cursor_seq = cursor.seq;
+                    self.peer.last_sync_ms = Some(now_ms() as i64);
+                    self.context
+                        .store
+                        .put_peer(self.remote, self.peer)
+                        .await
+                        .context("saving the sync position failed")?;
+                    None
+                }
+                Output::Established { remote_epoch } => {
+                    tracing::info!(%remote_epoch, "sync session established");
+                    None
+                }
+                Output::Close { reason } => {
+                    tracing::info!(%reason, "sync session ended");
+                    return Ok(Some(reason));
+                }
+            };
+            if let Some(input) = input {
+                queue.extend(session.handle(input, now_ms()));
+            }
+        }
+        Ok(None)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> medmesh_storage::Result<T> + Send + 'static,
+) -> Result<T> {
+    Ok(tokio::task::spawn_blocking(work)
+        .await
+        .context("a store task was interrupted")??)
+}

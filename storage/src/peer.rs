@@ -1,0 +1,184 @@
+//! What the sync protocol asks of the store: the feed as the peer sees it, which
+//! documents are missing or behind, documents to send, and per-peer state.
+
+use automerge::{ChangeHash, ReadDoc};
+use medmesh_protocol::DocId;
+use medmesh_protocol::wire::{self, DocPayload, FeedItem, WantChanges};
+use redb::ReadableTable;
+use serde_bytes::ByteBuf;
+use tokio::sync::oneshot;
+
+use crate::error::{Result, StoreError};
+use crate::meta::{doc_key, key_doc};
+use crate::store::{Store, load_document, read_meta};
+use crate::tables::{DOCS, FEED, PEERS};
+use crate::write::PeerRecord;
+use crate::writer::Command;
+
+fn heads_bytes(heads: &[[u8; 32]]) -> ByteBuf {
+    wire::join_heads(heads)
+}
+
+impl Store {
+    /// A receiver of the newest local feed position, updated after every commit that
+    /// advanced the feed.
+    pub fn subscribe_feed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.feed.clone()
+    }
+
+    /// Feed entries after `after`, at most `limit`, with each document's heads; and the
+    /// position reached (`after` when there are none).
+    pub fn feed_page(&self, after: u64, limit: usize) -> Result<(Vec<FeedItem>, u64)> {
+        let txn = self.read_txn()?;
+        let feed = txn.open_table(FEED)?;
+        let mut entries = Vec::new();
+        let mut last = after;
+        for entry in feed.range(after.saturating_add(1)..)?.take(limit) {
+            let (seq, id) = entry?;
+            let id = key_doc(id.value());
+            last = seq.value();
+            if let Some(meta) = read_meta(&txn, &id)? {
+                entries.push(FeedItem {
+                    seq: seq.value(),
+                    id,
+                    collection: meta.collection,
+                    heads: heads_bytes(&meta.heads),
+                });
+            }
+        }
+        Ok((entries, last))
+    }
+
+    /// Which of a peer's feed entries this store lacks entirely, and which it has but
+    /// lacks some changes of (with the local heads, to ask for what is missing).
+    pub fn check_docs(&self, entries: &[FeedItem]) -> Result<(Vec<DocId>, Vec<WantChanges>)> {
+        let txn = self.read_txn()?;
+        let mut missing = Vec::new();
+        let mut behind = Vec::new();
+        for entry in entries {
+            let Some(meta) = read_meta(&txn, &entry.id)? else {
+                missing.push(entry.id);
+                continue;
+            };
+            let theirs = wire::split_heads(&entry.heads).unwrap_or_default();
+            if theirs == meta.heads || theirs.iter().all(|h| meta.heads.contains(h)) {
+                continue;
+            }
+            let lacks = match load_document(&txn, &entry.id, &meta) {
+                Ok(doc) => theirs
+                    .iter()
+                    .any(|h| doc.get_change_by_hash(&ChangeHash(*h)).is_none()),
+                Err(err) => {
+                    tracing::warn!(doc = %entry.id, error = %err, "asking a peer for a damaged document again");
+                    true
+                }
+            };
+            if lacks {
+                behind.push(WantChanges {
+                    id: entry.id,
+                    heads: heads_bytes(&meta.heads),
+                });
+            }
+        }
+        Ok((missing, behind))
+    }
+
+    /// Documents for a peer: `whole` as saved documents, `changes` as the changes the
+    /// peer lacks given its heads. Documents not stored here are left out.
+    pub fn load_for_peer(
+        &self,
+        whole: &[DocId],
+        changes: &[WantChanges],
+    ) -> Result<Vec<DocPayload>> {
+        let txn = self.read_txn()?;
+        let docs = txn.open_table(DOCS)?;
+        let mut out = Vec::with_capacity(whole.len() + changes.len());
+        for id in whole {
+            let Some(meta) = read_meta(&txn, id)? else {
+                continue;
+            };
+            let bytes = if meta.chunks == 0 {
+                // The compacted snapshot is exactly the saved document.
+                match docs.get(doc_key(id))? {
+                    Some(bytes) => bytes.value().to_vec(),
+                    None => continue,
+                }
+            } else {
+                match load_document(&txn, id, &meta) {
+                    Ok(doc) => doc.save(),
+                    Err(err) => {
+                        tracing::warn!(doc = %id, error = %err, "cannot send a damaged document");
+                        continue;
+                    }
+                }
+            };
+            out.push(DocPayload {
+                id: *id,
+                collection: meta.collection,
+                bytes: ByteBuf::from(bytes),
+            });
+        }
+        for want in changes {
+            let Some(meta) = read_meta(&txn, &want.id)? else {
+                continue;
+            };
+            let doc = match load_document(&txn, &want.id, &meta) {
+                Ok(doc) => doc,
+                Err(err) => {
+                    tracing::warn!(doc = %want.id, error = %err, "cannot send a damaged document");
+                    continue;
+                }
+            };
+            let known: Vec<ChangeHash> = wire::split_heads(&want.heads)
+                .unwrap_or_default()
+                .into_iter()
+                .map(ChangeHash)
+                .filter(|h| doc.get_change_by_hash(h).is_some())
+                .collect();
+            out.push(DocPayload {
+                id: want.id,
+                collection: meta.collection,
+                bytes: ByteBuf::from(doc.save_after(&known)),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every peer this node keeps state for.
+    pub fn peers(&self) -> Result<Vec<(String, PeerRecord)>> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(PEERS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            match serde_json::from_slice(value.value()) {
+                Ok(record) => out.push((key.value().to_owned(), record)),
+                Err(err) => {
+                    tracing::warn!(peer = key.value(), error = %err, "forgetting an unreadable peer entry")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The state kept for one peer.
+    pub fn peer(&self, key: &str) -> Result<Option<PeerRecord>> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(PEERS)?;
+        Ok(table
+            .get(key)?
+            .and_then(|v| serde_json::from_slice(v.value()).ok()))
+    }
+
+    /// Durably stores the state kept for one peer.
+    pub async fn put_peer(&self, key: &str, record: &PeerRecord) -> Result<()> {
+        let value = serde_json::to_vec(record).map_err(|e| StoreError::Storage(e.to_string()))?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::PutPeer {
+            key: key.to_owned(),
+            value,
+            reply,
+        })?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
