@@ -127,6 +127,18 @@ pub async fn status(api: &ApiArgs) -> Result<()> {
         }
     }
     println!("Changes:  {} (feed position)", status["feed"]["seq"]);
+    if status["mesh"].is_object() {
+        let mesh = &status["mesh"];
+        println!(
+            "Mesh:     {}  {} peer(s) connected of {} known; waiting: {} in, {} out; oldest sync {}",
+            mesh["fingerprint"].as_str().unwrap_or("?"),
+            mesh["peers_connected"],
+            mesh["peers_known"],
+            mesh["pending_in"],
+            mesh["pending_out"],
+            mesh["oldest_last_sync"].as_str().unwrap_or("-"),
+        );
+    }
     Ok(())
 }
 

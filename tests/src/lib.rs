@@ -172,3 +172,109 @@ pub fn patient(i: usize) -> serde_json::Value {
         "photo_url": ""
     })
 }
+
+/// A node running inside this process: store, mesh and API, on 127.0.0.1 with ports the
+/// system picks, without mDNS.
+pub struct InProcessNode {
+    /// The store.
+    pub store: medmesh_storage::Store,
+    /// The mesh handle.
+    pub mesh: medmesh::mesh::Mesh,
+    /// The node's peer id.
+    pub peer_id: String,
+    /// The API address.
+    pub api: std::net::SocketAddr,
+    /// Its libp2p address, with `/p2p/<peer id>`.
+    pub addr: libp2p::Multiaddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    mesh_task: Option<tokio::task::JoinHandle<()>>,
+    api_task: Option<medmesh::server::RunningApi>,
+}
+
+impl InProcessNode {
+    /// Starts a node on `dir` (created when new), connecting to `peers`.
+    pub async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>) -> Result<Self> {
+        let opened = medmesh::server::open_data_async(dir.to_path_buf(), None).await?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (mesh, mesh_task) = medmesh::mesh::start(
+            opened.store.clone(),
+            opened.keypair.clone(),
+            medmesh_protocol::membership::Credential::SharedSecret(opened.secret.clone()),
+            medmesh::mesh::MeshConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+                peers,
+                mdns: false,
+                mdns_interfaces: Vec::new(),
+            },
+            shutdown.clone(),
+        )
+        .await?;
+        let state = medmesh::api::AppState::new(opened.store.clone(), opened.peer_id.clone(), Some(dir.to_path_buf()))
+            .with_mesh(mesh.clone());
+        let api = medmesh::server::serve_api(state, "127.0.0.1:0".parse()?).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listen = loop {
+            if let Some(addr) = mesh.listen_addrs().await?.into_iter().next() {
+                break addr;
+            }
+            if Instant::now() > deadline {
+                bail!("the node never listened");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let peer: libp2p::PeerId = opened.peer_id.parse()?;
+        Ok(Self {
+            store: opened.store,
+            mesh,
+            peer_id: opened.peer_id,
+            api: api.addr,
+            addr: listen.with(libp2p::multiaddr::Protocol::P2p(peer)),
+            shutdown,
+            mesh_task: Some(mesh_task),
+            api_task: Some(api),
+        })
+    }
+
+    /// The API's URL for `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    /// Stops the node cleanly and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.mesh_task.take() {
+            let _ = task.await;
+        }
+        if let Some(api) = self.api_task.take() {
+            api.shutdown.cancel();
+            let _ = api.task.await;
+        }
+    }
+}
+
+/// Copies the mesh key of one data directory into another (the second node joins the
+/// first one's mesh, as `medmesh init --join` does).
+pub fn join_mesh(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    let secret = medmesh::mesh::read_mesh_secret(from)?.context("no mesh key")?;
+    medmesh::mesh::write_mesh_secret(to, &secret)
+}
+
+/// Waits until `check` holds, polling; fails after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

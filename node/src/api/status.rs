@@ -18,7 +18,20 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let (counts, seq) = blocking(move || Ok((s.store().counts()?, s.store().last_seq()?))).await?;
     let total: u64 = counts.values().sum();
     let info = state.store().info();
+    let mesh = state.mesh().map(|mesh| {
+        let peers = mesh.peers();
+        let connected: Vec<_> = peers.iter().filter(|p| p.connected).collect();
+        json!({
+            "fingerprint": mesh.fingerprint(),
+            "peers_known": peers.len(),
+            "peers_connected": connected.len(),
+            "pending_in": connected.iter().map(|p| p.pending_in).sum::<usize>(),
+            "pending_out": connected.iter().map(|p| p.pending_out).sum::<u64>(),
+            "oldest_last_sync": connected.iter().map(|p| p.last_sync.clone()).min().flatten(),
+        })
+    });
     Ok(Json(json!({
+        "mesh": mesh,
         "peer_id": state.peer_id(),
         "version": env!("CARGO_PKG_VERSION"),
         "data_dir": state.inner.data_dir.as_ref().map(|p| p.display().to_string()),

@@ -244,6 +244,10 @@ impl Network {
                 self.remember_addr(addr).await;
             }
         }
+        for addr in self.pinned.clone() {
+            self.redial_addrs.insert(addr.clone(), backoff(None));
+            self.dial_addr(&addr);
+        }
         for (peer, addrs) in self.known.clone() {
             self.dial_peer(peer, addrs);
         }
