@@ -46,6 +46,8 @@ pub struct NodeProcess {
     pub api: String,
     /// Its data directory.
     pub data: PathBuf,
+    /// Its libp2p listen address.
+    pub listen: String,
 }
 
 impl NodeProcess {
@@ -56,12 +58,26 @@ impl NodeProcess {
 
     /// Starts a node from a given binary.
     pub fn start_with(bin: &Path, data: &Path) -> Result<Self> {
+        Self::start_full(bin, data, &[], None)
+    }
+
+    /// Starts a node connecting to `peers`, on `listen` (a free port when `None`).
+    pub fn start_peered(data: &Path, peers: &[String], listen: Option<String>) -> Result<Self> {
+        Self::start_full(medmesh_bin().as_path(), data, peers, listen)
+    }
+
+    fn start_full(bin: &Path, data: &Path, peers: &[String], listen: Option<String>) -> Result<Self> {
         let api = format!("127.0.0.1:{}", free_port());
-        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-        let child = Command::new(bin)
+        let listen = listen.unwrap_or_else(|| format!("/ip4/127.0.0.1/tcp/{}", free_port()));
+        let mut command = Command::new(bin);
+        command
             .args(["start", "--no-mdns", "--data"])
             .arg(data)
-            .args(["--api", &api, "--listen", &listen])
+            .args(["--api", &api, "--listen", &listen]);
+        for peer in peers {
+            command.args(["--peer", peer]);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -71,6 +87,7 @@ impl NodeProcess {
             child,
             api,
             data: data.to_path_buf(),
+            listen,
         };
         node.wait_ready(Duration::from_secs(30))?;
         Ok(node)

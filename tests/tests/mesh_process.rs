@@ -1,0 +1,102 @@
+//! The `medmesh` binary as separate processes, syncing over loopback.
+
+use std::time::{Duration, Instant};
+
+use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, patient};
+use serde_json::{Value, json};
+
+fn init(dir: &std::path::Path) {
+    let out = std::process::Command::new(medmesh_bin())
+        .args(["init", "--data"])
+        .arg(dir)
+        .output()
+        .expect("init");
+    assert!(out.status.success());
+}
+
+async fn count(http: &reqwest::Client, node: &NodeProcess) -> u64 {
+    let status: Value = match http.get(node.url("/v1/status")).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => return 0,
+    };
+    status["records"]["patients"].as_u64().unwrap_or(0)
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_three_processes_carries_writes_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db, dc) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    init(&da);
+    join_mesh(&da, &db).expect("join");
+    join_mesh(&da, &dc).expect("join");
+    let a = NodeProcess::start_peered(&da, &[], None).expect("a");
+    let b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
+    let c = NodeProcess::start_peered(&dc, std::slice::from_ref(&b.listen), None).expect("c");
+    let http = reqwest::Client::new();
+    let response = http.post(a.url("/v1/patients")).json(&json!({"given_name": "Chain"})).send().await.expect("post");
+    let created: Value = response.json().await.expect("json");
+    let path = format!("/v1/patients/{}", created["id"].as_str().expect("id"));
+    wait_for("the write on C", Duration::from_secs(20), async || {
+        matches!(http.get(c.url(&path)).send().await, Ok(r) if r.status() == reqwest::StatusCode::OK)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    init(&da);
+    join_mesh(&da, &db).expect("join");
+    let a = NodeProcess::start_peered(&da, &[], None).expect("a");
+    let http = reqwest::Client::new();
+    let total = 20_000u64;
+    for start in (0..total as usize).step_by(1000) {
+        let records: Vec<Value> = (start..start + 1000).map(patient).collect();
+        let response = http
+            .post(a.url("/v1/patients/_import"))
+            .json(&json!({ "records": records }))
+            .send()
+            .await
+            .expect("import");
+        assert!(response.status().is_success());
+    }
+    assert_eq!(count(&http, &a).await, total);
+    let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
+    // Kill B once part of the sync is stored.
+    wait_for("part of the sync", Duration::from_secs(60), async || {
+        let n = count(&http, &b).await;
+        n > 0 && n < total
+    })
+    .await;
+    let before = count(&http, &b).await;
+    b.kill9();
+    assert!(before < total, "killed in the middle ({before} of {total})");
+    let b = NodeProcess::start_peered(&db, &[], None).expect("b again");
+    wait_for("the whole sync after restart", Duration::from_secs(120), async || count(&http, &b).await == total).await;
+    // Same records on both: compare the exported ids.
+    let ids = |node: &NodeProcess| {
+        let out = std::process::Command::new(medmesh_bin())
+            .args(["export", "patients", "--api", &node.api])
+            .output()
+            .expect("export");
+        let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|r| r["id"].as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let on_a = ids(&a);
+    assert_eq!(on_a.len() as u64, total);
+    assert_eq!(on_a, ids(&b));
+}
