@@ -66,7 +66,12 @@ impl NodeProcess {
         Self::start_full(medmesh_bin().as_path(), data, peers, listen)
     }
 
-    fn start_full(bin: &Path, data: &Path, peers: &[String], listen: Option<String>) -> Result<Self> {
+    fn start_full(
+        bin: &Path,
+        data: &Path,
+        peers: &[String],
+        listen: Option<String>,
+    ) -> Result<Self> {
         let api = format!("127.0.0.1:{}", free_port());
         let listen = listen.unwrap_or_else(|| format!("/ip4/127.0.0.1/tcp/{}", free_port()));
         let mut command = Command::new(bin);
@@ -226,8 +231,12 @@ impl InProcessNode {
             shutdown.clone(),
         )
         .await?;
-        let state = medmesh::api::AppState::new(opened.store.clone(), opened.peer_id.clone(), Some(dir.to_path_buf()))
-            .with_mesh(mesh.clone());
+        let state = medmesh::api::AppState::new(
+            opened.store.clone(),
+            opened.peer_id.clone(),
+            Some(dir.to_path_buf()),
+        )
+        .with_mesh(mesh.clone());
         let api = medmesh::server::serve_api(state, "127.0.0.1:0".parse()?).await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let listen = loop {

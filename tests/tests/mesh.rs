@@ -7,14 +7,29 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn post(http: &reqwest::Client, node: &InProcessNode, collection: &str, body: Value) -> Value {
-    let response = http.post(node.url(&format!("/v1/{collection}"))).json(&body).send().await.expect("post");
+async fn post(
+    http: &reqwest::Client,
+    node: &InProcessNode,
+    collection: &str,
+    body: Value,
+) -> Value {
+    let response = http
+        .post(node.url(&format!("/v1/{collection}")))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
     assert_eq!(response.status(), reqwest::StatusCode::CREATED);
     response.json().await.expect("json")
 }
 
 async fn patch(http: &reqwest::Client, node: &InProcessNode, path: &str, body: Value) {
-    let response = http.patch(node.url(path)).json(&body).send().await.expect("patch");
+    let response = http
+        .patch(node.url(path))
+        .json(&body)
+        .send()
+        .await
+        .expect("patch");
     assert_eq!(response.status(), reqwest::StatusCode::OK);
 }
 
@@ -29,31 +44,67 @@ async fn get(http: &reqwest::Client, node: &InProcessNode, path: &str) -> Option
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_at_one_end_of_a_chain_reaches_the_other_end() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (da, db, dc) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let (da, db, dc) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     join_mesh(&da, &db).expect("join");
     join_mesh(&da, &dc).expect("join");
-    let b = InProcessNode::start(&db, vec![a.addr.clone()]).await.expect("b");
-    let c = InProcessNode::start(&dc, vec![b.addr.clone()]).await.expect("c");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
+    let c = InProcessNode::start(&dc, vec![b.addr.clone()])
+        .await
+        .expect("c");
     let http = reqwest::Client::new();
     let from_a = post(&http, &a, "patients", json!({"given_name": "From A"})).await;
     let from_c = post(&http, &c, "visits", json!({"patient_id": from_a["id"]})).await;
     let a_path = format!("/v1/patients/{}", from_a["id"].as_str().expect("id"));
     let c_path = format!("/v1/visits/{}", from_c["id"].as_str().expect("id"));
-    eventually(WAIT, "A's patient on C", || async { get(&http, &c, &a_path).await.is_some() }).await.expect("hop A→C");
-    eventually(WAIT, "C's visit on A", || async { get(&http, &a, &c_path).await.is_some() }).await.expect("hop C→A");
+    eventually(WAIT, "A's patient on C", || async {
+        get(&http, &c, &a_path).await.is_some()
+    })
+    .await
+    .expect("hop A→C");
+    eventually(WAIT, "C's visit on A", || async {
+        get(&http, &a, &c_path).await.is_some()
+    })
+    .await
+    .expect("hop C→A");
     // A live edit crosses too, and every node reports its peers.
     patch(&http, &a, &a_path, json!({"surname": "Live"})).await;
     eventually(WAIT, "the edit on C", || async {
-        get(&http, &c, &a_path).await.is_some_and(|r| r["surname"] == json!("Live"))
+        get(&http, &c, &a_path)
+            .await
+            .is_some_and(|r| r["surname"] == json!("Live"))
     })
     .await
     .expect("live edit");
-    let peers: Value = http.get(b.url("/v1/peers")).send().await.expect("peers").json().await.expect("json");
+    let peers: Value = http
+        .get(b.url("/v1/peers"))
+        .send()
+        .await
+        .expect("peers")
+        .json()
+        .await
+        .expect("json");
     let peers = peers["peers"].as_array().expect("peers").clone();
     assert_eq!(peers.len(), 2, "B sees A and C: {peers:?}");
-    assert!(peers.iter().all(|p| p["connected"] == json!(true) && p["last_sync"].is_string()));
-    let status: Value = http.get(b.url("/v1/status")).send().await.expect("status").json().await.expect("json");
+    assert!(
+        peers
+            .iter()
+            .all(|p| p["connected"] == json!(true) && p["last_sync"].is_string())
+    );
+    let status: Value = http
+        .get(b.url("/v1/status"))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(status["mesh"]["peers_connected"], json!(2));
     c.stop().await;
     b.stop().await;
@@ -67,10 +118,22 @@ async fn edits_made_apart_merge_field_by_field_and_conflicts_agree() {
     let http = reqwest::Client::new();
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     join_mesh(&da, &db).expect("join");
-    let b = InProcessNode::start(&db, vec![a.addr.clone()]).await.expect("b");
-    let record = post(&http, &a, "patients", json!({"given_name": "Ana", "phone": "1"})).await;
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
+    let record = post(
+        &http,
+        &a,
+        "patients",
+        json!({"given_name": "Ana", "phone": "1"}),
+    )
+    .await;
     let path = format!("/v1/patients/{}", record["id"].as_str().expect("id"));
-    eventually(WAIT, "the record on B", || async { get(&http, &b, &path).await.is_some() }).await.expect("synced");
+    eventually(WAIT, "the record on B", || async {
+        get(&http, &b, &path).await.is_some()
+    })
+    .await
+    .expect("synced");
     let a_addr = a.addr.clone();
     // A partition: each side edits while the other is away.
     b.stop().await;
@@ -82,18 +145,32 @@ async fn edits_made_apart_merge_field_by_field_and_conflicts_agree() {
     // Heal: both run again; B remembers A.
     let a = InProcessNode::start(&da, vec![]).await.expect("a again");
     assert_eq!(a.addr.iter().next(), a_addr.iter().next());
-    let b = InProcessNode::start(&db, vec![a.addr.clone()]).await.expect("b again");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b again");
     eventually(WAIT, "both edits on both nodes", || async {
         let (ra, rb) = (get(&http, &a, &path).await, get(&http, &b, &path).await);
         matches!((ra, rb), (Some(ra), Some(rb)) if ra == rb && ra["surname"] == json!("Diaz") && ra["sex"] == json!("female"))
     })
     .await
     .expect("merged");
-    let ca = get(&http, &a, &format!("{path}/conflicts")).await.expect("conflicts");
-    let cb = get(&http, &b, &format!("{path}/conflicts")).await.expect("conflicts");
+    let ca = get(&http, &a, &format!("{path}/conflicts"))
+        .await
+        .expect("conflicts");
+    let cb = get(&http, &b, &format!("{path}/conflicts"))
+        .await
+        .expect("conflicts");
     assert_eq!(ca, cb, "both nodes pick the same winner");
-    let phone = ca["conflicts"].as_array().and_then(|c| c.iter().find(|c| c["field"] == json!("phone"))).expect("a phone conflict");
-    let mut values: Vec<String> = phone["values"].as_array().expect("values").iter().map(ToString::to_string).collect();
+    let phone = ca["conflicts"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["field"] == json!("phone")))
+        .expect("a phone conflict");
+    let mut values: Vec<String> = phone["values"]
+        .as_array()
+        .expect("values")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     values.sort();
     assert_eq!(values, vec!["\"2\"", "\"3\""]);
     a.stop().await;
@@ -107,11 +184,17 @@ async fn a_node_of_another_mesh_gets_nothing_and_gives_nothing() {
     let http = reqwest::Client::new();
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     // X founds its own mesh and is pointed at A.
-    let x = InProcessNode::start(&dx, vec![a.addr.clone()]).await.expect("x");
+    let x = InProcessNode::start(&dx, vec![a.addr.clone()])
+        .await
+        .expect("x");
     post(&http, &a, "patients", json!({"given_name": "Secret A"})).await;
     post(&http, &x, "patients", json!({"given_name": "Secret X"})).await;
     eventually(WAIT, "X's session to be refused", || async {
-        x.mesh.peers().iter().any(|p| p.last_error.as_deref().is_some_and(|e| e.contains("another mesh")))
+        x.mesh.peers().iter().any(|p| {
+            p.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("another mesh"))
+        })
     })
     .await
     .expect("refused");

@@ -33,7 +33,11 @@ async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_three_processes_carries_writes_end_to_end() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (da, db, dc) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+    let (da, db, dc) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
     init(&da);
     join_mesh(&da, &db).expect("join");
     join_mesh(&da, &dc).expect("join");
@@ -41,7 +45,12 @@ async fn a_chain_of_three_processes_carries_writes_end_to_end() {
     let b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
     let c = NodeProcess::start_peered(&dc, std::slice::from_ref(&b.listen), None).expect("c");
     let http = reqwest::Client::new();
-    let response = http.post(a.url("/v1/patients")).json(&json!({"given_name": "Chain"})).send().await.expect("post");
+    let response = http
+        .post(a.url("/v1/patients"))
+        .json(&json!({"given_name": "Chain"}))
+        .send()
+        .await
+        .expect("post");
     let created: Value = response.json().await.expect("json");
     let path = format!("/v1/patients/{}", created["id"].as_str().expect("id"));
     wait_for("the write on C", Duration::from_secs(20), async || {
@@ -81,7 +90,12 @@ async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
     b.kill9();
     assert!(before < total, "killed in the middle ({before} of {total})");
     let b = NodeProcess::start_peered(&db, &[], None).expect("b again");
-    wait_for("the whole sync after restart", Duration::from_secs(120), async || count(&http, &b).await == total).await;
+    wait_for(
+        "the whole sync after restart",
+        Duration::from_secs(120),
+        async || count(&http, &b).await == total,
+    )
+    .await;
     // Same records on both: compare the exported ids.
     let ids = |node: &NodeProcess| {
         let out = std::process::Command::new(medmesh_bin())
