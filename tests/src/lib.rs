@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod proxy;
+
 /// The `medmesh` binary of this build (`MEDMESH_BIN` overrides).
 pub fn medmesh_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("MEDMESH_BIN") {
@@ -303,4 +305,19 @@ where
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Replaces (or appends) the section of BENCHMARKS.md between `<!-- name:start -->` and
+/// `<!-- name:end -->`.
+pub fn update_benchmarks(path: &Path, name: &str, section: &str) -> Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_else(|_| {
+        "# medmesh benchmarks\n\nFigures written by the benchmark programs; each section says how to reproduce it.\n\n".into()
+    });
+    let start = format!("<!-- {name}:start -->");
+    let end = format!("<!-- {name}:end -->\n");
+    let updated = match (existing.find(&start), existing.find(&end)) {
+        (Some(a), Some(b)) if b > a => format!("{}{section}{}", &existing[..a], &existing[b + end.len()..]),
+        _ => format!("{existing}\n{section}"),
+    };
+    std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))
 }

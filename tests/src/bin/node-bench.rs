@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use medmesh::config::ApiArgs;
 use medmesh_protocol::Schema;
 use medmesh_storage::{Query, Store, StoreOptions};
-use medmesh_tests::{NodeProcess, patient};
+use medmesh_tests::{NodeProcess, patient, update_benchmarks};
 use serde_json::json;
 
 #[global_allocator]
@@ -280,18 +280,4 @@ fn write_report(records: usize, avg_bytes: usize, figures: &[Figure]) -> Result<
     }
     section.push_str(&format!("<!-- {marker}:end -->\n"));
     update_benchmarks(Path::new("BENCHMARKS.md"), &marker, &section)
-}
-
-/// Replaces (or appends) the section between this benchmark's markers.
-fn update_benchmarks(path: &Path, name: &str, section: &str) -> Result<()> {
-    let existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# medmesh benchmarks\n\nFigures written by the benchmark programs; each section says how to reproduce it.\n\n".into());
-    let start = format!("<!-- {name}:start -->");
-    let end = format!("<!-- {name}:end -->\n");
-    let updated = match (existing.find(&start), existing.find(&end)) {
-        (Some(a), Some(b)) if b > a => {
-            format!("{}{section}{}", &existing[..a], &existing[b + end.len()..])
-        }
-        _ => format!("{existing}\n{section}"),
-    };
-    std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))
 }
