@@ -37,7 +37,7 @@ pub const PAGE: usize = 512;
 /// Pages a feeder sends ahead of the acknowledgements.
 pub const WINDOW: usize = 4;
 /// Documents of one `Docs` message, in bytes at most (before compression).
-pub const DOCS_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const DOCS_MESSAGE_BYTES: usize = 256 * 1024;
 /// A document larger than this travels in `DocPart`s.
 pub const PART_BYTES: usize = 2 * 1024 * 1024;
 /// Largest document accepted from a peer.

@@ -596,7 +596,12 @@ fn creates(batch: &WriteBatch) -> usize {
     batch
         .ops
         .iter()
-        .filter(|op| matches!(op.kind, crate::write::WriteKind::Create(_)))
+        .filter(|op| {
+            matches!(
+                op.kind,
+                crate::write::WriteKind::Create(_) | crate::write::WriteKind::Merge(_)
+            )
+        })
         .count()
 }
 

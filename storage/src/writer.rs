@@ -139,6 +139,8 @@ struct Working {
     old_heads: Vec<ChangeHash>,
     /// Its record now, when already known (saves reading the document again).
     record: Option<Fields>,
+    /// For a new document received whole: its bytes, stored as they came.
+    raw: Option<Vec<u8>>,
 }
 
 /// Documents loaded or changed by one transaction, in first-touch order.
@@ -423,6 +425,7 @@ impl Writer {
             Working {
                 old_record: record::read_record(&doc),
                 record: None,
+                raw: None,
                 old_heads: doc.get_heads(),
                 collection: old_meta.collection.clone(),
                 old_meta: Some(old_meta),
@@ -456,6 +459,12 @@ impl Writer {
                     collection: op.collection.clone(),
                     reason: format!("the changes received could not be merged: {reason}"),
                 };
+                // A prepared merge carries the bytes and, already loaded, the document.
+                let (bytes, loaded) = match prepared {
+                    Some(Ok(p)) => (p.raw.unwrap_or_default(), Some((p.doc, p.record))),
+                    Some(Err(err)) => return Err(err),
+                    None => (bytes, None),
+                };
                 if self.load_working(tables, staged, batch, &id)? {
                     let working = batch
                         .docs
@@ -474,17 +483,24 @@ impl Writer {
                         .map_err(|e| damaged(e.to_string()))?;
                     let changed = merged.get_heads() != working.doc.get_heads();
                     working.doc = merged;
-                    working.record = None;
+                    let record = record::read_record(&working.doc);
+                    working.record = Some(record.clone());
                     Ok(WriteOutcome {
                         id,
-                        record: record::read_record(&working.doc),
+                        record,
                         changed,
                         seq: 0,
                     })
                 } else {
-                    let mut doc = Automerge::load(&bytes).map_err(|e| damaged(e.to_string()))?;
+                    let (mut doc, record) = match loaded {
+                        Some(loaded) => loaded,
+                        None => {
+                            let doc = Automerge::load(&bytes).map_err(|e| damaged(e.to_string()))?;
+                            let record = record::read_record(&doc);
+                            (doc, record)
+                        }
+                    };
                     doc.set_actor(self.actor.clone());
-                    let record = record::read_record(&doc);
                     batch.order.push(id);
                     batch.docs.insert(
                         id,
@@ -495,6 +511,8 @@ impl Writer {
                             old_record: Fields::new(),
                             old_heads: Vec::new(),
                             record: Some(record.clone()),
+                            // What arrived loads as this document: store it as it is.
+                            raw: Some(bytes),
                         },
                     );
                     Ok(WriteOutcome {
@@ -527,6 +545,7 @@ impl Writer {
                         old_record: Fields::new(),
                         old_heads: Vec::new(),
                         record: Some(created.record.clone()),
+                        raw: None,
                     },
                 );
                 Ok(WriteOutcome {
@@ -658,7 +677,10 @@ impl Writer {
         let key = doc_key(id);
         let chunks = match &working.old_meta {
             None => {
-                tables.docs.insert(key, working.doc.save().as_slice())?;
+                match &working.raw {
+                    Some(raw) => tables.docs.insert(key, raw.as_slice())?,
+                    None => tables.docs.insert(key, working.doc.save().as_slice())?,
+                };
                 0
             }
             Some(old) => {
@@ -847,11 +869,13 @@ impl Working {
     }
 }
 
-/// A new record worked out in memory: its id, document and fields.
+/// A new record, or a received document, worked out in memory: its id, document and
+/// fields (and, for a received one, its bytes).
 pub(crate) struct PreparedCreate {
     id: DocId,
     doc: Automerge,
     record: Fields,
+    raw: Option<Vec<u8>>,
 }
 
 fn commit_options(op: &WriteOp) -> CommitOptions {
@@ -893,6 +917,7 @@ pub(crate) fn prepare_create(
         id,
         doc,
         record: fields,
+        raw: None,
     })
 }
 
@@ -906,6 +931,27 @@ pub(crate) fn prepare_creates(
         .ops
         .iter_mut()
         .map(|op| {
+            if let (WriteKind::Merge(bytes), Some(id)) = (&mut op.kind, op.id) {
+                // Only a whole saved document loads on its own; changes are merged by
+                // the writer into the document they belong to.
+                if !is_document_chunk(bytes) {
+                    return None;
+                }
+                let bytes = std::mem::take(bytes);
+                return Some(match Automerge::load(&bytes) {
+                    Ok(doc) => Ok(PreparedCreate {
+                        id,
+                        record: record::read_record(&doc),
+                        doc,
+                        raw: Some(bytes),
+                    }),
+                    Err(err) => Err(StoreError::CorruptDocument {
+                        id,
+                        collection: op.collection.clone(),
+                        reason: format!("the document received is damaged: {err}"),
+                    }),
+                });
+            }
             let WriteKind::Create(fields) = &mut op.kind else {
                 return None;
             };
@@ -924,6 +970,11 @@ pub(crate) fn prepare_creates(
             ))
         })
         .collect()
+}
+
+/// Automerge's chunk header: magic bytes, checksum, then the chunk type (0: document).
+fn is_document_chunk(bytes: &[u8]) -> bool {
+    bytes.len() > 8 && bytes[..4] == [0x85, 0x6f, 0x4a, 0x83] && bytes[8] == 0
 }
 
 /// The actor id of a store, from its hex form.

@@ -21,6 +21,9 @@ use super::{SharedStatus, update_status};
 const OUTGOING_FRAMES: usize = 256;
 /// Bytes read from the stream at a time.
 const READ_CHUNK: usize = 64 * 1024;
+/// Batches of received documents being stored at once (the next one is worked out
+/// while the writer stores the previous).
+const STORES_IN_FLIGHT: usize = 2;
 
 /// What a session needs from the node.
 #[derive(Clone)]
@@ -96,6 +99,7 @@ async fn drive(
         remote: &remote,
         frames,
         peer: &mut peer,
+        storing: tokio::task::JoinSet::new(),
     };
     update_status(&context.status, &remote, |v| {
         v.syncing = true;
@@ -130,6 +134,10 @@ async fn drive(
                     }
                 }
                 inputs
+            }
+            Some(stored) = driver.storing.join_next(), if !driver.storing.is_empty() => {
+                let req = stored.context("storing documents from the peer was interrupted")??;
+                vec![Input::Stored { req }]
             }
             changed = feed.changed() => {
                 if changed.is_err() {
@@ -175,6 +183,8 @@ struct Driver<'a> {
     remote: &'a str,
     frames: mpsc::Sender<Vec<u8>>,
     peer: &'a mut PeerRecord,
+    /// Batches of received documents being stored; each answers its request number.
+    storing: tokio::task::JoinSet<Result<u64>>,
 }
 
 impl Driver<'_> {
@@ -226,31 +236,16 @@ impl Driver<'_> {
                     Some(Input::Loaded { req, docs })
                 }
                 Output::StoreDocs { req, docs } => {
-                    let count = docs.len();
-                    let ops = docs
-                        .into_iter()
-                        .map(|doc| {
-                            WriteOp::new(
-                                &doc.collection,
-                                Some(doc.id),
-                                WriteKind::Merge(doc.bytes.into_vec()),
-                                Default::default(),
-                            )
-                        })
-                        .collect();
-                    let results = self
-                        .context
-                        .store
-                        .write(WriteBatch { ops, atomic: false })
-                        .await
-                        .context("storing documents from the peer failed")?;
-                    for result in results {
-                        if let Err(err) = result {
-                            tracing::warn!(error = %err, "a document from the peer could not be merged; it is skipped");
+                    // Stored in the background; `Input::Stored` follows when durable.
+                    while self.storing.len() >= STORES_IN_FLIGHT {
+                        if let Some(done) = self.storing.join_next().await {
+                            let req = done.context("storing documents from the peer was interrupted")??;
+                            queue.extend(session.handle(Input::Stored { req }, now_ms()));
                         }
                     }
-                    tracing::debug!(req, count, "stored documents from the peer");
-                    Some(Input::Stored { req })
+                    let store = self.context.store.clone();
+                    self.storing.spawn(store_docs(store, req, docs));
+                    None
                 }
                 Output::SaveCursor(cursor) => {
                     self.peer.cursor_epoch = Some(cursor.epoch);
@@ -278,6 +273,33 @@ impl Driver<'_> {
         }
         Ok(None)
     }
+}
+
+/// Merges documents from the peer; answers the request they answered.
+async fn store_docs(store: Store, req: u64, docs: Vec<medmesh_protocol::wire::DocPayload>) -> Result<u64> {
+    let count = docs.len();
+    let ops = docs
+        .into_iter()
+        .map(|doc| {
+            WriteOp::new(
+                &doc.collection,
+                Some(doc.id),
+                WriteKind::Merge(doc.bytes.into_vec()),
+                Default::default(),
+            )
+        })
+        .collect();
+    let results = store
+        .write(WriteBatch { ops, atomic: false })
+        .await
+        .context("storing documents from the peer failed")?;
+    for result in results {
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "a document from the peer could not be merged; it is skipped");
+        }
+    }
+    tracing::debug!(req, count, "stored documents from the peer");
+    Ok(req)
 }
 
 async fn blocking<T: Send + 'static>(
