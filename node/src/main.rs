@@ -9,7 +9,24 @@ use medmesh::{client, server};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc v3's option enum (libmimalloc-sys 0.1.49, pinned).
+#[cfg(not(feature = "system-allocator"))]
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 16;
+
+/// mimalloc keeps freed memory for a second by default; a node that loads and drops
+/// many documents then holds twice the memory it uses. Give it back at once (measured:
+/// receiver peak RSS of a 100,000-record sync 165 MB → 70 MB, same speed).
+fn tune_allocator() {
+    #[cfg(not(feature = "system-allocator"))]
+    #[allow(unsafe_code)]
+    // SAFETY: setting a mimalloc option is allowed at any time, from any thread.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -129,7 +129,12 @@ impl<'txn> Tables<'txn> {
 
 /// A document being changed in the current transaction.
 struct Working {
-    doc: Automerge,
+    /// The document, when loaded. A new document worked out off the writer thread is
+    /// held only as its bytes, heads and record (an Automerge document takes tens of
+    /// kilobytes in memory; its bytes a few hundred), and loaded only if touched again.
+    doc: Option<Automerge>,
+    /// Heads of the document when `doc` is not loaded.
+    heads: Vec<ChangeHash>,
     collection: String,
     /// Its metadata before this transaction; `None` for a new document.
     old_meta: Option<DocMeta>,
@@ -139,8 +144,37 @@ struct Working {
     old_heads: Vec<ChangeHash>,
     /// Its record now, when already known (saves reading the document again).
     record: Option<Fields>,
-    /// For a new document received whole: its bytes, stored as they came.
+    /// For a new document: its saved bytes, stored as they are (cleared when the
+    /// document is changed again).
     raw: Option<Vec<u8>>,
+}
+
+impl Working {
+    /// The document, loaded from its bytes if needed, to read or change. Its stored bytes
+    /// no longer stand for it afterwards.
+    fn doc_mut(&mut self, id: &DocId) -> Result<&mut Automerge> {
+        if self.doc.is_none() {
+            let raw = self.raw.as_deref().unwrap_or_default();
+            let doc = Automerge::load(raw).map_err(|e| StoreError::CorruptDocument {
+                id: *id,
+                collection: self.collection.clone(),
+                reason: e.to_string(),
+            })?;
+            self.doc = Some(doc);
+        }
+        self.raw = None;
+        self.doc
+            .as_mut()
+            .ok_or_else(|| StoreError::Storage("the document could not be loaded".into()))
+    }
+
+    /// The document's heads now.
+    fn current_heads(&self) -> Vec<ChangeHash> {
+        match &self.doc {
+            Some(doc) => doc.get_heads(),
+            None => self.heads.clone(),
+        }
+    }
 }
 
 /// Documents loaded or changed by one transaction, in first-touch order.
@@ -273,8 +307,10 @@ impl Writer {
                 for id in staged.order {
                     if let Some(working) = staged.docs.remove(&id)
                         && staged.cacheable.contains(&id)
+                        && let Some(mut doc) = working.doc
                     {
-                        self.cache.put(id, working.doc);
+                        doc.set_actor(self.actor.clone());
+                        self.cache.put(id, doc);
                     }
                 }
                 for reply in replies {
@@ -403,9 +439,9 @@ impl Writer {
             working.old_meta = tables.meta_of(id)?;
             working.old_record = match working.record.take() {
                 Some(record) => record,
-                None => record::read_record(&working.doc),
+                None => record::read_record(working.doc_mut(id)?),
             };
-            working.old_heads = working.doc.get_heads();
+            working.old_heads = working.current_heads();
             staged.order.retain(|d| d != id);
             batch.order.push(*id);
             batch.docs.insert(*id, working);
@@ -426,10 +462,11 @@ impl Writer {
                 old_record: record::read_record(&doc),
                 record: None,
                 raw: None,
+                heads: Vec::new(),
                 old_heads: doc.get_heads(),
                 collection: old_meta.collection.clone(),
                 old_meta: Some(old_meta),
-                doc,
+                doc: Some(doc),
             },
         );
         Ok(true)
@@ -461,7 +498,7 @@ impl Writer {
                 };
                 // A prepared merge carries the bytes and, already loaded, the document.
                 let (bytes, loaded) = match prepared {
-                    Some(Ok(p)) => (p.raw.unwrap_or_default(), Some((p.doc, p.record))),
+                    Some(Ok(p)) => (p.raw.clone(), Some(p)),
                     Some(Err(err)) => return Err(err),
                     None => (bytes, None),
                 };
@@ -477,13 +514,14 @@ impl Writer {
                         )));
                     }
                     // Merge into a copy, so that damaged bytes leave the document as it was.
-                    let mut merged = working.doc.clone();
+                    let doc = working.doc_mut(&id)?;
+                    let mut merged = doc.clone();
                     merged
                         .load_incremental(&bytes)
                         .map_err(|e| damaged(e.to_string()))?;
-                    let changed = merged.get_heads() != working.doc.get_heads();
-                    working.doc = merged;
-                    let record = record::read_record(&working.doc);
+                    let changed = merged.get_heads() != doc.get_heads();
+                    *doc = merged;
+                    let record = record::read_record(&*doc);
                     working.record = Some(record.clone());
                     Ok(WriteOutcome {
                         id,
@@ -492,20 +530,19 @@ impl Writer {
                         seq: 0,
                     })
                 } else {
-                    let (mut doc, record) = match loaded {
-                        Some(loaded) => loaded,
+                    let (heads, record) = match loaded {
+                        Some(p) => (p.heads, p.record),
                         None => {
                             let doc = Automerge::load(&bytes).map_err(|e| damaged(e.to_string()))?;
-                            let record = record::read_record(&doc);
-                            (doc, record)
+                            (doc.get_heads(), record::read_record(&doc))
                         }
                     };
-                    doc.set_actor(self.actor.clone());
                     batch.order.push(id);
                     batch.docs.insert(
                         id,
                         Working {
-                            doc,
+                            doc: None,
+                            heads,
                             collection: op.collection,
                             old_meta: None,
                             old_record: Fields::new(),
@@ -539,13 +576,14 @@ impl Writer {
                 batch.docs.insert(
                     id,
                     Working {
-                        doc: created.doc,
+                        doc: None,
+                        heads: created.heads,
                         collection: op.collection,
                         old_meta: None,
                         old_record: Fields::new(),
                         old_heads: Vec::new(),
                         record: Some(created.record.clone()),
-                        raw: None,
+                        raw: Some(created.raw),
                     },
                 );
                 Ok(WriteOutcome {
@@ -600,7 +638,7 @@ impl Writer {
                         ));
                     }
                 };
-                let result = working.doc.transact_with::<_, _, RecordError, _>(
+                let result = working.doc_mut(&id)?.transact_with::<_, _, RecordError, _>(
                     |_| options,
                     |tx| {
                         match &change {
@@ -632,7 +670,7 @@ impl Writer {
                     Ok(success) => success.hash.is_some(),
                     Err(failure) => return Err(StoreError::Storage(failure.error.to_string())),
                 };
-                let record = record::read_record(&working.doc);
+                let record = record::read_record(working.doc_mut(&id)?);
                 working.record = Some(record.clone());
                 Ok(WriteOutcome {
                     id,
@@ -652,7 +690,8 @@ impl Writer {
         id: &DocId,
         working: &Working,
     ) -> Result<Option<u64>> {
-        if working.old_meta.is_some() && working.doc.get_heads() == working.old_heads {
+        let heads = working.current_heads();
+        if working.old_meta.is_some() && heads == working.old_heads {
             return Ok(None);
         }
         let spec = self
@@ -665,7 +704,11 @@ impl Writer {
         let record = match &working.record {
             Some(record) => record,
             None => {
-                read = record::read_record(&working.doc);
+                read = working
+                    .doc
+                    .as_ref()
+                    .map(record::read_record)
+                    .unwrap_or_default();
                 &read
             }
         };
@@ -677,14 +720,20 @@ impl Writer {
         let key = doc_key(id);
         let chunks = match &working.old_meta {
             None => {
-                match &working.raw {
-                    Some(raw) => tables.docs.insert(key, raw.as_slice())?,
-                    None => tables.docs.insert(key, working.doc.save().as_slice())?,
+                match (&working.raw, &working.doc) {
+                    (Some(raw), _) => tables.docs.insert(key, raw.as_slice())?,
+                    (None, Some(doc)) => tables.docs.insert(key, doc.save().as_slice())?,
+                    (None, None) => {
+                        return Err(StoreError::Storage(format!("record {id} has nothing to store")));
+                    }
                 };
                 0
             }
             Some(old) => {
-                let bytes = working.doc.save_after(&working.old_heads);
+                let Some(doc) = &working.doc else {
+                    return Err(StoreError::Storage(format!("record {id} was not loaded")));
+                };
+                let bytes = doc.save_after(&working.old_heads);
                 tables.chunks.insert((key, old.chunks), bytes.as_slice())?;
                 let chunks = old.chunks + 1;
                 if chunks >= self.compact_after {
@@ -727,7 +776,7 @@ impl Writer {
             updated_ms,
             deleted,
             chunks,
-            heads: working.doc.get_heads().iter().map(|h| h.0).collect(),
+            heads: heads.iter().map(|h| h.0).collect(),
         };
         tables.meta.insert(key, meta.encode().as_slice())?;
         Ok(Some(seq))
@@ -865,7 +914,11 @@ enum Change {
 
 impl Working {
     fn old_record_field(&self, field: &str) -> Option<Value> {
-        record::read_record(&self.doc).get(field).cloned()
+        match (&self.record, &self.doc) {
+            (Some(record), _) => record.get(field).cloned(),
+            (None, Some(doc)) => record::read_record(doc).get(field).cloned(),
+            (None, None) => None,
+        }
     }
 }
 
@@ -873,9 +926,9 @@ impl Working {
 /// fields (and, for a received one, its bytes).
 pub(crate) struct PreparedCreate {
     id: DocId,
-    doc: Automerge,
+    heads: Vec<ChangeHash>,
     record: Fields,
-    raw: Option<Vec<u8>>,
+    raw: Vec<u8>,
 }
 
 fn commit_options(op: &WriteOp) -> CommitOptions {
@@ -915,9 +968,9 @@ pub(crate) fn prepare_create(
     fields.sort_keys();
     Ok(PreparedCreate {
         id,
-        doc,
+        heads: doc.get_heads(),
+        raw: doc.save(),
         record: fields,
-        raw: None,
     })
 }
 
@@ -942,8 +995,8 @@ pub(crate) fn prepare_creates(
                     Ok(doc) => Ok(PreparedCreate {
                         id,
                         record: record::read_record(&doc),
-                        doc,
-                        raw: Some(bytes),
+                        heads: doc.get_heads(),
+                        raw: bytes,
                     }),
                     Err(err) => Err(StoreError::CorruptDocument {
                         id,
