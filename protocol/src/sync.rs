@@ -554,10 +554,16 @@ impl Session {
             return Err("sent feed pages without waiting for acknowledgements".into());
         }
         let last = self.pages.back().map_or(self.cursor_seq, |p| p.upto);
-        if upto < last
-            || entries
-                .iter()
-                .any(|e| e.seq > upto || e.heads.len() % 32 != 0 || e.heads.is_empty())
+        if upto < last && self.pages.is_empty() {
+            // The peer's feed went back within the same epoch (its store was restored
+            // from a backup): start over from its beginning, so nothing is skipped.
+            self.cursor_seq = 0;
+        } else if upto < last {
+            return Err("sent a feed page that goes backwards".into());
+        }
+        if entries
+            .iter()
+            .any(|e| e.seq > upto || e.heads.len() % 32 != 0 || e.heads.is_empty())
         {
             return Err("sent a malformed feed page".into());
         }
@@ -757,6 +763,16 @@ impl Session {
         self.reading = false;
         self.head = Some(self.head.map_or(head, |h| h.max(head)));
         if !self.subscribed {
+            return;
+        }
+        if head < self.after {
+            // The peer's cursor is past the end of this feed: this store was restored
+            // from an older copy. Serve the whole feed again rather than skip anything.
+            self.after = 0;
+            self.acked = 0;
+            self.head = Some(head);
+            self.told_caught_up = false;
+            self.maybe_read(out);
             return;
         }
         let moved = last_seq > self.after;

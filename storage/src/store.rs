@@ -52,7 +52,7 @@ pub struct StoreInfo {
     /// Random id of this store's change feed. A peer that sees a new epoch knows the feed
     /// was started over (store replaced) and catches up from zero.
     pub feed_epoch: String,
-    /// The Automerge actor id this store writes with (hex).
+    /// The Automerge actor id this store writes with while open (hex; new at each open).
     pub actor: String,
 }
 
@@ -667,8 +667,6 @@ fn init_tables(db: &Database, path: Option<PathBuf>) -> Result<StoreInfo> {
                 table.insert("format", FORMAT_VERSION.to_be_bytes().as_slice())?;
                 let epoch = uuid::Uuid::new_v4().simple().to_string();
                 table.insert("feed_epoch", epoch.as_bytes())?;
-                let actor: [u8; 16] = rand::random();
-                table.insert("actor", actor.as_slice())?;
             }
         }
         let text = |key: &str| -> Result<Vec<u8>> {
@@ -680,7 +678,9 @@ fn init_tables(db: &Database, path: Option<PathBuf>) -> Result<StoreInfo> {
         StoreInfo {
             path,
             feed_epoch: String::from_utf8_lossy(&text("feed_epoch")?).into_owned(),
-            actor: text("actor")?.iter().map(|b| format!("{b:02x}")).collect(),
+            // A new Automerge actor at every open: a store restored from a backup then
+            // never reuses the sequence numbers of changes it lost but others hold.
+            actor: rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect(),
         }
     };
     txn.commit()?;

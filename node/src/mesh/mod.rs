@@ -45,6 +45,8 @@ pub struct PeerView {
     pub addresses: Vec<String>,
     /// Connected now.
     pub connected: bool,
+    /// Open connections to it (one, once duplicates are closed).
+    pub connections: usize,
     /// A sync session is running with it.
     pub syncing: bool,
     /// When it was last connected (RFC 3339).

@@ -415,11 +415,13 @@ impl Network {
                 self.awaiting_dial.remove(&peer_id);
                 let conns = self.connections.entry(peer_id).or_default();
                 conns.push((connection_id, dialed));
-                if conns.len() > 1 {
+                let count = conns.len();
+                if count > 1 {
                     self.drop_duplicate_connections(peer_id);
                 }
                 update_status(&self.status, &peer_id.to_string(), |v| {
                     v.connected = true;
+                    v.connections = count;
                     v.last_seen = Some(record::format_timestamp(now_ms()));
                     let text = addr.to_string();
                     if !v.addresses.contains(&text) {
@@ -448,6 +450,9 @@ impl Network {
                 if let Some(conns) = self.connections.get_mut(&peer_id) {
                     conns.retain(|(id, _)| *id != connection_id);
                 }
+                update_status(&self.status, &peer_id.to_string(), |v| {
+                    v.connections = num_established as usize;
+                });
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
                     tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "disconnected");
