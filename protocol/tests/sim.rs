@@ -646,7 +646,11 @@ fn a_store_restored_from_an_older_backup_is_not_skipped() {
     for peer in &sim.peers {
         for (id, change) in sim.acknowledged.iter().chain(&fresh) {
             let (_, doc) = peer.docs.get(id).expect("document everywhere");
-            assert!(doc.get_change_by_hash(change).is_some(), "{} lacks a change", peer.name);
+            assert!(
+                doc.get_change_by_hash(change).is_some(),
+                "{} lacks a change",
+                peer.name
+            );
         }
     }
 }

@@ -680,7 +680,10 @@ fn init_tables(db: &Database, path: Option<PathBuf>) -> Result<StoreInfo> {
             feed_epoch: String::from_utf8_lossy(&text("feed_epoch")?).into_owned(),
             // A new Automerge actor at every open: a store restored from a backup then
             // never reuses the sequence numbers of changes it lost but others hold.
-            actor: rand::random::<[u8; 16]>().iter().map(|b| format!("{b:02x}")).collect(),
+            actor: rand::random::<[u8; 16]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
         }
     };
     txn.commit()?;

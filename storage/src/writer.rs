@@ -533,7 +533,8 @@ impl Writer {
                     let (heads, record) = match loaded {
                         Some(p) => (p.heads, p.record),
                         None => {
-                            let doc = Automerge::load(&bytes).map_err(|e| damaged(e.to_string()))?;
+                            let doc =
+                                Automerge::load(&bytes).map_err(|e| damaged(e.to_string()))?;
                             (doc.get_heads(), record::read_record(&doc))
                         }
                     };
@@ -724,7 +725,9 @@ impl Writer {
                     (Some(raw), _) => tables.docs.insert(key, raw.as_slice())?,
                     (None, Some(doc)) => tables.docs.insert(key, doc.save().as_slice())?,
                     (None, None) => {
-                        return Err(StoreError::Storage(format!("record {id} has nothing to store")));
+                        return Err(StoreError::Storage(format!(
+                            "record {id} has nothing to store"
+                        )));
                     }
                 };
                 0

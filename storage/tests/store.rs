@@ -519,23 +519,67 @@ fn a_record_created_and_changed_in_one_batch_is_stored_whole() {
     let id = DocId::new_v7();
     let mut ops = Vec::new();
     for i in 0..10 {
-        ops.push(WriteOp::new("patients", None, WriteKind::Create(fields(json!({"given_name": format!("P{i}")}))), author()));
+        ops.push(WriteOp::new(
+            "patients",
+            None,
+            WriteKind::Create(fields(json!({"given_name": format!("P{i}")}))),
+            author(),
+        ));
     }
-    ops.push(WriteOp::new("patients", Some(id), WriteKind::Create(fields(json!({"given_name": "Ana"}))), author()));
-    ops.push(WriteOp::new("patients", Some(id), WriteKind::Patch(fields(json!({"surname": "Diaz"}))), author()));
-    let out = store.write_blocking(WriteBatch { ops, atomic: true }).expect("batch");
+    ops.push(WriteOp::new(
+        "patients",
+        Some(id),
+        WriteKind::Create(fields(json!({"given_name": "Ana"}))),
+        author(),
+    ));
+    ops.push(WriteOp::new(
+        "patients",
+        Some(id),
+        WriteKind::Patch(fields(json!({"surname": "Diaz"}))),
+        author(),
+    ));
+    let out = store
+        .write_blocking(WriteBatch { ops, atomic: true })
+        .expect("batch");
     assert!(out.iter().all(Result::is_ok));
     let got = store.get("patients", &id).expect("get");
     assert_eq!(got.record["surname"], json!("Diaz"));
-    assert_eq!(record::history(&store.document("patients", &id).expect("doc")).len(), 2);
+    assert_eq!(
+        record::history(&store.document("patients", &id).expect("doc")).len(),
+        2
+    );
     // The same document received whole by another store, then changed there.
     let other = Store::memory(Schema::hikma()).expect("store");
     let bytes = store.document("patients", &id).expect("doc").save();
-    let mut ops: Vec<WriteOp> = (0..9).map(|_| WriteOp::new("patients", Some(DocId::new_v7()), WriteKind::Merge(bytes.clone()), author())).collect();
-    ops.push(WriteOp::new("patients", Some(id), WriteKind::Merge(bytes.clone()), author()));
-    ops.push(WriteOp::new("patients", Some(id), WriteKind::Patch(fields(json!({"phone": "1"}))), author()));
-    let out = other.write_blocking(WriteBatch { ops, atomic: false }).expect("merge");
+    let mut ops: Vec<WriteOp> = (0..9)
+        .map(|_| {
+            WriteOp::new(
+                "patients",
+                Some(DocId::new_v7()),
+                WriteKind::Merge(bytes.clone()),
+                author(),
+            )
+        })
+        .collect();
+    ops.push(WriteOp::new(
+        "patients",
+        Some(id),
+        WriteKind::Merge(bytes.clone()),
+        author(),
+    ));
+    ops.push(WriteOp::new(
+        "patients",
+        Some(id),
+        WriteKind::Patch(fields(json!({"phone": "1"}))),
+        author(),
+    ));
+    let out = other
+        .write_blocking(WriteBatch { ops, atomic: false })
+        .expect("merge");
     assert!(out.iter().all(Result::is_ok));
     let got = other.get("patients", &id).expect("get");
-    assert_eq!((got.record["surname"].clone(), got.record["phone"].clone()), (json!("Diaz"), json!("1")));
+    assert_eq!(
+        (got.record["surname"].clone(), got.record["phone"].clone()),
+        (json!("Diaz"), json!("1"))
+    );
 }

@@ -316,7 +316,9 @@ pub fn update_benchmarks(path: &Path, name: &str, section: &str) -> Result<()> {
     let start = format!("<!-- {name}:start -->");
     let end = format!("<!-- {name}:end -->\n");
     let updated = match (existing.find(&start), existing.find(&end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{section}{}", &existing[..a], &existing[b + end.len()..]),
+        (Some(a), Some(b)) if b > a => {
+            format!("{}{section}{}", &existing[..a], &existing[b + end.len()..])
+        }
         _ => format!("{existing}\n{section}"),
     };
     std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))

@@ -44,8 +44,11 @@ impl CountingProxy {
         let (c, t) = (counters.clone(), tasks.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                c.last_accept_us.store(started.elapsed().as_micros() as u64, Ordering::SeqCst);
-                let Ok(server) = TcpStream::connect(upstream).await else { continue };
+                c.last_accept_us
+                    .store(started.elapsed().as_micros() as u64, Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
                 let (cr, cw) = client.into_split();
@@ -55,7 +58,13 @@ impl CountingProxy {
                 tasks.spawn(pump(sr, cw, c.clone(), started, false));
             }
         });
-        Ok(Self { addr, counters, started, tasks, accept })
+        Ok(Self {
+            addr,
+            counters,
+            started,
+            tasks,
+            accept,
+        })
     }
 
     /// Bytes moved so far, both ways.
@@ -78,7 +87,9 @@ impl CountingProxy {
         let deadline = Instant::now() + timeout;
         loop {
             let last = self.counters.last_activity_us.load(Ordering::SeqCst);
-            if self.now_us().saturating_sub(last) >= quiet.as_micros() as u64 || Instant::now() > deadline {
+            if self.now_us().saturating_sub(last) >= quiet.as_micros() as u64
+                || Instant::now() > deadline
+            {
                 return last;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

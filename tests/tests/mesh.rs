@@ -211,12 +211,19 @@ async fn two_nodes_dialing_each_other_keep_one_connection() {
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     join_mesh(&da, &db).expect("join");
-    let b = InProcessNode::start(&db, vec![a.addr.clone()]).await.expect("b");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
     // A is told about B too: both dial.
     a.mesh.add_peer(b.addr.clone()).await.expect("add");
     eventually(WAIT, "one connection each way", || async {
         let (pa, pb) = (a.mesh.peers(), b.mesh.peers());
-        pa.len() == 1 && pb.len() == 1 && pa[0].connections == 1 && pb[0].connections == 1 && pa[0].syncing && pb[0].syncing
+        pa.len() == 1
+            && pb.len() == 1
+            && pa[0].connections == 1
+            && pb[0].connections == 1
+            && pa[0].syncing
+            && pb[0].syncing
     })
     .await
     .expect("duplicates closed");
@@ -246,14 +253,30 @@ async fn a_document_larger_than_a_frame_arrives_in_parts() {
     let mut fields = serde_json::Map::new();
     fields.insert("patient_id".into(), json!("p-big"));
     fields.insert("form_data".into(), json!(big));
-    let op = medmesh_storage::WriteOp::new("events", None, medmesh_storage::WriteKind::Create(fields), Default::default());
-    let out = a.store.write(medmesh_storage::WriteBatch::one(op)).await.expect("write");
+    let op = medmesh_storage::WriteOp::new(
+        "events",
+        None,
+        medmesh_storage::WriteKind::Create(fields),
+        Default::default(),
+    );
+    let out = a
+        .store
+        .write(medmesh_storage::WriteBatch::one(op))
+        .await
+        .expect("write");
     let id = out.into_iter().next().expect("one").expect("created").id;
     let saved = a.store.document("events", &id).expect("doc").save().len();
-    assert!(saved > medmesh_protocol::wire::MAX_FRAME, "the document ({saved} bytes) is larger than a frame");
-    let b = InProcessNode::start(&db, vec![a.addr.clone()]).await.expect("b");
+    assert!(
+        saved > medmesh_protocol::wire::MAX_FRAME,
+        "the document ({saved} bytes) is larger than a frame"
+    );
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
     eventually(Duration::from_secs(60), "the large record on B", || async {
-        b.store.get("events", &id).is_ok_and(|r| r.record["form_data"].as_str().map(str::len) == Some(big.len()))
+        b.store
+            .get("events", &id)
+            .is_ok_and(|r| r.record["form_data"].as_str().map(str::len) == Some(big.len()))
     })
     .await
     .expect("large document synced");

@@ -24,6 +24,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Batches of received documents being stored at once (the next one is worked out
 /// while the writer stores the previous).
 const STORES_IN_FLIGHT: usize = 2;
+/// A peer that has not proven its membership by then is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a session needs from the node.
 #[derive(Clone)]
@@ -107,11 +109,17 @@ async fn drive(
     });
     let first = session.start();
     let mut ended = driver.execute(&mut session, first).await?;
+    let handshake_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     while ended.is_none() {
         let input = tokio::select! {
             biased;
             () = cancel.cancelled() => {
                 ended = Some("the node is stopping or reconnecting".to_owned());
+                break;
+            }
+            () = tokio::time::sleep_until(handshake_deadline), if !session.is_open() => {
+                tracing::warn!("closing the sync: the peer did not complete the handshake in time");
+                ended = Some("the peer did not complete the handshake in time".to_owned());
                 break;
             }
             read = reader.read(&mut buffer) => {
@@ -239,7 +247,8 @@ impl Driver<'_> {
                     // Stored in the background; `Input::Stored` follows when durable.
                     while self.storing.len() >= STORES_IN_FLIGHT {
                         if let Some(done) = self.storing.join_next().await {
-                            let req = done.context("storing documents from the peer was interrupted")??;
+                            let req =
+                                done.context("storing documents from the peer was interrupted")??;
                             queue.extend(session.handle(Input::Stored { req }, now_ms()));
                         }
                     }
@@ -276,7 +285,11 @@ impl Driver<'_> {
 }
 
 /// Merges documents from the peer; answers the request they answered.
-async fn store_docs(store: Store, req: u64, docs: Vec<medmesh_protocol::wire::DocPayload>) -> Result<u64> {
+async fn store_docs(
+    store: Store,
+    req: u64,
+    docs: Vec<medmesh_protocol::wire::DocPayload>,
+) -> Result<u64> {
     let count = docs.len();
     let ops = docs
         .into_iter()

@@ -24,11 +24,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn init(dir: &std::path::Path) -> Result<()> {
-    let out = std::process::Command::new(medmesh_bin()).args(["init", "--data"]).arg(dir).output()?;
+    let out = std::process::Command::new(medmesh_bin())
+        .args(["init", "--data"])
+        .arg(dir)
+        .output()?;
     anyhow::ensure!(out.status.success(), "init failed");
     Ok(())
 }
@@ -41,10 +46,16 @@ async fn status(http: &reqwest::Client, node: &NodeProcess) -> Value {
 }
 
 async fn count(http: &reqwest::Client, node: &NodeProcess) -> u64 {
-    status(http, node).await["records"]["patients"].as_u64().unwrap_or(0)
+    status(http, node).await["records"]["patients"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
-async fn wait_until(timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) -> Result<()> {
+async fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !check().await {
         if Instant::now() > deadline {
@@ -55,7 +66,12 @@ async fn wait_until(timeout: Duration, what: &str, mut check: impl AsyncFnMut() 
     Ok(())
 }
 
-async fn import(http: &reqwest::Client, node: &NodeProcess, from: usize, to: usize) -> Result<Vec<String>> {
+async fn import(
+    http: &reqwest::Client,
+    node: &NodeProcess,
+    from: usize,
+    to: usize,
+) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     for start in (from..to).step_by(1000) {
         let records: Vec<Value> = (start..(start + 1000).min(to)).map(patient).collect();
@@ -76,13 +92,22 @@ async fn import(http: &reqwest::Client, node: &NodeProcess, from: usize, to: usi
 /// The reference: the same documents made, loaded and synced in-process by Automerge.
 fn reference(records: usize) -> (u64, f64, f64) {
     let actor = ActorId::from(vec![7u8; 16]);
-    let author = ChangeAuthor { device: "12D3KooWReferenceDevice0000000000000000000000000000".into(), user: None };
+    let author = ChangeAuthor {
+        device: "12D3KooWReferenceDevice0000000000000000000000000000".into(),
+        user: None,
+    };
     let saved: Vec<Vec<u8>> = (0..records)
         .map(|i| {
-            let Value::Object(fields) = patient(i) else { return Vec::new() };
+            let Value::Object(fields) = patient(i) else {
+                return Vec::new();
+            };
             let mut doc = Automerge::new().with_actor(actor.clone());
             let _ = doc.transact_with::<_, _, RecordError, _>(
-                |_| CommitOptions::default().with_message(author.to_message()).with_time(1_715_000_000_000),
+                |_| {
+                    CommitOptions::default()
+                        .with_message(author.to_message())
+                        .with_time(1_715_000_000_000)
+                },
                 |tx| record::init_record(tx, &fields),
             );
             doc.save()
@@ -90,7 +115,10 @@ fn reference(records: usize) -> (u64, f64, f64) {
         .collect();
     let saved_bytes: u64 = saved.iter().map(|s| s.len() as u64).sum();
     let started = Instant::now();
-    let mut docs: Vec<Automerge> = saved.iter().filter_map(|s| Automerge::load(s).ok()).collect();
+    let mut docs: Vec<Automerge> = saved
+        .iter()
+        .filter_map(|s| Automerge::load(s).ok())
+        .collect();
     let load_s = started.elapsed().as_secs_f64();
     let started = Instant::now();
     for doc in &mut docs {
@@ -124,7 +152,9 @@ struct Target {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let records: usize = arg("--records").and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let records: usize = arg("--records")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
     let json_path = arg("--json");
     let http = reqwest::Client::new();
     let dir = tempfile::tempdir()?;
@@ -132,11 +162,14 @@ async fn main() -> Result<()> {
     out.insert("records".into(), json!(records));
 
     println!("reference: making, loading and syncing {records} documents in-process...");
-    let (saved_bytes, reference_load_s, reference_sync_s) = tokio::task::spawn_blocking(move || reference(records)).await?;
+    let (saved_bytes, reference_load_s, reference_sync_s) =
+        tokio::task::spawn_blocking(move || reference(records)).await?;
     out.insert("saved_bytes".into(), json!(saved_bytes));
     out.insert("reference_load_s".into(), json!(reference_load_s));
     out.insert("reference_inprocess_sync_s".into(), json!(reference_sync_s));
-    println!("  saved {saved_bytes} bytes, load {reference_load_s:.3} s, Automerge sync {reference_sync_s:.3} s");
+    println!(
+        "  saved {saved_bytes} bytes, load {reference_load_s:.3} s, Automerge sync {reference_sync_s:.3} s"
+    );
 
     // Sender A with every record; receiver B dials A through the counting proxy.
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
@@ -150,101 +183,189 @@ async fn main() -> Result<()> {
     println!("initial sync of {records} records...");
     let started = Instant::now();
     let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&via_proxy), None)?;
-    wait_until(Duration::from_secs(600), "the initial sync", async || count(&http, &b).await as usize == records).await?;
+    wait_until(Duration::from_secs(600), "the initial sync", async || {
+        count(&http, &b).await as usize == records
+    })
+    .await?;
     let initial_s = started.elapsed().as_secs_f64();
-    proxy.wait_quiet(Duration::from_millis(300), Duration::from_secs(10)).await;
+    proxy
+        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
     let initial_bytes = proxy.total();
     let (_, peak) = b.rss().context("receiver memory")?;
     out.insert("initial_sync_s".into(), json!(initial_s));
     out.insert("initial_sync_wire_bytes".into(), json!(initial_bytes));
     out.insert("receiver_peak_rss_bytes".into(), json!(peak));
-    println!("  {initial_s:.2} s, {initial_bytes} bytes on the wire, receiver peak RSS {} MB", peak / 1_048_576);
+    println!(
+        "  {initial_s:.2} s, {initial_bytes} bytes on the wire, receiver peak RSS {} MB",
+        peak / 1_048_576
+    );
 
     // No-op reconnect: B restarts and reconnects; nothing changed on either side.
     b.stop();
-    proxy.wait_quiet(Duration::from_millis(200), Duration::from_secs(10)).await;
+    proxy
+        .wait_quiet(Duration::from_millis(200), Duration::from_secs(10))
+        .await;
     let before = proxy.total();
-    let accepted_before = proxy.counters.last_accept_us.load(std::sync::atomic::Ordering::SeqCst);
+    let accepted_before = proxy
+        .counters
+        .last_accept_us
+        .load(std::sync::atomic::Ordering::SeqCst);
     let b = NodeProcess::start_peered(&db, &[], None)?;
     wait_until(Duration::from_secs(30), "the reconnection", async || {
-        proxy.counters.last_accept_us.load(std::sync::atomic::Ordering::SeqCst) != accepted_before
+        proxy
+            .counters
+            .last_accept_us
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != accepted_before
     })
     .await?;
-    let accepted = proxy.counters.last_accept_us.load(std::sync::atomic::Ordering::SeqCst);
-    let last = proxy.wait_quiet(Duration::from_millis(300), Duration::from_secs(10)).await;
+    let accepted = proxy
+        .counters
+        .last_accept_us
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let last = proxy
+        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
     let noop_s = last.saturating_sub(accepted) as f64 / 1e6;
     let noop_bytes = proxy.total() - before;
     out.insert("noop_reconnect_s".into(), json!(noop_s));
     out.insert("noop_reconnect_wire_bytes".into(), json!(noop_bytes));
-    println!("no-op reconnect: {:.1} ms, {noop_bytes} bytes", noop_s * 1000.0);
+    println!(
+        "no-op reconnect: {:.1} ms, {noop_bytes} bytes",
+        noop_s * 1000.0
+    );
 
     // 100 records edited on A while connected.
     let ids = {
-        let page: Value = http.get(a.url("/v1/patients?limit=100")).send().await?.json().await?;
-        page["records"].as_array().context("records")?.iter().filter_map(|r| r["id"].as_str().map(str::to_owned)).collect::<Vec<_>>()
+        let page: Value = http
+            .get(a.url("/v1/patients?limit=100"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        page["records"]
+            .as_array()
+            .context("records")?
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
     };
     let seq_before = status(&http, &b).await["feed"]["seq"].as_u64().unwrap_or(0);
-    proxy.wait_quiet(Duration::from_millis(200), Duration::from_secs(10)).await;
+    proxy
+        .wait_quiet(Duration::from_millis(200), Duration::from_secs(10))
+        .await;
     let before = proxy.total();
     let started = Instant::now();
     let mut edits = tokio::task::JoinSet::new();
     for (i, id) in ids.iter().enumerate() {
         let (http, url) = (http.clone(), a.url(&format!("/v1/patients/{id}")));
-        edits.spawn(async move { http.patch(url).json(&json!({"phone": format!("+234 809 000 {i:04}")})).send().await.map(|r| r.status()) });
+        edits.spawn(async move {
+            http.patch(url)
+                .json(&json!({"phone": format!("+234 809 000 {i:04}")}))
+                .send()
+                .await
+                .map(|r| r.status())
+        });
     }
     while let Some(done) = edits.join_next().await {
         anyhow::ensure!(done??.is_success(), "an edit failed");
     }
     wait_until(Duration::from_secs(30), "the 100 edits on B", async || {
-        status(&http, &b).await["feed"]["seq"].as_u64().unwrap_or(0) >= seq_before + ids.len() as u64
+        status(&http, &b).await["feed"]["seq"].as_u64().unwrap_or(0)
+            >= seq_before + ids.len() as u64
     })
     .await?;
     let incremental_s = started.elapsed().as_secs_f64();
-    proxy.wait_quiet(Duration::from_millis(300), Duration::from_secs(10)).await;
+    proxy
+        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
     let incremental_bytes = proxy.total() - before;
     out.insert("incremental_100_s".into(), json!(incremental_s));
-    out.insert("incremental_100_wire_bytes".into(), json!(incremental_bytes));
-    println!("100 edits: {:.1} ms, {incremental_bytes} bytes", incremental_s * 1000.0);
+    out.insert(
+        "incremental_100_wire_bytes".into(),
+        json!(incremental_bytes),
+    );
+    println!(
+        "100 edits: {:.1} ms, {incremental_bytes} bytes",
+        incremental_s * 1000.0
+    );
     drop((a, b));
 
     // A chain of five: a write on the first, readable on the last.
-    let chain: Vec<std::path::PathBuf> = (0..5).map(|i| dir.path().join(format!("chain{i}"))).collect();
+    let chain: Vec<std::path::PathBuf> = (0..5)
+        .map(|i| dir.path().join(format!("chain{i}")))
+        .collect();
     init(&chain[0])?;
     for d in &chain[1..] {
         join_mesh(&chain[0], d)?;
     }
     let mut nodes: Vec<NodeProcess> = Vec::new();
     for d in &chain {
-        let peers: Vec<String> = nodes.last().map(|n| vec![n.listen.clone()]).unwrap_or_default();
+        let peers: Vec<String> = nodes
+            .last()
+            .map(|n| vec![n.listen.clone()])
+            .unwrap_or_default();
         nodes.push(NodeProcess::start_peered(d, &peers, None)?);
     }
     let (first, last) = (&nodes[0], &nodes[4]);
     // Let the chain connect: one record through first.
-    let warm: Value = http.post(first.url("/v1/visits")).json(&json!({"patient_id": "warm-up"})).send().await?.json().await?;
+    let warm: Value = http
+        .post(first.url("/v1/visits"))
+        .json(&json!({"patient_id": "warm-up"}))
+        .send()
+        .await?
+        .json()
+        .await?;
     let warm_path = format!("/v1/visits/{}", warm["id"].as_str().context("id")?);
-    wait_until(Duration::from_secs(60), "the chain to connect", async || {
-        http.get(last.url(&warm_path)).send().await.is_ok_and(|r| r.status().is_success())
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the chain to connect",
+        async || {
+            http.get(last.url(&warm_path))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
     .await?;
     let mut latencies = Vec::new();
     for i in 0..50 {
         let started = Instant::now();
-        let created: Value = http.post(first.url("/v1/visits")).json(&json!({"patient_id": format!("p{i}")})).send().await?.json().await?;
+        let created: Value = http
+            .post(first.url("/v1/visits"))
+            .json(&json!({"patient_id": format!("p{i}")}))
+            .send()
+            .await?
+            .json()
+            .await?;
         let path = format!("/v1/visits/{}", created["id"].as_str().context("id")?);
-        wait_until(Duration::from_secs(30), "a write across the chain", async || {
-            http.get(last.url(&path)).send().await.is_ok_and(|r| r.status().is_success())
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "a write across the chain",
+            async || {
+                http.get(last.url(&path))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
         .await?;
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     latencies.sort_by(f64::total_cmp);
     let chain_median = latencies[latencies.len() / 2];
     out.insert("chain5_median_ms".into(), json!(chain_median));
-    println!("chain of 5: median {chain_median:.1} ms (max {:.1})", latencies[latencies.len() - 1]);
+    println!(
+        "chain of 5: median {chain_median:.1} ms (max {:.1})",
+        latencies[latencies.len() - 1]
+    );
     drop(nodes);
 
     // Four nodes, all connected, each writing 1,000 records at once.
-    let four: Vec<std::path::PathBuf> = (0..4).map(|i| dir.path().join(format!("four{i}"))).collect();
+    let four: Vec<std::path::PathBuf> = (0..4)
+        .map(|i| dir.path().join(format!("four{i}")))
+        .collect();
     init(&four[0])?;
     for d in &four[1..] {
         join_mesh(&four[0], d)?;
@@ -260,15 +381,26 @@ async fn main() -> Result<()> {
     for (i, node) in nodes.iter().enumerate() {
         let (http, url) = (http.clone(), node.url("/v1/patients/_import"));
         writers.spawn(async move {
-            let records: Vec<Value> = (0..1000).map(|k| patient(1_000_000 + i * 1000 + k)).collect();
-            http.post(url).json(&json!({ "records": records })).send().await.map(|r| r.status())
+            let records: Vec<Value> = (0..1000)
+                .map(|k| patient(1_000_000 + i * 1000 + k))
+                .collect();
+            http.post(url)
+                .json(&json!({ "records": records }))
+                .send()
+                .await
+                .map(|r| r.status())
         });
     }
     while let Some(done) = writers.join_next().await {
         anyhow::ensure!(done??.is_success(), "an import failed");
     }
     for node in &nodes {
-        wait_until(Duration::from_secs(120), "4 x 1000 everywhere", async || count(&http, node).await == 4000).await?;
+        wait_until(
+            Duration::from_secs(120),
+            "4 x 1000 everywhere",
+            async || count(&http, node).await == 4000,
+        )
+        .await?;
     }
     let converge_s = started.elapsed().as_secs_f64();
     out.insert("converge_4x1000_s".into(), json!(converge_s));
@@ -277,29 +409,99 @@ async fn main() -> Result<()> {
 
     let rate = records as f64 / initial_s;
     let targets = vec![
-        Target { name: "initial sync rate", figure: format!("{rate:.0} records/s"), target: "≥ 10,000 records/s".into(), holds: rate >= 10_000.0 },
-        Target { name: "initial sync time vs reference load", figure: format!("{initial_s:.2} s = {:.1} × {reference_load_s:.2} s", initial_s / reference_load_s), target: "≤ 3 × reference_load_s".into(), holds: initial_s <= 3.0 * reference_load_s },
-        Target { name: "initial sync wire bytes", figure: format!("{initial_bytes} B = {:.2} × saved ({:.0} B/record)", initial_bytes as f64 / saved_bytes as f64, initial_bytes as f64 / records as f64), target: "≤ 0.6 × saved_bytes".into(), holds: (initial_bytes as f64) <= 0.6 * saved_bytes as f64 },
-        Target { name: "receiver peak RSS", figure: format!("{} MB", peak / 1_048_576), target: "≤ 150 MB".into(), holds: peak <= 150 * 1_048_576 },
-        Target { name: "no-op reconnect", figure: format!("{noop_bytes} B, {:.1} ms", noop_s * 1000.0), target: "≤ 8 KB and ≤ 50 ms".into(), holds: noop_bytes <= 8 * 1024 && noop_s <= 0.05 },
-        Target { name: "100 edited records", figure: format!("{incremental_bytes} B, {:.1} ms", incremental_s * 1000.0), target: "≤ 32 KB and ≤ 100 ms".into(), holds: incremental_bytes <= 32 * 1024 && incremental_s <= 0.1 },
-        Target { name: "chain of 5, median write to readable on the last", figure: format!("{chain_median:.1} ms"), target: "≤ 300 ms".into(), holds: chain_median <= 300.0 },
-        Target { name: "4 nodes × 1,000 records converge", figure: format!("{converge_s:.2} s"), target: "(for reference)".into(), holds: true },
-        Target { name: "Automerge in-process per-document sync (reference)", figure: format!("{reference_sync_s:.2} s"), target: "(reference)".into(), holds: true },
+        Target {
+            name: "initial sync rate",
+            figure: format!("{rate:.0} records/s"),
+            target: "≥ 10,000 records/s".into(),
+            holds: rate >= 10_000.0,
+        },
+        Target {
+            name: "initial sync time vs reference load",
+            figure: format!(
+                "{initial_s:.2} s = {:.1} × {reference_load_s:.2} s",
+                initial_s / reference_load_s
+            ),
+            target: "≤ 3 × reference_load_s".into(),
+            holds: initial_s <= 3.0 * reference_load_s,
+        },
+        Target {
+            name: "initial sync wire bytes",
+            figure: format!(
+                "{initial_bytes} B = {:.2} × saved ({:.0} B/record)",
+                initial_bytes as f64 / saved_bytes as f64,
+                initial_bytes as f64 / records as f64
+            ),
+            target: "≤ 0.6 × saved_bytes".into(),
+            holds: (initial_bytes as f64) <= 0.6 * saved_bytes as f64,
+        },
+        Target {
+            name: "receiver peak RSS",
+            figure: format!("{} MB", peak / 1_048_576),
+            target: "≤ 150 MB".into(),
+            holds: peak <= 150 * 1_048_576,
+        },
+        Target {
+            name: "no-op reconnect",
+            figure: format!("{noop_bytes} B, {:.1} ms", noop_s * 1000.0),
+            target: "≤ 8 KB and ≤ 50 ms".into(),
+            holds: noop_bytes <= 8 * 1024 && noop_s <= 0.05,
+        },
+        Target {
+            name: "100 edited records",
+            figure: format!("{incremental_bytes} B, {:.1} ms", incremental_s * 1000.0),
+            target: "≤ 32 KB and ≤ 100 ms".into(),
+            holds: incremental_bytes <= 32 * 1024 && incremental_s <= 0.1,
+        },
+        Target {
+            name: "chain of 5, median write to readable on the last",
+            figure: format!("{chain_median:.1} ms"),
+            target: "≤ 300 ms".into(),
+            holds: chain_median <= 300.0,
+        },
+        Target {
+            name: "4 nodes × 1,000 records converge",
+            figure: format!("{converge_s:.2} s"),
+            target: "(for reference)".into(),
+            holds: true,
+        },
+        Target {
+            name: "Automerge in-process per-document sync (reference)",
+            figure: format!("{reference_sync_s:.2} s"),
+            target: "(reference)".into(),
+            holds: true,
+        },
     ];
     let mut section = format!(
         "<!-- mesh-bench:start -->\n## The mesh (`mesh-bench`)\n\nRun {} on this machine ({} cores), {records} generated patient records, two release `medmesh` nodes over loopback; wire bytes counted by a TCP proxy between them (noise, yamux and sync frames).\nReproduce: `cargo build --release -p medmesh && cargo run --release -p medmesh-tests --bin mesh-bench`.\n\n| figure | value | target | holds |\n|---|---|---|---|\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
     println!();
     for t in &targets {
         let holds = if t.holds { "yes" } else { "**no**" };
-        println!("{:<55} {:<40} target {:<28} {}", t.name, t.figure, t.target, if t.holds { "holds" } else { "MISSED" });
-        section.push_str(&format!("| {} | {} | {} | {holds} |\n", t.name, t.figure, t.target));
+        println!(
+            "{:<55} {:<40} target {:<28} {}",
+            t.name,
+            t.figure,
+            t.target,
+            if t.holds { "holds" } else { "MISSED" }
+        );
+        section.push_str(&format!(
+            "| {} | {} | {} | {holds} |\n",
+            t.name, t.figure, t.target
+        ));
     }
-    section.push_str(&format!("\nRaw figures: `{}`\n<!-- mesh-bench:end -->\n", Value::Object(out.clone())));
-    update_benchmarks(std::path::Path::new("BENCHMARKS.md"), "mesh-bench", &section)?;
+    section.push_str(&format!(
+        "\nRaw figures: `{}`\n<!-- mesh-bench:end -->\n",
+        Value::Object(out.clone())
+    ));
+    update_benchmarks(
+        std::path::Path::new("BENCHMARKS.md"),
+        "mesh-bench",
+        &section,
+    )?;
     if let Some(path) = json_path {
         std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(out))?)?;
     }
