@@ -77,6 +77,9 @@ impl NodeProcess {
         let api = format!("127.0.0.1:{}", free_port());
         let listen = listen.unwrap_or_else(|| format!("/ip4/127.0.0.1/tcp/{}", free_port()));
         let mut command = Command::new(bin);
+        if std::env::var_os("MEDMESH_LOG").is_none() {
+            command.env("MEDMESH_LOG", "warn");
+        }
         command
             .args(["start", "--no-mdns", "--data"])
             .arg(data)
