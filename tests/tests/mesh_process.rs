@@ -124,14 +124,26 @@ async fn a_process_of_another_mesh_is_refused() {
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let x = NodeProcess::start_peered(&dx, std::slice::from_ref(&a.listen), None).expect("x");
     let http = reqwest::Client::new();
-    http.post(a.url("/v1/patients")).json(&json!({"given_name": "A only"})).send().await.expect("post");
-    http.post(x.url("/v1/patients")).json(&json!({"given_name": "X only"})).send().await.expect("post");
+    http.post(a.url("/v1/patients"))
+        .json(&json!({"given_name": "A only"}))
+        .send()
+        .await
+        .expect("post");
+    http.post(x.url("/v1/patients"))
+        .json(&json!({"given_name": "X only"}))
+        .send()
+        .await
+        .expect("post");
     wait_for("the refusal", Duration::from_secs(20), async || {
         let peers: Value = match http.get(x.url("/v1/peers")).send().await {
             Ok(r) => r.json().await.unwrap_or(Value::Null),
             Err(_) => Value::Null,
         };
-        peers["peers"].as_array().into_iter().flatten().any(|p| p["last_error"].as_str().is_some_and(|e| e.contains("another mesh")))
+        peers["peers"].as_array().into_iter().flatten().any(|p| {
+            p["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("another mesh"))
+        })
     })
     .await;
     assert_eq!(count(&http, &a).await, 1);
@@ -158,16 +170,26 @@ async fn edits_of_different_fields_during_a_partition_both_survive() {
         .await
         .expect("json");
     let path = format!("/v1/patients/{}", created["id"].as_str().expect("id"));
-    wait_for("the record on B", Duration::from_secs(20), async || {
-        matches!(http.get(b.url(&path)).send().await, Ok(r) if r.status().is_success())
-    })
+    wait_for(
+        "the record on B",
+        Duration::from_secs(20),
+        async || matches!(http.get(b.url(&path)).send().await, Ok(r) if r.status().is_success()),
+    )
     .await;
     // Partition: B goes away; A edits the phone; A goes away; B edits the camp.
     b.stop();
-    http.patch(a.url(&path)).json(&json!({"phone": "0803"})).send().await.expect("patch a");
+    http.patch(a.url(&path))
+        .json(&json!({"phone": "0803"}))
+        .send()
+        .await
+        .expect("patch a");
     a.stop();
     let b = NodeProcess::start_peered(&db, &[], None).expect("b alone");
-    http.patch(b.url(&path)).json(&json!({"camp": "North"})).send().await.expect("patch b");
+    http.patch(b.url(&path))
+        .json(&json!({"camp": "North"}))
+        .send()
+        .await
+        .expect("patch b");
     // Heal: A comes back on its address; B, which remembers it, reconnects.
     let a = NodeProcess::start_peered(&da, &[], Some(listen_a)).expect("a again");
     wait_for("both edits on both", Duration::from_secs(60), async || {
