@@ -312,7 +312,7 @@ impl Network {
         shutdown: CancellationToken,
     ) {
         let mut discovery: Option<Discovery> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             if mdns && discovery.is_none() && listen_port != 0 {
                 let config = DiscoveryConfig {
@@ -413,6 +413,7 @@ impl Network {
                 }
                 self.redial_peers.remove(&peer_id);
                 self.awaiting_dial.remove(&peer_id);
+                self.reopen_delay.remove(&peer_id);
                 let conns = self.connections.entry(peer_id).or_default();
                 conns.push((connection_id, dialed));
                 let count = conns.len();
@@ -565,10 +566,15 @@ impl Network {
             self.sessions.remove(&peer);
             tracing::info!(%peer, %reason, "sync session ended");
             if self.swarm.is_connected(&peer) && self.local < peer {
-                let delay = self
-                    .reopen_delay
-                    .get(&peer)
-                    .map_or(BACKOFF_FIRST, |d| (*d * 2).min(BACKOFF_MAX));
+                // The first retry is at once (the peer reconnected and the old session
+                // just ended); repeated failures back off.
+                let delay = self.reopen_delay.get(&peer).map_or(Duration::ZERO, |d| {
+                    if d.is_zero() {
+                        BACKOFF_FIRST
+                    } else {
+                        (*d * 2).min(BACKOFF_MAX)
+                    }
+                });
                 self.reopen_delay.insert(peer, delay);
                 self.reopen.insert(
                     peer,

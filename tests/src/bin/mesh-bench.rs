@@ -224,9 +224,19 @@ async fn main() -> Result<()> {
         .counters
         .last_accept_us
         .load(std::sync::atomic::Ordering::SeqCst);
+    // Quiet for longer than any retry delay, so a late second attempt would be counted.
     let last = proxy
-        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+        .wait_quiet(Duration::from_millis(1500), Duration::from_secs(10))
         .await;
+    let peers: Value = http.get(b.url("/v1/peers")).send().await?.json().await?;
+    anyhow::ensure!(
+        peers["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["syncing"] == json!(true)),
+        "the receiver is not syncing after reconnecting: {peers}"
+    );
     let noop_s = last.saturating_sub(accepted) as f64 / 1e6;
     let noop_bytes = proxy.total() - before;
     out.insert("noop_reconnect_s".into(), json!(noop_s));
