@@ -20,6 +20,24 @@ pub enum WriteKind {
     /// node), creating the record if it is new here. Never refused for the schema: a
     /// merge must not lose what another device wrote.
     Merge(Vec<u8>),
+    /// Creates the record, if it does not exist yet, from a **deterministic first
+    /// change**: the same actor (derived from the id), time and content on every
+    /// device. Two devices that create the same record while apart (a stock item keyed by
+    /// clinic, drug and batch) thus make the identical change, and their documents merge
+    /// into one, with one counter per `counters` entry that adds up everyone's moves.
+    Ensure {
+        /// The identifying fields (the same on every device), `id` included.
+        fields: Fields,
+        /// Counter fields and their starting value.
+        counters: Vec<(String, i64)>,
+    },
+    /// Adds `by` (negative to subtract) to a counter field of the record.
+    Increment {
+        /// The counter field.
+        field: String,
+        /// The amount.
+        by: i64,
+    },
 }
 
 /// One write to one record, as one Automerge change.

@@ -594,6 +594,71 @@ impl Writer {
                     seq: 0,
                 })
             }
+            WriteKind::Ensure { mut fields, counters } => {
+                let id = op
+                    .id
+                    .ok_or_else(|| StoreError::BadQuery("this write needs the record's id".into()))?;
+                if self.load_working(tables, staged, batch, &id)? {
+                    let working = batch.docs.get_mut(&id).ok_or_else(|| StoreError::NotFound {
+                        collection: op.collection.clone(),
+                        id,
+                    })?;
+                    if working.collection != op.collection {
+                        return Err(StoreError::AlreadyExists {
+                            collection: working.collection.clone(),
+                            id,
+                        });
+                    }
+                    let record = record::read_record(working.doc_mut(&id)?);
+                    return Ok(WriteOutcome {
+                        id,
+                        record,
+                        changed: false,
+                        seq: 0,
+                    });
+                }
+                fields.insert("id".into(), Value::String(id.to_string()));
+                let mut check = fields.clone();
+                for (name, start) in &counters {
+                    check.insert(name.clone(), Value::from(*start));
+                }
+                spec.validate_record(&check)?;
+                fields.sort_keys();
+                let mut doc = Automerge::new().with_actor(ActorId::from(id.as_bytes().as_slice()));
+                doc.transact_with::<_, _, RecordError, _>(
+                    |_| CommitOptions::default().with_time(0),
+                    |tx| {
+                        record::write_fields(tx, &fields)?;
+                        for (name, start) in &counters {
+                            record::put_counter(tx, name, *start)?;
+                        }
+                        Ok(())
+                    },
+                )
+                .map_err(|f| refused(&f.error))?;
+                doc.set_actor(self.actor.clone());
+                let record = record::read_record(&doc);
+                batch.order.push(id);
+                batch.docs.insert(
+                    id,
+                    Working {
+                        doc: Some(doc),
+                        heads: Vec::new(),
+                        collection: op.collection,
+                        old_meta: None,
+                        old_record: Fields::new(),
+                        old_heads: Vec::new(),
+                        record: Some(record.clone()),
+                        raw: None,
+                    },
+                );
+                Ok(WriteOutcome {
+                    id,
+                    record,
+                    changed: true,
+                    seq: 0,
+                })
+            }
             kind => {
                 let id = op.id.ok_or_else(|| {
                     StoreError::BadQuery("this write needs the record's id".into())
@@ -632,8 +697,9 @@ impl Writer {
                         Change::Replace(fields)
                     }
                     WriteKind::Delete => Change::Delete,
+                    WriteKind::Increment { field, by } => Change::Increment(field, by),
                     // Handled above.
-                    WriteKind::Create(_) | WriteKind::Merge(_) => {
+                    WriteKind::Create(_) | WriteKind::Merge(_) | WriteKind::Ensure { .. } => {
                         return Err(StoreError::BadQuery(
                             "this write cannot be applied here".into(),
                         ));
@@ -646,6 +712,11 @@ impl Writer {
                             Change::Write(fields) => record::write_fields(tx, fields)?,
                             Change::Replace(fields) => {
                                 record::replace_fields(tx, fields, KEPT_ON_REPLACE)?
+                            }
+                            Change::Increment(field, by) => {
+                                if *by != 0 {
+                                    tx.increment(ROOT, field.as_str(), *by)?;
+                                }
                             }
                             Change::Delete => {
                                 let deleted = tx.get(ROOT, "deleted_at")?.is_some_and(|(v, _)| {
@@ -669,7 +740,7 @@ impl Writer {
                 );
                 let changed = match result {
                     Ok(success) => success.hash.is_some(),
-                    Err(failure) => return Err(StoreError::Storage(failure.error.to_string())),
+                    Err(failure) => return Err(refused(&failure.error)),
                 };
                 let record = record::read_record(working.doc_mut(&id)?);
                 working.record = Some(record.clone());
@@ -912,7 +983,14 @@ fn replicate(err: &StoreError) -> StoreError {
 enum Change {
     Write(Fields),
     Replace(Fields),
+    Increment(String, i64),
     Delete,
+}
+
+/// An Automerge operation the document refused (a counter that is not one, say): this
+/// write is refused, the transaction goes on.
+fn refused(err: &RecordError) -> StoreError {
+    StoreError::BadQuery(format!("the change could not be applied: {err}"))
 }
 
 impl Working {
@@ -966,7 +1044,7 @@ pub(crate) fn prepare_create(
     spec.validate_record(&fields)?;
     let mut doc = Automerge::new().with_actor(actor.clone());
     doc.transact_with::<_, _, RecordError, _>(|_| options, |tx| record::init_record(tx, &fields))
-        .map_err(|f| StoreError::Storage(f.error.to_string()))?;
+        .map_err(|f| refused(&f.error))?;
     // The document holds exactly these fields (Automerge orders keys).
     fields.sort_keys();
     Ok(PreparedCreate {
