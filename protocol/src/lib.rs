@@ -22,6 +22,7 @@
 
 pub mod ids;
 pub mod membership;
+pub mod pharmacy;
 pub mod record;
 pub mod schema;
 pub mod sync;
