@@ -18,4 +18,5 @@ pub mod client;
 pub mod config;
 pub mod identity;
 pub mod mesh;
+pub mod pharmacy;
 pub mod server;

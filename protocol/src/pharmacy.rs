@@ -116,7 +116,10 @@ pub fn drug_id(name: &str) -> DocId {
 
 /// The id of the stock item of a drug's batch at a clinic.
 pub fn stock_item_id(clinic_id: &str, drug_id: &str, batch_number: &str) -> DocId {
-    derived_id("stock", &[clinic_id, drug_id, &normalize_batch(batch_number)])
+    derived_id(
+        "stock",
+        &[clinic_id, drug_id, &normalize_batch(batch_number)],
+    )
 }
 
 #[cfg(test)]
@@ -129,16 +132,31 @@ mod tests {
         assert_eq!(a, "paracetamol 500 mg tablet");
         assert_eq!(normalize_drug_name("paracetamol 500 MG  Tablets"), a);
         assert_eq!(normalize_drug_name("  PARACETAMOL 500 milligrams tabs "), a);
-        assert_eq!(drug_id("Paracetamol 500mg tablets"), drug_id("paracetamol 500 MG  Tablets"));
+        assert_eq!(
+            drug_id("Paracetamol 500mg tablets"),
+            drug_id("paracetamol 500 MG  Tablets")
+        );
         assert_ne!(drug_id("Paracetamol 500mg"), drug_id("Paracetamol 250mg"));
-        assert_eq!(normalize_drug_name("Amoxicillin 250mg/5ml suspension"), "amoxicillin 250 mg/5 ml suspension");
+        assert_eq!(
+            normalize_drug_name("Amoxicillin 250mg/5ml suspension"),
+            "amoxicillin 250 mg/5 ml suspension"
+        );
     }
 
     #[test]
     fn stock_items_are_keyed_by_clinic_drug_and_batch() {
-        assert_eq!(stock_item_id("c", "d", "b-12 x"), stock_item_id("c", "d", " B-12X"));
-        assert_ne!(stock_item_id("c", "d", "B1"), stock_item_id("c2", "d", "B1"));
-        assert_ne!(stock_item_id("c", "d", "B1"), stock_item_id("c", "d2", "B1"));
+        assert_eq!(
+            stock_item_id("c", "d", "b-12 x"),
+            stock_item_id("c", "d", " B-12X")
+        );
+        assert_ne!(
+            stock_item_id("c", "d", "B1"),
+            stock_item_id("c2", "d", "B1")
+        );
+        assert_ne!(
+            stock_item_id("c", "d", "B1"),
+            stock_item_id("c", "d2", "B1")
+        );
         // Parts cannot run into each other.
         assert_ne!(stock_item_id("ab", "c", "d"), stock_item_id("a", "bc", "d"));
     }

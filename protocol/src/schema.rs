@@ -837,6 +837,8 @@ const HIKMA_COLLECTIONS: &[(&str, &[Column])] = &[
         ("requires_refrigeration", Ty::Bool, OPTIONAL, NO_INDEX),
         ("is_active", Ty::Bool, OPTIONAL, NO_INDEX),
         ("notes", Ty::String, OPTIONAL, NO_INDEX),
+        // medmesh: the normalized name the drug's id is derived from.
+        ("normalized_name", Ty::String, OPTIONAL, EXACT),
         ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
         ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
     ]),
@@ -849,6 +851,8 @@ const HIKMA_COLLECTIONS: &[(&str, &[Column])] = &[
         ("last_counted_at", Ty::Timestamp, OPTIONAL, NO_INDEX),
         ("batch_number", Ty::String, OPTIONAL, NO_INDEX),
         ("batch_expiry_date", Ty::Date, OPTIONAL, NO_INDEX),
+        // medmesh: the quantity at or below which this batch is reported as low.
+        ("reorder_level", Ty::Int, OPTIONAL, NO_INDEX),
         ("recorded_by_user_id", Ty::Id, OPTIONAL, NO_INDEX),
         ("metadata", Ty::Json, OPTIONAL, NO_INDEX),
     ]),

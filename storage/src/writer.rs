@@ -594,15 +594,21 @@ impl Writer {
                     seq: 0,
                 })
             }
-            WriteKind::Ensure { mut fields, counters } => {
-                let id = op
-                    .id
-                    .ok_or_else(|| StoreError::BadQuery("this write needs the record's id".into()))?;
+            WriteKind::Ensure {
+                mut fields,
+                counters,
+            } => {
+                let id = op.id.ok_or_else(|| {
+                    StoreError::BadQuery("this write needs the record's id".into())
+                })?;
                 if self.load_working(tables, staged, batch, &id)? {
-                    let working = batch.docs.get_mut(&id).ok_or_else(|| StoreError::NotFound {
-                        collection: op.collection.clone(),
-                        id,
-                    })?;
+                    let working = batch
+                        .docs
+                        .get_mut(&id)
+                        .ok_or_else(|| StoreError::NotFound {
+                            collection: op.collection.clone(),
+                            id,
+                        })?;
                     if working.collection != op.collection {
                         return Err(StoreError::AlreadyExists {
                             collection: working.collection.clone(),

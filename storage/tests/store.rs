@@ -588,22 +588,66 @@ fn a_record_created_and_changed_in_one_batch_is_stored_whole() {
 fn records_ensured_apart_merge_into_one_whose_counter_adds_up() {
     let id = DocId::new_v7();
     let identity = || fields(json!({"clinic_id": "c1", "drug_id": "d1", "batch_number": "B-7"}));
-    let ensure = || WriteOp::new("clinic_inventory", Some(id), WriteKind::Ensure { fields: identity(), counters: vec![("quantity_available".into(), 0)] }, author());
-    let inc = |by: i64| WriteOp::new("clinic_inventory", Some(id), WriteKind::Increment { field: "quantity_available".into(), by }, author());
+    let ensure = || {
+        WriteOp::new(
+            "clinic_inventory",
+            Some(id),
+            WriteKind::Ensure {
+                fields: identity(),
+                counters: vec![("quantity_available".into(), 0)],
+            },
+            author(),
+        )
+    };
+    let inc = |by: i64| {
+        WriteOp::new(
+            "clinic_inventory",
+            Some(id),
+            WriteKind::Increment {
+                field: "quantity_available".into(),
+                by,
+            },
+            author(),
+        )
+    };
     let a = Store::memory(Schema::hikma()).expect("a");
     let b = Store::memory(Schema::hikma()).expect("b");
-    a.write_blocking(WriteBatch { ops: vec![ensure(), inc(100)], atomic: true }).expect("a restocks");
-    b.write_blocking(WriteBatch { ops: vec![ensure(), inc(-3)], atomic: true }).expect("b dispenses");
+    a.write_blocking(WriteBatch {
+        ops: vec![ensure(), inc(100)],
+        atomic: true,
+    })
+    .expect("a restocks");
+    b.write_blocking(WriteBatch {
+        ops: vec![ensure(), inc(-3)],
+        atomic: true,
+    })
+    .expect("b dispenses");
     // Ensuring again changes nothing.
     let again = a.write_blocking(WriteBatch::one(ensure())).expect("again");
     assert!(!again[0].as_ref().expect("ok").changed);
     let from_a = a.document("clinic_inventory", &id).expect("doc").save();
     let from_b = b.document("clinic_inventory", &id).expect("doc").save();
-    a.write_blocking(WriteBatch::one(WriteOp::new("clinic_inventory", Some(id), WriteKind::Merge(from_b), author()))).expect("merge");
-    b.write_blocking(WriteBatch::one(WriteOp::new("clinic_inventory", Some(id), WriteKind::Merge(from_a), author()))).expect("merge");
+    a.write_blocking(WriteBatch::one(WriteOp::new(
+        "clinic_inventory",
+        Some(id),
+        WriteKind::Merge(from_b),
+        author(),
+    )))
+    .expect("merge");
+    b.write_blocking(WriteBatch::one(WriteOp::new(
+        "clinic_inventory",
+        Some(id),
+        WriteKind::Merge(from_a),
+        author(),
+    )))
+    .expect("merge");
     for store in [&a, &b] {
         let got = store.get("clinic_inventory", &id).expect("get");
-        assert_eq!(got.record["quantity_available"], json!(97), "both sides' movements count");
+        assert_eq!(
+            got.record["quantity_available"],
+            json!(97),
+            "both sides' movements count"
+        );
         let conflicts = record::conflicts(&store.document("clinic_inventory", &id).expect("doc"));
         assert!(
             conflicts.iter().all(|c| c.field == "updated_at"),
@@ -612,7 +656,15 @@ fn records_ensured_apart_merge_into_one_whose_counter_adds_up() {
     }
     // A counter cannot be incremented where there is none: refused, nothing stored.
     let err = a
-        .write_blocking(WriteBatch::one(WriteOp::new("clinic_inventory", Some(id), WriteKind::Increment { field: "batch_number".into(), by: 1 }, author())))
+        .write_blocking(WriteBatch::one(WriteOp::new(
+            "clinic_inventory",
+            Some(id),
+            WriteKind::Increment {
+                field: "batch_number".into(),
+                by: 1,
+            },
+            author(),
+        )))
         .err()
         .expect("refused");
     assert!(matches!(err, StoreError::BadQuery(_)), "{err}");

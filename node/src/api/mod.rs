@@ -6,6 +6,7 @@
 
 pub mod error;
 mod peers;
+mod pharmacy;
 mod records;
 mod status;
 
@@ -39,6 +40,7 @@ pub struct AppState {
 
 struct StateInner {
     store: Store,
+    pharmacy: Arc<crate::pharmacy::Pharmacy>,
     mesh: Option<crate::mesh::Mesh>,
     peer_id: String,
     data_dir: Option<PathBuf>,
@@ -50,6 +52,10 @@ impl AppState {
     pub fn new(store: Store, peer_id: String, data_dir: Option<PathBuf>) -> Self {
         Self {
             inner: Arc::new(StateInner {
+                pharmacy: Arc::new(crate::pharmacy::Pharmacy::new(
+                    store.clone(),
+                    peer_id.clone(),
+                )),
                 store,
                 mesh: None,
                 peer_id,
@@ -63,6 +69,7 @@ impl AppState {
     pub fn with_mesh(self, mesh: crate::mesh::Mesh) -> Self {
         let inner = StateInner {
             store: self.inner.store.clone(),
+            pharmacy: self.inner.pharmacy.clone(),
             mesh: Some(mesh),
             peer_id: self.inner.peer_id.clone(),
             data_dir: self.inner.data_dir.clone(),
@@ -71,6 +78,11 @@ impl AppState {
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// The pharmacy.
+    pub fn pharmacy(&self) -> Arc<crate::pharmacy::Pharmacy> {
+        self.inner.pharmacy.clone()
     }
 
     /// The mesh, when the node runs one.
@@ -99,6 +111,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/status", get(status::status))
         .route("/v1/changes", get(status::changes))
         .route("/v1/peers", get(peers::list).post(peers::add))
+        .route("/v1/pharmacy/restock", post(pharmacy::restock))
+        .route("/v1/pharmacy/dispense", post(pharmacy::dispense))
+        .route("/v1/pharmacy/count", post(pharmacy::count))
+        .route("/v1/pharmacy/adjust", post(pharmacy::adjust))
+        .route("/v1/pharmacy/stock", get(pharmacy::stock))
+        .route("/v1/pharmacy/alerts", get(pharmacy::alerts))
+        .route("/v1/pharmacy/verify", get(pharmacy::verify))
+        .route("/v1/drugs/search", get(pharmacy::search))
         .route("/v1/{collection}", post(records::create).get(records::list))
         .route(
             "/v1/{collection}/{id}",

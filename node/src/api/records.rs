@@ -18,15 +18,19 @@ use super::{
 /// The request header naming the user or app that makes a change.
 pub const USER_HEADER: &str = "x-medmesh-user";
 
-fn author(state: &AppState, headers: &HeaderMap) -> ChangeAuthor {
-    let user = headers
+/// The user or app named by the request's `X-Medmesh-User` header.
+pub(crate) fn user_of(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(USER_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().chars().take(200).collect::<String>())
-        .filter(|v| !v.is_empty());
+        .filter(|v| !v.is_empty())
+}
+
+fn author(state: &AppState, headers: &HeaderMap) -> ChangeAuthor {
     ChangeAuthor {
         device: state.peer_id().to_owned(),
-        user,
+        user: user_of(headers),
     }
 }
 
@@ -53,7 +57,7 @@ fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     })
 }
 
-fn body_object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
+pub(crate) fn body_object(body: Result<Bytes, BytesRejection>) -> Result<Fields, ApiError> {
     match body_json(body)? {
         Value::Object(fields) => Ok(fields),
         other => Err(ApiError::bad_request(

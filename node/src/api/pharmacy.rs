@@ -1,0 +1,138 @@
+//! Pharmacy endpoints: `/v1/pharmacy/{restock,dispense,count,adjust}` (POST),
+//! `/v1/pharmacy/{stock,alerts,verify}` and `/v1/drugs/search` (GET).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::records::{body_object, user_of};
+use super::{ApiError, AppState, blocking};
+use crate::pharmacy::{Pharmacy, PharmacyError};
+
+impl From<PharmacyError> for ApiError {
+    fn from(err: PharmacyError) -> Self {
+        match err {
+            PharmacyError::Invalid { field, message } => {
+                let mut error = ApiError::bad_request("invalid_field", message);
+                error.field = Some(field.to_owned());
+                error
+            }
+            PharmacyError::Store(err) => err.into(),
+        }
+    }
+}
+
+type Operation =
+    fn(&Pharmacy, &serde_json::Map<String, Value>, Option<&str>) -> Result<Value, PharmacyError>;
+
+async fn run(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    operation: Operation,
+) -> Result<Json<Value>, ApiError> {
+    let fields = body_object(body)?;
+    let user = user_of(&headers);
+    let pharmacy = state.pharmacy();
+    let answer = blocking(move || Ok(operation(&pharmacy, &fields, user.as_deref())?)).await?;
+    Ok(Json(answer))
+}
+
+/// `POST /v1/pharmacy/restock`
+pub async fn restock(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    run(state, headers, body, Pharmacy::restock).await
+}
+
+/// `POST /v1/pharmacy/dispense`
+pub async fn dispense(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    run(state, headers, body, Pharmacy::dispense).await
+}
+
+/// `POST /v1/pharmacy/count`
+pub async fn count(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    run(state, headers, body, Pharmacy::count).await
+}
+
+/// `POST /v1/pharmacy/adjust`
+pub async fn adjust(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    run(state, headers, body, Pharmacy::adjust).await
+}
+
+/// Filters of the stock and alert queries.
+#[derive(Debug, Deserialize)]
+pub struct StockParams {
+    clinic_id: Option<String>,
+    drug_id: Option<String>,
+    within_days: Option<i64>,
+}
+
+/// `GET /v1/pharmacy/stock?clinic_id=&drug_id=`
+pub async fn stock(
+    State(state): State<AppState>,
+    Query(params): Query<StockParams>,
+) -> Result<Json<Value>, ApiError> {
+    let pharmacy = state.pharmacy();
+    let items = blocking(move || {
+        Ok(pharmacy.stock(params.clinic_id.as_deref(), params.drug_id.as_deref())?)
+    })
+    .await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `GET /v1/pharmacy/alerts?clinic_id=&within_days=`
+pub async fn alerts(
+    State(state): State<AppState>,
+    Query(params): Query<StockParams>,
+) -> Result<Json<Value>, ApiError> {
+    let pharmacy = state.pharmacy();
+    let today = chrono::Utc::now().date_naive();
+    let within = params.within_days.unwrap_or(90);
+    let answer =
+        blocking(move || Ok(pharmacy.alerts(params.clinic_id.as_deref(), within, today)?)).await?;
+    Ok(Json(answer))
+}
+
+/// `GET /v1/pharmacy/verify`: stock items whose quantity differs from their movements.
+pub async fn verify(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let pharmacy = state.pharmacy();
+    Ok(Json(blocking(move || Ok(pharmacy.verify()?)).await?))
+}
+
+/// Parameters of the drug search.
+#[derive(Debug, Deserialize)]
+pub struct SearchParams {
+    q: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/drugs/search?q=...&limit=N`: autocompletes drug names.
+pub async fn search(
+    State(state): State<AppState>,
+    Query(params): Query<SearchParams>,
+) -> Result<Json<Value>, ApiError> {
+    let q = params.q.unwrap_or_default();
+    let limit = params.limit.unwrap_or(10).clamp(1, 100);
+    let pharmacy = state.pharmacy();
+    let hits = blocking(move || Ok(pharmacy.search_drugs(&q, limit)?)).await?;
+    Ok(Json(json!({ "drugs": hits })))
+}

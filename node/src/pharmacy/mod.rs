@@ -1,0 +1,788 @@
+//! Pharmacy operations: restock, dispense (FEFO, split across batches), physical count,
+//! adjustment, stock, alerts, drug search, and the check that every stock item's
+//! quantity equals the sum of its movements.
+//!
+//! Stock quantities are Automerge counters in stock item documents whose first change is
+//! deterministic (see `WriteKind::Ensure`), so movements made on devices that were apart
+//! add up after any merge. Every movement is also an immutable `inventory_transactions`
+//! record written in the same store transaction as the counter change: a refused
+//! operation changes nothing, and the counter can always be checked against its trail.
+
+mod view;
+
+use std::sync::Mutex;
+
+use chrono::{NaiveDate, Utc};
+use medmesh_protocol::pharmacy::{drug_id, normalize_batch, normalize_drug_name, stock_item_id};
+use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::{ChangeAuthor, DocId};
+use medmesh_storage::{Query, Store, StoreError, WriteBatch, WriteKind, WriteOp};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use view::View;
+pub use view::{DrugHit, DrugRow, StockRow};
+
+/// The counter field of a stock item.
+pub const QUANTITY: &str = "quantity_available";
+
+/// A pharmacy request that cannot be carried out, and why.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PharmacyError {
+    /// A field of the request is missing or wrong.
+    #[error("{message}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> PharmacyError {
+    PharmacyError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+type Result<T, E = PharmacyError> = std::result::Result<T, E>;
+
+/// The pharmacy of one node.
+pub struct Pharmacy {
+    store: Store,
+    device: String,
+    view: Mutex<View>,
+}
+
+/// One part of a dispense: from which batch, how much.
+#[derive(Debug, Clone, Serialize)]
+pub struct Taken {
+    /// The stock item.
+    pub stock_item_id: DocId,
+    /// Its batch.
+    pub batch_number: String,
+    /// Units taken.
+    pub quantity: i64,
+    /// The quantity left on this device's view.
+    pub balance_after: i64,
+}
+
+/// A request body, read field by field with errors that name the field.
+pub struct Body<'a>(pub &'a Fields);
+
+impl Body<'_> {
+    fn text(&self, field: &'static str) -> Result<Option<String>> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim().to_owned())),
+            Some(_) => Err(invalid(field, format!("`{field}` must be text"))),
+        }
+    }
+
+    fn required_text(&self, field: &'static str) -> Result<String> {
+        self.text(field)?
+            .ok_or_else(|| invalid(field, format!("`{field}` is required")))
+    }
+
+    fn int(&self, field: &'static str) -> Result<Option<i64>> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+                invalid(field, format!("`{field}` must be a whole number, not {v}"))
+            }),
+        }
+    }
+
+    fn positive(&self, field: &'static str) -> Result<i64> {
+        match self.int(field)? {
+            Some(n) if n > 0 => Ok(n),
+            Some(n) => Err(invalid(
+                field,
+                format!("`{field}` must be more than 0, not {n}"),
+            )),
+            None => Err(invalid(field, format!("`{field}` is required"))),
+        }
+    }
+
+    fn date(&self, field: &'static str) -> Result<Option<NaiveDate>> {
+        match self.text(field)? {
+            None => Ok(None),
+            Some(text) => NaiveDate::parse_from_str(&text, "%Y-%m-%d")
+                .map(Some)
+                .map_err(|_| {
+                    invalid(
+                        field,
+                        format!("`{field}` must be a date like 2027-03-31, not `{text}`"),
+                    )
+                }),
+        }
+    }
+
+    fn flag(&self, field: &'static str) -> Result<bool> {
+        match self.0.get(field) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(invalid(field, format!("`{field}` must be true or false"))),
+        }
+    }
+}
+
+fn fields(value: Value) -> Fields {
+    match value {
+        Value::Object(map) => map,
+        _ => Fields::new(),
+    }
+}
+
+impl Pharmacy {
+    /// The pharmacy of a store; `device` is the node's peer id (recorded in movements).
+    pub fn new(store: Store, device: String) -> Self {
+        Self {
+            store,
+            device,
+            view: Mutex::new(View::default()),
+        }
+    }
+
+    fn with_view<T>(&self, read: impl FnOnce(&View) -> T) -> Result<T> {
+        let mut view = self
+            .view
+            .lock()
+            .map_err(|_| StoreError::Storage("the pharmacy view lock was poisoned".into()))?;
+        view.refresh(&self.store)?;
+        Ok(read(&view))
+    }
+
+    fn author(&self, user: Option<&str>) -> ChangeAuthor {
+        ChangeAuthor {
+            device: self.device.clone(),
+            user: user.map(str::to_owned),
+        }
+    }
+
+    fn op(
+        &self,
+        collection: &str,
+        id: Option<DocId>,
+        kind: WriteKind,
+        user: Option<&str>,
+    ) -> WriteOp {
+        WriteOp::new(collection, id, kind, self.author(user))
+    }
+
+    fn require_clinic(&self, clinic_id: &str) -> Result<()> {
+        let id: DocId = clinic_id.parse().map_err(|_| {
+            invalid(
+                "clinic_id",
+                format!("`clinic_id` must be a clinic's id, not `{clinic_id}`"),
+            )
+        })?;
+        match self.store.get("clinics", &id) {
+            Ok(_) => Ok(()),
+            Err(StoreError::NotFound { .. }) => Err(invalid(
+                "clinic_id",
+                format!("there is no clinic {clinic_id}; create it first (POST /v1/clinics)"),
+            )),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The drug of a request: by `drug_id` (must exist), or by `drug_name` (created when
+    /// `create` and it does not exist). Answers its id and the writes that create it.
+    fn resolve_drug(
+        &self,
+        body: &Body<'_>,
+        create: bool,
+        user: Option<&str>,
+    ) -> Result<(DocId, Vec<WriteOp>)> {
+        if let Some(text) = body.text("drug_id")? {
+            let id: DocId = text.parse().map_err(|_| {
+                invalid(
+                    "drug_id",
+                    format!("`drug_id` must be a drug's id, not `{text}`"),
+                )
+            })?;
+            return match self.store.get("drug_catalogue", &id) {
+                Ok(_) => Ok((id, Vec::new())),
+                Err(StoreError::NotFound { .. }) => Err(invalid(
+                    "drug_id",
+                    format!(
+                        "there is no drug {id} in the catalogue; give `drug_name` to create it"
+                    ),
+                )),
+                Err(err) => Err(err.into()),
+            };
+        }
+        let name = body
+            .text("drug_name")?
+            .ok_or_else(|| invalid("drug_id", "give `drug_id` or `drug_name`"))?;
+        let normalized = normalize_drug_name(&name);
+        if normalized.is_empty() {
+            return Err(invalid("drug_name", "`drug_name` is empty"));
+        }
+        let id = drug_id(&name);
+        match self.store.get("drug_catalogue", &id) {
+            Ok(_) => Ok((id, Vec::new())),
+            Err(StoreError::NotFound { .. }) if create => {
+                let ensure = WriteKind::Ensure {
+                    fields: fields(json!({ "normalized_name": normalized })),
+                    counters: Vec::new(),
+                };
+                let named =
+                    WriteKind::Patch(fields(json!({ "generic_name": name, "is_active": true })));
+                Ok((
+                    id,
+                    vec![
+                        self.op("drug_catalogue", Some(id), ensure, user),
+                        self.op("drug_catalogue", Some(id), named, user),
+                    ],
+                ))
+            }
+            Err(StoreError::NotFound { .. }) => Err(invalid(
+                "drug_name",
+                format!("there is no drug named `{name}` in the catalogue"),
+            )),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    fn transaction(
+        &self,
+        row: (&str, &str, DocId),
+        kind: &str,
+        change: i64,
+        balance: i64,
+        reason: Option<String>,
+        reference: Option<DocId>,
+        user: Option<&str>,
+    ) -> WriteOp {
+        let (clinic, drug, stock) = row;
+        let record = json!({
+            "clinic_id": clinic,
+            "drug_id": drug,
+            "stock_item_id": stock.to_string(),
+            "transaction_type": kind,
+            "quantity_change": change,
+            "balance_after": balance,
+            "reason": reason,
+            "reference_id": reference.map(|r| r.to_string()),
+            "performed_by": user.unwrap_or(&self.device),
+            "performed_at": record::format_timestamp(Utc::now().timestamp_millis()),
+            "metadata": {"device": self.device},
+        });
+        self.op(
+            "inventory_transactions",
+            None,
+            WriteKind::Create(fields(record)),
+            user,
+        )
+    }
+
+    fn current(&self, id: &DocId) -> Result<Option<StockRow>> {
+        self.with_view(|v| v.stock.get(id).cloned())
+    }
+
+    /// Receives stock: creates the drug (by name) and the stock item when new.
+    pub fn restock(&self, body: &Fields, user: Option<&str>) -> Result<Value> {
+        let body = Body(body);
+        let clinic = body.required_text("clinic_id")?;
+        let batch = body.required_text("batch_number")?;
+        let expiry = body.date("expiry_date")?;
+        let quantity = body.positive("quantity")?;
+        let reorder = body.int("reorder_level")?;
+        let supplier = body.text("supplier")?;
+        let unit_price = match body.0.get("unit_price") {
+            None | Some(Value::Null) => None,
+            Some(v) if v.is_number() => Some(v.clone()),
+            Some(_) => return Err(invalid("unit_price", "`unit_price` must be a number")),
+        };
+        self.require_clinic(&clinic)?;
+        let (drug, mut ops) = self.resolve_drug(&body, true, user)?;
+        let id = stock_item_id(&clinic, &drug.to_string(), &batch);
+        let before = self.current(&id)?.map_or(0, |r| r.quantity);
+        ops.push(self.op(
+            "clinic_inventory",
+            Some(id),
+            WriteKind::Ensure {
+                fields: fields(json!({"clinic_id": clinic, "drug_id": drug.to_string(), "batch_number": normalize_batch(&batch)})),
+                counters: vec![(QUANTITY.into(), 0)],
+            },
+            user,
+        ));
+        let mut details = Fields::new();
+        if let Some(expiry) = expiry {
+            details.insert("batch_expiry_date".into(), json!(expiry.to_string()));
+        }
+        if let Some(reorder) = reorder {
+            details.insert("reorder_level".into(), json!(reorder));
+        }
+        if !details.is_empty() {
+            ops.push(self.op(
+                "clinic_inventory",
+                Some(id),
+                WriteKind::Patch(details),
+                user,
+            ));
+        }
+        ops.push(self.op(
+            "clinic_inventory",
+            Some(id),
+            WriteKind::Increment {
+                field: QUANTITY.into(),
+                by: quantity,
+            },
+            user,
+        ));
+        let mut tx = self.transaction(
+            (&clinic, &drug.to_string(), id),
+            "restock",
+            quantity,
+            before + quantity,
+            supplier.map(|s| format!("from {s}")),
+            None,
+            user,
+        );
+        if let (Some(price), WriteKind::Create(record)) = (unit_price, &mut tx.kind) {
+            record.insert(
+                "metadata".into(),
+                json!({"device": self.device, "unit_price": price}),
+            );
+        }
+        ops.push(tx);
+        self.store
+            .write_blocking(WriteBatch { ops, atomic: true })?;
+        Ok(json!({
+            "stock_item_id": id,
+            "drug_id": drug,
+            "batch_number": normalize_batch(&batch),
+            "quantity": before + quantity,
+        }))
+    }
+
+    /// Dispenses a drug: from the earliest-expiring batches with stock (FEFO), split
+    /// across batches when one is not enough, or from the batch given. Writes the
+    /// dispensing records and updates the prescription item.
+    pub fn dispense(&self, body: &Fields, user: Option<&str>) -> Result<Value> {
+        let body = Body(body);
+        let clinic = body.required_text("clinic_id")?;
+        let quantity = body.positive("quantity")?;
+        let batch = body.text("batch_number")?;
+        let allow_expired = body.flag("allow_expired")?;
+        let patient = body.text("patient_id")?;
+        let item = body.text("prescription_item_id")?;
+        let instructions = body.text("dosage_instructions")?;
+        let days_supply = body.int("days_supply")?;
+        self.require_clinic(&clinic)?;
+        let (drug, _) = self.resolve_drug(&body, false, user)?;
+        let drug_text = drug.to_string();
+        let today = Utc::now().date_naive();
+        let rows = self.with_view(|v| v.stock_rows(Some(&clinic), Some(&drug_text)))?;
+        let expired = |r: &StockRow| r.expiry.is_some_and(|e| e < today);
+        // Which batches, and how much from each.
+        let mut plan: Vec<(StockRow, i64)> = Vec::new();
+        if let Some(batch) = &batch {
+            let wanted = normalize_batch(batch);
+            let row = rows
+                .iter()
+                .find(|r| r.batch_number == wanted)
+                .ok_or_else(|| {
+                    invalid(
+                        "batch_number",
+                        format!("batch `{batch}` of this drug is not stocked at this clinic"),
+                    )
+                })?;
+            if expired(row) && !allow_expired {
+                return Err(invalid(
+                    "batch_number",
+                    format!(
+                        "batch `{batch}` expired on {}; send allow_expired: true to dispense it anyway",
+                        row.expiry_date.clone().unwrap_or_default()
+                    ),
+                ));
+            }
+            plan.push((row.clone(), quantity));
+        } else {
+            let usable: Vec<&StockRow> = rows
+                .iter()
+                .filter(|r| allow_expired || !expired(r))
+                .collect();
+            let Some(last) = usable.first().copied() else {
+                return Err(invalid(
+                    "drug_id",
+                    if rows.is_empty() {
+                        "this drug is not stocked at this clinic; restock it first".to_owned()
+                    } else {
+                        "every batch of this drug at this clinic has expired; send allow_expired: true to dispense anyway".to_owned()
+                    },
+                ));
+            };
+            let mut left = quantity;
+            for row in usable.iter().filter(|r| r.quantity > 0) {
+                if left == 0 {
+                    break;
+                }
+                let take = left.min(row.quantity);
+                plan.push(((*row).clone(), take));
+                left -= take;
+            }
+            if left > 0 {
+                // Not enough on record: the shelf is the truth, the record follows it.
+                match plan.last_mut() {
+                    Some((_, take)) => *take += left,
+                    None => plan.push((last.clone(), left)),
+                }
+            }
+        }
+        // The prescription item, if any.
+        let mut ops = Vec::new();
+        if let Some(item) = &item {
+            ops.push(self.prescription_update(item, &drug_text, quantity, user)?);
+        }
+        let mut taken = Vec::new();
+        let mut records = Vec::new();
+        for (row, take) in &plan {
+            let record_id = DocId::new_v7();
+            let balance = row.quantity - take;
+            ops.push(self.op(
+                "clinic_inventory",
+                Some(row.stock_item_id),
+                WriteKind::Increment {
+                    field: QUANTITY.into(),
+                    by: -take,
+                },
+                user,
+            ));
+            ops.push(self.transaction(
+                (&clinic, &drug_text, row.stock_item_id),
+                "dispense",
+                -take,
+                balance,
+                None,
+                Some(record_id),
+                user,
+            ));
+            let record = json!({
+                "id": record_id.to_string(),
+                "clinic_id": clinic,
+                "drug_id": drug_text,
+                "batch_id": row.stock_item_id.to_string(),
+                "prescription_item_id": item,
+                "patient_id": patient,
+                "quantity_dispensed": take,
+                "dosage_instructions": instructions,
+                "days_supply": days_supply,
+                "dispensed_by": user.unwrap_or(&self.device),
+                "dispensed_at": record::format_timestamp(Utc::now().timestamp_millis()),
+            });
+            ops.push(self.op(
+                "dispensing_records",
+                Some(record_id),
+                WriteKind::Create(fields(record)),
+                user,
+            ));
+            records.push(record_id);
+            taken.push(Taken {
+                stock_item_id: row.stock_item_id,
+                batch_number: row.batch_number.clone(),
+                quantity: *take,
+                balance_after: balance,
+            });
+        }
+        self.store
+            .write_blocking(WriteBatch { ops, atomic: true })?;
+        let negative: Vec<&Taken> = taken.iter().filter(|t| t.balance_after < 0).collect();
+        let mut answer = json!({
+            "drug_id": drug,
+            "quantity": quantity,
+            "taken": taken,
+            "dispensing_record_ids": records,
+            "negative_stock": !negative.is_empty(),
+        });
+        if !negative.is_empty() {
+            answer["warning"] = json!(
+                "the records show less stock than was dispensed: the quantity is now negative. Count the shelf (POST /v1/pharmacy/count) to correct it."
+            );
+        }
+        Ok(answer)
+    }
+
+    fn prescription_update(
+        &self,
+        item: &str,
+        drug: &str,
+        quantity: i64,
+        user: Option<&str>,
+    ) -> Result<WriteOp> {
+        let id: DocId = item.parse().map_err(|_| {
+            invalid(
+                "prescription_item_id",
+                format!("`prescription_item_id` must be an id, not `{item}`"),
+            )
+        })?;
+        let current = match self.store.get("prescription_items", &id) {
+            Ok(view) => view.record,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(invalid(
+                    "prescription_item_id",
+                    format!("there is no prescription item {id}"),
+                ));
+            }
+            Err(err) => return Err(err.into()),
+        };
+        if let Some(for_drug) = current.get("drug_id").and_then(Value::as_str)
+            && for_drug != drug
+        {
+            return Err(invalid(
+                "prescription_item_id",
+                format!("prescription item {id} is for another drug ({for_drug})"),
+            ));
+        }
+        let prescribed = current.get("quantity_prescribed").and_then(Value::as_i64);
+        let dispensed = current
+            .get("quantity_dispensed")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let authorized = current
+            .get("refills_authorized")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let used = current
+            .get("refills_used")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let status = current
+            .get("item_status")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let mut patch = Fields::new();
+        // A dispense after the item was fully dispensed is a refill.
+        if status == "dispensed" || prescribed.is_some_and(|p| p > 0 && dispensed >= p * (used + 1))
+        {
+            if used >= authorized {
+                return Err(invalid(
+                    "prescription_item_id",
+                    format!(
+                        "prescription item {id} is fully dispensed and has no refills left ({used} of {authorized} used)"
+                    ),
+                ));
+            }
+            patch.insert("refills_used".into(), json!(used + 1));
+        }
+        let total = dispensed + quantity;
+        let courses = i64::from(patch.contains_key("refills_used")) + used + 1;
+        let complete = prescribed.is_none_or(|p| total >= p * courses);
+        patch.insert("quantity_dispensed".into(), json!(total));
+        patch.insert(
+            "item_status".into(),
+            json!(if complete {
+                "dispensed"
+            } else {
+                "partially_dispensed"
+            }),
+        );
+        Ok(self.op(
+            "prescription_items",
+            Some(id),
+            WriteKind::Patch(patch),
+            user,
+        ))
+    }
+
+    /// A physical count: records the difference to this device's view as an adjustment,
+    /// so dispenses made elsewhere meanwhile are not wiped out.
+    pub fn count(&self, body: &Fields, user: Option<&str>) -> Result<Value> {
+        let body = Body(body);
+        let clinic = body.required_text("clinic_id")?;
+        let batch = body.required_text("batch_number")?;
+        let counted = body
+            .int("counted_quantity")?
+            .ok_or_else(|| invalid("counted_quantity", "`counted_quantity` is required"))?;
+        if counted < 0 {
+            return Err(invalid(
+                "counted_quantity",
+                "`counted_quantity` cannot be negative",
+            ));
+        }
+        self.require_clinic(&clinic)?;
+        let (drug, _) = self.resolve_drug(&body, false, user)?;
+        let row = self.existing_batch(&clinic, &drug, &batch)?;
+        let change = counted - row.quantity;
+        let now = record::format_timestamp(Utc::now().timestamp_millis());
+        let mut ops = vec![self.op(
+            "clinic_inventory",
+            Some(row.stock_item_id),
+            WriteKind::Patch(fields(json!({"last_counted_at": now}))),
+            user,
+        )];
+        if change != 0 {
+            ops.push(self.op(
+                "clinic_inventory",
+                Some(row.stock_item_id),
+                WriteKind::Increment {
+                    field: QUANTITY.into(),
+                    by: change,
+                },
+                user,
+            ));
+        }
+        ops.push(self.transaction(
+            (&clinic, &drug.to_string(), row.stock_item_id),
+            "count",
+            change,
+            counted,
+            Some(format!("physical count: {counted}")),
+            None,
+            user,
+        ));
+        self.store
+            .write_blocking(WriteBatch { ops, atomic: true })?;
+        Ok(
+            json!({"stock_item_id": row.stock_item_id, "previous": row.quantity, "counted": counted, "adjustment": change}),
+        )
+    }
+
+    /// An adjustment: damage, loss, expiry write-off.
+    pub fn adjust(&self, body: &Fields, user: Option<&str>) -> Result<Value> {
+        let body = Body(body);
+        let clinic = body.required_text("clinic_id")?;
+        let batch = body.required_text("batch_number")?;
+        let change = body
+            .int("quantity_change")?
+            .ok_or_else(|| invalid("quantity_change", "`quantity_change` is required"))?;
+        if change == 0 {
+            return Err(invalid("quantity_change", "`quantity_change` cannot be 0"));
+        }
+        let reason = body.required_text("reason")?;
+        self.require_clinic(&clinic)?;
+        let (drug, _) = self.resolve_drug(&body, false, user)?;
+        let row = self.existing_batch(&clinic, &drug, &batch)?;
+        let ops = vec![
+            self.op(
+                "clinic_inventory",
+                Some(row.stock_item_id),
+                WriteKind::Increment {
+                    field: QUANTITY.into(),
+                    by: change,
+                },
+                user,
+            ),
+            self.transaction(
+                (&clinic, &drug.to_string(), row.stock_item_id),
+                "adjustment",
+                change,
+                row.quantity + change,
+                Some(reason),
+                None,
+                user,
+            ),
+        ];
+        self.store
+            .write_blocking(WriteBatch { ops, atomic: true })?;
+        Ok(json!({"stock_item_id": row.stock_item_id, "quantity": row.quantity + change}))
+    }
+
+    fn existing_batch(&self, clinic: &str, drug: &DocId, batch: &str) -> Result<StockRow> {
+        let id = stock_item_id(clinic, &drug.to_string(), batch);
+        self.current(&id)?.ok_or_else(|| {
+            invalid(
+                "batch_number",
+                format!("batch `{batch}` of this drug is not stocked at this clinic"),
+            )
+        })
+    }
+
+    /// Stock items, optionally for one clinic and one drug.
+    pub fn stock(&self, clinic: Option<&str>, drug: Option<&str>) -> Result<Vec<StockRow>> {
+        self.with_view(|v| v.stock_rows(clinic, drug))
+    }
+
+    /// Low stock, batches expiring within `within_days`, expired batches still holding
+    /// stock, and negative stock.
+    pub fn alerts(
+        &self,
+        clinic: Option<&str>,
+        within_days: i64,
+        today: NaiveDate,
+    ) -> Result<Value> {
+        self.with_view(|v| {
+            let rows = v.stock_rows(clinic, None);
+            let mut low = Vec::new();
+            let mut expiring = Vec::new();
+            let mut expired = Vec::new();
+            let mut negative = Vec::new();
+            let horizon = today + chrono::Duration::days(within_days.max(0));
+            for row in rows {
+                let min_level = row.reorder_level.or_else(|| {
+                    row.drug_id.parse::<DocId>().ok().and_then(|d| v.drugs.get(&d)).and_then(|d| d.min_stock_level)
+                });
+                if row.quantity < 0 {
+                    negative.push(row.clone());
+                } else if min_level.is_some_and(|m| row.quantity <= m) {
+                    low.push(row.clone());
+                }
+                match row.expiry {
+                    Some(e) if e < today && row.quantity > 0 => expired.push(row),
+                    Some(e) if e <= horizon && row.quantity > 0 => expiring.push(row),
+                    _ => {}
+                }
+            }
+            json!({"low_stock": low, "expiring_soon": expiring, "expired_with_stock": expired, "negative_stock": negative})
+        })
+    }
+
+    /// Drug names matching `query` (prefix, word prefix, typos), best first.
+    pub fn search_drugs(&self, query: &str, limit: usize) -> Result<Vec<DrugHit>> {
+        self.with_view(|v| v.search(query, limit))
+    }
+
+    /// Every stock item whose quantity differs from the sum of its movements.
+    pub fn verify(&self) -> Result<Value> {
+        let mut sums: std::collections::HashMap<String, (i64, usize)> = Default::default();
+        let mut cursor = None;
+        loop {
+            let page = self.store.list(&Query {
+                collection: "inventory_transactions".into(),
+                limit: 1000,
+                cursor: cursor.clone(),
+                include_deleted: true,
+                ..Query::default()
+            })?;
+            for tx in &page.records {
+                if let (Some(item), Some(change)) = (
+                    tx.record.get("stock_item_id").and_then(Value::as_str),
+                    tx.record.get("quantity_change").and_then(Value::as_i64),
+                ) {
+                    let entry = sums.entry(item.to_owned()).or_default();
+                    entry.0 += change;
+                    entry.1 += 1;
+                }
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let rows = self.stock(None, None)?;
+        let mut mismatches = Vec::new();
+        for row in &rows {
+            let (sum, count) = sums
+                .remove(&row.stock_item_id.to_string())
+                .unwrap_or((0, 0));
+            if sum != row.quantity {
+                mismatches.push(json!({"stock_item_id": row.stock_item_id, "batch_number": row.batch_number, "quantity": row.quantity, "sum_of_transactions": sum, "transactions": count}));
+            }
+        }
+        for (item, (sum, count)) in sums {
+            if sum != 0 {
+                mismatches.push(json!({"stock_item_id": item, "quantity": null, "sum_of_transactions": sum, "transactions": count, "problem": "transactions for a stock item this node does not have"}));
+            }
+        }
+        Ok(json!({"stock_items": rows.len(), "mismatches": mismatches}))
+    }
+}

@@ -1,0 +1,364 @@
+//! The pharmacy's in-memory view of stock items and drugs, kept current from the local
+//! change feed: a query reads what changed since the last one (feed entries carry the
+//! collection, so only stock items and drugs are loaded) and then answers from memory —
+//! stock and alerts over 10,000 items, and drug search over 20,000 names, in
+//! milliseconds.
+
+use std::collections::HashMap;
+
+use chrono::NaiveDate;
+use medmesh_protocol::DocId;
+use medmesh_protocol::pharmacy::normalize_drug_name;
+use medmesh_protocol::record::Fields;
+use medmesh_storage::{Store, StoreError};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Feed entries read per step of a refresh.
+const FEED_STEP: usize = 4096;
+
+/// One batch of one drug at one clinic.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StockRow {
+    /// The stock item (its deterministic id).
+    pub stock_item_id: DocId,
+    /// The clinic.
+    pub clinic_id: String,
+    /// The drug.
+    pub drug_id: String,
+    /// The drug's name, when the drug is known.
+    pub drug_name: Option<String>,
+    /// The batch.
+    pub batch_number: String,
+    /// Its expiry date ("YYYY-MM-DD").
+    pub expiry_date: Option<String>,
+    /// Units on the shelf (may be negative: the shelf is the truth).
+    pub quantity: i64,
+    /// Reported as low at or below this.
+    pub reorder_level: Option<i64>,
+    #[serde(skip)]
+    pub(crate) expiry: Option<NaiveDate>,
+}
+
+/// One drug of the catalogue.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrugRow {
+    /// Its id.
+    pub id: DocId,
+    /// Its name as written.
+    pub name: String,
+    /// The lowest stock before it is reported as low, across batches.
+    pub min_stock_level: Option<i64>,
+    #[serde(skip)]
+    normalized: String,
+    #[serde(skip)]
+    tokens: Vec<String>,
+}
+
+/// A drug search result.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrugHit {
+    /// The drug's id.
+    pub id: DocId,
+    /// Its name.
+    pub name: String,
+    /// Higher is better.
+    pub score: u32,
+}
+
+#[derive(Default)]
+pub(crate) struct View {
+    cursor: u64,
+    pub(crate) stock: HashMap<DocId, StockRow>,
+    pub(crate) drugs: HashMap<DocId, DrugRow>,
+}
+
+fn text(record: &Fields, field: &str) -> Option<String> {
+    match record.get(field)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn int(record: &Fields, field: &str) -> Option<i64> {
+    record.get(field)?.as_i64()
+}
+
+/// A date field as a date (a "YYYY-MM-DD" text, or the date part of a timestamp).
+pub(crate) fn date(value: Option<&Value>) -> Option<NaiveDate> {
+    match value? {
+        Value::String(s) => NaiveDate::parse_from_str(s.get(..10)?, "%Y-%m-%d").ok(),
+        Value::Number(n) => {
+            chrono::DateTime::from_timestamp_millis(n.as_i64()?).map(|t| t.date_naive())
+        }
+        _ => None,
+    }
+}
+
+fn deleted(record: &Fields) -> bool {
+    record.get("deleted_at").is_some_and(|v| !v.is_null())
+}
+
+impl View {
+    /// Reads what changed in the feed since the last refresh.
+    pub(crate) fn refresh(&mut self, store: &Store) -> Result<(), StoreError> {
+        loop {
+            let (entries, last) = store.feed_page(self.cursor, FEED_STEP)?;
+            for entry in &entries {
+                match entry.collection.as_str() {
+                    "clinic_inventory" => match store.get("clinic_inventory", &entry.id) {
+                        Ok(view) if !deleted(&view.record) => {
+                            self.put_stock(entry.id, &view.record)
+                        }
+                        Ok(_) => {
+                            self.stock.remove(&entry.id);
+                        }
+                        Err(err) => {
+                            tracing::warn!(doc = %entry.id, error = %err, "a stock item could not be read")
+                        }
+                    },
+                    "drug_catalogue" => match store.get("drug_catalogue", &entry.id) {
+                        Ok(view) if !deleted(&view.record) => self.put_drug(entry.id, &view.record),
+                        Ok(_) => {
+                            self.drugs.remove(&entry.id);
+                        }
+                        Err(err) => {
+                            tracing::warn!(doc = %entry.id, error = %err, "a drug could not be read")
+                        }
+                    },
+                    _ => {}
+                }
+            }
+            if last == self.cursor {
+                return Ok(());
+            }
+            self.cursor = last;
+            if entries.len() < FEED_STEP {
+                return Ok(());
+            }
+        }
+    }
+
+    fn put_stock(&mut self, id: DocId, record: &Fields) {
+        let expiry = date(record.get("batch_expiry_date"));
+        self.stock.insert(
+            id,
+            StockRow {
+                stock_item_id: id,
+                clinic_id: text(record, "clinic_id").unwrap_or_default(),
+                drug_id: text(record, "drug_id").unwrap_or_default(),
+                drug_name: None,
+                batch_number: text(record, "batch_number").unwrap_or_default(),
+                expiry_date: expiry.map(|d| d.to_string()),
+                quantity: int(record, "quantity_available").unwrap_or(0),
+                reorder_level: int(record, "reorder_level"),
+                expiry,
+            },
+        );
+    }
+
+    fn put_drug(&mut self, id: DocId, record: &Fields) {
+        let name = text(record, "generic_name")
+            .or_else(|| text(record, "brand_name"))
+            .or_else(|| text(record, "normalized_name"))
+            .unwrap_or_default();
+        let normalized = normalize_drug_name(&name);
+        let tokens = normalized.split(' ').map(str::to_owned).collect();
+        self.drugs.insert(
+            id,
+            DrugRow {
+                id,
+                name,
+                min_stock_level: int(record, "min_stock_level"),
+                normalized,
+                tokens,
+            },
+        );
+    }
+
+    /// The drug's name, if it is in the catalogue.
+    pub(crate) fn drug_name(&self, drug_id: &str) -> Option<String> {
+        let id: DocId = drug_id.parse().ok()?;
+        self.drugs.get(&id).map(|d| d.name.clone())
+    }
+
+    /// Stock rows, filtered, with drug names, ordered by drug then expiry.
+    pub(crate) fn stock_rows(&self, clinic: Option<&str>, drug: Option<&str>) -> Vec<StockRow> {
+        let mut rows: Vec<StockRow> = self
+            .stock
+            .values()
+            .filter(|r| {
+                clinic.is_none_or(|c| r.clinic_id == c) && drug.is_none_or(|d| r.drug_id == d)
+            })
+            .cloned()
+            .map(|mut r| {
+                r.drug_name = self.drug_name(&r.drug_id);
+                r
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (
+                &a.drug_name,
+                &a.drug_id,
+                a.expiry.is_none(),
+                a.expiry,
+                &a.batch_number,
+            )
+                .cmp(&(
+                    &b.drug_name,
+                    &b.drug_id,
+                    b.expiry.is_none(),
+                    b.expiry,
+                    &b.batch_number,
+                ))
+        });
+        rows
+    }
+
+    /// Drugs whose names match `query`: by prefix, word prefix, or with a typo or two.
+    pub(crate) fn search(&self, query: &str, limit: usize) -> Vec<DrugHit> {
+        let query = normalize_drug_name(query);
+        if query.is_empty() {
+            return Vec::new();
+        }
+        let words: Vec<&str> = query.split(' ').collect();
+        let mut hits: Vec<DrugHit> = self
+            .drugs
+            .values()
+            .filter_map(|drug| {
+                let score = score(&query, &words, drug)?;
+                Some(DrugHit {
+                    id: drug.id,
+                    name: drug.name.clone(),
+                    score,
+                })
+            })
+            .collect();
+        hits.sort_by(|a, b| b.score.cmp(&a.score).then_with(|| a.name.cmp(&b.name)));
+        hits.truncate(limit);
+        hits
+    }
+}
+
+/// How well a drug matches: the whole name starts with the query; every word of the query
+/// starts a word of the name; or every word does so with a few typos. `None`: no match.
+fn score(query: &str, words: &[&str], drug: &DrugRow) -> Option<u32> {
+    let closeness = 100u32.saturating_sub(drug.normalized.len().saturating_sub(query.len()) as u32);
+    if drug.normalized.starts_with(query) {
+        return Some(3000 + closeness);
+    }
+    let mut typos = 0;
+    for word in words {
+        let allowed = match word.chars().count() {
+            0..=3 => 0,
+            4..=7 => 1,
+            _ => 2,
+        };
+        let best = drug
+            .tokens
+            .iter()
+            .map(|token| {
+                if token.starts_with(word) {
+                    0
+                } else {
+                    prefix_distance(word, token, allowed).unwrap_or(u32::MAX)
+                }
+            })
+            .min()
+            .unwrap_or(u32::MAX);
+        if best > allowed {
+            return None;
+        }
+        typos += best;
+    }
+    Some(if typos == 0 {
+        2000 + closeness
+    } else {
+        1000 - 100 * typos.min(9) + closeness
+    })
+}
+
+/// The edit distance between `word` and the closest prefix of `token`, if it is at most
+/// `max`.
+fn prefix_distance(word: &str, token: &str, max: u32) -> Option<u32> {
+    let a: Vec<char> = word.chars().collect();
+    let b: Vec<char> = token.chars().take(a.len() + max as usize).collect();
+    if b.len() + (max as usize) < a.len() {
+        return None;
+    }
+    // Rows over `a`, columns over prefixes of `b`.
+    let mut previous: Vec<u32> = (0..=b.len() as u32).collect();
+    let mut current = vec![0u32; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        current[0] = i as u32 + 1;
+        let mut row_min = current[0];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = u32::from(ca != cb);
+            current[j + 1] = (previous[j] + cost)
+                .min(previous[j + 1] + 1)
+                .min(current[j] + 1);
+            row_min = row_min.min(current[j + 1]);
+        }
+        if row_min > max {
+            return None;
+        }
+        std::mem::swap(&mut previous, &mut current);
+    }
+    let best = previous.iter().copied().min()?;
+    (best <= max).then_some(best)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drug(name: &str) -> DrugRow {
+        let normalized = normalize_drug_name(name);
+        DrugRow {
+            id: medmesh_protocol::pharmacy::drug_id(name),
+            name: name.to_owned(),
+            min_stock_level: None,
+            tokens: normalized.split(' ').map(str::to_owned).collect(),
+            normalized,
+        }
+    }
+
+    fn names(view: &View, q: &str) -> Vec<String> {
+        view.search(q, 5).into_iter().map(|h| h.name).collect()
+    }
+
+    #[test]
+    fn search_ranks_prefix_then_words_then_typos() {
+        let mut view = View::default();
+        for name in [
+            "Paracetamol 500mg tablets",
+            "Paracetamol 120mg/5ml syrup",
+            "Amoxicillin 250mg capsules",
+            "Co-trimoxazole 480mg",
+            "Metronidazole 400mg",
+        ] {
+            let d = drug(name);
+            view.drugs.insert(d.id, d);
+        }
+        assert_eq!(
+            names(&view, "parac"),
+            vec!["Paracetamol 120mg/5ml syrup", "Paracetamol 500mg tablets"]
+        );
+        assert_eq!(names(&view, "500 parac"), vec!["Paracetamol 500mg tablets"]);
+        assert_eq!(
+            names(&view, "amoxicilin"),
+            vec!["Amoxicillin 250mg capsules"],
+            "one letter missing"
+        );
+        assert_eq!(
+            names(&view, "metrnidazol"),
+            vec!["Metronidazole 400mg"],
+            "two typos in a long word"
+        );
+        assert!(names(&view, "xyz").is_empty());
+        assert_eq!(prefix_distance("amoxi", "amoxicillin", 1), Some(0));
+        assert_eq!(prefix_distance("amoxu", "amoxicillin", 1), Some(1));
+        assert_eq!(prefix_distance("zzzzz", "amoxicillin", 1), None);
+    }
+}

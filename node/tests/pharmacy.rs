@@ -1,0 +1,407 @@
+//! The pharmacy through the HTTP API: restock, FEFO dispensing, counts, adjustments,
+//! alerts, prescriptions, drug search, and the stock invariant.
+
+use medmesh::api::AppState;
+use medmesh::server::{RunningApi, open_data_async, serve_api};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Node {
+    api: RunningApi,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = open_data_async(dir.path().to_path_buf(), None)
+            .await
+            .expect("open");
+        let state = AppState::new(opened.store, opened.peer_id, None);
+        let api = serve_api(state, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("serve");
+        Self {
+            api,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("http://{}{path}", self.api.addr))
+            .header("x-medmesh-user", "pharmacist-1")
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("http://{}{path}", self.api.addr))
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    async fn clinic(&self) -> String {
+        let (status, clinic) = self
+            .post("/v1/clinics", json!({"name": "Kano Outreach"}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        clinic["id"].as_str().expect("id").to_owned()
+    }
+}
+
+fn quantities(stock: &Value) -> Vec<(String, i64)> {
+    stock["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| {
+            (
+                i["batch_number"].as_str().unwrap_or("").to_owned(),
+                i["quantity"].as_i64().unwrap_or(i64::MIN),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn restock_by_name_then_dispense_earliest_expiry_first_across_batches() {
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    let (status, first) = node
+        .post("/v1/pharmacy/restock", json!({"clinic_id": clinic, "drug_name": "Paracetamol 500mg tablets", "batch_number": "late-1", "expiry_date": "2031-01-31", "quantity": 100}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    // Another spelling of the same drug: the same drug, not a new one.
+    let (status, second) = node
+        .post("/v1/pharmacy/restock", json!({"clinic_id": clinic, "drug_name": "paracetamol 500 MG  Tablets", "batch_number": "EARLY-1", "expiry_date": "2030-06-30", "quantity": 30, "reorder_level": 10}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(first["drug_id"], second["drug_id"]);
+    let drug = first["drug_id"].as_str().expect("drug").to_owned();
+    let found = node.get("/v1/drug_catalogue?limit=10").await;
+    assert_eq!(
+        found["records"].as_array().map(Vec::len),
+        Some(1),
+        "one drug: {found}"
+    );
+
+    // 45 units: all 30 of the earliest batch, then 15 of the next.
+    let (status, dispensed) = node
+        .post(
+            "/v1/pharmacy/dispense",
+            json!({"clinic_id": clinic, "drug_id": drug, "quantity": 45}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{dispensed}");
+    let taken: Vec<(String, i64)> = dispensed["taken"]
+        .as_array()
+        .expect("taken")
+        .iter()
+        .map(|t| {
+            (
+                t["batch_number"].as_str().unwrap_or("").to_owned(),
+                t["quantity"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        taken,
+        vec![("EARLY-1".to_owned(), 30), ("LATE-1".to_owned(), 15)]
+    );
+    assert_eq!(dispensed["negative_stock"], json!(false));
+    assert_eq!(
+        dispensed["dispensing_record_ids"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let stock = node
+        .get(&format!(
+            "/v1/pharmacy/stock?clinic_id={clinic}&drug_id={drug}"
+        ))
+        .await;
+    assert_eq!(
+        quantities(&stock),
+        vec![("EARLY-1".to_owned(), 0), ("LATE-1".to_owned(), 85)]
+    );
+    assert_eq!(
+        stock["items"][0]["drug_name"],
+        json!("Paracetamol 500mg tablets")
+    );
+    assert_eq!(stock["items"][0]["reorder_level"], json!(10));
+
+    // More than there is: the shelf is the truth; the answer says the stock went negative.
+    let (status, over) = node
+        .post(
+            "/v1/pharmacy/dispense",
+            json!({"clinic_id": clinic, "drug_name": "Paracetamol 500mg tablets", "quantity": 90}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{over}");
+    assert_eq!(over["negative_stock"], json!(true));
+    assert!(
+        over["warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("negative"))
+    );
+    let stock = node
+        .get(&format!("/v1/pharmacy/stock?clinic_id={clinic}"))
+        .await;
+    assert_eq!(
+        quantities(&stock),
+        vec![("EARLY-1".to_owned(), 0), ("LATE-1".to_owned(), -5)]
+    );
+
+    // A count records the difference to the local view; an adjustment writes off.
+    let (status, counted) = node.post("/v1/pharmacy/count", json!({"clinic_id": clinic, "drug_id": drug, "batch_number": "late-1", "counted_quantity": 12})).await;
+    assert_eq!(status, StatusCode::OK, "{counted}");
+    assert_eq!(counted["adjustment"], json!(17));
+    let (status, _) = node.post("/v1/pharmacy/adjust", json!({"clinic_id": clinic, "drug_id": drug, "batch_number": "LATE-1", "quantity_change": -2, "reason": "damaged in transport"})).await;
+    assert_eq!(status, StatusCode::OK);
+    let stock = node
+        .get(&format!("/v1/pharmacy/stock?clinic_id={clinic}"))
+        .await;
+    assert_eq!(
+        quantities(&stock),
+        vec![("EARLY-1".to_owned(), 0), ("LATE-1".to_owned(), 10)]
+    );
+
+    // Every movement is in the audit trail, and the quantities add up.
+    let trail = node.get("/v1/inventory_transactions?limit=100").await;
+    assert_eq!(
+        trail["records"].as_array().map(Vec::len),
+        Some(7),
+        "2 restocks, 2 + 1 dispenses, 1 count, 1 adjustment: {trail}"
+    );
+    let verify = node.get("/v1/pharmacy/verify").await;
+    assert_eq!(verify["mismatches"], json!([]), "{verify}");
+    assert_eq!(verify["stock_items"], json!(2));
+}
+
+#[tokio::test]
+async fn expired_batches_are_skipped_or_refused_and_alerts_report_them() {
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    let today = chrono::Utc::now().date_naive();
+    let day = |d: i64| (today + chrono::Duration::days(d)).to_string();
+    for (batch, expiry, quantity) in [
+        ("OLD", day(-10), 20),
+        ("SOON", day(20), 5),
+        ("LATER", day(400), 50),
+    ] {
+        let (status, _) = node.post("/v1/pharmacy/restock", json!({"clinic_id": clinic, "drug_name": "Amoxicillin 250mg capsules", "batch_number": batch, "expiry_date": expiry, "quantity": quantity, "reorder_level": 8})).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // FEFO skips the expired batch.
+    let (_, dispensed) = node
+        .post(
+            "/v1/pharmacy/dispense",
+            json!({"clinic_id": clinic, "drug_name": "amoxicillin 250 mg capsule", "quantity": 3}),
+        )
+        .await;
+    assert_eq!(dispensed["taken"][0]["batch_number"], json!("SOON"));
+    // Asking for the expired batch is refused, naming the field, unless allowed.
+    let (status, refused) = node.post("/v1/pharmacy/dispense", json!({"clinic_id": clinic, "drug_name": "Amoxicillin 250mg capsules", "quantity": 1, "batch_number": "old"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused["error"]["field"], json!("batch_number"));
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("expired"))
+    );
+    let (status, _) = node.post("/v1/pharmacy/dispense", json!({"clinic_id": clinic, "drug_name": "Amoxicillin 250mg capsules", "quantity": 1, "batch_number": "old", "allow_expired": true})).await;
+    assert_eq!(status, StatusCode::OK);
+    let alerts = node
+        .get(&format!(
+            "/v1/pharmacy/alerts?clinic_id={clinic}&within_days=30"
+        ))
+        .await;
+    let batches = |key: &str| -> Vec<String> {
+        alerts[key]
+            .as_array()
+            .expect(key)
+            .iter()
+            .map(|i| i["batch_number"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(batches("expired_with_stock"), vec!["OLD"]);
+    assert_eq!(batches("expiring_soon"), vec!["SOON"]);
+    assert_eq!(
+        batches("low_stock"),
+        vec!["SOON"],
+        "2 left, reorder level 8"
+    );
+    assert!(batches("negative_stock").is_empty());
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field_and_change_nothing() {
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    let (status, _) = node.post("/v1/pharmacy/restock", json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "batch_number": "Z1", "expiry_date": "2030-01-01", "quantity": 10})).await;
+    assert_eq!(status, StatusCode::OK);
+    let cases = [
+        (
+            json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "batch_number": "Z1", "quantity": 0}),
+            "quantity",
+        ),
+        (
+            json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "batch_number": "Z1", "quantity": 2.5}),
+            "quantity",
+        ),
+        (
+            json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "batch_number": "Z1", "quantity": "5"}),
+            "quantity",
+        ),
+        (
+            json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "batch_number": "Z1", "expiry_date": "31/01/2030", "quantity": 5}),
+            "expiry_date",
+        ),
+        (
+            json!({"clinic_id": "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e", "drug_name": "Zinc 20mg", "batch_number": "Z1", "quantity": 5}),
+            "clinic_id",
+        ),
+        (
+            json!({"clinic_id": clinic, "drug_id": "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e", "batch_number": "Z1", "quantity": 5}),
+            "drug_id",
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = node.post("/v1/pharmacy/restock", body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(answer["error"]["field"], json!(field), "{answer}");
+    }
+    let (status, answer) = node.post("/v1/pharmacy/count", json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "batch_number": "NOPE", "counted_quantity": 3})).await;
+    assert_eq!(
+        (status, answer["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("batch_number"))
+    );
+    let (status, answer) = node.post("/v1/pharmacy/adjust", json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "batch_number": "Z1", "quantity_change": -1})).await;
+    assert_eq!(
+        (status, answer["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("reason"))
+    );
+    let (status, answer) = node.post("/v1/pharmacy/dispense", json!({"clinic_id": clinic, "drug_name": "Zinc 20mg", "quantity": 1, "prescription_item_id": "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e"})).await;
+    assert_eq!(
+        (status, answer["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("prescription_item_id"))
+    );
+    // Nothing of the refused requests was stored.
+    let stock = node
+        .get(&format!("/v1/pharmacy/stock?clinic_id={clinic}"))
+        .await;
+    assert_eq!(quantities(&stock), vec![("Z1".to_owned(), 10)]);
+    let trail = node.get("/v1/inventory_transactions").await;
+    assert_eq!(trail["records"].as_array().map(Vec::len), Some(1));
+    let records = node.get("/v1/dispensing_records").await;
+    assert_eq!(records["records"], json!([]));
+}
+
+#[tokio::test]
+async fn prescriptions_are_dispensed_and_refills_counted() {
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    let (_, restocked) = node.post("/v1/pharmacy/restock", json!({"clinic_id": clinic, "drug_name": "Metformin 500mg tablets", "batch_number": "M1", "expiry_date": "2030-01-01", "quantity": 500})).await;
+    let drug = restocked["drug_id"].as_str().expect("drug").to_owned();
+    let (_, patient) = node
+        .post("/v1/patients", json!({"given_name": "Bola"}))
+        .await;
+    let (_, prescription) = node
+        .post(
+            "/v1/prescriptions",
+            json!({"patient_id": patient["id"], "provider_id": "dr-1", "status": "active"}),
+        )
+        .await;
+    let (_, item) = node
+        .post("/v1/prescription_items", json!({"prescription_id": prescription["id"], "patient_id": patient["id"], "drug_id": drug, "quantity_prescribed": 60, "refills_authorized": 1, "dosage_instructions": "1 tablet twice a day"}))
+        .await;
+    let item_id = item["id"].as_str().expect("item").to_owned();
+    let dispense = |q: i64| json!({"clinic_id": clinic, "drug_id": drug, "quantity": q, "prescription_item_id": item_id, "patient_id": patient["id"]});
+    let (status, _) = node.post("/v1/pharmacy/dispense", dispense(30)).await;
+    assert_eq!(status, StatusCode::OK);
+    let got = node.get(&format!("/v1/prescription_items/{item_id}")).await;
+    assert_eq!(
+        (
+            got["quantity_dispensed"].clone(),
+            got["item_status"].clone()
+        ),
+        (json!(30), json!("partially_dispensed"))
+    );
+    node.post("/v1/pharmacy/dispense", dispense(30)).await;
+    let got = node.get(&format!("/v1/prescription_items/{item_id}")).await;
+    assert_eq!(
+        (
+            got["quantity_dispensed"].clone(),
+            got["item_status"].clone()
+        ),
+        (json!(60), json!("dispensed"))
+    );
+    // The refill.
+    let (status, _) = node.post("/v1/pharmacy/dispense", dispense(60)).await;
+    assert_eq!(status, StatusCode::OK);
+    let got = node.get(&format!("/v1/prescription_items/{item_id}")).await;
+    assert_eq!(
+        (
+            got["refills_used"].clone(),
+            got["quantity_dispensed"].clone()
+        ),
+        (json!(1), json!(120))
+    );
+    // No refills left.
+    let (status, answer) = node.post("/v1/pharmacy/dispense", dispense(60)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no refills left"))
+    );
+    let records = node
+        .get(&format!(
+            "/v1/dispensing_records?prescription_item_id={item_id}"
+        ))
+        .await;
+    assert_eq!(records["records"].as_array().map(Vec::len), Some(3));
+}
+
+#[tokio::test]
+async fn drug_search_autocompletes_with_typos() {
+    let node = Node::start().await;
+    for name in [
+        "Paracetamol 500mg tablets",
+        "Paracetamol 120mg/5ml syrup",
+        "Amoxicillin 250mg capsules",
+        "Ibuprofen 400mg tablets",
+    ] {
+        let (status, _) = node
+            .post("/v1/drug_catalogue", json!({"generic_name": name}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let names = |v: &Value| -> Vec<String> {
+        v["drugs"]
+            .as_array()
+            .expect("drugs")
+            .iter()
+            .map(|d| d["name"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(names(&node.get("/v1/drugs/search?q=para").await).len(), 2);
+    assert_eq!(
+        names(&node.get("/v1/drugs/search?q=ibuprofin").await),
+        vec!["Ibuprofen 400mg tablets"]
+    );
+    assert_eq!(
+        names(&node.get("/v1/drugs/search?q=amoxi%20250").await),
+        vec!["Amoxicillin 250mg capsules"]
+    );
+}
