@@ -543,3 +543,130 @@ pub async fn peers(api: &ApiArgs, action: Option<&str>, addr: Option<&str>) -> R
         }
     }
 }
+
+/// Puts the drug into a pharmacy request: `drug_id` when it is an id, else `drug_name`.
+pub fn drug_field(body: &mut Value, drug: &str) {
+    if drug.parse::<medmesh_protocol::DocId>().is_ok() {
+        body["drug_id"] = json!(drug);
+    } else {
+        body["drug_name"] = json!(drug);
+    }
+}
+
+fn stock_line(item: &Value) -> String {
+    format!(
+        "{:<36}  batch {:<12} expires {:<10}  quantity {:>6}",
+        item["drug_name"]
+            .as_str()
+            .or(item["drug_id"].as_str())
+            .unwrap_or("?"),
+        item["batch_number"].as_str().unwrap_or("?"),
+        item["expiry_date"].as_str().unwrap_or("-"),
+        item["quantity"]
+            .as_i64()
+            .map_or_else(|| "?".to_owned(), |q| q.to_string()),
+    )
+}
+
+/// `medmesh stock`
+pub async fn stock(api: &ApiArgs, clinic: Option<&str>, drug: Option<&str>) -> Result<()> {
+    let client = Client::new(api)?;
+    let mut path = "/v1/pharmacy/stock?".to_owned();
+    if let Some(clinic) = clinic {
+        path.push_str(&format!("clinic_id={}&", encode(clinic)));
+    }
+    if let Some(drug) = drug {
+        path.push_str(&format!("drug_id={}", encode(drug)));
+    }
+    let (_, answer) = client.call(Method::GET, &path, None).await?;
+    let items = answer["items"].as_array().cloned().unwrap_or_default();
+    for item in &items {
+        println!("{}", stock_line(item));
+    }
+    eprintln!("{} batch(es)", items.len());
+    Ok(())
+}
+
+/// `medmesh restock` and `medmesh dispense`
+pub async fn pharmacy_post(api: &ApiArgs, operation: &str, body: &Value) -> Result<()> {
+    let client = Client::new(api)?;
+    let (_, answer) = client
+        .call(
+            Method::POST,
+            &format!("/v1/pharmacy/{operation}"),
+            Some(body),
+        )
+        .await?;
+    match operation {
+        "dispense" => {
+            for taken in answer["taken"].as_array().into_iter().flatten() {
+                println!(
+                    "Dispensed {} from batch {} ({} left)",
+                    taken["quantity"],
+                    taken["batch_number"].as_str().unwrap_or("?"),
+                    taken["balance_after"]
+                );
+            }
+            if let Some(warning) = answer["warning"].as_str() {
+                println!("Warning: {warning}");
+            }
+        }
+        _ => println!(
+            "Batch {} now holds {} (stock item {})",
+            answer["batch_number"].as_str().unwrap_or("?"),
+            answer["quantity"],
+            answer["stock_item_id"].as_str().unwrap_or("?")
+        ),
+    }
+    Ok(())
+}
+
+/// `medmesh alerts`
+pub async fn alerts(api: &ApiArgs, clinic: Option<&str>, within_days: i64) -> Result<()> {
+    let client = Client::new(api)?;
+    let mut path = format!("/v1/pharmacy/alerts?within_days={within_days}");
+    if let Some(clinic) = clinic {
+        path.push_str(&format!("&clinic_id={}", encode(clinic)));
+    }
+    let (_, answer) = client.call(Method::GET, &path, None).await?;
+    for (key, title) in [
+        ("negative_stock", "Negative stock (count the shelf)"),
+        ("expired_with_stock", "Expired, still on the shelf"),
+        ("expiring_soon", "Expiring soon"),
+        ("low_stock", "Low stock"),
+    ] {
+        let items = answer[key].as_array().cloned().unwrap_or_default();
+        println!("{title}: {}", items.len());
+        for item in &items {
+            println!("  {}", stock_line(item));
+        }
+    }
+    Ok(())
+}
+
+/// `medmesh verify-stock`
+pub async fn verify_stock(api: &ApiArgs) -> Result<()> {
+    let client = Client::new(api)?;
+    let (_, answer) = client
+        .call(Method::GET, "/v1/pharmacy/verify", None)
+        .await?;
+    let mismatches = answer["mismatches"].as_array().cloned().unwrap_or_default();
+    if mismatches.is_empty() {
+        println!(
+            "All {} stock item(s) match the sum of their movements.",
+            answer["stock_items"]
+        );
+        return Ok(());
+    }
+    for m in &mismatches {
+        println!(
+            "stock item {} (batch {}): quantity {} but its {} movement(s) add up to {}",
+            m["stock_item_id"].as_str().unwrap_or("?"),
+            m["batch_number"].as_str().unwrap_or("?"),
+            m["quantity"],
+            m["transactions"],
+            m["sum_of_transactions"]
+        );
+    }
+    bail!("{} stock item(s) do not add up", mismatches.len())
+}

@@ -187,6 +187,87 @@ pub enum Command {
         /// The file.
         file: PathBuf,
     },
+    /// Show stock: every batch, with quantity and expiry.
+    Stock {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// Only this clinic.
+        #[arg(long)]
+        clinic: Option<String>,
+        /// Only this drug (id).
+        #[arg(long)]
+        drug: Option<String>,
+    },
+    /// Receive stock of a drug's batch.
+    Restock {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The clinic's id.
+        #[arg(long)]
+        clinic: String,
+        /// The drug: its name (created if new) or its id.
+        #[arg(long)]
+        drug: String,
+        /// The batch number.
+        #[arg(long)]
+        batch: String,
+        /// The batch's expiry date (YYYY-MM-DD).
+        #[arg(long)]
+        expiry: Option<String>,
+        /// Units received.
+        #[arg(long)]
+        quantity: i64,
+        /// Report the batch as low at or below this quantity.
+        #[arg(long)]
+        reorder_level: Option<i64>,
+    },
+    /// Dispense a drug (earliest-expiring batch first unless --batch).
+    Dispense {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The clinic's id.
+        #[arg(long)]
+        clinic: String,
+        /// The drug: its name or its id.
+        #[arg(long)]
+        drug: String,
+        /// Units to dispense.
+        #[arg(long)]
+        quantity: i64,
+        /// Take from this batch.
+        #[arg(long)]
+        batch: Option<String>,
+        /// The patient's id.
+        #[arg(long)]
+        patient: Option<String>,
+        /// The prescription item dispensed.
+        #[arg(long)]
+        prescription_item: Option<String>,
+        /// Dispense from an expired batch.
+        #[arg(long)]
+        allow_expired: bool,
+    },
+    /// Show stock alerts: low, expiring soon, expired with stock, negative.
+    Alerts {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// Only this clinic.
+        #[arg(long)]
+        clinic: Option<String>,
+        /// "Expiring soon" means within this many days.
+        #[arg(long, default_value_t = 90)]
+        within_days: i64,
+    },
+    /// Check that every stock item's quantity equals the sum of its movements.
+    VerifyStock {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+    },
     /// Print every record of a collection as JSON Lines.
     Export {
         #[command(flatten)]

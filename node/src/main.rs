@@ -60,6 +60,27 @@ fn main() -> std::process::ExitCode {
                 client::peers(&api, action.as_deref(), addr.as_deref()).await
             }
             Command::Status { api } => client::status(&api).await,
+            Command::Stock { api, clinic, drug } => {
+                client::stock(&api, clinic.as_deref(), drug.as_deref()).await
+            }
+            Command::Restock { api, clinic, drug, batch, expiry, quantity, reorder_level } => {
+                let mut body = serde_json::json!({"clinic_id": clinic, "batch_number": batch, "quantity": quantity});
+                client::drug_field(&mut body, &drug);
+                if let Some(expiry) = expiry {
+                    body["expiry_date"] = serde_json::json!(expiry);
+                }
+                if let Some(level) = reorder_level {
+                    body["reorder_level"] = serde_json::json!(level);
+                }
+                client::pharmacy_post(&api, "restock", &body).await
+            }
+            Command::Dispense { api, clinic, drug, quantity, batch, patient, prescription_item, allow_expired } => {
+                let mut body = serde_json::json!({"clinic_id": clinic, "quantity": quantity, "batch_number": batch, "patient_id": patient, "prescription_item_id": prescription_item, "allow_expired": allow_expired});
+                client::drug_field(&mut body, &drug);
+                client::pharmacy_post(&api, "dispense", &body).await
+            }
+            Command::Alerts { api, clinic, within_days } => client::alerts(&api, clinic.as_deref(), within_days).await,
+            Command::VerifyStock { api } => client::verify_stock(&api).await,
             Command::Put {
                 api,
                 collection,

@@ -354,6 +354,12 @@ impl Store {
         Ok(view(*id, meta, &doc))
     }
 
+    /// Whether a record exists in `collection` (deleted or not), without loading it.
+    pub fn exists(&self, collection: &str, id: &DocId) -> Result<bool> {
+        let txn = self.read_txn()?;
+        Ok(read_meta(&txn, id)?.is_some_and(|m| m.collection == collection))
+    }
+
     /// Loads the Automerge document of one record (for history and conflicts).
     pub fn document(&self, collection: &str, id: &DocId) -> Result<Automerge> {
         self.check_collection(collection)?;

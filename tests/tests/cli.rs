@@ -153,3 +153,72 @@ fn init_then_start_keep_the_same_identity() {
         assert!(ok && out.contains(&peer), "{out}");
     }
 }
+
+#[test]
+fn pharmacy_commands_restock_dispense_alert_and_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeProcess::start(&dir.path().join("node")).expect("node");
+    let (ok, out, err) = medmesh(&node.api, &["put", "clinics", r#"{"name": "Jos"}"#]);
+    assert!(ok, "{err}");
+    let clinic: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let clinic = clinic["id"].as_str().expect("id").to_owned();
+    let (ok, out, err) = medmesh(
+        &node.api,
+        &[
+            "restock",
+            "--clinic",
+            &clinic,
+            "--drug",
+            "ORS sachets",
+            "--batch",
+            "o-1",
+            "--expiry",
+            "2030-05-01",
+            "--quantity",
+            "20",
+            "--reorder-level",
+            "5",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("now holds 20"), "{out}");
+    let (ok, out, err) = medmesh(
+        &node.api,
+        &[
+            "dispense",
+            "--clinic",
+            &clinic,
+            "--drug",
+            "ors sachet",
+            "--quantity",
+            "16",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Dispensed 16 from batch O-1 (4 left)"),
+        "{out}"
+    );
+    let (ok, out, _) = medmesh(&node.api, &["stock", "--clinic", &clinic]);
+    assert!(
+        ok && out.contains("ORS sachets") && out.contains("quantity      4"),
+        "{out}"
+    );
+    let (ok, out, _) = medmesh(&node.api, &["alerts", "--clinic", &clinic]);
+    assert!(ok && out.contains("Low stock: 1"), "{out}");
+    let (ok, out, _) = medmesh(&node.api, &["verify-stock"]);
+    assert!(ok && out.contains("All 1 stock item(s) match"), "{out}");
+    let (ok, _, err) = medmesh(
+        &node.api,
+        &[
+            "dispense",
+            "--clinic",
+            &clinic,
+            "--drug",
+            "ORS sachets",
+            "--quantity",
+            "0",
+        ],
+    );
+    assert!(!ok && err.contains("quantity"), "{err}");
+}

@@ -283,3 +283,88 @@ async fn a_document_larger_than_a_frame_arrives_in_parts() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_that_stock_the_same_batch_offline_end_with_one_item_and_the_right_quantity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let http = reqwest::Client::new();
+    // The clinic exists on both before they part.
+    let a = InProcessNode::start(&da, vec![]).await.expect("a");
+    join_mesh(&da, &db).expect("join");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
+    let clinic = post(&http, &a, "clinics", json!({"name": "Yola"})).await;
+    let clinic_path = format!("/v1/clinics/{}", clinic["id"].as_str().expect("id"));
+    eventually(WAIT, "the clinic on B", || async {
+        get(&http, &b, &clinic_path).await.is_some()
+    })
+    .await
+    .expect("clinic");
+    b.stop().await;
+    a.stop().await;
+    // Apart: each receives the same batch of the same drug (spelled differently) and
+    // dispenses from it.
+    let pharmacy = async |dir: &std::path::Path, name: &str, restock: i64, dispense: i64| {
+        let node = InProcessNode::start(dir, vec![]).await.expect("node alone");
+        let body = json!({"clinic_id": clinic["id"], "drug_name": name, "batch_number": "bx-9", "expiry_date": "2030-12-31", "quantity": restock});
+        let r = http
+            .post(node.url("/v1/pharmacy/restock"))
+            .json(&body)
+            .send()
+            .await
+            .expect("restock");
+        assert!(r.status().is_success());
+        let body = json!({"clinic_id": clinic["id"], "drug_name": name, "quantity": dispense});
+        let r = http
+            .post(node.url("/v1/pharmacy/dispense"))
+            .json(&body)
+            .send()
+            .await
+            .expect("dispense");
+        assert!(r.status().is_success());
+        node.stop().await;
+    };
+    pharmacy(&da, "Ciprofloxacin 500mg tablets", 100, 7).await;
+    pharmacy(&db, "ciprofloxacin 500 MG Tablets", 40, 5).await;
+    // They meet.
+    let a = InProcessNode::start(&da, vec![]).await.expect("a again");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b again");
+    let stock = async |node: &InProcessNode| -> Value {
+        http.get(node.url("/v1/pharmacy/stock"))
+            .send()
+            .await
+            .expect("stock")
+            .json()
+            .await
+            .expect("json")
+    };
+    eventually(WAIT, "one item with 100 + 40 - 7 - 5 on both", || async {
+        let (sa, sb) = (stock(&a).await, stock(&b).await);
+        sa == sb
+            && sa["items"]
+                .as_array()
+                .is_some_and(|i| i.len() == 1 && i[0]["quantity"] == json!(128))
+    })
+    .await
+    .expect("merged stock");
+    assert_eq!(
+        a.store.counts().expect("counts").get("drug_catalogue"),
+        Some(&1),
+        "one drug"
+    );
+    let verify: Value = http
+        .get(a.url("/v1/pharmacy/verify"))
+        .send()
+        .await
+        .expect("verify")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(verify["mismatches"], json!([]));
+    a.stop().await;
+    b.stop().await;
+}

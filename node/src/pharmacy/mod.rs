@@ -183,13 +183,13 @@ impl Pharmacy {
                 format!("`clinic_id` must be a clinic's id, not `{clinic_id}`"),
             )
         })?;
-        match self.store.get("clinics", &id) {
-            Ok(_) => Ok(()),
-            Err(StoreError::NotFound { .. }) => Err(invalid(
+        if self.store.exists("clinics", &id)? {
+            Ok(())
+        } else {
+            Err(invalid(
                 "clinic_id",
                 format!("there is no clinic {clinic_id}; create it first (POST /v1/clinics)"),
-            )),
-            Err(err) => Err(err.into()),
+            ))
         }
     }
 
@@ -227,29 +227,29 @@ impl Pharmacy {
             return Err(invalid("drug_name", "`drug_name` is empty"));
         }
         let id = drug_id(&name);
-        match self.store.get("drug_catalogue", &id) {
-            Ok(_) => Ok((id, Vec::new())),
-            Err(StoreError::NotFound { .. }) if create => {
-                let ensure = WriteKind::Ensure {
-                    fields: fields(json!({ "normalized_name": normalized })),
-                    counters: Vec::new(),
-                };
-                let named =
-                    WriteKind::Patch(fields(json!({ "generic_name": name, "is_active": true })));
-                Ok((
-                    id,
-                    vec![
-                        self.op("drug_catalogue", Some(id), ensure, user),
-                        self.op("drug_catalogue", Some(id), named, user),
-                    ],
-                ))
-            }
-            Err(StoreError::NotFound { .. }) => Err(invalid(
+        if self.store.exists("drug_catalogue", &id)? {
+            return Ok((id, Vec::new()));
+        }
+        if !create {
+            return Err(invalid(
                 "drug_name",
                 format!("there is no drug named `{name}` in the catalogue"),
-            )),
-            Err(err) => Err(err.into()),
+            ));
         }
+        // The drug's first change is the same on every device (its normalized name), so
+        // two devices creating it apart end up with one drug.
+        let ensure = WriteKind::Ensure {
+            fields: fields(json!({ "normalized_name": normalized })),
+            counters: Vec::new(),
+        };
+        let named = WriteKind::Patch(fields(json!({ "generic_name": name, "is_active": true })));
+        Ok((
+            id,
+            vec![
+                self.op("drug_catalogue", Some(id), ensure, user),
+                self.op("drug_catalogue", Some(id), named, user),
+            ],
+        ))
     }
 
     fn transaction(

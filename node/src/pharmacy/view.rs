@@ -280,16 +280,20 @@ fn score(query: &str, words: &[&str], drug: &DrugRow) -> Option<u32> {
 }
 
 /// The edit distance between `word` and the closest prefix of `token`, if it is at most
-/// `max`.
+/// `max`. Works on bytes, without allocating (names are short; longer ones are cut).
 fn prefix_distance(word: &str, token: &str, max: u32) -> Option<u32> {
-    let a: Vec<char> = word.chars().collect();
-    let b: Vec<char> = token.chars().take(a.len() + max as usize).collect();
+    const LONGEST: usize = 48;
+    let a = &word.as_bytes()[..word.len().min(LONGEST)];
+    let b = &token.as_bytes()[..token.len().min(a.len() + max as usize).min(LONGEST)];
     if b.len() + (max as usize) < a.len() {
         return None;
     }
     // Rows over `a`, columns over prefixes of `b`.
-    let mut previous: Vec<u32> = (0..=b.len() as u32).collect();
-    let mut current = vec![0u32; b.len() + 1];
+    let mut previous = [0u32; LONGEST + 1];
+    let mut current = [0u32; LONGEST + 1];
+    for (j, cell) in previous.iter_mut().enumerate().take(b.len() + 1) {
+        *cell = j as u32;
+    }
     for (i, ca) in a.iter().enumerate() {
         current[0] = i as u32 + 1;
         let mut row_min = current[0];
@@ -305,7 +309,7 @@ fn prefix_distance(word: &str, token: &str, max: u32) -> Option<u32> {
         }
         std::mem::swap(&mut previous, &mut current);
     }
-    let best = previous.iter().copied().min()?;
+    let best = previous[..=b.len()].iter().copied().min()?;
     (best <= max).then_some(best)
 }
 
