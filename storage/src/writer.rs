@@ -43,6 +43,9 @@ pub(crate) const WRITE_QUEUE_CAPACITY: usize = 1024;
 const MAX_COMMANDS_PER_COMMIT: usize = 256;
 /// Idle time after which the writer compacts.
 const IDLE_BEFORE_COMPACTION: Duration = Duration::from_millis(200);
+/// A document with this many times the compaction threshold in chunks is compacted as
+/// part of its next write.
+const INLINE_COMPACTION_FACTOR: u32 = 4;
 /// Documents compacted per transaction.
 const COMPACTIONS_PER_COMMIT: usize = 256;
 
@@ -813,13 +816,24 @@ impl Writer {
                 let Some(doc) = &working.doc else {
                     return Err(StoreError::Storage(format!("record {id} was not loaded")));
                 };
-                let bytes = doc.save_after(&working.old_heads);
-                tables.chunks.insert((key, old.chunks), bytes.as_slice())?;
-                let chunks = old.chunks + 1;
-                if chunks >= self.compact_after {
-                    self.to_compact.insert(*id);
+                if old.chunks + 1 >= INLINE_COMPACTION_FACTOR * self.compact_after {
+                    // Writes never paused long enough for the background compaction:
+                    // fold the chunks now, so that loading the document stays cheap.
+                    tables.docs.insert(key, doc.save().as_slice())?;
+                    tables
+                        .chunks
+                        .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
+                    self.to_compact.remove(id);
+                    0
+                } else {
+                    let bytes = doc.save_after(&working.old_heads);
+                    tables.chunks.insert((key, old.chunks), bytes.as_slice())?;
+                    let chunks = old.chunks + 1;
+                    if chunks >= self.compact_after {
+                        self.to_compact.insert(*id);
+                    }
+                    chunks
                 }
-                chunks
             }
         };
         if let Some(old) = &working.old_meta {

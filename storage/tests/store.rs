@@ -669,3 +669,28 @@ fn records_ensured_apart_merge_into_one_whose_counter_adds_up() {
         .expect("refused");
     assert!(matches!(err, StoreError::BadQuery(_)), "{err}");
 }
+
+#[test]
+fn a_document_written_without_pause_is_compacted_inline_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.redb");
+    let store = open(&path);
+    let id = create(&store, "patients", json!({"given_name": "A"})).expect("create");
+    for i in 0..70 {
+        write(
+            &store,
+            "patients",
+            id,
+            WriteKind::Patch(fields(json!({"phone": format!("{i}")}))),
+        )
+        .expect("patch");
+    }
+    drop(store);
+    let store = open(&path);
+    let doc = store.document("patients", &id).expect("doc");
+    assert_eq!(record::history(&doc).len(), 71);
+    assert_eq!(
+        store.get("patients", &id).expect("get").record["phone"],
+        json!("69")
+    );
+}

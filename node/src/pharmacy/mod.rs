@@ -284,6 +284,27 @@ impl Pharmacy {
         )
     }
 
+    /// Writes an atomic batch and takes the stock items it changed into the view.
+    fn write(&self, ops: Vec<WriteOp>) -> Result<()> {
+        let stock_ops: Vec<bool> = ops
+            .iter()
+            .map(|op| op.collection == "clinic_inventory")
+            .collect();
+        let outcomes = self
+            .store
+            .write_blocking(WriteBatch { ops, atomic: true })?;
+        let mut view = self
+            .view
+            .lock()
+            .map_err(|_| StoreError::Storage("the pharmacy view lock was poisoned".into()))?;
+        for (outcome, is_stock) in outcomes.into_iter().zip(stock_ops) {
+            if let (Ok(outcome), true) = (outcome, is_stock) {
+                view.written(outcome.id, &outcome.record, outcome.seq);
+            }
+        }
+        Ok(())
+    }
+
     fn current(&self, id: &DocId) -> Result<Option<StockRow>> {
         self.with_view(|v| v.stock.get(id).cloned())
     }
@@ -355,8 +376,7 @@ impl Pharmacy {
             );
         }
         ops.push(tx);
-        self.store
-            .write_blocking(WriteBatch { ops, atomic: true })?;
+        self.write(ops)?;
         Ok(json!({
             "stock_item_id": id,
             "drug_id": drug,
@@ -494,8 +514,7 @@ impl Pharmacy {
                 balance_after: balance,
             });
         }
-        self.store
-            .write_blocking(WriteBatch { ops, atomic: true })?;
+        self.write(ops)?;
         let negative: Vec<&Taken> = taken.iter().filter(|t| t.balance_after < 0).collect();
         let mut answer = json!({
             "drug_id": drug,
@@ -640,8 +659,7 @@ impl Pharmacy {
             None,
             user,
         ));
-        self.store
-            .write_blocking(WriteBatch { ops, atomic: true })?;
+        self.write(ops)?;
         Ok(
             json!({"stock_item_id": row.stock_item_id, "previous": row.quantity, "counted": counted, "adjustment": change}),
         )
@@ -682,8 +700,7 @@ impl Pharmacy {
                 user,
             ),
         ];
-        self.store
-            .write_blocking(WriteBatch { ops, atomic: true })?;
+        self.write(ops)?;
         Ok(json!({"stock_item_id": row.stock_item_id, "quantity": row.quantity + change}))
     }
 

@@ -69,6 +69,9 @@ pub struct DrugHit {
 #[derive(Default)]
 pub(crate) struct View {
     cursor: u64,
+    /// Stock items this node just wrote, with the feed position of that write: the view
+    /// already holds them as written, so the refresh need not load them again.
+    applied: HashMap<DocId, u64>,
     pub(crate) stock: HashMap<DocId, StockRow>,
     pub(crate) drugs: HashMap<DocId, DrugRow>,
 }
@@ -107,6 +110,14 @@ impl View {
             let (entries, last) = store.feed_page(self.cursor, FEED_STEP)?;
             for entry in &entries {
                 match entry.collection.as_str() {
+                    "clinic_inventory"
+                        if self
+                            .applied
+                            .get(&entry.id)
+                            .is_some_and(|seq| *seq >= entry.seq) =>
+                    {
+                        self.applied.remove(&entry.id);
+                    }
                     "clinic_inventory" => match store.get("clinic_inventory", &entry.id) {
                         Ok(view) if !deleted(&view.record) => {
                             self.put_stock(entry.id, &view.record)
@@ -138,6 +149,12 @@ impl View {
                 return Ok(());
             }
         }
+    }
+
+    /// Takes a stock item as this node just wrote it (at feed position `seq`).
+    pub(crate) fn written(&mut self, id: DocId, record: &Fields, seq: u64) {
+        self.put_stock(id, record);
+        self.applied.insert(id, seq);
     }
 
     fn put_stock(&mut self, id: DocId, record: &Fields) {
