@@ -665,8 +665,7 @@ fn records_ensured_apart_merge_into_one_whose_counter_adds_up() {
             },
             author(),
         )))
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(matches!(err, StoreError::BadQuery(_)), "{err}");
 }
 

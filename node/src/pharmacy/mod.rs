@@ -72,6 +72,18 @@ pub struct Taken {
     pub balance_after: i64,
 }
 
+/// One movement of stock, for its `inventory_transactions` record.
+struct Movement<'a> {
+    clinic: &'a str,
+    drug: &'a str,
+    stock_item: DocId,
+    kind: &'static str,
+    change: i64,
+    balance: i64,
+    reason: Option<String>,
+    reference: Option<DocId>,
+}
+
 /// A request body, read field by field with errors that name the field.
 pub struct Body<'a>(pub &'a Fields);
 
@@ -252,26 +264,16 @@ impl Pharmacy {
         ))
     }
 
-    fn transaction(
-        &self,
-        row: (&str, &str, DocId),
-        kind: &str,
-        change: i64,
-        balance: i64,
-        reason: Option<String>,
-        reference: Option<DocId>,
-        user: Option<&str>,
-    ) -> WriteOp {
-        let (clinic, drug, stock) = row;
+    fn transaction(&self, movement: Movement<'_>, user: Option<&str>) -> WriteOp {
         let record = json!({
-            "clinic_id": clinic,
-            "drug_id": drug,
-            "stock_item_id": stock.to_string(),
-            "transaction_type": kind,
-            "quantity_change": change,
-            "balance_after": balance,
-            "reason": reason,
-            "reference_id": reference.map(|r| r.to_string()),
+            "clinic_id": movement.clinic,
+            "drug_id": movement.drug,
+            "stock_item_id": movement.stock_item.to_string(),
+            "transaction_type": movement.kind,
+            "quantity_change": movement.change,
+            "balance_after": movement.balance,
+            "reason": movement.reason,
+            "reference_id": movement.reference.map(|r| r.to_string()),
             "performed_by": user.unwrap_or(&self.device),
             "performed_at": record::format_timestamp(Utc::now().timestamp_millis()),
             "metadata": {"device": self.device},
@@ -361,12 +363,16 @@ impl Pharmacy {
             user,
         ));
         let mut tx = self.transaction(
-            (&clinic, &drug.to_string(), id),
-            "restock",
-            quantity,
-            before + quantity,
-            supplier.map(|s| format!("from {s}")),
-            None,
+            Movement {
+                clinic: &clinic,
+                drug: &drug.to_string(),
+                stock_item: id,
+                kind: "restock",
+                change: quantity,
+                balance: before + quantity,
+                reason: supplier.map(|s| format!("from {s}")),
+                reference: None,
+            },
             user,
         );
         if let (Some(price), WriteKind::Create(record)) = (unit_price, &mut tx.kind) {
@@ -479,12 +485,16 @@ impl Pharmacy {
                 user,
             ));
             ops.push(self.transaction(
-                (&clinic, &drug_text, row.stock_item_id),
-                "dispense",
-                -take,
-                balance,
-                None,
-                Some(record_id),
+                Movement {
+                    clinic: &clinic,
+                    drug: &drug_text,
+                    stock_item: row.stock_item_id,
+                    kind: "dispense",
+                    change: -take,
+                    balance,
+                    reason: None,
+                    reference: Some(record_id),
+                },
                 user,
             ));
             let record = json!({
@@ -651,12 +661,16 @@ impl Pharmacy {
             ));
         }
         ops.push(self.transaction(
-            (&clinic, &drug.to_string(), row.stock_item_id),
-            "count",
-            change,
-            counted,
-            Some(format!("physical count: {counted}")),
-            None,
+            Movement {
+                clinic: &clinic,
+                drug: &drug.to_string(),
+                stock_item: row.stock_item_id,
+                kind: "count",
+                change,
+                balance: counted,
+                reason: Some(format!("physical count: {counted}")),
+                reference: None,
+            },
             user,
         ));
         self.write(ops)?;
@@ -691,12 +705,16 @@ impl Pharmacy {
                 user,
             ),
             self.transaction(
-                (&clinic, &drug.to_string(), row.stock_item_id),
-                "adjustment",
-                change,
-                row.quantity + change,
-                Some(reason),
-                None,
+                Movement {
+                    clinic: &clinic,
+                    drug: &drug.to_string(),
+                    stock_item: row.stock_item_id,
+                    kind: "adjustment",
+                    change,
+                    balance: row.quantity + change,
+                    reason: Some(reason),
+                    reference: None,
+                },
                 user,
             ),
         ];
