@@ -362,9 +362,10 @@ mod tests {
             let d = drug(name);
             view.drugs.insert(d.id, d);
         }
+        // Both start with the query; the closer (shorter) name first.
         assert_eq!(
             names(&view, "parac"),
-            vec!["Paracetamol 120mg/5ml syrup", "Paracetamol 500mg tablets"]
+            vec!["Paracetamol 500mg tablets", "Paracetamol 120mg/5ml syrup"]
         );
         assert_eq!(names(&view, "500 parac"), vec!["Paracetamol 500mg tablets"]);
         assert_eq!(
