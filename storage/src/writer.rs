@@ -190,6 +190,40 @@ struct Staged {
     cacheable: BTreeSet<DocId>,
 }
 
+impl Staged {
+    /// Adds a document new to the store; answers the write's outcome.
+    fn add_new(
+        &mut self,
+        id: DocId,
+        collection: String,
+        doc: Option<Automerge>,
+        heads: Vec<ChangeHash>,
+        record: Fields,
+        raw: Option<Vec<u8>>,
+    ) -> WriteOutcome {
+        self.order.push(id);
+        self.docs.insert(
+            id,
+            Working {
+                doc,
+                heads,
+                collection,
+                old_meta: None,
+                old_record: Fields::new(),
+                old_heads: Vec::new(),
+                record: Some(record.clone()),
+                raw,
+            },
+        );
+        WriteOutcome {
+            id,
+            record,
+            changed: true,
+            seq: 0,
+        }
+    }
+}
+
 /// Batches of at most this many writes keep their documents in the cache.
 const CACHEABLE_BATCH: usize = 16;
 
@@ -541,27 +575,8 @@ impl Writer {
                             (doc.get_heads(), record::read_record(&doc))
                         }
                     };
-                    batch.order.push(id);
-                    batch.docs.insert(
-                        id,
-                        Working {
-                            doc: None,
-                            heads,
-                            collection: op.collection,
-                            old_meta: None,
-                            old_record: Fields::new(),
-                            old_heads: Vec::new(),
-                            record: Some(record.clone()),
-                            // What arrived loads as this document: store it as it is.
-                            raw: Some(bytes),
-                        },
-                    );
-                    Ok(WriteOutcome {
-                        id,
-                        record,
-                        changed: true,
-                        seq: 0,
-                    })
+                    // What arrived loads as this document: store it as it is.
+                    Ok(batch.add_new(id, op.collection, None, heads, record, Some(bytes)))
                 }
             }
             WriteKind::Create(fields) => {
@@ -576,26 +591,14 @@ impl Writer {
                         id,
                     });
                 }
-                batch.order.push(id);
-                batch.docs.insert(
+                Ok(batch.add_new(
                     id,
-                    Working {
-                        doc: None,
-                        heads: created.heads,
-                        collection: op.collection,
-                        old_meta: None,
-                        old_record: Fields::new(),
-                        old_heads: Vec::new(),
-                        record: Some(created.record.clone()),
-                        raw: Some(created.raw),
-                    },
-                );
-                Ok(WriteOutcome {
-                    id,
-                    record: created.record,
-                    changed: true,
-                    seq: 0,
-                })
+                    op.collection,
+                    None,
+                    created.heads,
+                    created.record,
+                    Some(created.raw),
+                ))
             }
             WriteKind::Ensure {
                 mut fields,
@@ -647,26 +650,7 @@ impl Writer {
                 .map_err(|f| refused(&f.error))?;
                 doc.set_actor(self.actor.clone());
                 let record = record::read_record(&doc);
-                batch.order.push(id);
-                batch.docs.insert(
-                    id,
-                    Working {
-                        doc: Some(doc),
-                        heads: Vec::new(),
-                        collection: op.collection,
-                        old_meta: None,
-                        old_record: Fields::new(),
-                        old_heads: Vec::new(),
-                        record: Some(record.clone()),
-                        raw: None,
-                    },
-                );
-                Ok(WriteOutcome {
-                    id,
-                    record,
-                    changed: true,
-                    seq: 0,
-                })
+                Ok(batch.add_new(id, op.collection, Some(doc), Vec::new(), record, None))
             }
             kind => {
                 let id = op.id.ok_or_else(|| {
