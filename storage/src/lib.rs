@@ -22,6 +22,7 @@
 pub mod error;
 pub mod meta;
 mod peer;
+mod prepare;
 mod slot;
 mod store;
 pub mod tables;

@@ -15,12 +15,11 @@ use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
+use crate::prepare::{actor_from_hex, prepare_creates};
 use crate::slot::DbSlot;
 use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, INDEX, INFO, PEERS};
 use crate::write::{WriteBatch, WriteOutcome};
-use crate::writer::{
-    Command, PREPARE_OFF_WRITER, WRITE_QUEUE_CAPACITY, Writer, actor_from_hex, prepare_creates,
-};
+use crate::writer::{Command, PREPARE_OFF_WRITER, WRITE_QUEUE_CAPACITY, Writer};
 
 /// Memory redb may use to cache pages. Bounded so that a device's memory does not grow
 /// with the number of records.
@@ -295,7 +294,7 @@ impl Store {
     fn prepare(
         &self,
         batch: &mut WriteBatch,
-    ) -> Vec<Option<Result<crate::writer::PreparedCreate>>> {
+    ) -> Vec<Option<Result<crate::prepare::PreparedCreate>>> {
         prepare_creates(
             &self.inner.schema,
             &actor_from_hex(&self.inner.info.actor),

@@ -1,0 +1,129 @@
+//! Work a write can do before the writer thread sees it: a new record's document, or a
+//! received document loaded, worked out on the caller's thread so that two cores share
+//! an import or an initial sync. Nothing here touches the database.
+
+use automerge::transaction::CommitOptions;
+use automerge::{ActorId, Automerge, ChangeHash};
+use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::{CollectionSpec, DocId, RecordError, Schema};
+use serde_json::Value;
+
+use crate::error::{Result, StoreError};
+use crate::write::{WriteBatch, WriteKind, WriteOp};
+use crate::writer::{bad_id, refused};
+
+/// A new record, or a received document, worked out in memory: its id, document and
+/// fields (and, for a received one, its bytes).
+pub(crate) struct PreparedCreate {
+    pub(crate) id: DocId,
+    pub(crate) heads: Vec<ChangeHash>,
+    pub(crate) record: Fields,
+    pub(crate) raw: Vec<u8>,
+}
+
+pub(crate) fn commit_options(op: &WriteOp) -> CommitOptions {
+    CommitOptions::default()
+        .with_message(op.author.to_message())
+        .with_time(op.time_ms)
+}
+
+/// Works out a new record: its id (given, in the record, or a new UUIDv7), timestamps,
+/// validation, and its document with one change. Needs nothing from the database, so
+/// callers can do it on their own thread.
+pub(crate) fn prepare_create(
+    spec: &CollectionSpec,
+    actor: &ActorId,
+    id: Option<DocId>,
+    mut fields: Fields,
+    time_ms: i64,
+    options: CommitOptions,
+) -> Result<PreparedCreate> {
+    let id = match (id, fields.get("id")) {
+        (Some(id), _) => id,
+        (None, Some(Value::String(text))) => {
+            text.parse::<DocId>().map_err(|_| bad_id(spec, text))?
+        }
+        (None, Some(other)) => return Err(bad_id(spec, &other.to_string())),
+        (None, None) => DocId::new_v7(),
+    };
+    let now = Value::String(record::format_timestamp(time_ms));
+    fields.insert("id".into(), Value::String(id.to_string()));
+    fields.entry("created_at").or_insert_with(|| now.clone());
+    fields.insert("updated_at".into(), now);
+    spec.validate_record(&fields)?;
+    let mut doc = Automerge::new().with_actor(actor.clone());
+    doc.transact_with::<_, _, RecordError, _>(|_| options, |tx| record::init_record(tx, &fields))
+        .map_err(|f| refused(&f.error))?;
+    // The document holds exactly these fields (Automerge orders keys).
+    fields.sort_keys();
+    Ok(PreparedCreate {
+        id,
+        heads: doc.get_heads(),
+        raw: doc.save(),
+        record: fields,
+    })
+}
+
+/// Works out every create of a batch (taking their fields out of the batch).
+pub(crate) fn prepare_creates(
+    schema: &Schema,
+    actor: &ActorId,
+    batch: &mut WriteBatch,
+) -> Vec<Option<Result<PreparedCreate>>> {
+    batch
+        .ops
+        .iter_mut()
+        .map(|op| {
+            if let (WriteKind::Merge(bytes), Some(id)) = (&mut op.kind, op.id) {
+                // Only a whole saved document loads on its own; changes are merged by
+                // the writer into the document they belong to.
+                if !is_document_chunk(bytes) {
+                    return None;
+                }
+                let bytes = std::mem::take(bytes);
+                return Some(match Automerge::load(&bytes) {
+                    Ok(doc) => Ok(PreparedCreate {
+                        id,
+                        record: record::read_record(&doc),
+                        heads: doc.get_heads(),
+                        raw: bytes,
+                    }),
+                    Err(err) => Err(StoreError::CorruptDocument {
+                        id,
+                        collection: op.collection.clone(),
+                        reason: format!("the document received is damaged: {err}"),
+                    }),
+                });
+            }
+            let WriteKind::Create(fields) = &mut op.kind else {
+                return None;
+            };
+            let fields = std::mem::take(fields);
+            let spec = match schema.collection(&op.collection) {
+                Some(spec) => spec,
+                None => return Some(Err(StoreError::UnknownCollection(op.collection.clone()))),
+            };
+            Some(prepare_create(
+                spec,
+                actor,
+                op.id,
+                fields,
+                op.time_ms,
+                commit_options(op),
+            ))
+        })
+        .collect()
+}
+
+/// Automerge's chunk header: magic bytes, checksum, then the chunk type (0: document).
+fn is_document_chunk(bytes: &[u8]) -> bool {
+    bytes.len() > 8 && bytes[..4] == [0x85, 0x6f, 0x4a, 0x83] && bytes[8] == 0
+}
+
+/// The actor id of a store, from its hex form.
+pub(crate) fn actor_from_hex(hex: &str) -> ActorId {
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    ActorId::from(bytes)
+}
