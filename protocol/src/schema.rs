@@ -419,6 +419,17 @@ pub fn index_value(value: &Value, kind: IndexKind) -> Option<String> {
     (!key.is_empty()).then_some(key)
 }
 
+/// Fields kept as Automerge counters rather than plain numbers: quantities that devices
+/// change concurrently and that must add up after a merge (a write of an absolute value
+/// becomes an increment by the difference).
+pub fn counter_fields(collection: &str) -> &'static [&'static str] {
+    match collection {
+        "clinic_inventory" => &["quantity_available"],
+        "prescription_items" => &["quantity_dispensed", "refills_used"],
+        _ => &[],
+    }
+}
+
 /// Is `name` a valid collection name: `^[a-z][a-z0-9_]{0,62}$`. Field names in schema
 /// files follow the same rule.
 pub fn is_valid_collection_name(name: &str) -> bool {

@@ -5,6 +5,7 @@
 use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge, ChangeHash};
 use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::schema::counter_fields;
 use medmesh_protocol::{CollectionSpec, DocId, RecordError, Schema};
 use serde_json::Value;
 
@@ -51,9 +52,31 @@ pub(crate) fn prepare_create(
     fields.entry("created_at").or_insert_with(|| now.clone());
     fields.insert("updated_at".into(), now);
     spec.validate_record(&fields)?;
+    // Counter fields (quantities that must add up after merges) start as counters.
+    let counters: Vec<(&str, i64)> = counter_fields(&spec.name)
+        .iter()
+        .map(|f| (*f, fields.get(*f).and_then(Value::as_i64).unwrap_or(0)))
+        .collect();
+    let plain: Fields = fields
+        .iter()
+        .filter(|(k, _)| !counters.iter().any(|(c, _)| c == k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut doc = Automerge::new().with_actor(actor.clone());
-    doc.transact_with::<_, _, RecordError, _>(|_| options, |tx| record::init_record(tx, &fields))
-        .map_err(|f| refused(&f.error))?;
+    doc.transact_with::<_, _, RecordError, _>(
+        |_| options,
+        |tx| {
+            record::init_record(tx, &plain)?;
+            for (field, start) in &counters {
+                record::put_counter(tx, field, *start)?;
+            }
+            Ok(())
+        },
+    )
+    .map_err(|f| refused(&f.error))?;
+    for (field, start) in &counters {
+        fields.insert((*field).to_owned(), Value::from(*start));
+    }
     // The document holds exactly these fields (Automerge orders keys).
     fields.sort_keys();
     Ok(PreparedCreate {

@@ -200,3 +200,56 @@ fn stock_adds_up_on_every_node_after_any_merge_order() {
         run(seed);
     }
 }
+
+#[test]
+fn dispenses_against_one_prescription_item_on_two_devices_add_up() {
+    let a = Store::memory(Schema::hikma()).expect("a");
+    let b = Store::memory(Schema::hikma()).expect("b");
+    let (pa, pb) = (
+        Pharmacy::new(a.clone(), "a".into()),
+        Pharmacy::new(b.clone(), "b".into()),
+    );
+    let create = |collection: &str, v: Value| {
+        let out = a
+            .write_blocking(WriteBatch::one(WriteOp::new(
+                collection,
+                None,
+                WriteKind::Create(fields(v)),
+                Default::default(),
+            )))
+            .expect("create");
+        out[0].as_ref().expect("created").id.to_string()
+    };
+    let clinic = create("clinics", json!({"name": "Camp"}));
+    let restock = fields(
+        json!({"clinic_id": clinic, "drug_name": "Cotrimoxazole 480mg", "batch_number": "X", "expiry_date": "2031-01-01", "quantity": 100}),
+    );
+    pa.restock(&restock, None).expect("restock");
+    let drug = medmesh_protocol::pharmacy::drug_id("Cotrimoxazole 480mg").to_string();
+    let prescription = create("prescriptions", json!({"patient_id": "p1"}));
+    let item = create(
+        "prescription_items",
+        json!({"prescription_id": prescription, "drug_id": drug, "quantity_prescribed": 100}),
+    );
+    exchange(&a, &b);
+    // Apart, each dispenses part of the same prescription item.
+    let dispense = |q: i64| {
+        fields(
+            json!({"clinic_id": clinic, "drug_id": drug, "quantity": q, "prescription_item_id": item}),
+        )
+    };
+    pa.dispense(&dispense(10), None).expect("a dispenses");
+    pb.dispense(&dispense(20), None).expect("b dispenses");
+    exchange(&a, &b);
+    exchange(&b, &a);
+    let id: medmesh_protocol::DocId = item.parse().expect("id");
+    for store in [&a, &b] {
+        let record = store.get("prescription_items", &id).expect("item").record;
+        assert_eq!(
+            record["quantity_dispensed"],
+            json!(30),
+            "both dispenses count: {record:?}"
+        );
+    }
+    assert_eq!(pa.stock(None, None).expect("stock")[0].quantity, 70);
+}
