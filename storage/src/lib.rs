@@ -26,6 +26,7 @@ mod prepare;
 mod slot;
 mod store;
 pub mod tables;
+mod working;
 mod write;
 mod writer;
 

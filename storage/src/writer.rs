@@ -18,7 +18,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, ChangeHash, ROOT, ReadDoc};
+use automerge::{ActorId, Automerge, ROOT, ReadDoc};
 use lru::LruCache;
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::schema::index_value;
@@ -33,6 +33,7 @@ use crate::prepare::{PreparedCreate, actor_from_hex, commit_options, prepare_cre
 use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
 use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, INDEX, INFO, PEERS};
+use crate::working::{CACHEABLE_BATCH, Staged, Working};
 use crate::write::{WriteBatch, WriteKind, WriteOp, WriteOutcome};
 
 /// Batches with at least this many creates have their documents worked out by the
@@ -130,103 +131,6 @@ impl<'txn> Tables<'txn> {
         }
     }
 }
-
-/// A document being changed in the current transaction.
-struct Working {
-    /// The document, when loaded. A new document worked out off the writer thread is
-    /// held only as its bytes, heads and record (an Automerge document takes tens of
-    /// kilobytes in memory; its bytes a few hundred), and loaded only if touched again.
-    doc: Option<Automerge>,
-    /// Heads of the document when `doc` is not loaded.
-    heads: Vec<ChangeHash>,
-    collection: String,
-    /// Its metadata before this transaction; `None` for a new document.
-    old_meta: Option<DocMeta>,
-    /// Its record before this transaction (for index maintenance).
-    old_record: Fields,
-    /// Its heads before this transaction (to save only the new changes).
-    old_heads: Vec<ChangeHash>,
-    /// Its record now, when already known (saves reading the document again).
-    record: Option<Fields>,
-    /// For a new document: its saved bytes, stored as they are (cleared when the
-    /// document is changed again).
-    raw: Option<Vec<u8>>,
-}
-
-impl Working {
-    /// The document, loaded from its bytes if needed, to read or change. Its stored bytes
-    /// no longer stand for it afterwards.
-    fn doc_mut(&mut self, id: &DocId) -> Result<&mut Automerge> {
-        if self.doc.is_none() {
-            let raw = self.raw.as_deref().unwrap_or_default();
-            let doc = Automerge::load(raw).map_err(|e| StoreError::CorruptDocument {
-                id: *id,
-                collection: self.collection.clone(),
-                reason: e.to_string(),
-            })?;
-            self.doc = Some(doc);
-        }
-        self.raw = None;
-        self.doc
-            .as_mut()
-            .ok_or_else(|| StoreError::Storage("the document could not be loaded".into()))
-    }
-
-    /// The document's heads now.
-    fn current_heads(&self) -> Vec<ChangeHash> {
-        match &self.doc {
-            Some(doc) => doc.get_heads(),
-            None => self.heads.clone(),
-        }
-    }
-}
-
-/// Documents loaded or changed by one transaction, in first-touch order.
-#[derive(Default)]
-struct Staged {
-    docs: HashMap<DocId, Working>,
-    order: Vec<DocId>,
-    /// Documents worth keeping loaded after the commit (from small, interactive
-    /// batches; a bulk import would only churn the cache).
-    cacheable: BTreeSet<DocId>,
-}
-
-impl Staged {
-    /// Adds a document new to the store; answers the write's outcome.
-    fn add_new(
-        &mut self,
-        id: DocId,
-        collection: String,
-        doc: Option<Automerge>,
-        heads: Vec<ChangeHash>,
-        record: Fields,
-        raw: Option<Vec<u8>>,
-    ) -> WriteOutcome {
-        self.order.push(id);
-        self.docs.insert(
-            id,
-            Working {
-                doc,
-                heads,
-                collection,
-                old_meta: None,
-                old_record: Fields::new(),
-                old_heads: Vec::new(),
-                record: Some(record.clone()),
-                raw,
-            },
-        );
-        WriteOutcome {
-            id,
-            record,
-            changed: true,
-            seq: 0,
-        }
-    }
-}
-
-/// Batches of at most this many writes keep their documents in the cache.
-const CACHEABLE_BATCH: usize = 16;
 
 impl Writer {
     pub(crate) fn new(
@@ -996,16 +900,6 @@ enum Change {
 /// write is refused, the transaction goes on.
 pub(crate) fn refused(err: &RecordError) -> StoreError {
     StoreError::BadQuery(format!("the change could not be applied: {err}"))
-}
-
-impl Working {
-    fn old_record_field(&self, field: &str) -> Option<Value> {
-        match (&self.record, &self.doc) {
-            (Some(record), _) => record.get(field).cloned(),
-            (None, Some(doc)) => record::read_record(doc).get(field).cloned(),
-            (None, None) => None,
-        }
-    }
 }
 
 pub(crate) fn bad_id(spec: &CollectionSpec, text: &str) -> StoreError {
