@@ -73,6 +73,8 @@ pub(crate) struct View {
     /// already holds them as written, so the refresh need not load them again.
     applied: HashMap<DocId, u64>,
     pub(crate) stock: HashMap<DocId, StockRow>,
+    /// Stock items per clinic, so a clinic's queries and dispenses skip the others.
+    by_clinic: HashMap<String, std::collections::HashSet<DocId>>,
     pub(crate) drugs: HashMap<DocId, DrugRow>,
 }
 
@@ -123,7 +125,7 @@ impl View {
                             self.put_stock(entry.id, &view.record)
                         }
                         Ok(_) => {
-                            self.stock.remove(&entry.id);
+                            self.remove_stock(&entry.id);
                         }
                         Err(err) => {
                             tracing::warn!(doc = %entry.id, error = %err, "a stock item could not be read")
@@ -157,7 +159,18 @@ impl View {
         self.applied.insert(id, seq);
     }
 
+    fn remove_stock(&mut self, id: &DocId) {
+        if let Some(row) = self.stock.remove(id)
+            && let Some(ids) = self.by_clinic.get_mut(&row.clinic_id)
+        {
+            ids.remove(id);
+        }
+    }
+
     fn put_stock(&mut self, id: DocId, record: &Fields) {
+        self.remove_stock(&id);
+        let clinic = text(record, "clinic_id").unwrap_or_default();
+        self.by_clinic.entry(clinic).or_default().insert(id);
         let expiry = date(record.get("batch_expiry_date"));
         self.stock.insert(
             id,
@@ -202,12 +215,18 @@ impl View {
 
     /// Stock rows, filtered, with drug names, ordered by drug then expiry.
     pub(crate) fn stock_rows(&self, clinic: Option<&str>, drug: Option<&str>) -> Vec<StockRow> {
-        let mut rows: Vec<StockRow> = self
-            .stock
-            .values()
-            .filter(|r| {
-                clinic.is_none_or(|c| r.clinic_id == c) && drug.is_none_or(|d| r.drug_id == d)
-            })
+        let candidates: Box<dyn Iterator<Item = &StockRow>> = match clinic {
+            Some(c) => Box::new(
+                self.by_clinic
+                    .get(c)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| self.stock.get(id)),
+            ),
+            None => Box::new(self.stock.values()),
+        };
+        let mut rows: Vec<StockRow> = candidates
+            .filter(|r| drug.is_none_or(|d| r.drug_id == d))
             .cloned()
             .map(|mut r| {
                 r.drug_name = self.drug_name(&r.drug_id);
