@@ -13,6 +13,7 @@
 //! device certificate (roles, clinics, expiry, revocation) can later be a second kind of
 //! each without changing the rest of the session.
 
+use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -82,11 +83,11 @@ impl MeshSecret {
         verifier_nonce: &[u8],
         prover_nonce: &[u8],
     ) -> Hmac<Sha256> {
-        // A key of any length is accepted by HMAC; this cannot fail.
-        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.0) {
-            Ok(mac) => mac,
-            Err(_) => unreachable_hmac(),
-        };
+        // HMAC pads a key shorter than the hash's block with zeros; doing it here makes
+        // the key a full block, which `KeyInit::new` takes without a failure case.
+        let mut key = [0u8; 64];
+        key[..32].copy_from_slice(&self.0);
+        let mut mac = <Hmac<Sha256> as KeyInit>::new(&key.into());
         for part in [
             PROOF_LABEL,
             prover.as_bytes(),
@@ -127,11 +128,6 @@ impl MeshSecret {
             .verify_slice(proof)
             .is_ok()
     }
-}
-
-#[allow(clippy::panic)]
-fn unreachable_hmac() -> ! {
-    panic!("HMAC-SHA256 accepts keys of any length")
 }
 
 /// What a node holds to prove it belongs to its mesh.
@@ -183,6 +179,21 @@ mod tests {
         assert_eq!(
             MeshSecret::from_invite(&invite[..40]),
             Err(InviteError::Damaged)
+        );
+    }
+
+    #[test]
+    fn the_proof_is_standard_hmac_sha256_of_the_secret() {
+        let secret = MeshSecret::from_bytes([5; 32]);
+        let mut reference =
+            <Hmac<Sha256> as Mac>::new_from_slice(&[5; 32]).expect("any key length");
+        for part in [PROOF_LABEL, b"A".as_slice(), b"B", b"nb", b"na"] {
+            reference.update(&(part.len() as u64).to_be_bytes());
+            reference.update(part);
+        }
+        assert_eq!(
+            secret.prove("A", "B", b"nb", b"na"),
+            reference.finalize().into_bytes().to_vec()
         );
     }
 
