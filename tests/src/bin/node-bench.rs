@@ -163,20 +163,7 @@ fn main() -> Result<()> {
     node.stop();
 
     // Store open with all records.
-    let started = Instant::now();
-    let store = Store::open(
-        &data.join("medmesh.redb"),
-        Schema::hikma(),
-        StoreOptions::default(),
-    )?;
-    let page = store.list(&Query {
-        collection: "patients".into(),
-        limit: 1,
-        ..Query::default()
-    })?;
-    let open_s = started.elapsed().as_secs_f64();
-    anyhow::ensure!(page.records.len() == 1, "no record after reopening");
-    drop(store);
+    let open_s = timed_open(&data.join("medmesh.redb"))?;
     println!(
         "store open + first read with {records} records: {:.3} s",
         open_s
@@ -210,20 +197,7 @@ fn main() -> Result<()> {
         Ok(())
     })?;
     node.kill9();
-    let started = Instant::now();
-    let store = Store::open(
-        &data.join("medmesh.redb"),
-        Schema::hikma(),
-        StoreOptions::default(),
-    )?;
-    let page = store.list(&Query {
-        collection: "patients".into(),
-        limit: 1,
-        ..Query::default()
-    })?;
-    let crash_open_s = started.elapsed().as_secs_f64();
-    anyhow::ensure!(page.records.len() == 1, "no record after the crash");
-    drop(store);
+    let crash_open_s = timed_open(&data.join("medmesh.redb"))?;
     println!("store open after kill -9 (with repair): {crash_open_s:.3} s");
     figures.push(Figure {
         name: "store open after kill -9 (redb repair)",
@@ -249,6 +223,24 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(10));
     Ok(())
+}
+
+/// Seconds to open the store and read its first record.
+fn timed_open(path: &Path) -> Result<f64> {
+    let started = Instant::now();
+    let store = Store::open(path, Schema::hikma(), StoreOptions::default())?;
+    let page = store.list(&Query {
+        collection: "patients".into(),
+        limit: 1,
+        ..Query::default()
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        page.records.len() == 1,
+        "no record after opening {}",
+        path.display()
+    );
+    Ok(seconds)
 }
 
 fn write_report(records: usize, avg_bytes: usize, figures: &[Figure]) -> Result<()> {
