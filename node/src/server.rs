@@ -17,7 +17,8 @@ use medmesh_protocol::membership::{Credential, MeshSecret};
 
 /// The store's file inside a data directory.
 pub const STORE_FILE: &str = "medmesh.redb";
-/// The kept copy of the deployment's schema file inside a data directory.
+/// Where medmesh before 0.2 kept a copy of the deployment's schema file; read (and
+/// declared into the mesh's schema) when present.
 pub const SCHEMA_FILE: &str = "schema.json";
 
 /// A node's data directory, opened: its store and identity.
@@ -45,39 +46,48 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
             dir.display()
         )
     })?;
+    // Extra collections are mesh state: a schema file given now (or kept by an older
+    // medmesh in the data directory) is declared into the mesh's schema document once
+    // the store is open, and reaches every node from there.
     let kept_schema = dir.join(SCHEMA_FILE);
-    if let Some(source) = extra_schema {
-        let text = std::fs::read_to_string(source)
+    let mut declarations = Vec::new();
+    for source in extra_schema
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(kept_schema.exists().then_some(kept_schema))
+    {
+        let text = std::fs::read_to_string(&source)
             .with_context(|| format!("cannot read the schema file {}", source.display()))?;
-        // Check it before keeping it.
-        Schema::hikma()
-            .extend_from_json(&text, &source.display().to_string())
+        let found = Schema::hikma()
+            .declarations_of_file(&text, &source.display().to_string())
             .with_context(|| format!("the schema file {} is not valid", source.display()))?;
-        std::fs::write(&kept_schema, &text).with_context(|| {
-            format!(
-                "cannot keep a copy of the schema file in {}",
-                kept_schema.display()
-            )
-        })?;
+        for declaration in found {
+            if !declarations
+                .iter()
+                .any(|d: &medmesh_protocol::schema::Declaration| d.name == declaration.name)
+            {
+                declarations.push(declaration);
+            }
+        }
     }
-    let mut schema = Schema::hikma();
-    if kept_schema.exists() {
-        let text = std::fs::read_to_string(&kept_schema)
-            .with_context(|| format!("cannot read {}", kept_schema.display()))?;
-        schema
-            .extend_from_json(&text, &kept_schema.display().to_string())
-            .with_context(|| {
-                format!(
-                    "the kept schema file {} is not valid",
-                    kept_schema.display()
-                )
-            })?;
-    }
+    let schema = Schema::hikma();
     let path = dir.join(STORE_FILE);
     let created = !path.exists();
     let store = Store::open(&path, schema, StoreOptions::default())
         .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let keypair = identity::load_or_create(&store)?;
+    if !declarations.is_empty() {
+        let author = medmesh_protocol::ChangeAuthor {
+            device: identity::peer_id(&keypair).to_string(),
+            user: None,
+        };
+        let notes = store
+            .declare_schema_blocking(&declarations, author)
+            .context("cannot write the schema into the store")?;
+        for note in notes {
+            println!("Schema: {note}");
+        }
+    }
     let secret = match mesh::read_mesh_secret(dir)? {
         Some(secret) => secret,
         None => {
@@ -255,17 +265,13 @@ pub fn init(dir: &Path, join: Option<&str>) -> Result<()> {
         }
         let opened = open_data(dir, None)?;
         for addr in &addrs {
-            let record = medmesh_storage::PeerRecord {
-                addrs: vec![addr.clone()],
-                pinned: true,
-                ..Default::default()
-            };
-            let store = opened.store.clone();
-            let key = format!("addr:{addr}");
-            tokio::runtime::Builder::new_current_thread()
-                .build()
-                .context("cannot remember the invite's addresses")?
-                .block_on(async move { store.put_peer(&key, &record).await })?;
+            opened
+                .store
+                .update_peer_blocking(
+                    &format!("addr:{addr}"),
+                    medmesh_storage::PeerUpdate::Pin { addr: addr.clone() },
+                )
+                .context("cannot remember the invite's addresses")?;
         }
         println!("Joined mesh {} in {}", secret.fingerprint(), dir.display());
         println!("Node id: {}", opened.peer_id);

@@ -390,7 +390,7 @@ async fn merge(store: &Store, id: DocId, bytes: Vec<u8>) {
     let op = WriteOp::new(
         "patients",
         Some(id),
-        WriteKind::Merge(bytes),
+        WriteKind::Merge(bytes.into()),
         Default::default(),
     );
     let out = store.write(WriteBatch::one(op)).await.expect("merge");

@@ -39,6 +39,25 @@ impl DocId {
     pub fn uuid(&self) -> Uuid {
         self.0
     }
+
+    /// A deterministic id (UUIDv8) for the record of a `kind` identified by `parts`: two
+    /// devices that create the same thing while apart make the same id, so their
+    /// documents merge instead of duplicating. Parts are length-prefixed, so they cannot
+    /// run into each other.
+    pub fn derived(kind: &str, parts: &[&str]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(b"medmesh/id/1/");
+        hash.update(kind.as_bytes());
+        for part in parts {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        let digest = hash.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        Self(Uuid::new_v8(bytes))
+    }
 }
 
 impl From<Uuid> for DocId {

@@ -7,8 +7,6 @@
 //! the normalized name (or the clinic, drug and normalized batch), hashed into a UUID
 //! (version 8, SHA-256 based), never drawn at random.
 
-use sha2::{Digest, Sha256};
-
 use crate::DocId;
 
 /// Unit spellings and the form each is written in after normalization.
@@ -95,28 +93,14 @@ pub fn normalize_batch(batch: &str) -> String {
         .collect()
 }
 
-fn derived_id(kind: &str, parts: &[&str]) -> DocId {
-    let mut hash = Sha256::new();
-    hash.update(b"medmesh/id/1/");
-    hash.update(kind.as_bytes());
-    for part in parts {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
-    }
-    let digest = hash.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    DocId::from(uuid::Uuid::new_v8(bytes))
-}
-
 /// The id of the drug with this name (any spelling that normalizes alike).
 pub fn drug_id(name: &str) -> DocId {
-    derived_id("drug", &[&normalize_drug_name(name)])
+    DocId::derived("drug", &[&normalize_drug_name(name)])
 }
 
 /// The id of the stock item of a drug's batch at a clinic.
 pub fn stock_item_id(clinic_id: &str, drug_id: &str, batch_number: &str) -> DocId {
-    derived_id(
+    DocId::derived(
         "stock",
         &[clinic_id, drug_id, &normalize_batch(batch_number)],
     )

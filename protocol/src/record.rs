@@ -68,16 +68,36 @@ pub enum RecordError {
     Automerge(#[from] automerge::AutomergeError),
 }
 
-/// Reads the whole record held by `doc` as a JSON object.
+/// Deepest nesting of objects and lists a record may have (the record itself is depth 0).
+/// Deeper parts are not read: no document can drive a reader into unbounded recursion.
+pub const MAX_RECORD_DEPTH: usize = 32;
+
+/// Reads the whole record held by `doc` as a JSON object. Anything nested deeper than
+/// [`MAX_RECORD_DEPTH`] reads as `null` (see [`read_record_checked`] to refuse it).
 pub fn read_record<R: ReadDoc>(doc: &R) -> Fields {
-    read_map(doc, &ROOT)
+    let mut too_deep = false;
+    read_map(doc, &ROOT, 0, &mut too_deep)
 }
 
-fn read_map<R: ReadDoc>(doc: &R, obj: &ObjId) -> Fields {
+/// Reads the whole record, or says why it is not one a node should store: nesting deeper
+/// than [`MAX_RECORD_DEPTH`].
+pub fn read_record_checked<R: ReadDoc>(doc: &R) -> Result<Fields, String> {
+    let mut too_deep = false;
+    let fields = read_map(doc, &ROOT, 0, &mut too_deep);
+    if too_deep {
+        Err(format!(
+            "the record nests objects or lists deeper than {MAX_RECORD_DEPTH} levels"
+        ))
+    } else {
+        Ok(fields)
+    }
+}
+
+fn read_map<R: ReadDoc>(doc: &R, obj: &ObjId, depth: usize, too_deep: &mut bool) -> Fields {
     let mut out = Map::new();
     for item in doc.map_range(obj, ..) {
         let value = match &item.value {
-            ValueRef::Object(ty) => read_object(doc, *ty, &item.id()),
+            ValueRef::Object(ty) => read_object(doc, *ty, &item.id(), depth + 1, too_deep),
             ValueRef::Scalar(scalar) => scalar_ref_to_json(scalar),
         };
         out.insert(item.key.into_owned(), value);
@@ -85,19 +105,29 @@ fn read_map<R: ReadDoc>(doc: &R, obj: &ObjId) -> Fields {
     out
 }
 
-fn read_list<R: ReadDoc>(doc: &R, obj: &ObjId) -> Vec<Value> {
+fn read_list<R: ReadDoc>(doc: &R, obj: &ObjId, depth: usize, too_deep: &mut bool) -> Vec<Value> {
     doc.list_range(obj, ..)
         .map(|item| match &item.value {
-            ValueRef::Object(ty) => read_object(doc, *ty, &item.id()),
+            ValueRef::Object(ty) => read_object(doc, *ty, &item.id(), depth + 1, too_deep),
             ValueRef::Scalar(scalar) => scalar_ref_to_json(scalar),
         })
         .collect()
 }
 
-fn read_object<R: ReadDoc>(doc: &R, ty: ObjType, id: &ObjId) -> Value {
+fn read_object<R: ReadDoc>(
+    doc: &R,
+    ty: ObjType,
+    id: &ObjId,
+    depth: usize,
+    too_deep: &mut bool,
+) -> Value {
+    if depth > MAX_RECORD_DEPTH {
+        *too_deep = true;
+        return Value::Null;
+    }
     match ty {
-        ObjType::Map | ObjType::Table => Value::Object(read_map(doc, id)),
-        ObjType::List => Value::Array(read_list(doc, id)),
+        ObjType::Map | ObjType::Table => Value::Object(read_map(doc, id, depth, too_deep)),
+        ObjType::List => Value::Array(read_list(doc, id, depth, too_deep)),
         ObjType::Text => Value::String(doc.text(id).unwrap_or_default()),
     }
 }
@@ -346,11 +376,20 @@ pub struct FieldConflict {
 /// Lists the fields of the record that hold concurrent values.
 pub fn conflicts<R: ReadDoc>(doc: &R) -> Vec<FieldConflict> {
     let mut out = Vec::new();
-    collect_conflicts(doc, &ROOT, "", &mut out);
+    collect_conflicts(doc, &ROOT, "", 0, &mut out);
     out
 }
 
-fn collect_conflicts<R: ReadDoc>(doc: &R, obj: &ObjId, prefix: &str, out: &mut Vec<FieldConflict>) {
+fn collect_conflicts<R: ReadDoc>(
+    doc: &R,
+    obj: &ObjId,
+    prefix: &str,
+    depth: usize,
+    out: &mut Vec<FieldConflict>,
+) {
+    if depth > MAX_RECORD_DEPTH {
+        return;
+    }
     let items: Vec<(String, bool, Option<ObjId>)> = doc
         .map_range(obj, ..)
         .map(|item| {
@@ -372,14 +411,14 @@ fn collect_conflicts<R: ReadDoc>(doc: &R, obj: &ObjId, prefix: &str, out: &mut V
                 .get_all(obj, key.as_str())
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(value, id)| owned_value_to_json(doc, value, id))
+                .map(|(value, id)| owned_value_to_json(doc, value, id, depth))
                 .collect();
             let value = doc
                 .get(obj, key.as_str())
                 .ok()
                 .flatten()
                 .map_or(Value::Null, |(value, id)| {
-                    owned_value_to_json(doc, value, id)
+                    owned_value_to_json(doc, value, id, depth)
                 });
             out.push(FieldConflict {
                 field: path.clone(),
@@ -388,14 +427,19 @@ fn collect_conflicts<R: ReadDoc>(doc: &R, obj: &ObjId, prefix: &str, out: &mut V
             });
         }
         if let Some(child) = child {
-            collect_conflicts(doc, &child, &path, out);
+            collect_conflicts(doc, &child, &path, depth + 1, out);
         }
     }
 }
 
-fn owned_value_to_json<R: ReadDoc>(doc: &R, value: automerge::Value<'_>, id: ObjId) -> Value {
+fn owned_value_to_json<R: ReadDoc>(
+    doc: &R,
+    value: automerge::Value<'_>,
+    id: ObjId,
+    depth: usize,
+) -> Value {
     match value {
-        automerge::Value::Object(ty) => read_object(doc, ty, &id),
+        automerge::Value::Object(ty) => read_object(doc, ty, &id, depth + 1, &mut false),
         automerge::Value::Scalar(s) => scalar_ref_to_json(&scalar_value_as_ref(s.as_ref())),
     }
 }

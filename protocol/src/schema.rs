@@ -336,13 +336,45 @@ impl Schema {
                     CollectionSpec::with_common_fields(name, own, true),
                 )
             })
-            .collect();
+            .collect::<BTreeMap<_, _>>();
+        let mut collections = collections;
+        collections.insert(
+            SCHEMA_COLLECTION.to_owned(),
+            CollectionSpec::with_common_fields(SCHEMA_COLLECTION, Vec::new(), true),
+        );
         Schema { collections }
     }
 
     /// Add the extra collections declared in a schema file's text (JSON). `source` names
     /// the file in errors. Nothing is added unless the whole file is valid.
     pub fn extend_from_json(&mut self, text: &str, source: &str) -> Result<(), SchemaFileError> {
+        let declarations = self.declarations_of_file(text, source)?;
+        for declaration in &declarations {
+            if self.collections.contains_key(&declaration.name) {
+                return Err(SchemaFileError::Invalid {
+                    source_name: source.to_owned(),
+                    message: format!(
+                        "collection `{}` is already defined by an earlier schema file; \
+                         declare it only once",
+                        declaration.name
+                    ),
+                });
+            }
+        }
+        for declaration in declarations {
+            self.collections
+                .insert(declaration.name.clone(), declaration.spec().clone());
+        }
+        Ok(())
+    }
+
+    /// Reads and checks a schema file's declarations (none is taken unless all are
+    /// valid): built-in collections cannot be redefined, a collection is declared once.
+    pub fn declarations_of_file(
+        &self,
+        text: &str,
+        source: &str,
+    ) -> Result<Vec<Declaration>, SchemaFileError> {
         let file: SchemaFile = serde_json::from_str(text).map_err(|err| {
             let (line, column) = (err.line(), err.column());
             let message = err.to_string();
@@ -358,34 +390,50 @@ impl Schema {
             source_name: source.to_owned(),
             message,
         };
-        let mut added: BTreeMap<String, CollectionSpec> = BTreeMap::new();
+        let mut out: Vec<Declaration> = Vec::new();
         for decl in file.collections {
-            let spec = decl.into_spec().map_err(invalid)?;
-            if let Some(existing) = self.collections.get(&spec.name) {
-                return Err(invalid(if existing.builtin {
-                    format!(
-                        "collection `{}` is a built-in Hikma Health collection and cannot be \
-                         redefined; choose another name",
-                        spec.name
-                    )
-                } else {
-                    format!(
-                        "collection `{}` is already defined by an earlier schema file; \
-                         declare it only once",
-                        spec.name
-                    )
-                }));
-            }
-            if added.contains_key(&spec.name) {
+            let declaration = Declaration::from_decl(decl).map_err(invalid)?;
+            if self
+                .collections
+                .get(&declaration.name)
+                .is_some_and(|existing| existing.builtin)
+            {
                 return Err(invalid(format!(
-                    "collection `{}` is declared twice; merge the two declarations",
-                    spec.name
+                    "collection `{}` is a built-in Hikma Health collection and cannot be \
+                     redefined; choose another name",
+                    declaration.name
                 )));
             }
-            added.insert(spec.name.clone(), spec);
+            if out.iter().any(|d| d.name == declaration.name) {
+                return Err(invalid(format!(
+                    "collection `{}` is declared twice; merge the two declarations",
+                    declaration.name
+                )));
+            }
+            out.push(declaration);
         }
-        self.collections.extend(added);
-        Ok(())
+        Ok(out)
+    }
+
+    /// This schema with the given declarations added (a declaration of a built-in
+    /// collection is skipped); answers the schema and what was skipped, in words.
+    pub fn with_declarations(&self, declarations: &[Declaration]) -> (Schema, Vec<String>) {
+        let mut schema = self.clone();
+        let mut skipped = Vec::new();
+        for declaration in declarations {
+            match schema.collections.get(&declaration.name) {
+                Some(existing) if existing.builtin => skipped.push(format!(
+                    "the mesh's schema declares `{}`, a built-in collection; the declaration is ignored",
+                    declaration.name
+                )),
+                _ => {
+                    schema
+                        .collections
+                        .insert(declaration.name.clone(), declaration.spec().clone());
+                }
+            }
+        }
+        (schema, skipped)
     }
 
     /// The collection called `name`, if there is one.
@@ -393,9 +441,12 @@ impl Schema {
         self.collections.get(name)
     }
 
-    /// All collections, ordered by name.
+    /// All collections that hold records, ordered by name (medmesh's internal ones,
+    /// such as [`SCHEMA_COLLECTION`], are left out).
     pub fn collections(&self) -> impl Iterator<Item = &CollectionSpec> {
-        self.collections.values()
+        self.collections
+            .values()
+            .filter(|c| !c.name.starts_with('_'))
     }
 }
 
@@ -512,17 +563,25 @@ struct SchemaFile {
 }
 
 /// One collection in a schema file.
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CollectionDecl {
     name: String,
+    /// The declaration's version: a mesh keeps, per collection, the highest version any
+    /// of its devices declared.
+    #[serde(default = "first_version")]
+    version: u64,
     #[serde(default)]
     fields: Vec<FieldDecl>,
 }
 
+fn first_version() -> u64 {
+    1
+}
+
 /// One field in a schema file. `type` and `index` are read as text so that a mistake
 /// gets a message naming the collection and field.
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FieldDecl {
     name: String,
@@ -530,7 +589,7 @@ struct FieldDecl {
     ty: String,
     #[serde(default)]
     required: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     index: Option<String>,
 }
 
@@ -540,6 +599,11 @@ impl CollectionDecl {
     /// Check the declaration and turn it into a collection; errors are messages.
     fn into_spec(self) -> Result<CollectionSpec, String> {
         let collection = self.name;
+        if self.version == 0 {
+            return Err(format!(
+                "collection `{collection}`: version must be 1 or more"
+            ));
+        }
         if !is_valid_collection_name(&collection) {
             return Err(format!(
                 "collection name `{collection}` is not valid: {NAME_RULE} (e.g. `lab_reports`)"
@@ -661,7 +725,11 @@ fn is_decimal_text(s: &str) -> bool {
 }
 
 mod hikma;
+mod mesh;
 use hikma::HIKMA_COLLECTIONS;
+pub use mesh::{
+    Declaration, SCHEMA_COLLECTION, declarations_in_record, record_fields, schema_doc_id,
+};
 
 #[cfg(test)]
 mod tests;

@@ -197,6 +197,7 @@ struct PartialDoc {
     collection: String,
     total: u64,
     bytes: Vec<u8>,
+    heads: ByteBuf,
 }
 
 /// The session with one peer (both directions).
@@ -455,8 +456,19 @@ impl Session {
                     collection,
                     total,
                     bytes,
+                    heads,
                 },
-            ) => self.on_doc_part(req, id, collection, total, bytes.into_vec(), out),
+            ) => self.on_doc_part(
+                PartialDoc {
+                    req,
+                    id,
+                    collection,
+                    total,
+                    bytes: bytes.into_vec(),
+                    heads,
+                },
+                out,
+            ),
             (phase, message) => Err(format!(
                 "sent {} while the session was {}",
                 message_name(&message),
@@ -659,34 +671,32 @@ impl Session {
         }
     }
 
-    fn on_doc_part(
-        &mut self,
-        req: u64,
-        id: DocId,
-        collection: String,
-        total: u64,
-        bytes: Vec<u8>,
-        out: &mut Vec<Output>,
-    ) -> Result<(), String> {
+    /// One part of a document too large for a frame (`part.bytes` holds this part).
+    fn on_doc_part(&mut self, part: PartialDoc, out: &mut Vec<Output>) -> Result<(), String> {
+        let total = part.total;
         if total > MAX_DOC_BYTES {
             return Err(format!(
                 "sent a document of {total} bytes, more than allowed"
             ));
         }
-        let partial = self.partial.get_or_insert_with(|| PartialDoc {
-            req,
-            id,
-            collection: collection.clone(),
-            total,
-            bytes: Vec::new(),
-        });
-        if partial.req != req || partial.id != id || partial.total != total {
-            return Err("interleaved the parts of two documents".into());
-        }
-        if partial.bytes.len() as u64 + bytes.len() as u64 > total {
-            return Err("sent more parts than the document has".into());
-        }
-        partial.bytes.extend_from_slice(&bytes);
+        let partial = match &mut self.partial {
+            Some(partial) => {
+                if partial.req != part.req || partial.id != part.id || partial.total != total {
+                    return Err("interleaved the parts of two documents".into());
+                }
+                if partial.bytes.len() as u64 + part.bytes.len() as u64 > total {
+                    return Err("sent more parts than the document has".into());
+                }
+                partial.bytes.extend_from_slice(&part.bytes);
+                partial
+            }
+            None => {
+                if part.bytes.len() as u64 > total {
+                    return Err("sent more parts than the document has".into());
+                }
+                self.partial.insert(part)
+            }
+        };
         if partial.bytes.len() as u64 == total
             && let Some(done) = self.partial.take()
         {
@@ -695,6 +705,7 @@ impl Session {
                 id: done.id,
                 collection: done.collection,
                 bytes: ByteBuf::from(done.bytes),
+                heads: done.heads,
             }];
             self.note_received(&docs);
             out.push(Output::StoreDocs {
@@ -817,6 +828,7 @@ impl Session {
                         collection: doc.collection.clone(),
                         total,
                         bytes: ByteBuf::from(part.to_vec()),
+                        heads: doc.heads.clone(),
                     }));
                 }
                 continue;

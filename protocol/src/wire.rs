@@ -81,6 +81,10 @@ pub struct DocPayload {
     pub collection: String,
     /// Automerge bytes (a saved document or changes), to merge.
     pub bytes: ByteBuf,
+    /// The sender's heads after these bytes (concatenated 32-byte hashes): a receiver
+    /// that cannot merge the bytes still relays them under these heads.
+    #[serde(default)]
+    pub heads: ByteBuf,
 }
 
 /// A message of the sync protocol.
@@ -141,6 +145,9 @@ pub enum Message {
         total: u64,
         /// This part.
         bytes: ByteBuf,
+        /// The sender's heads of the document (see [`DocPayload::heads`]).
+        #[serde(default)]
+        heads: ByteBuf,
     },
     /// The asker has durably stored everything of the feed up to `upto`.
     Ack {
@@ -354,6 +361,7 @@ mod tests {
                     id,
                     collection: "visits".into(),
                     bytes: ByteBuf::from(vec![5; 1000]),
+                    heads: ByteBuf::from(vec![7; 32]),
                 }],
                 done: true,
             },
@@ -363,6 +371,7 @@ mod tests {
                 collection: "visits".into(),
                 total: 10,
                 bytes: ByteBuf::from(vec![6; 5]),
+                heads: ByteBuf::new(),
             },
             Message::Ack { upto: 299 },
         ]

@@ -149,6 +149,7 @@ impl Peer {
                     id: *id,
                     collection: collection.clone(),
                     bytes: ByteBuf::from(doc.save()),
+                    heads: heads_bytes(&doc.get_heads()),
                 });
             }
         }
@@ -162,6 +163,7 @@ impl Peer {
                     id: want.id,
                     collection: collection.clone(),
                     bytes: ByteBuf::from(doc.save_after(&known)),
+                    heads: heads_bytes(&doc.get_heads()),
                 });
             }
         }

@@ -17,12 +17,23 @@
 //! transaction, so an answered write survives `kill -9`. Loaded documents live in the
 //! writer's bounded LRU cache; nothing loads the whole store at start.
 //!
+//! Documents from peers go through [`WriteKind::Merge`]: they are stored whatever their
+//! collection (the mesh's schema may not have arrived yet), checked and isolated (a
+//! panic in Automerge or a record that lies about its id refuses that document only),
+//! and what cannot be merged is kept in the held table and retried — never acknowledged
+//! and lost. The schema in force is the built-in one plus the mesh's schema document
+//! ([`Store::declare_schema`]), and changes when that document does.
+//!
 //! The tables are listed, with their versioned names, in [`tables`].
 
 pub mod error;
+mod held;
+mod merge;
+mod mesh_schema;
 pub mod meta;
 mod peer;
 mod prepare;
+mod receive;
 mod slot;
 mod store;
 pub mod tables;
@@ -31,5 +42,10 @@ mod write;
 mod writer;
 
 pub use error::{Result, StoreError};
+pub use held::{HeldDoc, HeldSummary, MAX_HELD_BYTES};
+pub use medmesh_protocol::record::MAX_RECORD_DEPTH;
+pub use merge::escape;
 pub use store::{FeedEntry, Filter, Page, Query, RecordView, Store, StoreInfo, StoreOptions};
-pub use write::{PeerRecord, WriteBatch, WriteKind, WriteOp, WriteOutcome};
+pub use write::{
+    MAX_PEER_ADDRS, PeerRecord, PeerUpdate, Received, WriteBatch, WriteKind, WriteOp, WriteOutcome,
+};

@@ -14,6 +14,9 @@ pub struct DocMeta {
     pub updated_ms: i64,
     /// Soft-deleted (`deleted_at` set).
     pub deleted: bool,
+    /// Received from a peer but not mergeable here: the bytes wait in the held table,
+    /// the document is served to peers as it arrived and hidden from reads.
+    pub held: bool,
     /// Chunks saved since the snapshot.
     pub chunks: u32,
     /// The document's heads (Automerge change hashes), so the feed can be served
@@ -21,41 +24,62 @@ pub struct DocMeta {
     pub heads: Vec<[u8; 32]>,
 }
 
-const META_VERSION: u8 = 1;
-const FIXED: usize = 23;
+/// Version 1 kept at most 255 heads (a byte for their number); version 2 keeps them all.
+const META_VERSION_1: u8 = 1;
+const META_VERSION: u8 = 2;
+/// Flag bits of the second byte.
+const FLAG_DELETED: u8 = 1;
+const FLAG_HELD: u8 = 2;
+/// Version, flags, seq, updated_ms, chunks.
+const COMMON: usize = 22;
 
 impl DocMeta {
-    /// Encodes: version, flags, seq, updated_ms, chunks, number of heads, heads,
+    /// Encodes: version, flags, seq, updated_ms, chunks, number of heads (u32), heads,
     /// collection name.
     pub fn encode(&self) -> Vec<u8> {
-        let heads = self.heads.len().min(255);
-        let mut out = Vec::with_capacity(FIXED + 32 * heads + self.collection.len());
+        let mut out =
+            Vec::with_capacity(COMMON + 4 + 32 * self.heads.len() + self.collection.len());
         out.push(META_VERSION);
-        out.push(u8::from(self.deleted));
+        let mut flags = 0;
+        if self.deleted {
+            flags |= FLAG_DELETED;
+        }
+        if self.held {
+            flags |= FLAG_HELD;
+        }
+        out.push(flags);
         out.extend_from_slice(&self.seq.to_be_bytes());
         out.extend_from_slice(&self.updated_ms.to_be_bytes());
         out.extend_from_slice(&self.chunks.to_be_bytes());
-        out.push(heads as u8);
-        for head in self.heads.iter().take(heads) {
+        // A document's heads fit in u32 many times over: its bytes are bounded far lower.
+        out.extend_from_slice(&(self.heads.len() as u32).to_be_bytes());
+        for head in &self.heads {
             out.extend_from_slice(head);
         }
         out.extend_from_slice(self.collection.as_bytes());
         out
     }
 
-    /// Decodes what [`DocMeta::encode`] wrote; `None` for anything else.
+    /// Decodes what [`DocMeta::encode`] wrote (or its version 1); `None` for anything else.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() < FIXED || bytes[0] != META_VERSION {
-            return None;
-        }
-        let heads = usize::from(bytes[22]);
-        let names = FIXED + 32 * heads;
-        let head_bytes = bytes.get(FIXED..names)?;
+        let version = *bytes.first()?;
+        let (heads, start) = match version {
+            META_VERSION_1 => (usize::from(*bytes.get(COMMON)?), COMMON + 1),
+            META_VERSION => (
+                u32::from_be_bytes(bytes.get(COMMON..COMMON + 4)?.try_into().ok()?) as usize,
+                COMMON + 4,
+            ),
+            _ => return None,
+        };
+        let names = start.checked_add(heads.checked_mul(32)?)?;
+        let head_bytes = bytes.get(start..names)?;
+        let flags = bytes[1];
         Some(Self {
-            deleted: bytes[1] != 0,
-            seq: u64::from_be_bytes(bytes[2..10].try_into().ok()?),
-            updated_ms: i64::from_be_bytes(bytes[10..18].try_into().ok()?),
-            chunks: u32::from_be_bytes(bytes[18..22].try_into().ok()?),
+            deleted: flags & FLAG_DELETED != 0,
+            held: flags & FLAG_HELD != 0,
+            seq: u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?),
+            updated_ms: i64::from_be_bytes(bytes.get(10..18)?.try_into().ok()?),
+            chunks: u32::from_be_bytes(bytes.get(18..22)?.try_into().ok()?),
             heads: head_bytes
                 .chunks_exact(32)
                 .filter_map(|c| <[u8; 32]>::try_from(c).ok())
@@ -121,11 +145,51 @@ mod tests {
             seq: 42,
             updated_ms: 1_715_000_000_000,
             deleted: true,
+            held: false,
             chunks: 3,
             heads: vec![[1; 32], [2; 32]],
         };
         assert_eq!(DocMeta::decode(&meta.encode()), Some(meta));
         assert_eq!(DocMeta::decode(&[9, 9, 9]), None);
+        assert_eq!(DocMeta::decode(&[]), None);
+    }
+
+    #[test]
+    fn every_head_is_kept_however_many() {
+        let meta = DocMeta {
+            collection: "clinic_inventory".into(),
+            seq: 1,
+            updated_ms: 0,
+            deleted: false,
+            held: true,
+            chunks: 0,
+            heads: (0..300u32)
+                .map(|i| {
+                    let mut h = [0u8; 32];
+                    h[..4].copy_from_slice(&i.to_be_bytes());
+                    h
+                })
+                .collect(),
+        };
+        let back = DocMeta::decode(&meta.encode()).expect("decode");
+        assert_eq!(back.heads.len(), 300);
+        assert_eq!(back, meta);
+    }
+
+    #[test]
+    fn version_1_entries_still_read() {
+        let mut v1 = vec![1u8, 1];
+        v1.extend_from_slice(&7u64.to_be_bytes());
+        v1.extend_from_slice(&5i64.to_be_bytes());
+        v1.extend_from_slice(&2u32.to_be_bytes());
+        v1.push(1);
+        v1.extend_from_slice(&[9; 32]);
+        v1.extend_from_slice(b"patients");
+        let meta = DocMeta::decode(&v1).expect("v1");
+        assert_eq!(meta.seq, 7);
+        assert!(meta.deleted);
+        assert_eq!(meta.heads, vec![[9; 32]]);
+        assert_eq!(meta.collection, "patients");
     }
 
     #[test]

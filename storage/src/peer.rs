@@ -1,6 +1,8 @@
 //! What the sync protocol asks of the store: the feed as the peer sees it, which
 //! documents are missing or behind, documents to send, and per-peer state.
 
+use crate::held::HeldDoc;
+use crate::tables::HELD;
 use automerge::{ChangeHash, ReadDoc};
 use medmesh_protocol::DocId;
 use medmesh_protocol::wire::{self, DocPayload, FeedItem, WantChanges};
@@ -12,7 +14,7 @@ use crate::error::{Result, StoreError};
 use crate::meta::{doc_key, key_doc};
 use crate::store::{Store, load_document, read_meta};
 use crate::tables::{DOCS, FEED, PEERS};
-use crate::write::PeerRecord;
+use crate::write::{PeerRecord, PeerUpdate};
 use crate::writer::Command;
 
 fn heads_bytes(heads: &[[u8; 32]]) -> ByteBuf {
@@ -64,10 +66,17 @@ impl Store {
             if theirs == meta.heads || theirs.iter().all(|h| meta.heads.contains(h)) {
                 continue;
             }
+            if meta.held {
+                // Only held bytes here: ask for what came after them.
+                behind.push(WantChanges {
+                    id: entry.id,
+                    heads: heads_bytes(&meta.heads),
+                });
+                continue;
+            }
+            let theirs: Vec<ChangeHash> = theirs.into_iter().map(ChangeHash).collect();
             let lacks = match load_document(&txn, &entry.id, &meta) {
-                Ok(doc) => theirs
-                    .iter()
-                    .any(|h| doc.get_change_by_hash(&ChangeHash(*h)).is_none()),
+                Ok(doc) => !doc.get_missing_deps(&theirs).is_empty(),
                 Err(err) => {
                     tracing::warn!(doc = %entry.id, error = %err, "asking a peer for a damaged document again");
                     true
@@ -92,12 +101,25 @@ impl Store {
     ) -> Result<Vec<DocPayload>> {
         let txn = self.read_txn()?;
         let docs = txn.open_table(DOCS)?;
+        let held = txn.open_table(HELD)?;
+        let held_bytes = |id: &DocId| -> Result<Option<Vec<u8>>> {
+            Ok(held
+                .get(doc_key(id))?
+                .and_then(|v| HeldDoc::decode(v.value()))
+                .map(|h| h.joined()))
+        };
         let mut out = Vec::with_capacity(whole.len() + changes.len());
         for id in whole {
             let Some(meta) = read_meta(&txn, id)? else {
                 continue;
             };
-            let bytes = if meta.chunks == 0 {
+            let bytes = if meta.held {
+                // Relayed as it arrived.
+                match held_bytes(id)? {
+                    Some(bytes) => bytes,
+                    None => continue,
+                }
+            } else if meta.chunks == 0 {
                 // The compacted snapshot is exactly the saved document.
                 match docs.get(doc_key(id))? {
                     Some(bytes) => bytes.value().to_vec(),
@@ -114,6 +136,7 @@ impl Store {
             };
             out.push(DocPayload {
                 id: *id,
+                heads: heads_bytes(&meta.heads),
                 collection: meta.collection,
                 bytes: ByteBuf::from(bytes),
             });
@@ -122,6 +145,17 @@ impl Store {
             let Some(meta) = read_meta(&txn, &want.id)? else {
                 continue;
             };
+            if meta.held {
+                if let Some(bytes) = held_bytes(&want.id)? {
+                    out.push(DocPayload {
+                        id: want.id,
+                        heads: heads_bytes(&meta.heads),
+                        collection: meta.collection,
+                        bytes: ByteBuf::from(bytes),
+                    });
+                }
+                continue;
+            }
             let doc = match load_document(&txn, &want.id, &meta) {
                 Ok(doc) => doc,
                 Err(err) => {
@@ -137,6 +171,7 @@ impl Store {
                 .collect();
             out.push(DocPayload {
                 id: want.id,
+                heads: heads_bytes(&meta.heads),
                 collection: meta.collection,
                 bytes: ByteBuf::from(doc.save_after(&known)),
             });
@@ -170,15 +205,37 @@ impl Store {
             .and_then(|v| serde_json::from_slice(v.value()).ok()))
     }
 
-    /// Durably stores the state kept for one peer.
-    pub async fn put_peer(&self, key: &str, record: &PeerRecord) -> Result<()> {
-        let value = serde_json::to_vec(record).map_err(|e| StoreError::Storage(e.to_string()))?;
+    /// Durably applies an update to the state kept for one peer (`key` is its peer id,
+    /// or `addr:` and an address for a peer known only by address). Only the store's
+    /// writer changes these entries, one update at a time, so a session saving its
+    /// cursor and the network saving addresses never overwrite each other.
+    pub async fn update_peer(&self, key: &str, update: PeerUpdate) -> Result<()> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::PutPeer {
+        self.send_async(Command::UpdatePeer {
             key: key.to_owned(),
-            value,
+            update,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Store::update_peer`] for threads outside an async runtime.
+    pub fn update_peer_blocking(&self, key: &str, update: PeerUpdate) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::UpdatePeer {
+            key: key.to_owned(),
+            update,
             reply,
         })?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Tries every held document again now (the writer also does so at start and when
+    /// the schema changes); answers how many merged.
+    pub fn retry_held_blocking(&self) -> Result<usize> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::RetryHeld { reply })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 }

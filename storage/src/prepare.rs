@@ -13,6 +13,15 @@ use crate::error::{Result, StoreError};
 use crate::write::{WriteBatch, WriteKind, WriteOp};
 use crate::writer::{bad_id, refused};
 
+/// Work done before the writer sees a write.
+pub(crate) enum Prepared {
+    /// A new record.
+    Create(Result<PreparedCreate>),
+    /// A whole document received from a peer: loaded and checked, or why it cannot be
+    /// (with its bytes, so that they can be held).
+    Received(std::result::Result<PreparedCreate, (Vec<u8>, String)>),
+}
+
 /// A new record, or a received document, worked out in memory: its id, document and
 /// fields (and, for a received one, its bytes).
 pub(crate) struct PreparedCreate {
@@ -92,31 +101,31 @@ pub(crate) fn prepare_creates(
     schema: &Schema,
     actor: &ActorId,
     batch: &mut WriteBatch,
-) -> Vec<Option<Result<PreparedCreate>>> {
+) -> Vec<Option<Prepared>> {
     batch
         .ops
         .iter_mut()
         .map(|op| {
-            if let (WriteKind::Merge(bytes), Some(id)) = (&mut op.kind, op.id) {
+            if let (WriteKind::Merge(received), Some(id)) = (&mut op.kind, op.id) {
                 // Only a whole saved document loads on its own; changes are merged by
                 // the writer into the document they belong to.
-                if !is_document_chunk(bytes) {
+                if !is_document_chunk(&received.bytes) {
                     return None;
                 }
-                let bytes = std::mem::take(bytes);
-                return Some(match Automerge::load(&bytes) {
-                    Ok(doc) => Ok(PreparedCreate {
+                let bytes = std::mem::take(&mut received.bytes);
+                let loaded = crate::merge::load_received(&bytes).and_then(|doc| {
+                    let record = crate::merge::check_record(&doc, &id)?;
+                    Ok((doc.get_heads(), record))
+                });
+                return Some(Prepared::Received(match loaded {
+                    Ok((heads, record)) => Ok(PreparedCreate {
                         id,
-                        record: record::read_record(&doc),
-                        heads: doc.get_heads(),
+                        record,
+                        heads,
                         raw: bytes,
                     }),
-                    Err(err) => Err(StoreError::CorruptDocument {
-                        id,
-                        collection: op.collection.clone(),
-                        reason: format!("the document received is damaged: {err}"),
-                    }),
-                });
+                    Err(reason) => Err((bytes, reason)),
+                }));
             }
             let WriteKind::Create(fields) = &mut op.kind else {
                 return None;
@@ -124,16 +133,20 @@ pub(crate) fn prepare_creates(
             let fields = std::mem::take(fields);
             let spec = match schema.collection(&op.collection) {
                 Some(spec) => spec,
-                None => return Some(Err(StoreError::UnknownCollection(op.collection.clone()))),
+                None => {
+                    return Some(Prepared::Create(Err(StoreError::UnknownCollection(
+                        op.collection.clone(),
+                    ))));
+                }
             };
-            Some(prepare_create(
+            Some(Prepared::Create(prepare_create(
                 spec,
                 actor,
                 op.id,
                 fields,
                 op.time_ms,
                 commit_options(op),
-            ))
+            )))
         })
         .collect()
 }

@@ -15,11 +15,13 @@ use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
-use crate::prepare::{actor_from_hex, prepare_creates};
+use crate::prepare::{Prepared, actor_from_hex, prepare_creates};
 use crate::slot::DbSlot;
-use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, INDEX, INFO, PEERS};
+use crate::tables::{
+    CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, HELD, INDEX, INFO, PEERS,
+};
 use crate::write::{WriteBatch, WriteOutcome};
-use crate::writer::{Command, PREPARE_OFF_WRITER, WRITE_QUEUE_CAPACITY, Writer};
+use crate::writer::{Command, PREPARE_OFF_WRITER, SchemaCell, WRITE_QUEUE_CAPACITY, Writer};
 
 /// Memory redb may use to cache pages. Bounded so that a device's memory does not grow
 /// with the number of records.
@@ -135,7 +137,7 @@ pub struct Store {
 pub(crate) struct Inner {
     db: Arc<DbSlot>,
     pub(crate) feed: tokio::sync::watch::Receiver<u64>,
-    schema: Arc<Schema>,
+    schema: Arc<SchemaCell>,
     info: StoreInfo,
     writer: std::sync::mpsc::SyncSender<Command>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
@@ -219,10 +221,24 @@ impl Store {
             other => other,
         })?;
         let db = Arc::new(db);
-        let schema = Arc::new(schema);
+        let base = Arc::new(schema);
+        // The schema in force includes the mesh's declarations, from its schema document.
+        let effective = {
+            let txn = db.get()?.begin_read()?;
+            let id = medmesh_protocol::schema::schema_doc_id();
+            match read_meta(&txn, &id)? {
+                Some(meta) if !meta.held => {
+                    let record = record::read_record(&load_document(&txn, &id, &meta)?);
+                    crate::receive::effective_schema(&base, &record)
+                }
+                _ => (*base).clone(),
+            }
+        };
+        let schema: Arc<SchemaCell> = Arc::new(std::sync::RwLock::new(Arc::new(effective)));
         let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE_CAPACITY);
         let (feed_tx, feed) = tokio::sync::watch::channel(0);
-        let writer = Writer::new(feed_tx, db.clone(), schema.clone(), &info, options)?;
+        let mut writer = Writer::new(feed_tx, db.clone(), schema.clone(), base, &info, options)?;
+        writer.reindex_stale()?;
         let handle = std::thread::Builder::new()
             .name("medmesh-store-writer".into())
             .spawn(move || writer.run(rx))
@@ -239,9 +255,14 @@ impl Store {
         })
     }
 
-    /// The schema records are checked against.
-    pub fn schema(&self) -> &Schema {
-        &self.inner.schema
+    /// The schema records are checked against: the built-in collections and those the
+    /// mesh's schema document declares (it changes when that document does).
+    pub fn schema(&self) -> Arc<Schema> {
+        self.inner
+            .schema
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
     }
 
     /// Facts about this store.
@@ -267,12 +288,29 @@ impl Store {
             .map_err(|_| StoreError::Closed)?;
         }
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Write {
+        self.send_async(Command::Write {
             batch,
             prepared,
             reply,
-        })?;
+        })
+        .await?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Hands a command to the writer from async code without blocking the runtime's
+    /// thread: when the queue is full the wait happens on a blocking thread.
+    pub(crate) async fn send_async(&self, command: Command) -> Result<()> {
+        match self.inner.writer.try_send(command) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+            Err(std::sync::mpsc::TrySendError::Full(command)) => {
+                let writer = self.inner.writer.clone();
+                tokio::task::spawn_blocking(move || writer.send(command))
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .map_err(|_| StoreError::Closed)
+            }
+        }
     }
 
     /// [`Store::write`] for threads outside an async runtime.
@@ -291,12 +329,9 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
-    fn prepare(
-        &self,
-        batch: &mut WriteBatch,
-    ) -> Vec<Option<Result<crate::prepare::PreparedCreate>>> {
+    fn prepare(&self, batch: &mut WriteBatch) -> Vec<Option<Prepared>> {
         prepare_creates(
-            &self.inner.schema,
+            &self.schema(),
             &actor_from_hex(&self.inner.info.actor),
             batch,
         )
@@ -344,7 +379,7 @@ impl Store {
         self.check_collection(collection)?;
         let txn = self.read_txn()?;
         let meta = read_meta(&txn, id)?
-            .filter(|m| m.collection == collection)
+            .filter(|m| m.collection == collection && !m.held)
             .ok_or_else(|| StoreError::NotFound {
                 collection: collection.to_owned(),
                 id: *id,
@@ -356,7 +391,7 @@ impl Store {
     /// Whether a record exists in `collection` (deleted or not), without loading it.
     pub fn exists(&self, collection: &str, id: &DocId) -> Result<bool> {
         let txn = self.read_txn()?;
-        Ok(read_meta(&txn, id)?.is_some_and(|m| m.collection == collection))
+        Ok(read_meta(&txn, id)?.is_some_and(|m| m.collection == collection && !m.held))
     }
 
     /// Loads the Automerge document of one record (for history and conflicts).
@@ -364,7 +399,7 @@ impl Store {
         self.check_collection(collection)?;
         let txn = self.read_txn()?;
         let meta = read_meta(&txn, id)?
-            .filter(|m| m.collection == collection)
+            .filter(|m| m.collection == collection && !m.held)
             .ok_or_else(|| StoreError::NotFound {
                 collection: collection.to_owned(),
                 id: *id,
@@ -373,7 +408,7 @@ impl Store {
     }
 
     fn check_collection(&self, collection: &str) -> Result<()> {
-        match self.inner.schema.collection(collection) {
+        match self.schema().collection(collection) {
             Some(_) => Ok(()),
             None => Err(StoreError::UnknownCollection(collection.to_owned())),
         }
@@ -381,9 +416,8 @@ impl Store {
 
     /// Lists records of a collection, optionally filtered on indexed fields.
     pub fn list(&self, query: &Query) -> Result<Page> {
-        let spec = self
-            .inner
-            .schema
+        let schema = self.schema();
+        let spec = schema
             .collection(&query.collection)
             .ok_or_else(|| StoreError::UnknownCollection(query.collection.clone()))?;
         let limit = query.limit.max(1);
@@ -460,7 +494,7 @@ impl Store {
             let Some(meta) = read_meta(&txn, &id)? else {
                 continue;
             };
-            if meta.deleted && !query.include_deleted {
+            if (meta.deleted && !query.include_deleted) || meta.held {
                 continue;
             }
             let doc = match load_document(&txn, &id, &meta) {
@@ -504,6 +538,10 @@ impl Store {
             let id = key_doc(id.value());
             let record = match read_meta(&txn, &id)? {
                 None => Err(format!("record {id} has no metadata")),
+                Some(meta) if meta.held => Err(format!(
+                    "record {id} of {} arrived from a peer but could not be merged; it is held (see /v1/status)",
+                    meta.collection
+                )),
                 Some(meta) => load_document(&txn, &id, &meta)
                     .map(|doc| view(id, meta, &doc))
                     .map_err(|e| e.to_string()),
@@ -562,7 +600,10 @@ fn open_file(path: &Path) -> Result<Database> {
             .create(path)
     });
     match opened {
-        Ok(Ok(db)) => Ok(db),
+        Ok(Ok(db)) => {
+            restrict_permissions(path);
+            Ok(db)
+        }
         Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(StoreError::Open {
             path: display,
             reason: "another medmesh node is already using it; stop that node first, or give this one another --data directory".into(),
@@ -703,7 +744,21 @@ fn for_each_table(txn: &redb::WriteTransaction) -> Result<()> {
     txn.open_table(INDEX)?;
     txn.open_table(COUNTS)?;
     txn.open_table(PEERS)?;
+    txn.open_table(HELD)?;
     Ok(())
+}
+
+/// The database file is readable by its owner only.
+fn restrict_permissions(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(err) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            tracing::warn!(path = %path.display(), error = %err, "cannot make the database file private to its owner");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 pub(crate) fn read_meta(txn: &ReadTransaction, id: &DocId) -> Result<Option<DocMeta>> {

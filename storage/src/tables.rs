@@ -32,5 +32,10 @@ pub const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info-1");
 /// [`crate::PeerRecord`]).
 pub const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers-1");
 
+/// Document id → a document received from a peer that could not be merged here
+/// ([`crate::HeldDoc`], CBOR): the bytes as received, why, from whom. Retried when the
+/// cause may have gone (a schema change, a restart, new changes of the same document).
+pub const HELD: TableDefinition<u128, &[u8]> = TableDefinition::new("held-1");
+
 /// The format version written in [`INFO`] under `format`.
 pub const FORMAT_VERSION: u32 = 1;

@@ -101,6 +101,7 @@ impl Staged {
             record,
             changed: true,
             seq: 0,
+            held: None,
         }
     }
 }

@@ -17,9 +17,13 @@ pub enum WriteKind {
     /// Soft delete: sets `deleted_at`; the record stays as a tombstone.
     Delete,
     /// Merges Automerge changes or a saved document received from elsewhere (another
-    /// node), creating the record if it is new here. Never refused for the schema: a
-    /// merge must not lose what another device wrote.
-    Merge(Vec<u8>),
+    /// node), creating the record if it is new here. Never refused for the schema (a
+    /// merge must not lose what another device wrote), stored even when its collection
+    /// is not known here yet. What cannot be merged at all (damaged bytes, an Automerge
+    /// refusal, a record whose `id` or collection disagrees with its key, nesting deeper
+    /// than [`crate::MAX_RECORD_DEPTH`]) is kept as received in the held table, with the
+    /// reason, and retried later: the outcome says so in [`WriteOutcome::held`].
+    Merge(Received),
     /// Creates the record, if it does not exist yet, from a **deterministic first
     /// change**: the same actor (derived from the id), time and content on every
     /// device. Two devices that create the same record while apart (a stock item keyed by
@@ -38,6 +42,27 @@ pub enum WriteKind {
         /// The amount.
         by: i64,
     },
+}
+
+/// Automerge bytes received from another node, with what the sender said about them.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    /// A saved document, or changes.
+    pub bytes: Vec<u8>,
+    /// The heads the sender had after these bytes (empty when not known). A document
+    /// held here is offered to other peers under these heads.
+    pub heads: Vec<[u8; 32]>,
+    /// The peer it came from, for the held table and the logs.
+    pub from: Option<String>,
+}
+
+impl From<Vec<u8>> for Received {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self {
+            bytes,
+            ..Self::default()
+        }
+    }
 }
 
 /// One write to one record, as one Automerge change.
@@ -100,6 +125,79 @@ pub struct WriteOutcome {
     pub changed: bool,
     /// The record's position in the local feed.
     pub seq: u64,
+    /// For a merge that could not be applied: why. The bytes are kept in the held table
+    /// and retried; nothing of them is lost.
+    pub held: Option<String>,
+}
+
+/// A change to what the node keeps about one peer. The store's writer applies it to the
+/// stored entry, so the parts that different tasks maintain (a session its cursor, the
+/// network its addresses) never overwrite each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerUpdate {
+    /// The peer's feed is durably stored here up to `seq` of `epoch`.
+    Cursor {
+        /// The feed epoch.
+        epoch: String,
+        /// The position.
+        seq: u64,
+        /// When this node last held everything of the peer's feed, if it does now.
+        synced_ms: Option<i64>,
+    },
+    /// The peer was connected just now at these addresses (merged with those known).
+    Seen {
+        /// Addresses (multiaddrs, as text).
+        addrs: Vec<String>,
+        /// When.
+        at_ms: i64,
+    },
+    /// An address added by hand (`--peer`, the API, an invite): dialed at every start.
+    Pin {
+        /// The address.
+        addr: String,
+    },
+    /// Forget the peer entirely.
+    Forget,
+}
+
+/// Addresses kept per peer at most (the newest win).
+pub const MAX_PEER_ADDRS: usize = 8;
+
+impl PeerRecord {
+    /// Applies an update; `None` when the entry is to be removed.
+    pub fn apply(mut self, update: &PeerUpdate) -> Option<Self> {
+        match update {
+            PeerUpdate::Cursor {
+                epoch,
+                seq,
+                synced_ms,
+            } => {
+                self.cursor_epoch = Some(epoch.clone());
+                self.cursor_seq = *seq;
+                if synced_ms.is_some() {
+                    self.last_sync_ms = *synced_ms;
+                }
+            }
+            PeerUpdate::Seen { addrs, at_ms } => {
+                for addr in addrs {
+                    self.addrs.retain(|a| a != addr);
+                    self.addrs.push(addr.clone());
+                }
+                let excess = self.addrs.len().saturating_sub(MAX_PEER_ADDRS);
+                self.addrs.drain(..excess);
+                self.last_seen_ms = Some(*at_ms);
+            }
+            PeerUpdate::Pin { addr } => {
+                if !self.addrs.contains(addr) {
+                    self.addrs.push(addr.clone());
+                }
+                self.pinned = true;
+            }
+            PeerUpdate::Forget => return None,
+        }
+        Some(self)
+    }
 }
 
 /// What the node keeps about one peer.

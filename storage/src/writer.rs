@@ -11,17 +11,18 @@
 //! entries written. A refused write therefore changes nothing, and a failed commit drops
 //! the loaded documents so that memory never holds what the disk does not.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, ROOT, ReadDoc};
 use lru::LruCache;
 use medmesh_protocol::record::{self, Fields};
-use medmesh_protocol::schema::index_value;
+use medmesh_protocol::schema::{index_value, schema_doc_id};
 use medmesh_protocol::{CollectionSpec, DocId, RecordError, Schema, SchemaError};
 use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use serde_json::Value;
@@ -29,12 +30,16 @@ use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
-use crate::prepare::{PreparedCreate, actor_from_hex, commit_options, prepare_create};
+use crate::prepare::{Prepared, actor_from_hex, commit_options, prepare_create};
 use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
-use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, INDEX, INFO, PEERS};
+use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, PEERS};
 use crate::working::{CACHEABLE_BATCH, Staged, Working};
-use crate::write::{WriteBatch, WriteKind, WriteOp, WriteOutcome};
+use crate::write::{PeerRecord, PeerUpdate, WriteBatch, WriteKind, WriteOp, WriteOutcome};
+
+/// The schema in force: the built-in collections and the mesh's declarations. Written
+/// only by the writer (when the schema document changes), read by everyone.
+pub(crate) type SchemaCell = RwLock<Arc<Schema>>;
 
 /// Batches with at least this many creates have their documents worked out by the
 /// caller's thread, so that two cores share an import.
@@ -57,7 +62,7 @@ pub(crate) enum Command {
     Write {
         batch: WriteBatch,
         /// Creates already worked out by the caller, aligned with the batch's writes.
-        prepared: Vec<Option<Result<PreparedCreate>>>,
+        prepared: Vec<Option<Prepared>>,
         reply: WriteReply,
     },
     PutInfo {
@@ -65,12 +70,15 @@ pub(crate) enum Command {
         value: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
     },
-    PutPeer {
+    UpdatePeer {
         key: String,
-        value: Vec<u8>,
+        update: PeerUpdate,
         reply: oneshot::Sender<Result<()>>,
     },
     CompactAll {
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    RetryHeld {
         reply: oneshot::Sender<Result<usize>>,
     },
     Evict {
@@ -80,32 +88,43 @@ pub(crate) enum Command {
 }
 
 pub(crate) struct Writer {
-    db: Arc<DbSlot>,
+    pub(crate) db: Arc<DbSlot>,
     /// Tells subscribers the newest feed position after each commit.
     feed: tokio::sync::watch::Sender<u64>,
     /// A write failed at the storage level: reopen the database before the next one.
     needs_reopen: bool,
-    schema: Arc<Schema>,
-    actor: ActorId,
-    cache: LruCache<DocId, Automerge>,
-    next_seq: u64,
+    /// The schema in force (this writer is its only writer).
+    pub(crate) schema: Arc<SchemaCell>,
+    /// The built-in collections (and those of a local schema file kept from older
+    /// versions), to which the mesh's declarations are added.
+    pub(crate) base_schema: Arc<Schema>,
+    pub(crate) actor: ActorId,
+    pub(crate) cache: LruCache<DocId, Automerge>,
+    pub(crate) next_seq: u64,
     compact_after: u32,
     to_compact: BTreeSet<DocId>,
+    /// Documents whose merge made Automerge fail: held on arrival from now on.
+    pub(crate) poisoned: HashSet<DocId>,
+    /// The schema document changed in the transaction being written.
+    pub(crate) schema_touched: bool,
+    /// Held documents are to be retried when the writer is next idle.
+    pub(crate) retry_due: bool,
 }
 
-struct Tables<'txn> {
-    docs: Table<'txn, u128, &'static [u8]>,
-    chunks: Table<'txn, (u128, u32), &'static [u8]>,
-    meta: Table<'txn, u128, &'static [u8]>,
-    feed: Table<'txn, u64, u128>,
-    index: Table<'txn, &'static [u8], ()>,
+pub(crate) struct Tables<'txn> {
+    pub(crate) docs: Table<'txn, u128, &'static [u8]>,
+    pub(crate) chunks: Table<'txn, (u128, u32), &'static [u8]>,
+    pub(crate) meta: Table<'txn, u128, &'static [u8]>,
+    pub(crate) feed: Table<'txn, u64, u128>,
+    pub(crate) index: Table<'txn, &'static [u8], ()>,
     counts: Table<'txn, &'static str, u64>,
-    info: Table<'txn, &'static str, &'static [u8]>,
+    pub(crate) info: Table<'txn, &'static str, &'static [u8]>,
     peers: Table<'txn, &'static str, &'static [u8]>,
+    pub(crate) held: Table<'txn, u128, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
-    fn open(txn: &'txn WriteTransaction) -> Result<Self> {
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Self> {
         Ok(Self {
             docs: txn.open_table(DOCS)?,
             chunks: txn.open_table(CHUNKS)?,
@@ -115,10 +134,11 @@ impl<'txn> Tables<'txn> {
             counts: txn.open_table(COUNTS)?,
             info: txn.open_table(INFO)?,
             peers: txn.open_table(PEERS)?,
+            held: txn.open_table(HELD)?,
         })
     }
 
-    fn meta_of(&self, id: &DocId) -> Result<Option<DocMeta>> {
+    pub(crate) fn meta_of(&self, id: &DocId) -> Result<Option<DocMeta>> {
         match self.meta.get(doc_key(id))? {
             None => Ok(None),
             Some(bytes) => DocMeta::decode(bytes.value()).map(Some).ok_or_else(|| {
@@ -136,7 +156,8 @@ impl Writer {
     pub(crate) fn new(
         feed: tokio::sync::watch::Sender<u64>,
         db: Arc<DbSlot>,
-        schema: Arc<Schema>,
+        schema: Arc<SchemaCell>,
+        base_schema: Arc<Schema>,
         info: &StoreInfo,
         options: StoreOptions,
     ) -> Result<Self> {
@@ -151,6 +172,7 @@ impl Writer {
             db,
             needs_reopen: false,
             schema,
+            base_schema,
             actor: actor_from_hex(&info.actor),
             cache: LruCache::new(
                 NonZeroUsize::new(options.doc_cache.max(1)).unwrap_or(NonZeroUsize::MIN),
@@ -158,12 +180,52 @@ impl Writer {
             next_seq,
             compact_after: options.compact_after_chunks.max(1),
             to_compact: BTreeSet::new(),
+            poisoned: HashSet::new(),
+            schema_touched: false,
+            // Whatever was held may merge now: this is a new start (perhaps of a newer
+            // medmesh).
+            retry_due: true,
         })
     }
 
+    /// The schema in force.
+    pub(crate) fn current_schema(&self) -> Arc<Schema> {
+        self.schema
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Serves commands until shutdown. A failure inside (a bug: the writer never panics
+    /// on purpose) drops the writes in progress, says so, and serves on with a clean
+    /// state: the writer restarts rather than leaving the node unable to write.
     pub(crate) fn run(mut self, rx: Receiver<Command>) {
         loop {
-            let first = if self.to_compact.is_empty() {
+            match catch_unwind(AssertUnwindSafe(|| self.serve(&rx))) {
+                Ok(()) => return,
+                Err(_) => {
+                    tracing::error!(
+                        "the store's writer failed while applying writes and was restarted; the writes in progress were not saved and their senders were told so"
+                    );
+                    self.cache.clear();
+                    self.needs_reopen = true;
+                    self.schema_touched = false;
+                    match self.read_next_seq() {
+                        Ok(next) => self.next_seq = next,
+                        Err(err) => {
+                            tracing::error!(error = %err, "the store cannot be read after the writer failed; stopping it");
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn serve(&mut self, rx: &Receiver<Command>) {
+        loop {
+            let idle_work = !self.to_compact.is_empty() || self.retry_due;
+            let first = if !idle_work {
                 match rx.recv() {
                     Ok(command) => command,
                     Err(_) => return,
@@ -172,7 +234,12 @@ impl Writer {
                 match rx.recv_timeout(IDLE_BEFORE_COMPACTION) {
                     Ok(command) => command,
                     Err(RecvTimeoutError::Timeout) => {
-                        if let Err(err) = self.compact_some(COMPACTIONS_PER_COMMIT) {
+                        if self.retry_due {
+                            self.retry_due = false;
+                            if let Err(err) = self.retry_held() {
+                                tracing::warn!(error = %err, "retrying held documents failed; will retry at the next start or schema change");
+                            }
+                        } else if let Err(err) = self.compact_some(COMPACTIONS_PER_COMMIT) {
                             tracing::warn!(error = %err, "background compaction failed; will retry");
                         }
                         continue;
@@ -206,6 +273,9 @@ impl Writer {
                 Command::CompactAll { reply } => {
                     let _ = reply.send(self.compact_all());
                 }
+                Command::RetryHeld { reply } => {
+                    let _ = reply.send(self.retry_held());
+                }
                 other => writes.push(other),
             }
         }
@@ -215,7 +285,7 @@ impl Writer {
         shutdown
     }
 
-    fn commit_writes(&mut self, commands: Vec<Command>) {
+    pub(crate) fn commit_writes(&mut self, commands: Vec<Command>) {
         let first_seq = self.next_seq;
         let mut replies = Vec::with_capacity(commands.len());
         let mut pending = Vec::with_capacity(commands.len());
@@ -233,8 +303,8 @@ impl Writer {
                     pending.push(Pending::Info(key, value));
                     replies.push(Reply::Info(reply));
                 }
-                Command::PutPeer { key, value, reply } => {
-                    pending.push(Pending::Peer(key, value));
+                Command::UpdatePeer { key, update, reply } => {
+                    pending.push(Pending::Peer(key, update));
                     replies.push(Reply::Info(reply));
                 }
                 _ => {}
@@ -245,6 +315,9 @@ impl Writer {
             Ok(()) => {
                 if self.next_seq != first_seq {
                     self.feed.send_replace(self.next_seq - 1);
+                }
+                if std::mem::take(&mut self.schema_touched) {
+                    self.reload_schema();
                 }
                 for id in staged.order {
                     if let Some(working) = staged.docs.remove(&id)
@@ -264,6 +337,7 @@ impl Writer {
                 // (the staged documents are dropped) and tell every writer.
                 self.next_seq = first_seq;
                 self.needs_reopen = true;
+                self.schema_touched = false;
                 tracing::error!(error = %err, "a write to the database failed; nothing of it was stored");
                 for reply in replies {
                     reply.send_err(&err);
@@ -297,8 +371,22 @@ impl Writer {
                     Pending::Info(key, value) => {
                         tables.info.insert(key.as_str(), value.as_slice())?;
                     }
-                    Pending::Peer(key, value) => {
-                        tables.peers.insert(key.as_str(), value.as_slice())?;
+                    Pending::Peer(key, update) => {
+                        let old = match tables.peers.get(key.as_str())? {
+                            Some(bytes) => serde_json::from_slice::<PeerRecord>(bytes.value())
+                                .unwrap_or_default(),
+                            None => PeerRecord::default(),
+                        };
+                        match old.apply(&update) {
+                            Some(record) => {
+                                let value = serde_json::to_vec(&record)
+                                    .map_err(|e| StoreError::Storage(e.to_string()))?;
+                                tables.peers.insert(key.as_str(), value.as_slice())?;
+                            }
+                            None => {
+                                tables.peers.remove(key.as_str())?;
+                            }
+                        }
                     }
                 }
             }
@@ -314,7 +402,7 @@ impl Writer {
         tables: &mut Tables<'_>,
         staged: &mut Staged,
         batch: WriteBatch,
-        prepared: Vec<Option<Result<PreparedCreate>>>,
+        prepared: Vec<Option<Prepared>>,
     ) -> Result<Result<Vec<Result<WriteOutcome>>>> {
         let mut batch_docs = Staged::default();
         let cacheable = batch.ops.len() <= CACHEABLE_BATCH;
@@ -339,6 +427,9 @@ impl Writer {
                 && let Some(seq) = self.store_doc(tables, id, working)?
             {
                 seqs.insert(*id, seq);
+                if *id == schema_doc_id() {
+                    self.schema_touched = true;
+                }
             }
         }
         for (id, working) in batch_docs.docs {
@@ -365,7 +456,7 @@ impl Writer {
 
     /// Brings a document into `batch` (from this batch, this transaction, the cache, or
     /// the tables); `None` when it does not exist.
-    fn load_working(
+    pub(crate) fn load_working(
         &mut self,
         tables: &Tables<'_>,
         staged: &mut Staged,
@@ -392,6 +483,10 @@ impl Writer {
         let Some(old_meta) = tables.meta_of(id)? else {
             return Ok(false);
         };
+        if old_meta.held {
+            // Only held bytes: nothing here to read or change.
+            return Ok(false);
+        }
         let mut doc = match self.cache.pop(id) {
             Some(doc) => doc,
             None => load_from_tables(&tables.docs, &tables.chunks, id, &old_meta.collection)?,
@@ -420,77 +515,43 @@ impl Writer {
         staged: &mut Staged,
         batch: &mut Staged,
         op: WriteOp,
-        prepared: Option<Result<PreparedCreate>>,
+        prepared: Option<Prepared>,
     ) -> Result<WriteOutcome> {
-        let schema = self.schema.clone();
+        if let WriteKind::Merge(received) = op.kind {
+            let prepared = match prepared {
+                Some(Prepared::Received(result)) => Some(result),
+                _ => None,
+            };
+            return self.apply_merge(
+                tables,
+                staged,
+                batch,
+                op.collection,
+                op.id,
+                received,
+                prepared,
+            );
+        }
+        let prepared = match prepared {
+            Some(Prepared::Create(result)) => Some(result),
+            _ => None,
+        };
+        let schema = self.current_schema();
         let spec = schema
             .collection(&op.collection)
             .ok_or_else(|| StoreError::UnknownCollection(op.collection.clone()))?;
         let now = Value::String(record::format_timestamp(op.time_ms));
         let options = commit_options(&op);
         match op.kind {
-            WriteKind::Merge(bytes) => {
-                let id = op
-                    .id
-                    .ok_or_else(|| StoreError::BadQuery("a merge needs the record's id".into()))?;
-                let damaged = |reason: String| StoreError::CorruptDocument {
-                    id,
-                    collection: op.collection.clone(),
-                    reason: format!("the changes received could not be merged: {reason}"),
-                };
-                // A prepared merge carries the bytes and, already loaded, the document.
-                let (bytes, loaded) = match prepared {
-                    Some(Ok(p)) => (p.raw.clone(), Some(p)),
-                    Some(Err(err)) => return Err(err),
-                    None => (bytes, None),
-                };
-                if self.load_working(tables, staged, batch, &id)? {
-                    let working = batch
-                        .docs
-                        .get_mut(&id)
-                        .ok_or_else(|| damaged("lost".into()))?;
-                    if working.collection != op.collection {
-                        return Err(StoreError::BadQuery(format!(
-                            "record {id} belongs to {}, not {}",
-                            working.collection, op.collection
-                        )));
-                    }
-                    // Merge into a copy, so that damaged bytes leave the document as it was.
-                    let doc = working.doc_mut(&id)?;
-                    let mut merged = doc.clone();
-                    merged
-                        .load_incremental(&bytes)
-                        .map_err(|e| damaged(e.to_string()))?;
-                    let changed = merged.get_heads() != doc.get_heads();
-                    *doc = merged;
-                    let record = record::read_record(&*doc);
-                    working.record = Some(record.clone());
-                    Ok(WriteOutcome {
-                        id,
-                        record,
-                        changed,
-                        seq: 0,
-                    })
-                } else {
-                    let (heads, record) = match loaded {
-                        Some(p) => (p.heads, p.record),
-                        None => {
-                            let doc =
-                                Automerge::load(&bytes).map_err(|e| damaged(e.to_string()))?;
-                            (doc.get_heads(), record::read_record(&doc))
-                        }
-                    };
-                    // What arrived loads as this document: store it as it is.
-                    Ok(batch.add_new(id, op.collection, None, heads, record, Some(bytes)))
-                }
-            }
             WriteKind::Create(fields) => {
                 let created = match prepared {
                     Some(result) => result?,
                     None => prepare_create(spec, &self.actor, op.id, fields, op.time_ms, options)?,
                 };
                 let id = created.id;
-                if self.load_working(tables, staged, batch, &id)? {
+                if self.load_working(tables, staged, batch, &id)?
+                    || tables.meta_of(&id)?.is_some_and(|m| m.held)
+                {
                     return Err(StoreError::AlreadyExists {
                         collection: op.collection,
                         id,
@@ -532,6 +593,7 @@ impl Writer {
                         record,
                         changed: false,
                         seq: 0,
+                        held: None,
                     });
                 }
                 fields.insert("id".into(), Value::String(id.to_string()));
@@ -647,6 +709,7 @@ impl Writer {
                     record,
                     changed,
                     seq: 0,
+                    held: None,
                 })
             }
         }
@@ -661,13 +724,15 @@ impl Writer {
         working: &Working,
     ) -> Result<Option<u64>> {
         let heads = working.current_heads();
-        if working.old_meta.is_some() && heads == working.old_heads {
+        // A held entry is only a placeholder: the document is stored whole over it.
+        let old_meta = working.old_meta.as_ref().filter(|m| !m.held);
+        if old_meta.is_some() && heads == working.old_heads {
             return Ok(None);
         }
-        let spec = self
-            .schema
-            .collection(&working.collection)
-            .ok_or_else(|| StoreError::UnknownCollection(working.collection.clone()))?;
+        // A document of a collection not known here (yet) is stored all the same,
+        // indexed by `updated_at` only until the schema that declares it arrives.
+        let schema = self.current_schema();
+        let spec = schema.collection(&working.collection);
         let seq = self.next_seq;
         self.next_seq += 1;
         let read;
@@ -688,7 +753,7 @@ impl Writer {
             .and_then(record::timestamp_ms)
             .unwrap_or(0);
         let key = doc_key(id);
-        let chunks = match &working.old_meta {
+        let chunks = match old_meta {
             None => {
                 match (&working.raw, &working.doc) {
                     (Some(raw), _) => tables.docs.insert(key, raw.as_slice())?,
@@ -729,18 +794,18 @@ impl Writer {
             tables.feed.remove(old.seq)?;
         }
         tables.feed.insert(seq, key)?;
-        let old_entries = match &working.old_meta {
-            Some(_) => index_entries(spec, id, &working.old_record),
+        let old_entries = match old_meta {
+            Some(_) => index_entries(&working.collection, spec, id, &working.old_record),
             None => BTreeSet::new(),
         };
-        let new_entries = index_entries(spec, id, record);
+        let new_entries = index_entries(&working.collection, spec, id, record);
         for stale in old_entries.difference(&new_entries) {
             tables.index.remove(stale.as_slice())?;
         }
         for fresh in new_entries.difference(&old_entries) {
             tables.index.insert(fresh.as_slice(), ())?;
         }
-        let was_live = working.old_meta.as_ref().is_some_and(|m| !m.deleted);
+        let was_live = old_meta.is_some_and(|m| !m.deleted);
         if was_live == deleted {
             let current = tables
                 .counts
@@ -758,6 +823,7 @@ impl Writer {
             seq,
             updated_ms,
             deleted,
+            held: false,
             chunks,
             heads: heads.iter().map(|h| h.0).collect(),
         };
@@ -765,7 +831,7 @@ impl Writer {
         Ok(Some(seq))
     }
 
-    fn read_next_seq(&self) -> Result<u64> {
+    pub(crate) fn read_next_seq(&self) -> Result<u64> {
         let txn = self.db.get()?.begin_read()?;
         let feed = txn.open_table(FEED)?;
         Ok(feed.last()?.map_or(0, |(k, _)| k.value()) + 1)
@@ -804,7 +870,7 @@ impl Writer {
                 let Some(mut meta) = tables.meta_of(id)? else {
                     continue;
                 };
-                if meta.chunks == 0 {
+                if meta.chunks == 0 || meta.held {
                     continue;
                 }
                 let doc = match self.cache.get(id) {
@@ -844,9 +910,9 @@ impl Writer {
 const KEPT_ON_REPLACE: &[&str] = &["id", "created_at", "updated_at", "deleted_at", "is_deleted"];
 
 enum Pending {
-    Write(WriteBatch, Vec<Option<Result<PreparedCreate>>>),
+    Write(WriteBatch, Vec<Option<Prepared>>),
     Info(String, Vec<u8>),
-    Peer(String, Vec<u8>),
+    Peer(String, PeerUpdate),
 }
 
 enum Reply {
@@ -925,22 +991,29 @@ fn check_same_id(spec: &CollectionSpec, fields: &mut Fields, id: &DocId) -> Resu
     }
 }
 
-fn index_entries(spec: &CollectionSpec, id: &DocId, record: &Fields) -> BTreeSet<Vec<u8>> {
+/// The index entries of a record: `updated_at` always, the schema's indexed fields when
+/// its collection is known.
+pub(crate) fn index_entries(
+    collection: &str,
+    spec: Option<&CollectionSpec>,
+    id: &DocId,
+    record: &Fields,
+) -> BTreeSet<Vec<u8>> {
     let mut out = BTreeSet::new();
     let updated = record
         .get("updated_at")
         .and_then(record::timestamp_ms)
         .unwrap_or(0);
     out.insert(index_key(
-        &spec.name,
+        collection,
         meta::UPDATED_AT,
         &updated_value(updated),
         id,
     ));
-    for field in spec.indexed_fields() {
+    for field in spec.iter().flat_map(|spec| spec.indexed_fields()) {
         let Some(kind) = field.index else { continue };
         if let Some(value) = record.get(&field.name).and_then(|v| index_value(v, kind)) {
-            out.insert(index_key(&spec.name, &field.name, &value, id));
+            out.insert(index_key(collection, &field.name, &value, id));
         }
     }
     out

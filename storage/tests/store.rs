@@ -556,7 +556,7 @@ fn a_record_created_and_changed_in_one_batch_is_stored_whole() {
             WriteOp::new(
                 "patients",
                 Some(DocId::new_v7()),
-                WriteKind::Merge(bytes.clone()),
+                WriteKind::Merge(bytes.clone().into()),
                 author(),
             )
         })
@@ -564,7 +564,7 @@ fn a_record_created_and_changed_in_one_batch_is_stored_whole() {
     ops.push(WriteOp::new(
         "patients",
         Some(id),
-        WriteKind::Merge(bytes.clone()),
+        WriteKind::Merge(bytes.clone().into()),
         author(),
     ));
     ops.push(WriteOp::new(
@@ -630,14 +630,14 @@ fn records_ensured_apart_merge_into_one_whose_counter_adds_up() {
     a.write_blocking(WriteBatch::one(WriteOp::new(
         "clinic_inventory",
         Some(id),
-        WriteKind::Merge(from_b),
+        WriteKind::Merge(from_b.into()),
         author(),
     )))
     .expect("merge");
     b.write_blocking(WriteBatch::one(WriteOp::new(
         "clinic_inventory",
         Some(id),
-        WriteKind::Merge(from_a),
+        WriteKind::Merge(from_a.into()),
         author(),
     )))
     .expect("merge");

@@ -29,7 +29,7 @@ fn exchange(from: &Store, to: &Store) {
             WriteOp::new(
                 &e.collection,
                 Some(e.id),
-                WriteKind::Merge(bytes),
+                WriteKind::Merge(bytes.into()),
                 Default::default(),
             )
         })

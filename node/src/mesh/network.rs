@@ -15,7 +15,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, noise, tcp, yamux};
 use medmesh_protocol::membership::Credential;
 use medmesh_protocol::record;
 use medmesh_protocol::sync::PROTOCOL_VERSION;
-use medmesh_storage::{PeerRecord, Store};
+use medmesh_storage::{PeerUpdate, Store};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -703,28 +703,20 @@ impl Network {
 }
 
 async fn remember_addr(store: Store, addr: Multiaddr) {
-    let record = PeerRecord {
-        addrs: vec![addr.to_string()],
-        pinned: true,
-        ..PeerRecord::default()
+    let update = PeerUpdate::Pin {
+        addr: addr.to_string(),
     };
-    if let Err(err) = store.put_peer(&format!("addr:{addr}"), &record).await {
+    if let Err(err) = store.update_peer(&format!("addr:{addr}"), update).await {
         tracing::warn!(%addr, error = %err, "cannot remember the peer address");
     }
 }
 
 async fn save_peer_seen(store: Store, peer: PeerId, addrs: Vec<String>) {
-    let key = peer.to_string();
-    let reader = store.clone();
-    let mut record = tokio::task::spawn_blocking(move || reader.peer(&key))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .flatten()
-        .unwrap_or_default();
-    record.addrs = addrs;
-    record.last_seen_ms = Some(now_ms());
-    if let Err(err) = store.put_peer(&peer.to_string(), &record).await {
+    let update = PeerUpdate::Seen {
+        addrs,
+        at_ms: now_ms(),
+    };
+    if let Err(err) = store.update_peer(&peer.to_string(), update).await {
         tracing::warn!(%peer, error = %err, "cannot remember the peer");
     }
 }

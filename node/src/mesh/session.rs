@@ -9,7 +9,7 @@ use medmesh_protocol::membership::Credential;
 use medmesh_protocol::record;
 use medmesh_protocol::sync::{Cursor, Input, Output, Session, SessionConfig};
 use medmesh_protocol::wire::{self, FrameDecoder};
-use medmesh_storage::{PeerRecord, Store, WriteBatch, WriteKind, WriteOp};
+use medmesh_storage::{PeerUpdate, Received, Store, WriteBatch, WriteKind, WriteOp, escape};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -65,7 +65,7 @@ async fn drive(
 ) -> Result<String> {
     let store = context.store.clone();
     let key = remote.clone();
-    let mut peer = tokio::task::spawn_blocking(move || store.peer(&key))
+    let peer = tokio::task::spawn_blocking(move || store.peer(&key))
         .await
         .context("reading the peer's state was interrupted")??
         .unwrap_or_default();
@@ -100,7 +100,6 @@ async fn drive(
         context: &context,
         remote: &remote,
         frames,
-        peer: &mut peer,
         storing: tokio::task::JoinSet::new(),
     };
     update_status(&context.status, &remote, |v| {
@@ -190,7 +189,6 @@ struct Driver<'a> {
     context: &'a SessionContext,
     remote: &'a str,
     frames: mpsc::Sender<Vec<u8>>,
-    peer: &'a mut PeerRecord,
     /// Batches of received documents being stored; each answers its request number.
     storing: tokio::task::JoinSet<Result<u64>>,
 }
@@ -253,16 +251,21 @@ impl Driver<'_> {
                         }
                     }
                     let store = self.context.store.clone();
-                    self.storing.spawn(store_docs(store, req, docs));
+                    self.storing
+                        .spawn(store_docs(store, req, docs, self.remote.to_owned()));
                     None
                 }
                 Output::SaveCursor(cursor) => {
-                    self.peer.cursor_epoch = Some(cursor.epoch);
-                    self.peer.cursor_seq = cursor.seq;
-                    self.peer.last_sync_ms = Some(now_ms() as i64);
                     self.context
                         .store
-                        .put_peer(self.remote, self.peer)
+                        .update_peer(
+                            self.remote,
+                            PeerUpdate::Cursor {
+                                epoch: cursor.epoch,
+                                seq: cursor.seq,
+                                synced_ms: Some(now_ms() as i64),
+                            },
+                        )
                         .await
                         .context("saving the sync position failed")?;
                     None
@@ -285,19 +288,28 @@ impl Driver<'_> {
 }
 
 /// Merges documents from the peer; answers the request they answered.
+/// Every document is stored, or held with its reason (the store keeps what cannot be
+/// merged); anything else fails the batch, so the cursor never passes a document that
+/// is in neither state.
 async fn store_docs(
     store: Store,
     req: u64,
     docs: Vec<medmesh_protocol::wire::DocPayload>,
+    from: String,
 ) -> Result<u64> {
     let count = docs.len();
     let ops = docs
         .into_iter()
         .map(|doc| {
+            let heads = wire::split_heads(&doc.heads).unwrap_or_default();
             WriteOp::new(
                 &doc.collection,
                 Some(doc.id),
-                WriteKind::Merge(doc.bytes.into_vec()),
+                WriteKind::Merge(Received {
+                    bytes: doc.bytes.into_vec(),
+                    heads,
+                    from: Some(from.clone()),
+                }),
                 Default::default(),
             )
         })
@@ -306,10 +318,24 @@ async fn store_docs(
         .write(WriteBatch { ops, atomic: false })
         .await
         .context("storing documents from the peer failed")?;
+    let mut held = 0;
     for result in results {
-        if let Err(err) = result {
-            tracing::warn!(error = %err, "a document from the peer could not be merged; it is skipped");
+        match result {
+            Ok(outcome) if outcome.held.is_some() => held += 1,
+            Ok(_) => {}
+            Err(err) => {
+                return Err(anyhow!(
+                    "a document from the peer could not be stored or kept: {}; the sync will resume from the last stored position",
+                    escape(&err.to_string())
+                ));
+            }
         }
+    }
+    if held > 0 {
+        tracing::warn!(
+            held,
+            "documents from the peer could not be merged; they are kept aside and shown in `medmesh status`"
+        );
     }
     tracing::debug!(req, count, "stored documents from the peer");
     Ok(req)

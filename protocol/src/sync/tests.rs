@@ -184,7 +184,8 @@ fn message() -> impl Strategy<Value = Message> {
                     .map(|(id, bytes)| DocPayload {
                         id,
                         collection: "visits".into(),
-                        bytes
+                        bytes,
+                        heads: ByteBuf::new(),
                     })
                     .collect(),
                 done
@@ -196,6 +197,7 @@ fn message() -> impl Strategy<Value = Message> {
                 collection: "x".into(),
                 total,
                 bytes,
+                heads: ByteBuf::new(),
             }
         }),
         any::<u64>().prop_map(|upto| Message::Ack { upto }),

@@ -1,0 +1,540 @@
+//! The writer's side of receiving: merging documents from peers (or holding them), the
+//! retry of held documents, and the schema that follows the mesh's schema document.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::schema::{declarations_in_record, schema_doc_id};
+use medmesh_protocol::{DocId, Schema};
+use redb::ReadableDatabase;
+use redb::ReadableTable;
+use serde_bytes::ByteBuf;
+use tokio::sync::oneshot;
+
+use crate::error::{Result, StoreError};
+use crate::held::{HeldDoc, MAX_HELD_BYTES, MAX_HELD_PAYLOADS};
+use crate::merge::{acceptable_collection, check_record, escape, load_received, merge_into};
+use crate::meta::{DocMeta, doc_key, index_prefix, key_doc};
+use crate::prepare::PreparedCreate;
+use crate::store::load_from_tables;
+use crate::tables::HELD;
+use crate::working::Staged;
+use crate::write::{Received, WriteBatch, WriteKind, WriteOp, WriteOutcome};
+use crate::writer::{Command, Tables, Writer, index_entries};
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// What is known about a document that is being received.
+struct Arrival {
+    id: DocId,
+    collection: String,
+    /// The bytes just received (none when retrying what is held).
+    fresh: Option<Vec<u8>>,
+    heads: Vec<[u8; 32]>,
+    from: Option<String>,
+}
+
+impl Writer {
+    /// Merges a received document (or, with no bytes, retries what is held of it);
+    /// holds it, with the reason, when it cannot be merged.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_merge(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        collection: String,
+        id: Option<DocId>,
+        received: Received,
+        prepared: Option<std::result::Result<PreparedCreate, (Vec<u8>, String)>>,
+    ) -> Result<WriteOutcome> {
+        let id = id.ok_or_else(|| StoreError::BadQuery("a merge needs the record's id".into()))?;
+        if !acceptable_collection(&collection) {
+            return Err(StoreError::BadQuery(format!(
+                "record {id} names a collection that is not valid ({})",
+                escape(&collection)
+            )));
+        }
+        let Received { bytes, heads, from } = received;
+        // Whole documents may have been loaded (and their bytes taken) off the writer.
+        let (fresh, loaded, early_refusal) = match prepared {
+            Some(Ok(p)) => (Some(p.raw.clone()), Some(p), None),
+            Some(Err((bytes, reason))) => (Some(bytes), None, Some(reason)),
+            None => ((!bytes.is_empty()).then_some(bytes), None, None),
+        };
+        let arrival = Arrival {
+            id,
+            collection,
+            fresh,
+            heads,
+            from,
+        };
+        let key = doc_key(&id);
+        let held = match tables.held.get(key)? {
+            Some(bytes) => HeldDoc::decode(bytes.value()),
+            None => None,
+        };
+        let meta = tables.meta_of(&id)?;
+        if arrival.fresh.is_none() && held.is_none() {
+            // Nothing to merge and nothing held (a retry of something resolved since).
+            return Ok(WriteOutcome {
+                id,
+                record: Fields::new(),
+                changed: false,
+                seq: meta.map_or(0, |m| m.seq),
+                held: None,
+            });
+        }
+        let known_as = meta
+            .as_ref()
+            .map(|m| m.collection.clone())
+            .or_else(|| held.as_ref().map(|h| h.collection.clone()));
+        if let Some(known_as) = known_as.filter(|c| *c != arrival.collection) {
+            let reason = format!(
+                "it arrived as a record of `{}`, but record {id} is a record of `{known_as}` here",
+                arrival.collection
+            );
+            return self.hold(tables, arrival, held, meta, reason);
+        }
+        if let Some(reason) = early_refusal {
+            return self.hold(tables, arrival, held, meta, reason);
+        }
+        if self.poisoned.contains(&id) {
+            let reason = "merging it made Automerge fail before; it is kept aside".to_owned();
+            return self.hold(tables, arrival, held, meta, reason);
+        }
+        let exists = meta.as_ref().is_some_and(|m| !m.held);
+        if exists {
+            self.merge_existing(tables, staged, batch, arrival, held, meta)
+        } else {
+            self.merge_new(tables, batch, arrival, held, meta, loaded)
+        }
+    }
+
+    /// Merges into a document stored here: what is held of it first, then what arrived.
+    fn merge_existing(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        arrival: Arrival,
+        held: Option<HeldDoc>,
+        meta: Option<DocMeta>,
+    ) -> Result<WriteOutcome> {
+        let id = arrival.id;
+        if !self.load_working(tables, staged, batch, &id)? {
+            return Err(StoreError::NotFound {
+                collection: arrival.collection,
+                id,
+            });
+        }
+        let working = batch
+            .docs
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::Storage(format!("record {id} was not loaded")))?;
+        let doc = working.doc_mut(&id)?;
+        let before = doc.get_heads();
+        let mut attempts: Vec<Vec<u8>> = Vec::new();
+        if let Some(held) = &held {
+            let mut all = held.joined();
+            if let Some(fresh) = &arrival.fresh {
+                all.extend_from_slice(fresh);
+            }
+            attempts.push(all);
+        }
+        if let Some(fresh) = &arrival.fresh {
+            attempts.push(fresh.clone());
+        }
+        let mut outcome = None;
+        let mut last_reason = String::new();
+        for (n, bytes) in attempts.iter().enumerate() {
+            match merge_into(doc, bytes, &id) {
+                Ok(record) => {
+                    outcome = Some((record, n == 0 && held.is_some()));
+                    break;
+                }
+                Err(reason) => last_reason = reason,
+            }
+        }
+        if doc.get_heads() != before && outcome.is_none() {
+            // merge_into undoes what it refuses; a document it could not restore must
+            // not be stored. Abort the transaction and hold the document next time.
+            self.poisoned.insert(id);
+            batch.docs.remove(&id);
+            batch.order.retain(|d| *d != id);
+            self.cache.pop(&id);
+            return Err(StoreError::Storage(format!(
+                "record {id} from a peer could not be merged and the attempt could not be undone ({last_reason}); nothing of this batch was saved, and the record will be held when it arrives again"
+            )));
+        }
+        match outcome {
+            Some((record, held_resolved)) => {
+                let changed = doc.get_heads() != before;
+                working.record = Some(record.clone());
+                if held_resolved || (held.is_some() && arrival.fresh.is_none()) {
+                    tables.held.remove(doc_key(&id))?;
+                    tracing::info!(doc = %id, "a held document merged at last; it is no longer held");
+                }
+                Ok(WriteOutcome {
+                    id,
+                    record,
+                    changed,
+                    seq: 0,
+                    held: None,
+                })
+            }
+            None => self.hold(tables, arrival, held, meta, last_reason),
+        }
+    }
+
+    /// Stores a document new here (or held here so far) from what arrived and what is held.
+    fn merge_new(
+        &mut self,
+        tables: &mut Tables<'_>,
+        batch: &mut Staged,
+        arrival: Arrival,
+        held: Option<HeldDoc>,
+        meta: Option<DocMeta>,
+        loaded: Option<PreparedCreate>,
+    ) -> Result<WriteOutcome> {
+        let id = arrival.id;
+        if held.is_none()
+            && let Some(p) = loaded
+        {
+            // The common case: a whole document, loaded and checked off the writer.
+            return Ok(batch.add_new(id, arrival.collection, None, p.heads, p.record, Some(p.raw)));
+        }
+        let loaded_doc = |bytes: &[u8]| {
+            load_received(bytes).and_then(|doc| {
+                let record = check_record(&doc, &id)?;
+                Ok((doc, record))
+            })
+        };
+        let held_bytes = held.as_ref().map(HeldDoc::joined);
+        // What arrived on its own first, then together with what is held (changes that
+        // came before their document, say), then what is held alone (a retry).
+        let mut result = Err(String::from("nothing arrived"));
+        let mut held_used = false;
+        if let Some(fresh) = &arrival.fresh {
+            result = loaded_doc(fresh);
+            if result.is_err()
+                && let Some(held_bytes) = &held_bytes
+            {
+                let mut all = held_bytes.clone();
+                all.extend_from_slice(fresh);
+                if let ok @ Ok(_) = loaded_doc(&all) {
+                    result = ok;
+                    held_used = true;
+                }
+            }
+        } else if let Some(held_bytes) = &held_bytes {
+            result = loaded_doc(held_bytes);
+            held_used = true;
+        }
+        let (mut doc, mut record) = match result {
+            Ok(loaded) => loaded,
+            Err(reason) => return self.hold(tables, arrival, held, meta, reason),
+        };
+        let mut still_held = None;
+        if let (Some(held_entry), false) = (&held, held_used) {
+            // The document is here now: what was held of it may merge into it.
+            match merge_into(&mut doc, &held_entry.joined(), &id) {
+                Ok(merged) => record = merged,
+                Err(reason) => still_held = Some(reason),
+            }
+        }
+        match (&held, still_held) {
+            (Some(_), None) => {
+                tables.held.remove(doc_key(&id))?;
+                tracing::info!(doc = %id, "a held document merged at last; it is no longer held");
+            }
+            (Some(entry), Some(reason)) => {
+                let mut entry = entry.clone();
+                entry.reason = reason;
+                entry.attempts = entry.attempts.saturating_add(1);
+                entry.last_try_ms = now_ms();
+                tables
+                    .held
+                    .insert(doc_key(&id), entry.encode()?.as_slice())?;
+            }
+            (None, _) => {}
+        }
+        let heads = doc.get_heads();
+        let mut outcome = batch.add_new(id, arrival.collection, Some(doc), heads, record, None);
+        // The held placeholder's feed entry is replaced by the document's.
+        if let Some(working) = batch.docs.get_mut(&id) {
+            working.old_meta = meta;
+        }
+        outcome.changed = true;
+        Ok(outcome)
+    }
+
+    /// Keeps what arrived in the held table with the reason. A document that exists
+    /// nowhere else here is also given a feed entry under the heads its sender announced,
+    /// so that it is still relayed as it arrived.
+    fn hold(
+        &mut self,
+        tables: &mut Tables<'_>,
+        arrival: Arrival,
+        held: Option<HeldDoc>,
+        meta: Option<DocMeta>,
+        reason: String,
+    ) -> Result<WriteOutcome> {
+        let id = arrival.id;
+        let now = now_ms();
+        let mut entry = held.unwrap_or_else(|| HeldDoc {
+            collection: arrival.collection.clone(),
+            reason: String::new(),
+            from: None,
+            first_ms: now,
+            last_try_ms: now,
+            attempts: 0,
+            heads: ByteBuf::new(),
+            payloads: Vec::new(),
+        });
+        entry.reason = reason.clone();
+        entry.attempts = entry.attempts.saturating_add(1);
+        entry.last_try_ms = now;
+        if arrival.from.is_some() {
+            entry.from = arrival.from.clone();
+        }
+        if let Some(fresh) = arrival.fresh {
+            if entry.size() + fresh.len() > MAX_HELD_BYTES
+                || entry.payloads.len() >= MAX_HELD_PAYLOADS
+            {
+                return Err(StoreError::BadQuery(format!(
+                    "record {id} cannot be merged ({reason}) and as much of it as may be kept is held already; resolve the held copy first"
+                )));
+            }
+            entry.payloads.push(ByteBuf::from(fresh));
+            if !arrival.heads.is_empty() {
+                entry.heads = ByteBuf::from(arrival.heads.concat());
+            }
+        }
+        tables
+            .held
+            .insert(doc_key(&id), entry.encode()?.as_slice())?;
+        let exists = meta.as_ref().is_some_and(|m| !m.held);
+        let mut seq = meta.as_ref().map_or(0, |m| m.seq);
+        let heads: Vec<[u8; 32]> =
+            medmesh_protocol::wire::split_heads(&entry.heads).unwrap_or_default();
+        if !exists && !heads.is_empty() && meta.as_ref().is_none_or(|m| m.heads != heads) {
+            seq = self.next_seq;
+            self.next_seq += 1;
+            if let Some(old) = &meta {
+                tables.feed.remove(old.seq)?;
+            }
+            tables.feed.insert(seq, doc_key(&id))?;
+            let placeholder = DocMeta {
+                collection: entry.collection.clone(),
+                seq,
+                updated_ms: 0,
+                deleted: false,
+                held: true,
+                chunks: 0,
+                heads,
+            };
+            tables
+                .meta
+                .insert(doc_key(&id), placeholder.encode().as_slice())?;
+        }
+        tracing::warn!(
+            doc = %id,
+            collection = %escape(&entry.collection),
+            from = %entry.from.as_deref().map(escape).unwrap_or_default(),
+            reason = %escape(&reason),
+            "a document from a peer could not be merged; it is kept aside (see `medmesh status`) and will be retried"
+        );
+        Ok(WriteOutcome {
+            id,
+            record: Fields::new(),
+            changed: false,
+            seq,
+            held: Some(reason),
+        })
+    }
+
+    /// Tries every held document again; answers how many merged.
+    pub(crate) fn retry_held(&mut self) -> Result<usize> {
+        let mut held_before = 0;
+        let mut resolved = 0;
+        let mut after: Option<u128> = None;
+        loop {
+            let ids: Vec<(DocId, String)> = {
+                let txn = self.db.get()?.begin_read()?;
+                let table = txn.open_table(HELD)?;
+                let range = match after {
+                    Some(key) => table.range(key + 1..)?,
+                    None => table.range(0..)?,
+                };
+                let mut ids = Vec::new();
+                for entry in range.take(RETRIES_PER_COMMIT) {
+                    let (key, value) = entry?;
+                    let collection = HeldDoc::decode(value.value())
+                        .map(|h| h.collection)
+                        .unwrap_or_default();
+                    ids.push((key_doc(key.value()), collection));
+                }
+                ids
+            };
+            let Some((last, _)) = ids.last() else {
+                break;
+            };
+            after = Some(doc_key(last));
+            held_before += ids.len();
+            let ops = ids
+                .into_iter()
+                .map(|(id, collection)| {
+                    WriteOp::new(
+                        &collection,
+                        Some(id),
+                        WriteKind::Merge(Received::default()),
+                        Default::default(),
+                    )
+                })
+                .collect();
+            let (reply, answer) = oneshot::channel();
+            self.commit_writes(vec![Command::Write {
+                batch: WriteBatch { ops, atomic: false },
+                prepared: Vec::new(),
+                reply,
+            }]);
+            if let Ok(Ok(outcomes)) = answer.blocking_recv() {
+                resolved += outcomes
+                    .iter()
+                    .filter(|o| matches!(o, Ok(o) if o.held.is_none()))
+                    .count();
+            }
+        }
+        if held_before > 0 {
+            tracing::info!(
+                tried = held_before,
+                merged = resolved,
+                "retried the documents held from peers"
+            );
+        }
+        Ok(resolved)
+    }
+
+    /// Rebuilds the schema from the mesh's schema document, reindexes what changed, and
+    /// has held documents retried.
+    pub(crate) fn reload_schema(&mut self) {
+        if let Err(err) = self.try_reload_schema() {
+            tracing::error!(error = %err, "the mesh's schema could not be applied; it will be tried again at the next start");
+        }
+        self.retry_due = true;
+    }
+
+    fn try_reload_schema(&mut self) -> Result<()> {
+        let record = {
+            let id = schema_doc_id();
+            match self.cache.get(&id) {
+                Some(doc) => record::read_record(doc),
+                None => {
+                    let txn = self.db.get()?.begin_read()?;
+                    match crate::store::read_meta(&txn, &id)? {
+                        Some(meta) if !meta.held => {
+                            record::read_record(&crate::store::load_document(&txn, &id, &meta)?)
+                        }
+                        _ => Fields::new(),
+                    }
+                }
+            }
+        };
+        let schema = effective_schema(&self.base_schema, &record);
+        let old = self.current_schema();
+        let changed: BTreeSet<String> = schema
+            .collections()
+            .filter(|spec| !spec.builtin && old.collection(&spec.name) != Some(*spec))
+            .map(|spec| spec.name.clone())
+            .collect();
+        match self.schema.write() {
+            Ok(mut cell) => *cell = Arc::new(schema),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(schema),
+        }
+        if !changed.is_empty() {
+            tracing::info!(collections = ?changed, "the mesh's schema changed; the node now knows these collections");
+        }
+        self.reindex_stale()
+    }
+
+    /// Rebuilds the index entries of every declared collection whose indexes were built
+    /// for another declaration (or none); remembers what they were built for.
+    pub(crate) fn reindex_stale(&mut self) -> Result<()> {
+        let schema = self.current_schema();
+        let txn = self.db.get()?.begin_write()?;
+        {
+            let mut tables = Tables::open(&txn)?;
+            for spec in schema.collections().filter(|s| !s.builtin) {
+                let marker = format!("indexed:{}", spec.name);
+                let built_for = serde_json::to_vec(spec).unwrap_or_default();
+                let current = tables
+                    .info
+                    .get(marker.as_str())?
+                    .map(|v| v.value().to_vec());
+                if current.as_deref() == Some(built_for.as_slice()) {
+                    continue;
+                }
+                let prefix = index_prefix(&spec.name, "");
+                let prefix = &prefix[..prefix.len() - 1];
+                let mut end = prefix.to_vec();
+                end.push(0xff);
+                tables
+                    .index
+                    .retain_in::<&[u8], _>(prefix..end.as_slice(), |_, _| false)?;
+                let ids: Vec<(DocId, DocMeta)> = {
+                    let mut ids = Vec::new();
+                    for entry in tables.meta.iter()? {
+                        let (key, value) = entry?;
+                        if let Some(meta) = DocMeta::decode(value.value())
+                            && meta.collection == spec.name
+                            && !meta.held
+                        {
+                            ids.push((key_doc(key.value()), meta));
+                        }
+                    }
+                    ids
+                };
+                let count = ids.len();
+                for (id, meta) in ids {
+                    let doc = match load_from_tables(
+                        &tables.docs,
+                        &tables.chunks,
+                        &id,
+                        &meta.collection,
+                    ) {
+                        Ok(doc) => doc,
+                        Err(err) => {
+                            tracing::warn!(doc = %id, error = %err, "cannot index a damaged document");
+                            continue;
+                        }
+                    };
+                    let record = record::read_record(&doc);
+                    for entry in index_entries(&spec.name, Some(spec), &id, &record) {
+                        tables.index.insert(entry.as_slice(), ())?;
+                    }
+                }
+                tables.info.insert(marker.as_str(), built_for.as_slice())?;
+                tracing::info!(collection = %spec.name, records = count, "indexed the records of a newly declared collection");
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// The schema in force for a schema document's record: the base collections with the
+/// mesh's declarations added (problems logged).
+pub(crate) fn effective_schema(base: &Schema, record: &Fields) -> Schema {
+    let (declarations, problems) = declarations_in_record(record);
+    let (schema, skipped) = base.with_declarations(&declarations);
+    for problem in problems.iter().chain(skipped.iter()) {
+        tracing::warn!(problem = %problem, "part of the mesh's schema cannot be used");
+    }
+    schema
+}
+
+const RETRIES_PER_COMMIT: usize = 256;
