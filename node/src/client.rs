@@ -127,6 +127,21 @@ pub async fn status(api: &ApiArgs) -> Result<()> {
         }
     }
     println!("Changes:  {} (feed position)", status["feed"]["seq"]);
+    let held = status["held"]["total"].as_u64().unwrap_or(0);
+    if held > 0 {
+        println!(
+            "Held:     {held} document(s) from other devices could not be merged here; they are kept and retried:"
+        );
+        for doc in status["held"]["documents"].as_array().into_iter().flatten() {
+            println!(
+                "  {} ({}) from {}: {}",
+                doc["id"].as_str().unwrap_or("?"),
+                doc["collection"].as_str().unwrap_or("?"),
+                doc["from"].as_str().unwrap_or("?"),
+                doc["reason"].as_str().unwrap_or("?"),
+            );
+        }
+    }
     if status["mesh"].is_object() {
         let mesh = &status["mesh"];
         println!(
@@ -507,8 +522,16 @@ pub async fn peers(api: &ApiArgs, action: Option<&str>, addr: Option<&str>) -> R
         (Some("add"), None) => {
             bail!("give the address: medmesh peers add /ip4/192.168.1.20/tcp/7401")
         }
+        (Some("forget"), Some(peer)) => {
+            client
+                .call(Method::DELETE, &format!("/v1/peers/{}", encode(peer)), None)
+                .await?;
+            println!("Forgot {peer}: disconnected, and it is no longer dialed or remembered.");
+            Ok(())
+        }
+        (Some("forget"), None) => bail!("give the peer id: medmesh peers forget PEER_ID"),
         (Some(other), _) => bail!(
-            "unknown peers action `{other}`: use `medmesh peers` or `medmesh peers add MULTIADDR`"
+            "unknown peers action `{other}`: use `medmesh peers`, `medmesh peers add MULTIADDR` or `medmesh peers forget PEER_ID`"
         ),
         (None, _) => {
             let (_, answer) = client.call(Method::GET, "/v1/peers", None).await?;
@@ -538,10 +561,48 @@ pub async fn peers(api: &ApiArgs, action: Option<&str>, addr: Option<&str>) -> R
                 for addr in peer["addresses"].as_array().into_iter().flatten() {
                     println!("    {}", addr.as_str().unwrap_or("?"));
                 }
+                if let Some(check) = peer["last_check_result"].as_str() {
+                    println!(
+                        "    last compared {}: {check}",
+                        peer["last_check"].as_str().unwrap_or("?")
+                    );
+                }
             }
             Ok(())
         }
     }
+}
+
+/// `medmesh verify --peer PEER_ID`: compares everything this node holds with a peer.
+pub async fn verify(api: &ApiArgs, peer: &str) -> Result<bool> {
+    let client = Client::new(api)?;
+    println!("Comparing everything this node holds with {peer}...");
+    let (_, report) = client
+        .call(
+            Method::POST,
+            &format!("/v1/peers/{}/verify", encode(peer)),
+            None,
+        )
+        .await?;
+    let equal = report["equal"] == json!(true);
+    let repaired = report["repaired_here"].as_u64().unwrap_or(0);
+    if equal {
+        println!(
+            "The same: both hold {} documents at the same versions.",
+            report["local_documents"]
+        );
+    } else {
+        println!(
+            "Different: this node holds {} documents, the peer {}; {} part(s) of the store still differ. Sync is repairing it; run this again in a minute.",
+            report["local_documents"], report["peer_documents"], report["differing_buckets"]
+        );
+    }
+    if repaired > 0 {
+        println!(
+            "{repaired} document(s) were missing here although the sync should have brought them; they were fetched now."
+        );
+    }
+    Ok(equal)
 }
 
 /// Puts the drug into a pharmacy request: `drug_id` when it is an id, else `drug_name`.

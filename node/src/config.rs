@@ -102,18 +102,30 @@ pub enum Command {
         #[arg(long = "addr", value_name = "MULTIADDR")]
         addrs: Vec<String>,
     },
-    /// List the other nodes (or add one with `peers add MULTIADDR`).
+    /// List the other nodes; `peers add MULTIADDR` connects to one, `peers forget
+    /// PEER_ID` drops one.
     Peers {
         #[command(flatten)]
         /// Node.
         api: ApiArgs,
-        /// `add`
+        /// `add` or `forget`
         action: Option<String>,
-        /// The address for `add`, e.g. /ip4/192.168.1.20/tcp/7401
+        /// The address for `add` (e.g. /ip4/192.168.1.20/tcp/7401), the peer id for
+        /// `forget`
         addr: Option<String>,
     },
     /// Run a node (creates the data directory on first start).
     Start(StartArgs),
+    /// Compare everything this node holds with a peer, repair what differs, and say
+    /// whether they now agree (exit status 1 when they do not).
+    Verify {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The peer to compare with (see `medmesh peers`).
+        #[arg(long)]
+        peer: String,
+    },
     /// Show a running node's status.
     Status {
         #[command(flatten)]

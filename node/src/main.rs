@@ -60,6 +60,11 @@ fn main() -> std::process::ExitCode {
                 client::peers(&api, action.as_deref(), addr.as_deref()).await
             }
             Command::Status { api } => client::status(&api).await,
+            Command::Verify { api, peer } => match client::verify(&api, &peer).await {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(err) => Err(err),
+            },
             Command::Stock { api, clinic, drug } => {
                 client::stock(&api, clinic.as_deref(), drug.as_deref()).await
             }

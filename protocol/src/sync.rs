@@ -1,26 +1,43 @@
 //! The sync session with one peer, as a state machine without I/O.
 //!
-//! One [`Session`] runs per connected peer and plays two roles over the one stream:
+//! One [`Session`] runs per connected peer and plays three roles over the one stream:
 //!
-//! - **puller**: after the handshake it sends `Subscribe` with its stored cursor into the
-//!   peer's change feed. For each `Feed` page it asks the node which documents it lacks
-//!   ([`Output::CheckDocs`]), sends one `Want` for them (whole documents for the ones it
-//!   does not have, changes since its heads for the others), hands the `Docs` to the node
-//!   to merge ([`Output::StoreDocs`]), and only when every document of a page is durably
-//!   stored advances its cursor ([`Output::SaveCursor`]) and acknowledges the page. An
-//!   interrupted sync therefore resumes at the first page not fully stored.
-//! - **feeder**: it answers the peer's `Subscribe` by reading its own feed from the
-//!   peer's cursor ([`Output::ReadFeed`]) and sending pages, at most [`WINDOW`] pages
-//!   ahead of the peer's acknowledgements (backpressure), then keeps sending every later
-//!   local change as the feed grows ([`Input::LocalFeedAdvanced`]), so a change crosses
-//!   hops. It answers `Want` with the documents ([`Output::LoadDocs`]), split into frames.
+//! - **puller** ([`puller`]): after the handshake it sends `Subscribe` with its stored
+//!   cursor into the peer's change feed. For each `Feed` page it asks the node which
+//!   documents it lacks ([`Output::CheckDocs`]), sends one `Want` for them (whole
+//!   documents for the ones it does not have, changes since its heads for the others),
+//!   hands the `Docs` to the node to merge ([`Output::StoreDocs`]), and only when every
+//!   document of a page is durably stored (or held) advances its cursor
+//!   ([`Output::SaveCursor`]) and acknowledges the page. An interrupted sync therefore
+//!   resumes at the first page not fully stored. When both sides changed a document
+//!   since they last met, the peer cannot tell what this side lacks from its heads; it
+//!   says so (`diverged`), and the puller asks again with a summary of every change it
+//!   has (an Automerge sync message: heads and a Bloom filter, [`Output::PrepareHave`]),
+//!   so that only the changes it lacks cross — never the document's whole history.
+//! - **feeder** ([`feeder`]): it answers the peer's `Subscribe` by reading its own feed
+//!   from the peer's cursor ([`Output::ReadFeed`]) and sending pages, at most [`WINDOW`]
+//!   pages ahead of the peer's acknowledgements (backpressure), then keeps sending every
+//!   later local change as the feed grows ([`Input::LocalFeedAdvanced`]), so a change
+//!   crosses hops. It answers `Want` with the documents ([`Output::LoadDocs`]), split
+//!   into frames.
+//! - **anti-entropy** ([`entropy`]): when caught up, at connect and then every
+//!   [`ENTROPY_INTERVAL_MS`], the two sides exchange a [`Summary`] of everything they
+//!   hold; the buckets that differ are listed document by document and what is missing
+//!   is fetched through the same pages as the feed. A bug anywhere in sync can thus not
+//!   leave two devices different without it being repaired and logged.
+//!   [`Input::Verify`] runs a round on demand and reports whether the two agree.
 //!
 //! Documents just received from the peer are not announced back to it (echo
 //! suppression), so an initial sync does not send the feed back the other way.
 //!
 //! The node performs each output and feeds the result back as an input; time is passed
 //! in. Nothing here blocks, allocates without bound on a peer's say-so, or panics on what
-//! a peer sends: a protocol violation closes the session with [`Output::Close`].
+//! a peer sends: a protocol violation closes the session with [`Output::Close`] and a
+//! `Refuse` naming it.
+
+mod entropy;
+mod feeder;
+mod puller;
 
 use std::collections::{HashMap, VecDeque};
 
@@ -28,10 +45,14 @@ use serde_bytes::ByteBuf;
 
 use crate::DocId;
 use crate::membership::Credential;
-use crate::wire::{DocPayload, FeedItem, Hello, Message, Proof, WantChanges};
+use crate::wire::{DocPayload, FeedItem, Hello, Message, Proof, Summary, WantChanges};
 
-/// The sync protocol version.
-pub const PROTOCOL_VERSION: u16 = 1;
+use entropy::Entropy;
+use puller::{Page, PartialDoc};
+
+/// The sync protocol version. Version 2 added anti-entropy summaries, the `diverged`
+/// answer with its Bloom-filter follow-up, and the senders' heads on documents.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Feed entries per page.
 pub const PAGE: usize = 512;
 /// Pages a feeder sends ahead of the acknowledgements.
@@ -41,7 +62,9 @@ pub const DOCS_MESSAGE_BYTES: usize = 256 * 1024;
 /// A document larger than this travels in `DocPart`s.
 pub const PART_BYTES: usize = 2 * 1024 * 1024;
 /// Largest document accepted from a peer.
-pub const MAX_DOC_BYTES: u64 = 256 * 1024 * 1024;
+pub const MAX_DOC_BYTES: u64 = 64 * 1024 * 1024;
+/// How often two connected nodes compare summaries (when idle and caught up).
+pub const ENTROPY_INTERVAL_MS: u64 = 60_000;
 /// Echo-suppression entries kept at most.
 const ECHO_CAPACITY: usize = 65_536;
 
@@ -91,10 +114,10 @@ pub enum Input {
         /// The newest position.
         seq: u64,
     },
-    /// Answer to [`Output::CheckDocs`] for the page reaching `upto`.
+    /// Answer to [`Output::CheckDocs`] for the page `page`.
     Checked {
-        /// The page.
-        upto: u64,
+        /// The page ([`Output::CheckDocs::page`]).
+        page: u64,
         /// Documents not stored here at all.
         missing: Vec<DocId>,
         /// Documents stored here that lack some of the peer's changes, with local heads.
@@ -106,11 +129,46 @@ pub enum Input {
         req: u64,
         /// The documents (whole or changes), in any order.
         docs: Vec<DocPayload>,
+        /// Documents asked for by heads this node does not know, without a summary of
+        /// the asker's changes: the asker must ask again with one.
+        diverged: Vec<DocId>,
     },
-    /// Answer to [`Output::StoreDocs`]: the documents are durably stored.
+    /// Answer to [`Output::PrepareHave`].
+    HaveReady {
+        /// The request to send.
+        req: u64,
+        /// The documents with a summary of their changes.
+        changes: Vec<WantChanges>,
+        /// Documents no longer here (ask for them whole).
+        whole: Vec<DocId>,
+    },
+    /// Answer to [`Output::StoreDocs`]: the documents are durably stored (or held).
     Stored {
         /// The request they answered.
         req: u64,
+    },
+    /// Answer to [`Output::ComputeSummary`].
+    SummaryComputed {
+        /// What this node holds.
+        summary: Summary,
+    },
+    /// Answer to [`Output::ReadRange`].
+    RangeRead {
+        /// The peer's round.
+        round: u64,
+        /// The bucket.
+        bucket: u8,
+        /// Documents of the bucket after the asked position.
+        entries: Vec<FeedItem>,
+        /// More follow.
+        more: bool,
+    },
+    /// Time passed (the node ticks every second or so): starts anti-entropy rounds.
+    Tick,
+    /// Compare with the peer now; [`Output::Verified`] answers with `token`.
+    Verify {
+        /// The caller's token.
+        token: u64,
     },
 }
 
@@ -129,8 +187,8 @@ pub enum Output {
     },
     /// Find which of these documents are missing or behind; answer [`Input::Checked`].
     CheckDocs {
-        /// The page.
-        upto: u64,
+        /// The page (pass it back).
+        page: u64,
         /// The peer's entries.
         entries: Vec<FeedItem>,
     },
@@ -143,6 +201,14 @@ pub enum Output {
         /// Send the changes these lack.
         changes: Vec<WantChanges>,
     },
+    /// Summarize every change this node has of these documents (an Automerge sync
+    /// message each); answer [`Input::HaveReady`].
+    PrepareHave {
+        /// The request the answer is for.
+        req: u64,
+        /// The documents.
+        ids: Vec<DocId>,
+    },
     /// Merge and durably store these documents; answer [`Input::Stored`].
     StoreDocs {
         /// The request they answer.
@@ -152,6 +218,29 @@ pub enum Output {
     },
     /// Store the cursor into the peer's feed (after the documents it covers).
     SaveCursor(Cursor),
+    /// Summarize what this node holds; answer [`Input::SummaryComputed`].
+    ComputeSummary,
+    /// Read the documents of a bucket after `after`, at most `limit`; answer
+    /// [`Input::RangeRead`].
+    ReadRange {
+        /// The peer's round.
+        round: u64,
+        /// The bucket.
+        bucket: u8,
+        /// Continue after this document.
+        after: Option<DocId>,
+        /// Entries at most.
+        limit: usize,
+    },
+    /// An anti-entropy round of this side ended.
+    RoundDone(RoundReport),
+    /// Answer to [`Input::Verify`].
+    Verified {
+        /// The caller's token.
+        token: u64,
+        /// What the round found.
+        report: RoundReport,
+    },
     /// The handshake succeeded.
     Established {
         /// The peer's feed epoch.
@@ -164,6 +253,21 @@ pub enum Output {
     },
 }
 
+/// What an anti-entropy round found, from this side.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Buckets whose summaries differed.
+    pub differing_buckets: usize,
+    /// Documents of those buckets compared one by one.
+    pub compared: u64,
+    /// Documents this side lacked (or lacked changes of) and asked for.
+    pub fetched: u64,
+    /// Documents this node holds (summary count).
+    pub local_count: u64,
+    /// Documents the peer holds (summary count).
+    pub remote_count: u64,
+}
+
 #[derive(Debug)]
 enum Phase {
     AwaitHello,
@@ -172,35 +276,7 @@ enum Phase {
     Closed,
 }
 
-#[derive(Debug)]
-enum PageState {
-    Checking,
-    Wanting {
-        req: u64,
-        answered: bool,
-        storing: usize,
-    },
-    Complete,
-}
-
-#[derive(Debug)]
-struct Page {
-    upto: u64,
-    wanted: usize,
-    state: PageState,
-}
-
-#[derive(Debug)]
-struct PartialDoc {
-    req: u64,
-    id: DocId,
-    collection: String,
-    total: u64,
-    bytes: Vec<u8>,
-    heads: ByteBuf,
-}
-
-/// The session with one peer (both directions).
+/// The session with one peer (all roles).
 #[derive(Debug)]
 pub struct Session {
     config: SessionConfig,
@@ -208,6 +284,7 @@ pub struct Session {
     remote_epoch: String,
     // Puller.
     pages: VecDeque<Page>,
+    next_page: u64,
     next_req: u64,
     cursor_seq: u64,
     partial: Option<PartialDoc>,
@@ -215,6 +292,10 @@ pub struct Session {
     last_synced_ms: Option<u64>,
     /// Heads the peer announced per document: not worth announcing back.
     echo: HashMap<DocId, ByteBuf>,
+    /// Requests asked with a summary of our changes (a repeat `diverged` takes whole).
+    have_reqs: Vec<u64>,
+    /// Requests whose documents are being stored, and their page.
+    storing_reqs: HashMap<u64, u64>,
     // Feeder.
     subscribed: bool,
     after: u64,
@@ -224,6 +305,8 @@ pub struct Session {
     told_caught_up: bool,
     loading: usize,
     acked: u64,
+    // Anti-entropy.
+    entropy: Entropy,
 }
 
 impl Session {
@@ -234,12 +317,15 @@ impl Session {
             phase: Phase::AwaitHello,
             remote_epoch: String::new(),
             pages: VecDeque::new(),
+            next_page: 1,
             next_req: 1,
             cursor_seq: 0,
             partial: None,
             caught_up: false,
             last_synced_ms: None,
             echo: HashMap::new(),
+            have_reqs: Vec::new(),
+            storing_reqs: HashMap::new(),
             subscribed: false,
             after: 0,
             head: None,
@@ -248,6 +334,7 @@ impl Session {
             told_caught_up: false,
             loading: 0,
             acked: 0,
+            entropy: Entropy::default(),
         }
     }
 
@@ -291,6 +378,11 @@ impl Session {
         self.last_synced_ms
     }
 
+    /// The last anti-entropy round's report, and when it ended.
+    pub fn last_round(&self) -> Option<(&RoundReport, u64)> {
+        self.entropy.last_report()
+    }
+
     /// What the puller is waiting for, for logs when sync seems stuck.
     pub fn waiting_for(&self) -> String {
         match (&self.phase, self.pages.front()) {
@@ -298,17 +390,7 @@ impl Session {
             (Phase::AwaitProof { .. }, _) => "the peer's proof of membership".into(),
             (Phase::Closed, _) => "nothing (closed)".into(),
             (Phase::Open, None) => "new changes".into(),
-            (Phase::Open, Some(page)) => match page.state {
-                PageState::Checking => format!("the local check of feed page {}", page.upto),
-                PageState::Wanting {
-                    req,
-                    answered,
-                    storing,
-                } => format!(
-                    "documents of request {req} (all received: {answered}, batches being stored: {storing})"
-                ),
-                PageState::Complete => "the cursor to be saved".into(),
-            },
+            (Phase::Open, Some(page)) => page.waiting_for(),
         }
     }
 
@@ -334,26 +416,63 @@ impl Session {
                 Ok(())
             }
             Input::Checked {
-                upto,
+                page,
                 missing,
                 behind,
-            } => self.on_checked(upto, missing, behind, now_ms, &mut out),
-            Input::Loaded { req, docs } => {
+            } => {
+                self.on_checked(page, missing, behind, now_ms, &mut out);
+                Ok(())
+            }
+            Input::Loaded {
+                req,
+                docs,
+                diverged,
+            } => {
                 self.loading = self.loading.saturating_sub(1);
-                self.send_docs(req, docs, &mut out);
+                self.send_docs(req, docs, diverged, &mut out);
+                Ok(())
+            }
+            Input::HaveReady {
+                req,
+                changes,
+                whole,
+            } => {
+                out.push(Output::Send(Message::Want {
+                    req,
+                    whole,
+                    changes,
+                }));
                 Ok(())
             }
             Input::Stored { req } => {
-                for page in &mut self.pages {
-                    if let PageState::Wanting {
-                        req: r, storing, ..
-                    } = &mut page.state
-                        && *r == req
-                    {
-                        *storing = storing.saturating_sub(1);
-                    }
-                }
-                self.advance(now_ms, &mut out);
+                self.on_stored(req, now_ms, &mut out);
+                Ok(())
+            }
+            Input::SummaryComputed { summary } => {
+                self.on_summary_computed(summary, now_ms, &mut out);
+                Ok(())
+            }
+            Input::RangeRead {
+                round,
+                bucket,
+                entries,
+                more,
+            } => {
+                self.entropy.reading_range = false;
+                out.push(Output::Send(Message::Range {
+                    round,
+                    bucket,
+                    entries,
+                    more,
+                }));
+                Ok(())
+            }
+            Input::Tick => {
+                self.maybe_start_round(now_ms, &mut out);
+                Ok(())
+            }
+            Input::Verify { token } => {
+                self.verify(token, now_ms, &mut out);
                 Ok(())
             }
         };
@@ -379,30 +498,18 @@ impl Session {
     ) -> Result<(), String> {
         match (&self.phase, message) {
             (_, Message::Refuse { reason }) => {
+                let reason: String = reason.chars().take(500).collect();
                 self.close(format!("the other device ended the sync: {reason}"), out);
                 Ok(())
             }
             (Phase::AwaitHello, Message::Hello(hello)) => self.on_hello(hello, out),
             (Phase::AwaitProof { .. }, Message::Proof(proof)) => self.on_proof(proof, out),
             (Phase::Open, Message::Subscribe { epoch, since }) => {
-                self.subscribed = true;
-                self.after = if epoch == self.config.local_epoch {
-                    since
-                } else {
-                    0
-                };
-                self.acked = self.after;
-                self.in_flight.clear();
-                self.told_caught_up = false;
-                self.maybe_read(out);
+                self.on_subscribe(epoch, since, out);
                 Ok(())
             }
             (Phase::Open, Message::Ack { upto }) => {
-                self.acked = self.acked.max(upto);
-                while self.in_flight.front().is_some_and(|u| *u <= upto) {
-                    self.in_flight.pop_front();
-                }
-                self.maybe_read(out);
+                self.on_ack(upto, out);
                 Ok(())
             }
             (
@@ -412,42 +519,19 @@ impl Session {
                     whole,
                     changes,
                 },
-            ) => {
-                if whole.len() + changes.len() > 2 * PAGE {
-                    return Err(format!(
-                        "asked for {} documents at once, more than allowed",
-                        whole.len() + changes.len()
-                    ));
-                }
-                if self.loading >= 2 * WINDOW {
-                    return Err("sent requests without waiting for the answers".into());
-                }
-                self.loading += 1;
-                out.push(Output::LoadDocs {
-                    req,
-                    whole,
-                    changes,
-                });
-                Ok(())
-            }
+            ) => self.on_want(req, whole, changes, out),
             (Phase::Open, Message::Feed { entries, upto }) => {
                 self.on_feed(entries, upto, now_ms, out)
             }
-            (Phase::Open, Message::Docs { req, docs, done }) => {
-                if self.partial.is_some() {
-                    return Err("sent documents in the middle of a split document".into());
-                }
-                let known = self.mark_answer(req, !docs.is_empty(), done);
-                if !docs.is_empty() {
-                    self.note_received(&docs);
-                    out.push(Output::StoreDocs {
-                        req: if known { req } else { 0 },
-                        docs,
-                    });
-                }
-                self.advance(now_ms, out);
-                Ok(())
-            }
+            (
+                Phase::Open,
+                Message::Docs {
+                    req,
+                    docs,
+                    done,
+                    diverged,
+                },
+            ) => self.on_docs(req, docs, done, diverged, now_ms, out),
             (
                 Phase::Open,
                 Message::DocPart {
@@ -467,8 +551,34 @@ impl Session {
                     bytes: bytes.into_vec(),
                     heads,
                 },
+                now_ms,
                 out,
             ),
+            (
+                Phase::Open,
+                Message::Summary {
+                    round,
+                    summary,
+                    reply,
+                },
+            ) => self.on_summary(round, summary, reply, now_ms, out),
+            (
+                Phase::Open,
+                Message::WantRange {
+                    round,
+                    bucket,
+                    after,
+                },
+            ) => self.on_want_range(round, bucket, after, out),
+            (
+                Phase::Open,
+                Message::Range {
+                    round,
+                    bucket,
+                    entries,
+                    more,
+                },
+            ) => self.on_range(round, bucket, entries, more, now_ms, out),
             (phase, message) => Err(format!(
                 "sent {} while the session was {}",
                 message_name(&message),
@@ -496,6 +606,9 @@ impl Session {
         }
         if hello.nonce.len() < 16 || hello.nonce.len() > 64 {
             return Err("sent a malformed challenge".into());
+        }
+        if hello.feed_epoch.len() > 64 {
+            return Err("sent a malformed feed epoch".into());
         }
         let mac = match &self.config.credential {
             Credential::SharedSecret(secret) => secret.prove(
@@ -546,310 +659,6 @@ impl Session {
         }));
         Ok(())
     }
-
-    // ---- puller ----
-
-    fn on_feed(
-        &mut self,
-        entries: Vec<FeedItem>,
-        upto: u64,
-        now_ms: u64,
-        out: &mut Vec<Output>,
-    ) -> Result<(), String> {
-        if entries.len() > PAGE {
-            return Err(format!(
-                "sent a feed page of {} entries, more than {PAGE}",
-                entries.len()
-            ));
-        }
-        if self.pages.len() >= 2 * WINDOW {
-            return Err("sent feed pages without waiting for acknowledgements".into());
-        }
-        let last = self.pages.back().map_or(self.cursor_seq, |p| p.upto);
-        if upto < last && self.pages.is_empty() {
-            // The peer's feed went back within the same epoch (its store was restored
-            // from a backup): start over from its beginning, so nothing is skipped.
-            self.cursor_seq = 0;
-        } else if upto < last {
-            return Err("sent a feed page that goes backwards".into());
-        }
-        if entries
-            .iter()
-            .any(|e| e.seq > upto || e.heads.len() % 32 != 0 || e.heads.is_empty())
-        {
-            return Err("sent a malformed feed page".into());
-        }
-        self.caught_up = entries.len() < PAGE;
-        if entries.is_empty() {
-            self.pages.push_back(Page {
-                upto,
-                wanted: 0,
-                state: PageState::Complete,
-            });
-            self.advance(now_ms, out);
-            return Ok(());
-        }
-        if self.echo.len() + entries.len() > ECHO_CAPACITY {
-            self.echo.clear();
-        }
-        for entry in &entries {
-            self.echo.insert(entry.id, entry.heads.clone());
-        }
-        self.pages.push_back(Page {
-            upto,
-            wanted: 0,
-            state: PageState::Checking,
-        });
-        out.push(Output::CheckDocs { upto, entries });
-        Ok(())
-    }
-
-    fn on_checked(
-        &mut self,
-        upto: u64,
-        missing: Vec<DocId>,
-        behind: Vec<WantChanges>,
-        now_ms: u64,
-        out: &mut Vec<Output>,
-    ) -> Result<(), String> {
-        let req = self.next_req;
-        let Some(page) = self
-            .pages
-            .iter_mut()
-            .find(|p| p.upto == upto && matches!(p.state, PageState::Checking))
-        else {
-            return Ok(());
-        };
-        if missing.is_empty() && behind.is_empty() {
-            page.state = PageState::Complete;
-        } else {
-            self.next_req += 1;
-            page.wanted = missing.len() + behind.len();
-            page.state = PageState::Wanting {
-                req,
-                answered: false,
-                storing: 0,
-            };
-            out.push(Output::Send(Message::Want {
-                req,
-                whole: missing,
-                changes: behind,
-            }));
-        }
-        self.advance(now_ms, out);
-        Ok(())
-    }
-
-    /// Notes a `Docs` message for request `req`; false when no page waits for it.
-    fn mark_answer(&mut self, req: u64, has_docs: bool, done: bool) -> bool {
-        for page in &mut self.pages {
-            if let PageState::Wanting {
-                req: r,
-                answered,
-                storing,
-            } = &mut page.state
-                && *r == req
-            {
-                if has_docs {
-                    *storing += 1;
-                }
-                if done {
-                    *answered = true;
-                }
-                return true;
-            }
-        }
-        false
-    }
-
-    fn note_received(&mut self, docs: &[DocPayload]) {
-        for page in &mut self.pages {
-            if matches!(page.state, PageState::Wanting { .. }) {
-                page.wanted = page.wanted.saturating_sub(docs.len());
-                break;
-            }
-        }
-    }
-
-    /// One part of a document too large for a frame (`part.bytes` holds this part).
-    fn on_doc_part(&mut self, part: PartialDoc, out: &mut Vec<Output>) -> Result<(), String> {
-        let total = part.total;
-        if total > MAX_DOC_BYTES {
-            return Err(format!(
-                "sent a document of {total} bytes, more than allowed"
-            ));
-        }
-        let partial = match &mut self.partial {
-            Some(partial) => {
-                if partial.req != part.req || partial.id != part.id || partial.total != total {
-                    return Err("interleaved the parts of two documents".into());
-                }
-                if partial.bytes.len() as u64 + part.bytes.len() as u64 > total {
-                    return Err("sent more parts than the document has".into());
-                }
-                partial.bytes.extend_from_slice(&part.bytes);
-                partial
-            }
-            None => {
-                if part.bytes.len() as u64 > total {
-                    return Err("sent more parts than the document has".into());
-                }
-                self.partial.insert(part)
-            }
-        };
-        if partial.bytes.len() as u64 == total
-            && let Some(done) = self.partial.take()
-        {
-            let known = self.mark_answer(done.req, true, false);
-            let docs = vec![DocPayload {
-                id: done.id,
-                collection: done.collection,
-                bytes: ByteBuf::from(done.bytes),
-                heads: done.heads,
-            }];
-            self.note_received(&docs);
-            out.push(Output::StoreDocs {
-                req: if known { done.req } else { 0 },
-                docs,
-            });
-        }
-        Ok(())
-    }
-
-    /// Pops the pages whose documents are all stored; saves the cursor and acknowledges.
-    fn advance(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        let mut reached = None;
-        while let Some(page) = self.pages.front() {
-            let complete = match page.state {
-                PageState::Complete => true,
-                PageState::Wanting {
-                    answered, storing, ..
-                } => answered && storing == 0,
-                PageState::Checking => false,
-            };
-            if !complete {
-                break;
-            }
-            reached = Some(page.upto);
-            self.pages.pop_front();
-        }
-        if let Some(upto) = reached {
-            if upto > self.cursor_seq {
-                self.cursor_seq = upto;
-                out.push(Output::SaveCursor(Cursor {
-                    epoch: self.remote_epoch.clone(),
-                    seq: upto,
-                }));
-            }
-            out.push(Output::Send(Message::Ack { upto }));
-        }
-        if self.caught_up && self.pages.is_empty() {
-            self.last_synced_ms = Some(now_ms);
-        }
-    }
-
-    // ---- feeder ----
-
-    fn maybe_read(&mut self, out: &mut Vec<Output>) {
-        if !self.subscribed || self.reading || self.in_flight.len() >= WINDOW {
-            return;
-        }
-        let behind = self.head.is_none_or(|h| h > self.after);
-        if behind || !self.told_caught_up {
-            self.reading = true;
-            out.push(Output::ReadFeed {
-                after: self.after,
-                limit: PAGE,
-            });
-        }
-    }
-
-    fn on_feed_read(
-        &mut self,
-        entries: Vec<FeedItem>,
-        last_seq: u64,
-        head: u64,
-        out: &mut Vec<Output>,
-    ) {
-        self.reading = false;
-        self.head = Some(self.head.map_or(head, |h| h.max(head)));
-        if !self.subscribed {
-            return;
-        }
-        if head < self.after {
-            // The peer's cursor is past the end of this feed: this store was restored
-            // from an older copy. Serve the whole feed again rather than skip anything.
-            self.after = 0;
-            self.acked = 0;
-            self.head = Some(head);
-            self.told_caught_up = false;
-            self.maybe_read(out);
-            return;
-        }
-        let moved = last_seq > self.after;
-        let full = entries.len() >= PAGE;
-        let entries: Vec<FeedItem> = entries
-            .into_iter()
-            .filter(|entry| match self.echo.remove(&entry.id) {
-                Some(heads) => heads != entry.heads,
-                None => true,
-            })
-            .collect();
-        if moved || !self.told_caught_up {
-            self.after = self.after.max(last_seq);
-            self.in_flight.push_back(self.after);
-            self.told_caught_up = !full;
-            out.push(Output::Send(Message::Feed {
-                entries,
-                upto: self.after,
-            }));
-        }
-        self.maybe_read(out);
-    }
-
-    fn send_docs(&mut self, req: u64, docs: Vec<DocPayload>, out: &mut Vec<Output>) {
-        let mut batch = Vec::new();
-        let mut size = 0;
-        for doc in docs {
-            if doc.bytes.len() > PART_BYTES {
-                if !batch.is_empty() {
-                    out.push(Output::Send(Message::Docs {
-                        req,
-                        docs: std::mem::take(&mut batch),
-                        done: false,
-                    }));
-                    size = 0;
-                }
-                let total = doc.bytes.len() as u64;
-                for part in doc.bytes.chunks(PART_BYTES) {
-                    out.push(Output::Send(Message::DocPart {
-                        req,
-                        id: doc.id,
-                        collection: doc.collection.clone(),
-                        total,
-                        bytes: ByteBuf::from(part.to_vec()),
-                        heads: doc.heads.clone(),
-                    }));
-                }
-                continue;
-            }
-            if size + doc.bytes.len() > DOCS_MESSAGE_BYTES && !batch.is_empty() {
-                out.push(Output::Send(Message::Docs {
-                    req,
-                    docs: std::mem::take(&mut batch),
-                    done: false,
-                }));
-                size = 0;
-            }
-            size += doc.bytes.len() + doc.collection.len() + 24;
-            batch.push(doc);
-        }
-        out.push(Output::Send(Message::Docs {
-            req,
-            docs: batch,
-            done: true,
-        }));
-    }
 }
 
 fn message_name(message: &Message) -> &'static str {
@@ -863,6 +672,9 @@ fn message_name(message: &Message) -> &'static str {
         Message::Docs { .. } => "documents",
         Message::DocPart { .. } => "part of a document",
         Message::Ack { .. } => "an acknowledgement",
+        Message::Summary { .. } => "a summary",
+        Message::WantRange { .. } => "a request for a summary bucket",
+        Message::Range { .. } => "the documents of a summary bucket",
     }
 }
 

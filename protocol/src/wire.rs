@@ -70,6 +70,89 @@ pub struct WantChanges {
     pub id: DocId,
     /// The asker's heads (concatenated 32-byte hashes).
     pub heads: ByteBuf,
+    /// When the sender did not know the asker's heads (both sides changed the document
+    /// since they last met): a summary of every change the asker has, as an Automerge
+    /// sync message (its heads and a Bloom filter), so that only what the asker lacks is
+    /// sent back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub have: Option<ByteBuf>,
+}
+
+/// Buckets of a [`Summary`].
+pub const SUMMARY_BUCKETS: usize = 256;
+/// Bytes of each bucket's hash.
+const BUCKET_HASH: usize = 16;
+
+/// A compact summary of every document a node holds, for anti-entropy: the documents
+/// fall into [`SUMMARY_BUCKETS`] buckets by the last byte of their id, and each bucket is
+/// the XOR of a 16-byte hash of each of its documents' id and heads. Two nodes that hold
+/// the same documents at the same heads have equal summaries; a bucket that differs names
+/// the documents worth comparing one by one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// How many documents it covers.
+    pub count: u64,
+    /// The buckets' hashes, concatenated.
+    pub buckets: ByteBuf,
+}
+
+impl Default for Summary {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            buckets: ByteBuf::from(vec![0; SUMMARY_BUCKETS * BUCKET_HASH]),
+        }
+    }
+}
+
+impl Summary {
+    /// The bucket of a document.
+    pub fn bucket_of(id: &DocId) -> u8 {
+        id.as_bytes()[15]
+    }
+
+    /// Adds one document (its heads as 32-byte hashes, in any order). A document held
+    /// without being merged counts differently from one merged at the same heads, so
+    /// that anti-entropy fetches a good copy for it.
+    pub fn add(&mut self, id: &DocId, heads: &[[u8; 32]], held: bool) {
+        use sha2::{Digest, Sha256};
+        let mut sorted = heads.to_vec();
+        sorted.sort_unstable();
+        let mut hash = Sha256::new();
+        hash.update(if held {
+            b"medmesh/summary/held/1".as_slice()
+        } else {
+            b"medmesh/summary/1".as_slice()
+        });
+        hash.update(id.as_bytes());
+        for head in &sorted {
+            hash.update(head);
+        }
+        let digest = hash.finalize();
+        let start = usize::from(Self::bucket_of(id)) * BUCKET_HASH;
+        if let Some(bucket) = self.buckets.get_mut(start..start + BUCKET_HASH) {
+            for (byte, d) in bucket.iter_mut().zip(digest.iter()) {
+                *byte ^= d;
+            }
+        }
+        self.count += 1;
+    }
+
+    /// Whether it has the shape every summary has.
+    pub fn is_well_formed(&self) -> bool {
+        self.buckets.len() == SUMMARY_BUCKETS * BUCKET_HASH
+    }
+
+    /// The buckets in which two summaries differ.
+    pub fn differing(&self, other: &Summary) -> Vec<u8> {
+        self.buckets
+            .chunks(BUCKET_HASH)
+            .zip(other.buckets.chunks(BUCKET_HASH))
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .filter_map(|(i, _)| u8::try_from(i).ok())
+            .collect()
+    }
 }
 
 /// A document, whole or as the changes the asker lacks.
@@ -132,6 +215,10 @@ pub enum Message {
         docs: Vec<DocPayload>,
         /// This is the last message of the answer.
         done: bool,
+        /// Documents asked for by heads the sender does not know (both sides changed
+        /// them): ask again with a summary of what you have ([`WantChanges::have`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        diverged: Vec<DocId>,
     },
     /// Part of a document too large for one frame; parts arrive in order.
     DocPart {
@@ -153,6 +240,38 @@ pub enum Message {
     Ack {
         /// Feed position.
         upto: u64,
+    },
+    /// Anti-entropy: the sender's summary of what it holds. With `reply`, the receiver
+    /// answers with its own; either side then compares them and fetches the entries of
+    /// the buckets that differ.
+    Summary {
+        /// The round this belongs to (the sender's numbering).
+        round: u64,
+        /// What the sender holds.
+        summary: Summary,
+        /// Answer with your summary.
+        reply: bool,
+    },
+    /// Anti-entropy: the documents of one bucket, after `after` (by id).
+    WantRange {
+        /// The asker's round.
+        round: u64,
+        /// The bucket.
+        bucket: u8,
+        /// Continue after this document.
+        after: Option<DocId>,
+    },
+    /// Anti-entropy: documents of a bucket with their heads; `more` when the bucket has
+    /// more after the last one.
+    Range {
+        /// The asker's round.
+        round: u64,
+        /// The bucket.
+        bucket: u8,
+        /// The documents (their `seq` is not used).
+        entries: Vec<FeedItem>,
+        /// More follow: ask again after the last one.
+        more: bool,
     },
 }
 
@@ -229,8 +348,39 @@ pub fn frame_length(header: [u8; 4]) -> Result<usize, WireError> {
     }
 }
 
+/// Limits on what a frame may be, and expand to. Before a peer has proven it belongs to
+/// the mesh it gets [`Limits::HANDSHAKE`], far below those of an open session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame (length field).
+    pub frame: usize,
+    /// Largest payload a compressed frame may expand to.
+    pub decompressed: usize,
+}
+
+impl Limits {
+    /// An open session's limits.
+    pub const OPEN: Limits = Limits {
+        frame: MAX_FRAME,
+        decompressed: MAX_DECOMPRESSED,
+    };
+    /// Until the peer has proven its membership: a hello and a proof are tiny.
+    pub const HANDSHAKE: Limits = Limits {
+        frame: 16 * 1024,
+        decompressed: 16 * 1024,
+    };
+}
+
 /// Decodes a frame's body (what follows the length field).
 pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
+    decode_body_within(body, Limits::OPEN)
+}
+
+/// Decodes a frame's body within `limits`.
+pub fn decode_body_within(body: &[u8], limits: Limits) -> Result<Message, WireError> {
+    if body.len() > limits.frame {
+        return Err(WireError::TooLarge(body.len()));
+    }
     let [version, flags, payload @ ..] = body else {
         return Err(WireError::Empty);
     };
@@ -241,12 +391,12 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
         0 => ciborium::from_reader(payload).map_err(|e| WireError::Decode(e.to_string())),
         FLAG_DEFLATE => {
             let mut decoder =
-                flate2::read::DeflateDecoder::new(payload).take(MAX_DECOMPRESSED as u64 + 1);
+                flate2::read::DeflateDecoder::new(payload).take(limits.decompressed as u64 + 1);
             let mut plain = Vec::new();
             decoder
                 .read_to_end(&mut plain)
                 .map_err(|_| WireError::Compression)?;
-            if plain.len() > MAX_DECOMPRESSED {
+            if plain.len() > limits.decompressed {
                 return Err(WireError::Compression);
             }
             ciborium::from_reader(plain.as_slice()).map_err(|e| WireError::Decode(e.to_string()))
@@ -275,18 +425,31 @@ impl FrameDecoder {
     /// The next complete message, if one has arrived. An error means the stream must be
     /// closed.
     pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        self.next_message_within(Limits::OPEN)
+    }
+
+    /// The next complete message within `limits`, if one has arrived.
+    pub fn next_message_within(&mut self, limits: Limits) -> Result<Option<Message>, WireError> {
         let Some(header) = self.buffer.get(..HEADER) else {
             return Ok(None);
         };
         let mut length_bytes = [0u8; 4];
         length_bytes.copy_from_slice(header);
         let length = frame_length(length_bytes)?;
+        if length > limits.frame {
+            return Err(WireError::TooLarge(length));
+        }
         if self.buffer.len() < HEADER + length {
             return Ok(None);
         }
-        let message = decode_body(&self.buffer[HEADER..HEADER + length]);
+        let message = decode_body_within(&self.buffer[HEADER..HEADER + length], limits);
         self.buffer.drain(..HEADER + length);
         message.map(Some)
+    }
+
+    /// Bytes received and not yet taken as messages.
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
     }
 }
 
@@ -353,9 +516,11 @@ mod tests {
                 changes: vec![WantChanges {
                     id,
                     heads: ByteBuf::from(vec![4; 64]),
+                    have: Some(ByteBuf::from(vec![1, 2, 3])),
                 }],
             },
             Message::Docs {
+                diverged: vec![id],
                 req: 1,
                 docs: vec![DocPayload {
                     id,
@@ -374,6 +539,22 @@ mod tests {
                 heads: ByteBuf::new(),
             },
             Message::Ack { upto: 299 },
+            Message::Summary {
+                round: 3,
+                summary: Summary::default(),
+                reply: true,
+            },
+            Message::WantRange {
+                round: 3,
+                bucket: 7,
+                after: Some(id),
+            },
+            Message::Range {
+                round: 3,
+                bucket: 7,
+                entries: vec![],
+                more: false,
+            },
         ]
     }
 

@@ -3,17 +3,20 @@
 
 use crate::held::HeldDoc;
 use crate::tables::HELD;
+use automerge::Automerge;
+use automerge::sync::SyncDoc;
 use automerge::{ChangeHash, ReadDoc};
 use medmesh_protocol::DocId;
-use medmesh_protocol::wire::{self, DocPayload, FeedItem, WantChanges};
+use medmesh_protocol::wire::{self, DocPayload, FeedItem, Summary, WantChanges};
 use redb::ReadableTable;
 use serde_bytes::ByteBuf;
 use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
-use crate::meta::{doc_key, key_doc};
+use crate::merge::{escape, guarded};
+use crate::meta::{DocMeta, doc_key, key_doc};
 use crate::store::{Store, load_document, read_meta};
-use crate::tables::{DOCS, FEED, PEERS};
+use crate::tables::{DOC_META, DOCS, FEED, PEERS};
 use crate::write::{PeerRecord, PeerUpdate};
 use crate::writer::Command;
 
@@ -62,16 +65,15 @@ impl Store {
                 missing.push(entry.id);
                 continue;
             };
-            let theirs = wire::split_heads(&entry.heads).unwrap_or_default();
-            if theirs == meta.heads || theirs.iter().all(|h| meta.heads.contains(h)) {
+            if meta.held {
+                // Only bytes that could not be merged are here: ask for the document
+                // whole, in case the peer's copy is good (an identical copy is not kept
+                // twice).
+                missing.push(entry.id);
                 continue;
             }
-            if meta.held {
-                // Only held bytes here: ask for what came after them.
-                behind.push(WantChanges {
-                    id: entry.id,
-                    heads: heads_bytes(&meta.heads),
-                });
+            let theirs = wire::split_heads(&entry.heads).unwrap_or_default();
+            if theirs == meta.heads || theirs.iter().all(|h| meta.heads.contains(h)) {
                 continue;
             }
             let theirs: Vec<ChangeHash> = theirs.into_iter().map(ChangeHash).collect();
@@ -86,6 +88,7 @@ impl Store {
                 behind.push(WantChanges {
                     id: entry.id,
                     heads: heads_bytes(&meta.heads),
+                    have: None,
                 });
             }
         }
@@ -99,6 +102,17 @@ impl Store {
         whole: &[DocId],
         changes: &[WantChanges],
     ) -> Result<Vec<DocPayload>> {
+        Ok(self.load_for_peer_diverged(whole, changes)?.0)
+    }
+
+    /// [`Store::load_for_peer`], also answering the documents whose changes cannot be
+    /// told from the peer's heads (both sides changed them since they last met, and the
+    /// peer sent no summary of its changes): the peer asks for them again with one.
+    pub fn load_for_peer_diverged(
+        &self,
+        whole: &[DocId],
+        changes: &[WantChanges],
+    ) -> Result<(Vec<DocPayload>, Vec<DocId>)> {
         let txn = self.read_txn()?;
         let docs = txn.open_table(DOCS)?;
         let held = txn.open_table(HELD)?;
@@ -109,6 +123,7 @@ impl Store {
                 .map(|h| h.joined()))
         };
         let mut out = Vec::with_capacity(whole.len() + changes.len());
+        let mut diverged = Vec::new();
         for id in whole {
             let Some(meta) = read_meta(&txn, id)? else {
                 continue;
@@ -156,27 +171,138 @@ impl Store {
                 }
                 continue;
             }
-            let doc = match load_document(&txn, &want.id, &meta) {
+            let mut doc = match load_document(&txn, &want.id, &meta) {
                 Ok(doc) => doc,
                 Err(err) => {
                     tracing::warn!(doc = %want.id, error = %err, "cannot send a damaged document");
                     continue;
                 }
             };
-            let known: Vec<ChangeHash> = wire::split_heads(&want.heads)
+            let theirs: Vec<ChangeHash> = wire::split_heads(&want.heads)
                 .unwrap_or_default()
                 .into_iter()
                 .map(ChangeHash)
-                .filter(|h| doc.get_change_by_hash(h).is_some())
                 .collect();
+            let bytes = match &want.have {
+                Some(have) => match changes_for_summary(&mut doc, have) {
+                    Ok(bytes) => bytes,
+                    Err(reason) => {
+                        tracing::warn!(doc = %want.id, reason = %escape(&reason), "a peer's summary of its changes is unusable; sending the whole document");
+                        doc.save()
+                    }
+                },
+                None if theirs.is_empty() => doc.save(),
+                None => {
+                    if !doc.get_missing_deps(&theirs).is_empty() {
+                        // Some of its heads are not here: it has changes this node lacks,
+                        // so its heads do not say what it lacks.
+                        diverged.push(want.id);
+                        continue;
+                    }
+                    doc.save_after(&theirs)
+                }
+            };
+            if bytes.is_empty() {
+                continue;
+            }
             out.push(DocPayload {
                 id: want.id,
                 heads: heads_bytes(&meta.heads),
                 collection: meta.collection,
-                bytes: ByteBuf::from(doc.save_after(&known)),
+                bytes: ByteBuf::from(bytes),
             });
         }
-        Ok(out)
+        Ok((out, diverged))
+    }
+
+    /// For documents the peer could not answer by heads: this node's heads and a summary
+    /// of every change it has (an Automerge sync message), to ask again with; and the
+    /// documents no longer here.
+    pub fn prepare_have(&self, ids: &[DocId]) -> Result<(Vec<WantChanges>, Vec<DocId>)> {
+        let txn = self.read_txn()?;
+        let mut changes = Vec::new();
+        let mut whole = Vec::new();
+        for id in ids {
+            let doc = match read_meta(&txn, id)? {
+                Some(meta) if !meta.held => load_document(&txn, id, &meta).ok(),
+                _ => None,
+            };
+            match doc {
+                Some(doc) => {
+                    let mut state = automerge::sync::State::new();
+                    let have = doc
+                        .generate_sync_message(&mut state)
+                        .map(|m| ByteBuf::from(m.encode()));
+                    changes.push(WantChanges {
+                        id: *id,
+                        heads: heads_bytes(
+                            &doc.get_heads().iter().map(|h| h.0).collect::<Vec<_>>(),
+                        ),
+                        have,
+                    });
+                }
+                None => whole.push(*id),
+            }
+        }
+        Ok((changes, whole))
+    }
+
+    /// A summary of every document held here (for anti-entropy), computed anew only
+    /// when the feed moved since the last one.
+    pub fn summary(&self) -> Result<Summary> {
+        let seq = self.last_seq()?;
+        if let Ok(cached) = self.inner.summary.lock()
+            && let Some((at, summary)) = cached.as_ref()
+            && *at == seq
+        {
+            return Ok(summary.clone());
+        }
+        let txn = self.read_txn()?;
+        let table = txn.open_table(DOC_META)?;
+        let mut summary = Summary::default();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            if let Some(meta) = DocMeta::decode(value.value()) {
+                summary.add(&key_doc(key.value()), &meta.heads, meta.held);
+            }
+        }
+        if let Ok(mut cached) = self.inner.summary.lock() {
+            *cached = Some((seq, summary.clone()));
+        }
+        Ok(summary)
+    }
+
+    /// The documents of one summary bucket after `after` (by id), at most `limit`, with
+    /// their heads; and whether more follow.
+    pub fn read_range(
+        &self,
+        bucket: u8,
+        after: Option<DocId>,
+        limit: usize,
+    ) -> Result<(Vec<FeedItem>, bool)> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(DOC_META)?;
+        let start = after.map_or(0, |id| doc_key(&id).saturating_add(1));
+        let mut entries = Vec::new();
+        for entry in table.range(start..)? {
+            let (key, value) = entry?;
+            let id = key_doc(key.value());
+            if Summary::bucket_of(&id) != bucket {
+                continue;
+            }
+            if entries.len() >= limit {
+                return Ok((entries, true));
+            }
+            if let Some(meta) = DocMeta::decode(value.value()) {
+                entries.push(FeedItem {
+                    seq: 0,
+                    id,
+                    collection: meta.collection,
+                    heads: heads_bytes(&meta.heads),
+                });
+            }
+        }
+        Ok((entries, false))
     }
 
     /// Every peer this node keeps state for.
@@ -238,4 +364,24 @@ impl Store {
         self.send(Command::RetryHeld { reply })?;
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
+}
+
+/// The changes a peer lacks, told by its summary (an Automerge sync message with its
+/// heads and a Bloom filter of its changes): whatever Automerge's sync protocol would
+/// send it next.
+fn changes_for_summary(doc: &mut Automerge, have: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    guarded(|| {
+        let message = automerge::sync::Message::decode(have)
+            .map_err(|e| format!("unreadable summary: {e}"))?;
+        if !message.changes.is_empty() {
+            return Err("the summary carries changes".into());
+        }
+        let mut state = automerge::sync::State::new();
+        doc.receive_sync_message(&mut state, message)
+            .map_err(|e| format!("unusable summary: {e}"))?;
+        Ok(doc
+            .generate_sync_message(&mut state)
+            .map(|reply| reply.changes.iter().flatten().copied().collect())
+            .unwrap_or_default())
+    })
 }

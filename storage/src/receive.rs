@@ -99,14 +99,18 @@ impl Writer {
             );
             return self.hold(tables, arrival, held, meta, reason);
         }
-        if let Some(reason) = early_refusal {
+        let exists = meta.as_ref().is_some_and(|m| !m.held);
+        if let Some(reason) = early_refusal
+            && !exists
+        {
+            // (For a document stored here, the merge below says whether the refused
+            // bytes bring anything it lacks.)
             return self.hold(tables, arrival, held, meta, reason);
         }
         if self.poisoned.contains(&id) {
             let reason = "merging it made Automerge fail before; it is kept aside".to_owned();
             return self.hold(tables, arrival, held, meta, reason);
         }
-        let exists = meta.as_ref().is_some_and(|m| !m.held);
         if exists {
             self.merge_existing(tables, staged, batch, arrival, held, meta)
         } else {
@@ -173,8 +177,11 @@ impl Writer {
         match outcome {
             Some((record, held_resolved)) => {
                 let changed = doc.get_heads() != before;
+                let superseded = held.as_ref().is_some_and(|h| superseded(doc, h));
                 working.record = Some(record.clone());
-                if held_resolved || (held.is_some() && arrival.fresh.is_none()) {
+                // What was held is resolved when it merged, or when the document has
+                // every change its sender announced (a good copy arrived another way).
+                if held_resolved || superseded || (held.is_some() && arrival.fresh.is_none()) {
                     tables.held.remove(doc_key(&id))?;
                     tracing::info!(doc = %id, "a held document merged at last; it is no longer held");
                 }
@@ -186,7 +193,32 @@ impl Writer {
                     held: None,
                 })
             }
-            None => self.hold(tables, arrival, held, meta, last_reason),
+            None => {
+                // Bytes that cannot be merged but bring nothing this document lacks (a
+                // damaged copy of changes that arrived intact another way) lose nothing.
+                let have_all = |heads: &[[u8; 32]]| {
+                    let hashes: Vec<automerge::ChangeHash> =
+                        heads.iter().copied().map(automerge::ChangeHash).collect();
+                    !hashes.is_empty()
+                        && automerge::ReadDoc::get_missing_deps(doc, &hashes).is_empty()
+                };
+                let redundant = have_all(&arrival.heads);
+                let held_superseded = held.as_ref().is_some_and(|h| superseded(doc, h));
+                if redundant && (held.is_none() || held_superseded) {
+                    if held.is_some() {
+                        tables.held.remove(doc_key(&id))?;
+                    }
+                    tracing::debug!(doc = %id, reason = %escape(&last_reason), "unmergeable bytes from a peer brought nothing new; the document already has them");
+                    return Ok(WriteOutcome {
+                        id,
+                        record: working.record.clone().unwrap_or_default(),
+                        changed: false,
+                        seq: 0,
+                        held: None,
+                    });
+                }
+                self.hold(tables, arrival, held, meta, last_reason)
+            }
         }
     }
 
@@ -246,6 +278,9 @@ impl Writer {
                 Err(reason) => still_held = Some(reason),
             }
         }
+        if held.as_ref().is_some_and(|h| superseded(&doc, h)) {
+            still_held = None;
+        }
         match (&held, still_held) {
             (Some(_), None) => {
                 tables.held.remove(doc_key(&id))?;
@@ -301,7 +336,10 @@ impl Writer {
         if arrival.from.is_some() {
             entry.from = arrival.from.clone();
         }
-        if let Some(fresh) = arrival.fresh {
+        if let Some(fresh) = arrival
+            .fresh
+            .filter(|f| !entry.payloads.iter().any(|p| p.as_slice() == f.as_slice()))
+        {
             if entry.size() + fresh.len() > MAX_HELD_BYTES
                 || entry.payloads.len() >= MAX_HELD_PAYLOADS
             {
@@ -524,6 +562,17 @@ impl Writer {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Whether a document already has every change a held copy of it announced.
+fn superseded(doc: &automerge::Automerge, held: &HeldDoc) -> bool {
+    use automerge::ReadDoc;
+    let claimed: Vec<automerge::ChangeHash> = medmesh_protocol::wire::split_heads(&held.heads)
+        .unwrap_or_default()
+        .into_iter()
+        .map(automerge::ChangeHash)
+        .collect();
+    !claimed.is_empty() && doc.get_missing_deps(&claimed).is_empty()
 }
 
 /// The schema in force for a schema document's record: the base collections with the

@@ -141,6 +141,9 @@ pub(crate) struct Inner {
     info: StoreInfo,
     writer: std::sync::mpsc::SyncSender<Command>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// The last anti-entropy summary and the feed position it was computed at (a memo:
+    /// anyone may compute and replace it).
+    pub(crate) summary: Mutex<Option<(u64, medmesh_protocol::wire::Summary)>>,
 }
 
 impl Drop for Inner {
@@ -251,6 +254,7 @@ impl Store {
                 info,
                 writer: tx,
                 writer_thread: Mutex::new(Some(handle)),
+                summary: Mutex::new(None),
             }),
         })
     }

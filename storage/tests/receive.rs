@@ -157,9 +157,26 @@ fn damaged_bytes_are_held_relayed_as_they_came_and_merged_when_good_ones_arrive(
     assert_eq!(entry.heads.as_ref(), heads(&good).concat().as_slice());
     let sent = store.load_for_peer(&[id], &[]).expect("load").remove(0);
     assert_eq!(sent.bytes.as_ref(), damaged.as_slice());
-    // A peer that has the same heads is not asked again.
+    // A peer that announces it is asked for its copy, whole: it may be a good one.
     let (missing, behind) = store.check_docs(&page).expect("check");
-    assert!(missing.is_empty() && behind.is_empty());
+    assert_eq!(missing, vec![id]);
+    assert!(behind.is_empty());
+    // The same bytes again are not kept twice.
+    merge(
+        &store,
+        "patients",
+        id,
+        received(damaged.clone(), heads(&good)),
+    );
+    assert_eq!(
+        store
+            .held_doc(&id)
+            .expect("held")
+            .expect("kept")
+            .payloads
+            .len(),
+        1
+    );
 
     // The good document arrives: it is stored; the damaged copy stays held (it never
     // merges), named with its reason.
@@ -257,6 +274,7 @@ fn a_held_document_is_served_to_a_peer_that_asks_for_its_changes() {
             &[WantChanges {
                 id,
                 heads: serde_bytes::ByteBuf::new(),
+                have: None,
             }],
         )
         .expect("load");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod proxy;
+pub mod sim;
 
 /// The `medmesh` binary of this build (`MEDMESH_BIN` overrides).
 pub fn medmesh_bin() -> PathBuf {

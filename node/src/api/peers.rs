@@ -2,8 +2,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
@@ -23,6 +23,40 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
     Ok(Json(
         json!({ "mesh": mesh.fingerprint(), "peers": mesh.peers() }),
     ))
+}
+
+/// `POST /v1/peers/{peer_id}/verify`: compares everything this node holds with the peer
+/// (repairing differences), and says whether they agree.
+pub async fn verify(
+    State(state): State<AppState>,
+    Path(peer): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    let report = mesh
+        .verify(&peer)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "peer_not_syncing", format!("{e:#}")))?;
+    Ok(Json(json!(report)))
+}
+
+/// `DELETE /v1/peers/{peer_id}`: forgets a peer (disconnects it, stops dialing it).
+pub async fn forget(
+    State(state): State<AppState>,
+    Path(peer): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    let known = mesh
+        .forget(&peer)
+        .await
+        .map_err(|e| ApiError::bad_request("bad_peer", format!("{e:#}")))?;
+    if !known {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_peer",
+            format!("{peer} is not a peer this node knows; `medmesh peers` lists them"),
+        ));
+    }
+    Ok(Json(json!({"peer_id": peer, "forgotten": true})))
 }
 
 /// Connects to a node by address (and remembers it).

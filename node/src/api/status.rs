@@ -7,6 +7,9 @@ use serde_json::{Value, json};
 
 use super::{ApiError, AppState, MAX_PAGE, blocking};
 
+/// Held documents listed in the status at most (all are counted).
+const HELD_SHOWN: usize = 50;
+
 /// `GET /health`
 pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
@@ -15,7 +18,14 @@ pub async fn health() -> Json<Value> {
 /// `GET /v1/status`
 pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let s = state.clone();
-    let (counts, seq) = blocking(move || Ok((s.store().counts()?, s.store().last_seq()?))).await?;
+    let (counts, seq, (held, held_total)) = blocking(move || {
+        Ok((
+            s.store().counts()?,
+            s.store().last_seq()?,
+            s.store().held(HELD_SHOWN)?,
+        ))
+    })
+    .await?;
     let total: u64 = counts.values().sum();
     let info = state.store().info();
     let mesh = state.mesh().map(|mesh| {
@@ -39,6 +49,7 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "records": counts,
         "total_records": total,
         "feed": {"seq": seq, "epoch": info.feed_epoch},
+        "held": {"total": held_total, "documents": held},
         "uptime_s": state.inner.started.elapsed().as_secs(),
     })))
 }

@@ -61,17 +61,72 @@ pub struct PeerView {
     pub waiting_for: Option<String>,
     /// Why the last session ended, if it did.
     pub last_error: Option<String>,
+    /// When this node last compared everything it holds with the peer (RFC 3339).
+    pub last_check: Option<String>,
+    /// What that comparison found.
+    pub last_check_result: Option<String>,
 }
 
-/// Per-peer status shared by the network actor and the sessions.
+/// What `medmesh verify --peer` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// The peer.
+    pub peer_id: String,
+    /// This node and the peer hold the same documents at the same versions.
+    pub equal: bool,
+    /// Comparison rounds run (a difference is repaired, then compared again).
+    pub rounds: usize,
+    /// Documents (or changes of them) this node lacked and fetched.
+    pub repaired_here: u64,
+    /// Summary buckets that still differed at the last round.
+    pub differing_buckets: usize,
+    /// Documents this node holds.
+    pub local_documents: u64,
+    /// Documents the peer holds.
+    pub peer_documents: u64,
+}
+
+/// Per-peer status shared by the network actor and the sessions. An entry is made only
+/// for a peer that proved it belongs to the mesh (or that this node remembers), and
+/// there are at most [`MAX_PEER_STATUS`].
 pub type SharedStatus = Arc<Mutex<BTreeMap<String, PeerView>>>;
 
+/// Peers shown in the status at most; the longest unseen of those not connected go first.
+pub const MAX_PEER_STATUS: usize = 256;
+
+/// Makes or changes a peer's status entry (only for members and remembered peers).
 pub(crate) fn update_status(status: &SharedStatus, peer: &str, change: impl FnOnce(&mut PeerView)) {
     if let Ok(mut map) = status.lock() {
+        if !map.contains_key(peer) && map.len() >= MAX_PEER_STATUS {
+            let evict = map
+                .values()
+                .filter(|v| !v.connected)
+                .min_by(|a, b| a.last_seen.cmp(&b.last_seen))
+                .map(|v| v.peer_id.clone());
+            match evict {
+                Some(old) => {
+                    map.remove(&old);
+                }
+                None => return,
+            }
+        }
         let view = map.entry(peer.to_owned()).or_insert_with(|| PeerView {
             peer_id: peer.to_owned(),
             ..PeerView::default()
         });
+        change(view);
+    }
+}
+
+/// Changes a peer's status entry if it has one.
+pub(crate) fn update_existing(
+    status: &SharedStatus,
+    peer: &str,
+    change: impl FnOnce(&mut PeerView),
+) {
+    if let Ok(mut map) = status.lock()
+        && let Some(view) = map.get_mut(peer)
+    {
         change(view);
     }
 }
@@ -83,6 +138,14 @@ pub(crate) enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Verify {
+        peer: String,
+        reply: oneshot::Sender<Result<oneshot::Receiver<medmesh_protocol::sync::RoundReport>>>,
+    },
+    Forget {
+        peer: String,
+        reply: oneshot::Sender<Result<bool>>,
     },
 }
 
@@ -117,6 +180,66 @@ impl Mesh {
             .await
             .map_err(|_| Self::closed())?;
         answer.await.map_err(|_| Self::closed())
+    }
+
+    /// Compares everything this node holds with a connected peer (anti-entropy rounds
+    /// until they agree, at most a few), repairing what differs on the way.
+    pub async fn verify(&self, peer: &str) -> Result<VerifyReport> {
+        const ROUNDS: usize = 4;
+        let mut report = VerifyReport {
+            peer_id: peer.to_owned(),
+            equal: false,
+            rounds: 0,
+            repaired_here: 0,
+            differing_buckets: 0,
+            local_documents: 0,
+            peer_documents: 0,
+        };
+        while report.rounds < ROUNDS {
+            let (reply, answer) = oneshot::channel();
+            self.commands
+                .send(Command::Verify {
+                    peer: peer.to_owned(),
+                    reply,
+                })
+                .await
+                .map_err(|_| Self::closed())?;
+            let round = answer.await.map_err(|_| Self::closed())??;
+            let round = tokio::time::timeout(std::time::Duration::from_secs(120), round)
+                .await
+                .map_err(|_| {
+                    anyhow!("the comparison with {peer} took more than two minutes; try again")
+                })?
+                .map_err(|_| {
+                    anyhow!("the connection to {peer} ended during the comparison; try again")
+                })?;
+            report.rounds += 1;
+            report.repaired_here += round.fetched;
+            report.differing_buckets = round.differing_buckets;
+            report.local_documents = round.local_count;
+            report.peer_documents = round.remote_count;
+            if round.differing_buckets == 0 {
+                report.equal = true;
+                break;
+            }
+            // Give the peer's own repair a moment before comparing again.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        Ok(report)
+    }
+
+    /// Forgets a peer: disconnects it, stops dialing it, drops what this node keeps
+    /// about it. Answers whether it was known.
+    pub async fn forget(&self, peer: &str) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Forget {
+                peer: peer.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| Self::closed())?;
+        answer.await.map_err(|_| Self::closed())?
     }
 
     /// Every peer known now.

@@ -21,8 +21,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::discovery::{Discovery, DiscoveryConfig, DiscoveryEvent};
-use super::session::{self, SessionContext};
-use super::{COMMAND_CAPACITY, Command, Mesh, SYNC_PROTOCOL, SharedStatus, update_status};
+use super::session::{self, SESSION_COMMANDS, SessionCommand, SessionContext};
+use super::{
+    COMMAND_CAPACITY, Command, Mesh, SYNC_PROTOCOL, SharedStatus, update_existing, update_status,
+};
 
 /// Discovery events that may wait.
 const DISCOVERY_CAPACITY: usize = 64;
@@ -34,6 +36,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 const HIGHER_DIAL_GRACE: Duration = Duration::from_secs(5);
 /// Connections close this long after their last stream.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections a node keeps at most (members or not).
+const MAX_CONNECTIONS: usize = 128;
+/// Connections from one IP address at most (loopback excepted: tests and local tools).
+const MAX_CONNECTIONS_PER_IP: usize = 8;
+/// Peers that proved membership, waiting to be noted by the actor.
+const ESTABLISHED_CAPACITY: usize = 64;
 
 /// How the mesh starts.
 #[derive(Debug, Clone)]
@@ -54,6 +62,13 @@ struct Behaviour {
     stream: libp2p_stream::Behaviour,
 }
 
+/// A running session: its number, how to stop it and how to reach it.
+struct SessionHandle {
+    id: u64,
+    cancel: CancellationToken,
+    commands: mpsc::Sender<SessionCommand>,
+}
+
 /// A peer to dial again, and when.
 #[derive(Debug)]
 struct Redial {
@@ -71,7 +86,12 @@ struct Network {
     /// Established connections per peer: (id, dialed by us).
     connections: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
     /// Running sessions per peer.
-    sessions: HashMap<PeerId, (u64, CancellationToken)>,
+    sessions: HashMap<PeerId, SessionHandle>,
+    /// Peers that proved their membership in a session (only these get a status entry
+    /// and are remembered).
+    members: HashSet<PeerId>,
+    /// The remote address of each connection (for the per-address limit).
+    conn_addr: HashMap<ConnectionId, Multiaddr>,
     next_session: u64,
     tasks: JoinSet<(PeerId, u64, String)>,
     /// Addresses dialed without a known peer id (`--peer`, the API).
@@ -153,11 +173,13 @@ pub async fn start(
         .map_err(|_| anyhow::anyhow!("the sync protocol was registered twice"))?;
     let status: SharedStatus = Default::default();
     let fingerprint = credential.fingerprint();
+    let (established_tx, established_rx) = mpsc::channel(ESTABLISHED_CAPACITY);
     let context = SessionContext {
         store: store.clone(),
         local_peer: local.to_string(),
         credential,
         status: status.clone(),
+        established: established_tx,
     };
     let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
     let mut network = Network {
@@ -169,6 +191,8 @@ pub async fn start(
         control,
         connections: HashMap::new(),
         sessions: HashMap::new(),
+        members: HashSet::new(),
+        conn_addr: HashMap::new(),
         next_session: 1,
         tasks: JoinSet::new(),
         pinned: Vec::new(),
@@ -204,6 +228,7 @@ pub async fn start(
         network
             .run(
                 commands,
+                established_rx,
                 incoming,
                 discovery_tx,
                 discovery_rx,
@@ -302,6 +327,7 @@ impl Network {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
+        mut established: mpsc::Receiver<String>,
         mut incoming: libp2p_stream::IncomingStreams,
         discovery_tx: mpsc::Sender<DiscoveryEvent>,
         mut discovery_rx: mpsc::Receiver<DiscoveryEvent>,
@@ -350,6 +376,7 @@ impl Network {
                     self.on_swarm_event(event).await;
                 }
                 Some((peer, stream)) = incoming.next() => self.on_incoming(peer, stream),
+                Some(peer) = established.recv() => self.on_established(peer).await,
                 Some(event) = discovery_rx.recv() => self.on_discovery(event),
                 Some(ended) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Ok((peer, id, reason)) = ended {
@@ -359,8 +386,8 @@ impl Network {
                 _ = tick.tick() => self.on_tick(),
             }
         }
-        for (_, (_, cancel)) in self.sessions.drain() {
-            cancel.cancel();
+        for (_, handle) in self.sessions.drain() {
+            handle.cancel.cancel();
         }
         while self.tasks.join_next().await.is_some() {}
         if let Some(discovery) = discovery {
@@ -382,6 +409,114 @@ impl Network {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::Verify { peer, reply } => {
+                let answer = match peer.parse::<PeerId>() {
+                    Err(_) => Err(anyhow::anyhow!(
+                        "`{peer}` is not a peer id; `medmesh peers` lists them"
+                    )),
+                    Ok(id) => match self.sessions.get(&id) {
+                        Some(handle) if self.members.contains(&id) => {
+                            let (round_reply, round) = tokio::sync::oneshot::channel();
+                            match handle
+                                .commands
+                                .try_send(SessionCommand::Verify { reply: round_reply })
+                            {
+                                Ok(()) => Ok(round),
+                                Err(_) => Err(anyhow::anyhow!(
+                                    "the sync with {peer} is busy; try again in a moment"
+                                )),
+                            }
+                        }
+                        _ => Err(anyhow::anyhow!(
+                            "{peer} is not connected and syncing now; `medmesh peers` shows which peers are"
+                        )),
+                    },
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Forget { peer, reply } => {
+                let _ = reply.send(self.forget(&peer).await);
+            }
+        }
+    }
+
+    /// Drops everything this node keeps about a peer and stops dialing it.
+    async fn forget(&mut self, peer: &str) -> Result<bool> {
+        let id: PeerId = peer.parse().map_err(|_| {
+            anyhow::anyhow!("`{peer}` is not a peer id; `medmesh peers` lists them")
+        })?;
+        let mut known = self.known.remove(&id).is_some();
+        known |= self.members.remove(&id);
+        if let Some(handle) = self.sessions.remove(&id) {
+            handle.cancel.cancel();
+        }
+        self.redial_peers.remove(&id);
+        self.awaiting_dial.remove(&id);
+        self.reopen.remove(&id);
+        let pinned: Vec<Multiaddr> = self
+            .pinned_peer
+            .iter()
+            .filter(|(_, p)| **p == id)
+            .map(|(a, _)| a.clone())
+            .collect();
+        for addr in pinned {
+            self.pinned.retain(|a| *a != addr);
+            self.pinned_peer.remove(&addr);
+            self.redial_addrs.remove(&addr);
+            self.store
+                .update_peer(&format!("addr:{addr}"), PeerUpdate::Forget)
+                .await?;
+            known = true;
+        }
+        if self.swarm.is_connected(&id) {
+            let _ = self.swarm.disconnect_peer_id(id);
+            known = true;
+        }
+        if let Ok(mut map) = self.status.lock() {
+            known |= map.remove(peer).is_some();
+        }
+        known |= self.store.peer(peer)?.is_some();
+        self.store.update_peer(peer, PeerUpdate::Forget).await?;
+        tracing::info!(%peer, "forgot the peer");
+        Ok(known)
+    }
+
+    /// A peer proved its membership: it gets a status entry and is remembered.
+    async fn on_established(&mut self, peer: String) {
+        let Ok(id) = peer.parse::<PeerId>() else {
+            return;
+        };
+        if !self.swarm.is_connected(&id) {
+            return;
+        }
+        self.members.insert(id);
+        let connections = self.connections.get(&id).map_or(0, Vec::len);
+        let addrs: Vec<String> = self
+            .known
+            .get(&id)
+            .map(|a| a.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        update_status(&self.status, &peer, |v| {
+            v.connected = true;
+            v.connections = connections;
+            v.last_seen = Some(record::format_timestamp(now_ms()));
+            for a in &addrs {
+                if !v.addresses.contains(a) {
+                    v.addresses.push(a.clone());
+                }
+            }
+        });
+        let dialed: Vec<String> = self
+            .connections
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter(|(_, dialed)| *dialed)
+            .filter_map(|(conn, _)| self.conn_addr.get(conn))
+            .map(ToString::to_string)
+            .collect();
+        if !dialed.is_empty() {
+            self.save_peer_seen(id, dialed).await;
         }
     }
 
@@ -402,6 +537,12 @@ impl Network {
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 tracing::info!(peer = %peer_id, %addr, dialed, "connected");
+                if !self.connection_allowed(&addr) {
+                    tracing::warn!(peer = %peer_id, %addr, "too many connections (from this address or in all); closing this one");
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
+                self.conn_addr.insert(connection_id, addr.clone());
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     let (bare, _) = split_peer(address);
                     for pinned in &self.pinned {
@@ -420,12 +561,12 @@ impl Network {
                 if count > 1 {
                     self.drop_duplicate_connections(peer_id);
                 }
-                update_status(&self.status, &peer_id.to_string(), |v| {
+                update_existing(&self.status, &peer_id.to_string(), |v| {
                     v.connected = true;
                     v.connections = count;
                     v.last_seen = Some(record::format_timestamp(now_ms()));
                     let text = addr.to_string();
-                    if !v.addresses.contains(&text) {
+                    if dialed && !v.addresses.contains(&text) {
                         v.addresses.push(text);
                     }
                 });
@@ -434,8 +575,10 @@ impl Network {
                     if !entry.contains(&addr) {
                         entry.push(addr.clone());
                     }
-                    let record_addrs = entry.iter().map(ToString::to_string).collect();
-                    self.save_peer_seen(peer_id, record_addrs).await;
+                    if self.members.contains(&peer_id) {
+                        let record_addrs = entry.iter().map(ToString::to_string).collect();
+                        self.save_peer_seen(peer_id, record_addrs).await;
+                    }
                 }
                 if self.local < peer_id && !self.sessions.contains_key(&peer_id) {
                     self.open_session(peer_id);
@@ -451,18 +594,19 @@ impl Network {
                 if let Some(conns) = self.connections.get_mut(&peer_id) {
                     conns.retain(|(id, _)| *id != connection_id);
                 }
-                update_status(&self.status, &peer_id.to_string(), |v| {
+                self.conn_addr.remove(&connection_id);
+                update_existing(&self.status, &peer_id.to_string(), |v| {
                     v.connections = num_established as usize;
                 });
                 if num_established == 0 {
                     self.connections.remove(&peer_id);
                     tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "disconnected");
-                    if let Some((_, cancel)) = self.sessions.remove(&peer_id) {
-                        cancel.cancel();
+                    if let Some(handle) = self.sessions.remove(&peer_id) {
+                        handle.cancel.cancel();
                     }
                     self.reopen.remove(&peer_id);
                     self.reopen_delay.remove(&peer_id);
-                    update_status(&self.status, &peer_id.to_string(), |v| {
+                    update_existing(&self.status, &peer_id.to_string(), |v| {
                         v.connected = false;
                         v.syncing = false;
                     });
@@ -519,14 +663,14 @@ impl Network {
     fn open_session(&mut self, peer: PeerId) {
         let mut control = self.control.clone();
         let context = self.context.clone();
-        let (id, cancel) = self.new_session(peer);
+        let (id, cancel, commands) = self.new_session(peer);
         self.tasks.spawn(async move {
             let stream = tokio::select! {
                 () = cancel.cancelled() => return (peer, id, "cancelled".to_owned()),
                 opened = control.open_stream(peer, super::SYNC_PROTOCOL) => opened,
             };
             let reason = match stream {
-                Ok(stream) => session::run(stream, peer.to_string(), context, cancel)
+                Ok(stream) => session::run(stream, peer.to_string(), context, commands, cancel)
                     .await
                     .unwrap_or_else(|e| format!("{e:#}")),
                 Err(err) => format!("cannot open the sync stream: {err}"),
@@ -535,36 +679,75 @@ impl Network {
         });
     }
 
-    fn new_session(&mut self, peer: PeerId) -> (u64, CancellationToken) {
-        if let Some((_, old)) = self.sessions.remove(&peer) {
-            old.cancel();
+    fn new_session(
+        &mut self,
+        peer: PeerId,
+    ) -> (u64, CancellationToken, mpsc::Receiver<SessionCommand>) {
+        if let Some(old) = self.sessions.remove(&peer) {
+            old.cancel.cancel();
         }
         let id = self.next_session;
         self.next_session += 1;
         let cancel = CancellationToken::new();
-        self.sessions.insert(peer, (id, cancel.clone()));
-        (id, cancel)
+        let (commands, receiver) = mpsc::channel(SESSION_COMMANDS);
+        self.sessions.insert(
+            peer,
+            SessionHandle {
+                id,
+                cancel: cancel.clone(),
+                commands,
+            },
+        );
+        (id, cancel, receiver)
     }
 
     fn on_incoming(&mut self, peer: PeerId, stream: libp2p::Stream) {
         let context = self.context.clone();
-        let (id, cancel) = self.new_session(peer);
+        let (id, cancel, commands) = self.new_session(peer);
         self.tasks.spawn(async move {
-            let reason = session::run(stream, peer.to_string(), context, cancel)
+            let reason = session::run(stream, peer.to_string(), context, commands, cancel)
                 .await
                 .unwrap_or_else(|e| format!("{e:#}"));
             (peer, id, reason)
         });
     }
 
+    /// Whether one more connection from `addr` may stay.
+    fn connection_allowed(&self, addr: &Multiaddr) -> bool {
+        if self.conn_addr.len() >= MAX_CONNECTIONS {
+            return false;
+        }
+        let Some(ip) = ip_of(addr) else {
+            return true;
+        };
+        if ip.is_loopback() {
+            return true;
+        }
+        let same = self
+            .conn_addr
+            .values()
+            .filter(|a| ip_of(a) == Some(ip))
+            .count();
+        same < MAX_CONNECTIONS_PER_IP
+    }
+
     fn on_session_ended(&mut self, peer: PeerId, id: u64, reason: String) {
         if self
             .sessions
             .get(&peer)
-            .is_some_and(|(current, _)| *current == id)
+            .is_some_and(|handle| handle.id == id)
         {
             self.sessions.remove(&peer);
+            let reason = medmesh_storage::escape(&reason);
             tracing::info!(%peer, %reason, "sync session ended");
+            if !self.members.contains(&peer) && self.pinned_peer.values().any(|p| *p == peer) {
+                // A node this device was told to reach (by hand or by an invite) that
+                // did not prove it belongs: say why, so the person can act on it.
+                update_status(&self.status, &peer.to_string(), |v| {
+                    v.connected = self.swarm.is_connected(&peer);
+                    v.last_error = Some(reason.clone());
+                });
+            }
             if self.swarm.is_connected(&peer) && self.local < peer {
                 // The first retry is at once (the peer reconnected and the old session
                 // just ended); repeated failures back off.
@@ -596,6 +779,7 @@ impl Network {
                 };
                 let addrs: Vec<Multiaddr> = addrs
                     .iter()
+                    .filter(|a| lan_address(&a.ip()))
                     .map(|a| {
                         let ip = match a.ip() {
                             std::net::IpAddr::V4(v4) => Protocol::Ip4(v4),
@@ -604,17 +788,12 @@ impl Network {
                         Multiaddr::empty().with(ip).with(Protocol::Tcp(a.port()))
                     })
                     .collect();
-                tracing::info!(%peer, ?addrs, "found a node of this mesh on the network");
+                if addrs.is_empty() || peer == self.local {
+                    return;
+                }
+                tracing::info!(%peer, ?addrs, "found a node that says it is of this mesh on the network");
                 self.discovered.insert(peer);
                 self.known.insert(peer, addrs.clone());
-                update_status(&self.status, &peer.to_string(), |v| {
-                    for a in &addrs {
-                        let text = a.to_string();
-                        if !v.addresses.contains(&text) {
-                            v.addresses.push(text);
-                        }
-                    }
-                });
                 // One side dials: the lower peer id. The other waits a little, then
                 // dials itself in case the lower one cannot see it.
                 if self.local < peer {
@@ -634,8 +813,8 @@ impl Network {
                 self.awaiting_dial.remove(&peer);
                 if !self.swarm.is_connected(&peer) {
                     self.redial_peers.remove(&peer);
-                    if let Ok(mut map) = self.status.lock() {
-                        map.remove(&peer.to_string());
+                    if !self.members.contains(&peer) {
+                        self.known.remove(&peer);
                     }
                 }
             }
@@ -718,5 +897,56 @@ async fn save_peer_seen(store: Store, peer: PeerId, addrs: Vec<String>) {
     };
     if let Err(err) = store.update_peer(&peer.to_string(), update).await {
         tracing::warn!(%peer, error = %err, "cannot remember the peer");
+    }
+}
+
+/// The IP address of a multiaddr, if it has one.
+fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+/// An address another device on the LAN could really have: not unspecified, loopback,
+/// multicast or broadcast (mDNS answers are anyone's to forge).
+fn lan_address(ip: &std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast())
+        }
+        std::net::IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_a_lan_device_could_have_are_dialed() {
+        for bad in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.251",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "ff02::fb",
+        ] {
+            let ip: std::net::IpAddr = bad.parse().expect("ip");
+            assert!(!lan_address(&ip), "{bad}");
+        }
+        for good in [
+            "192.168.1.20",
+            "10.0.0.5",
+            "169.254.3.4",
+            "fe80::1",
+            "fd00::2",
+        ] {
+            let ip: std::net::IpAddr = good.parse().expect("ip");
+            assert!(lan_address(&ip), "{good}");
+        }
     }
 }

@@ -1,20 +1,24 @@
 //! One sync session over one libp2p stream: bytes in and out, store work, status.
+//!
+//! Frames are decoded and handled one at a time, with the protocol's small handshake
+//! limits until the peer has proven its membership. Nothing about a peer (status entry,
+//! remembered address) is kept before that.
 
-use std::collections::VecDeque;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use medmesh_protocol::membership::Credential;
 use medmesh_protocol::record;
-use medmesh_protocol::sync::{Cursor, Input, Output, Session, SessionConfig};
-use medmesh_protocol::wire::{self, FrameDecoder};
+use medmesh_protocol::sync::{Cursor, Input, Output, RoundReport, Session, SessionConfig};
+use medmesh_protocol::wire::{self, FrameDecoder, Limits};
 use medmesh_storage::{PeerUpdate, Received, Store, WriteBatch, WriteKind, WriteOp, escape};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{SharedStatus, update_status};
+use super::{SharedStatus, update_existing, update_status};
 
 /// Frames that may wait to be written to the peer. The protocol's windows bound what is
 /// in flight far below this, so the session never stops reading while it waits.
@@ -25,7 +29,11 @@ const READ_CHUNK: usize = 64 * 1024;
 /// while the writer stores the previous).
 const STORES_IN_FLIGHT: usize = 2;
 /// A peer that has not proven its membership by then is dropped.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the session is told that time passed (anti-entropy rounds).
+const TICK: Duration = Duration::from_secs(1);
+/// Commands that may wait for a session.
+pub(crate) const SESSION_COMMANDS: usize = 8;
 
 /// What a session needs from the node.
 #[derive(Clone)]
@@ -34,6 +42,14 @@ pub(crate) struct SessionContext {
     pub local_peer: String,
     pub credential: Credential,
     pub status: SharedStatus,
+    /// Tells the network actor that a peer proved its membership.
+    pub established: mpsc::Sender<String>,
+}
+
+/// What the node may ask of a running session.
+pub(crate) enum SessionCommand {
+    /// Compare with the peer now (an anti-entropy round); answer what it found.
+    Verify { reply: oneshot::Sender<RoundReport> },
 }
 
 fn now_ms() -> u64 {
@@ -49,10 +65,11 @@ pub(crate) async fn run(
     stream: libp2p::Stream,
     remote: String,
     context: SessionContext,
+    commands: mpsc::Receiver<SessionCommand>,
     cancel: CancellationToken,
 ) -> Result<String> {
     let span = tracing::info_span!("sync", peer = %remote);
-    drive(stream, remote, context, cancel)
+    drive(stream, remote, context, commands, cancel)
         .instrument(span)
         .await
 }
@@ -61,6 +78,7 @@ async fn drive(
     stream: libp2p::Stream,
     remote: String,
     context: SessionContext,
+    mut commands: mpsc::Receiver<SessionCommand>,
     cancel: CancellationToken,
 ) -> Result<String> {
     let store = context.store.clone();
@@ -101,14 +119,13 @@ async fn drive(
         remote: &remote,
         frames,
         storing: tokio::task::JoinSet::new(),
+        verifies: HashMap::new(),
+        next_token: 1,
     };
-    update_status(&context.status, &remote, |v| {
-        v.syncing = true;
-        v.last_error = None;
-    });
     let first = session.start();
     let mut ended = driver.execute(&mut session, first).await?;
     let handshake_deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut tick = tokio::time::interval(TICK);
     while ended.is_none() {
         let input = tokio::select! {
             biased;
@@ -121,6 +138,14 @@ async fn drive(
                 ended = Some("the peer did not complete the handshake in time".to_owned());
                 break;
             }
+            Some(command) = commands.recv() => match command {
+                SessionCommand::Verify { reply } => {
+                    let token = driver.next_token;
+                    driver.next_token += 1;
+                    driver.verifies.insert(token, reply);
+                    vec![Input::Verify { token }]
+                }
+            },
             read = reader.read(&mut buffer) => {
                 let n = read.context("the connection to the peer broke")?;
                 if n == 0 {
@@ -128,10 +153,18 @@ async fn drive(
                     break;
                 }
                 decoder.push(&buffer[..n]);
-                let mut inputs = Vec::new();
+                // One frame at a time: each is handled (its documents queued for
+                // storing, its answers sent) before the next is decoded.
                 loop {
-                    match decoder.next_message() {
-                        Ok(Some(message)) => inputs.push(Input::Message(message)),
+                    let limits = if session.is_open() { Limits::OPEN } else { Limits::HANDSHAKE };
+                    match decoder.next_message_within(limits) {
+                        Ok(Some(message)) => {
+                            let outputs = session.handle(Input::Message(message), now_ms());
+                            if let Some(reason) = driver.execute(&mut session, outputs).await? {
+                                ended = Some(reason);
+                                break;
+                            }
+                        }
                         Ok(None) => break,
                         Err(err) => {
                             tracing::warn!(error = %err, "closing the sync: the peer sent something unreadable");
@@ -140,7 +173,7 @@ async fn drive(
                         }
                     }
                 }
-                inputs
+                Vec::new()
             }
             Some(stored) = driver.storing.join_next(), if !driver.storing.is_empty() => {
                 let req = stored.context("storing documents from the peer was interrupted")??;
@@ -154,16 +187,19 @@ async fn drive(
                 let seq = *feed.borrow_and_update();
                 vec![Input::LocalFeedAdvanced { seq }]
             }
+            _ = tick.tick() => vec![Input::Tick],
         };
         for input in input {
+            if ended.is_some() {
+                break;
+            }
             let outputs = session.handle(input, now_ms());
             if let Some(reason) = driver.execute(&mut session, outputs).await? {
                 ended = Some(reason);
-                break;
             }
         }
-        if ended.is_none() {
-            update_status(&context.status, &remote, |v| {
+        if ended.is_none() && session.is_open() {
+            update_existing(&context.status, &remote, |v| {
                 v.pending_in = session.pending_in();
                 v.pending_out = session.pending_out();
                 v.waiting_for = Some(session.waiting_for());
@@ -176,11 +212,11 @@ async fn drive(
     drop(driver);
     let _ = write_task.await;
     let reason = ended.unwrap_or_else(|| "ended".into());
-    update_status(&context.status, &remote, |v| {
+    update_existing(&context.status, &remote, |v| {
         v.syncing = false;
         v.pending_in = 0;
         v.waiting_for = None;
-        v.last_error = Some(reason.clone());
+        v.last_error = Some(escape(&reason));
     });
     Ok(reason)
 }
@@ -191,6 +227,9 @@ struct Driver<'a> {
     frames: mpsc::Sender<Vec<u8>>,
     /// Batches of received documents being stored; each answers its request number.
     storing: tokio::task::JoinSet<Result<u64>>,
+    /// Verify requests waiting for their round.
+    verifies: HashMap<u64, oneshot::Sender<RoundReport>>,
+    next_token: u64,
 }
 
 impl Driver<'_> {
@@ -203,6 +242,7 @@ impl Driver<'_> {
     ) -> Result<Option<String>> {
         let mut queue: VecDeque<Output> = outputs.into();
         while let Some(output) = queue.pop_front() {
+            let store = self.context.store.clone();
             let input = match output {
                 Output::Send(message) => {
                     let frame = wire::encode(&message)?;
@@ -213,7 +253,6 @@ impl Driver<'_> {
                     None
                 }
                 Output::ReadFeed { after, limit } => {
-                    let store = self.context.store.clone();
                     let head = *store.subscribe_feed().borrow();
                     let (entries, last_seq) =
                         blocking(move || store.feed_page(after, limit)).await?;
@@ -223,11 +262,10 @@ impl Driver<'_> {
                         head: head.max(last_seq),
                     })
                 }
-                Output::CheckDocs { upto, entries } => {
-                    let store = self.context.store.clone();
+                Output::CheckDocs { page, entries } => {
                     let (missing, behind) = blocking(move || store.check_docs(&entries)).await?;
                     Some(Input::Checked {
-                        upto,
+                        page,
                         missing,
                         behind,
                     })
@@ -237,9 +275,21 @@ impl Driver<'_> {
                     whole,
                     changes,
                 } => {
-                    let store = self.context.store.clone();
-                    let docs = blocking(move || store.load_for_peer(&whole, &changes)).await?;
-                    Some(Input::Loaded { req, docs })
+                    let (docs, diverged) =
+                        blocking(move || store.load_for_peer_diverged(&whole, &changes)).await?;
+                    Some(Input::Loaded {
+                        req,
+                        docs,
+                        diverged,
+                    })
+                }
+                Output::PrepareHave { req, ids } => {
+                    let (changes, whole) = blocking(move || store.prepare_have(&ids)).await?;
+                    Some(Input::HaveReady {
+                        req,
+                        changes,
+                        whole,
+                    })
                 }
                 Output::StoreDocs { req, docs } => {
                     // Stored in the background; `Input::Stored` follows when durable.
@@ -250,14 +300,12 @@ impl Driver<'_> {
                             queue.extend(session.handle(Input::Stored { req }, now_ms()));
                         }
                     }
-                    let store = self.context.store.clone();
                     self.storing
                         .spawn(store_docs(store, req, docs, self.remote.to_owned()));
                     None
                 }
                 Output::SaveCursor(cursor) => {
-                    self.context
-                        .store
+                    store
                         .update_peer(
                             self.remote,
                             PeerUpdate::Cursor {
@@ -270,12 +318,46 @@ impl Driver<'_> {
                         .context("saving the sync position failed")?;
                     None
                 }
+                Output::ComputeSummary => {
+                    let summary = blocking(move || store.summary()).await?;
+                    Some(Input::SummaryComputed { summary })
+                }
+                Output::ReadRange {
+                    round,
+                    bucket,
+                    after,
+                    limit,
+                } => {
+                    let (entries, more) =
+                        blocking(move || store.read_range(bucket, after, limit)).await?;
+                    Some(Input::RangeRead {
+                        round,
+                        bucket,
+                        entries,
+                        more,
+                    })
+                }
+                Output::RoundDone(report) => {
+                    self.round_done(&report);
+                    None
+                }
+                Output::Verified { token, report } => {
+                    if let Some(reply) = self.verifies.remove(&token) {
+                        let _ = reply.send(report);
+                    }
+                    None
+                }
                 Output::Established { remote_epoch } => {
-                    tracing::info!(%remote_epoch, "sync session established");
+                    tracing::info!(%remote_epoch, "sync session established: the peer proved it belongs to this mesh");
+                    let _ = self.context.established.send(self.remote.to_owned()).await;
+                    update_status(&self.context.status, self.remote, |v| {
+                        v.syncing = true;
+                        v.last_error = None;
+                    });
                     None
                 }
                 Output::Close { reason } => {
-                    tracing::info!(%reason, "sync session ended");
+                    tracing::info!(reason = %escape(&reason), "sync session ended");
                     return Ok(Some(reason));
                 }
             };
@@ -284,6 +366,37 @@ impl Driver<'_> {
             }
         }
         Ok(None)
+    }
+
+    fn round_done(&self, report: &RoundReport) {
+        if report.fetched > 0 {
+            tracing::warn!(
+                fetched = report.fetched,
+                buckets = report.differing_buckets,
+                "anti-entropy: this node lacked documents (or changes) that the sync had not brought; they were fetched from the peer"
+            );
+        } else {
+            tracing::debug!(
+                buckets = report.differing_buckets,
+                local = report.local_count,
+                remote = report.remote_count,
+                "anti-entropy round done"
+            );
+        }
+        let text = if report.differing_buckets == 0 {
+            "same documents on both".to_owned()
+        } else if report.fetched > 0 {
+            format!(
+                "{} documents were missing here and were fetched",
+                report.fetched
+            )
+        } else {
+            "nothing missing here (the peer fetches what it lacks)".to_owned()
+        };
+        update_existing(&self.context.status, self.remote, |v| {
+            v.last_check = Some(record::format_timestamp(now_ms() as i64));
+            v.last_check_result = Some(text);
+        });
     }
 }
 

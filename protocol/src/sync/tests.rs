@@ -169,7 +169,11 @@ fn message() -> impl Strategy<Value = Message> {
                 whole,
                 changes: ch
                     .into_iter()
-                    .map(|(id, heads)| WantChanges { id, heads })
+                    .map(|(id, heads)| WantChanges {
+                        id,
+                        heads,
+                        have: None,
+                    })
                     .collect()
             }),
         (
@@ -178,6 +182,7 @@ fn message() -> impl Strategy<Value = Message> {
             any::<bool>()
         )
             .prop_map(|(req, docs, done)| Message::Docs {
+                diverged: Vec::new(),
                 req,
                 docs: docs
                     .into_iter()
@@ -201,7 +206,219 @@ fn message() -> impl Strategy<Value = Message> {
             }
         }),
         any::<u64>().prop_map(|upto| Message::Ack { upto }),
+        (any::<u64>(), any::<bool>()).prop_map(|(round, reply)| Message::Summary {
+            round,
+            summary: crate::wire::Summary::default(),
+            reply,
+        }),
+        (any::<u64>(), any::<u8>()).prop_map(|(round, bucket)| Message::WantRange {
+            round,
+            bucket,
+            after: None,
+        }),
+        (any::<u64>(), any::<u8>(), any::<bool>()).prop_map(|(round, bucket, more)| {
+            Message::Range {
+                round,
+                bucket,
+                entries: Vec::new(),
+                more,
+            }
+        }),
     ]
+}
+
+/// Drives one open session as the puller through a page whose only document diverged.
+#[test]
+fn a_diverged_document_is_asked_again_with_a_summary_then_whole() {
+    let (mut a, _) = open_pair();
+    let id = DocId::new_v7();
+    let entry = FeedItem {
+        seq: 1,
+        id,
+        collection: "patients".into(),
+        heads: ByteBuf::from(vec![9; 32]),
+    };
+    let out = a.handle(
+        Input::Message(Message::Feed {
+            entries: vec![entry],
+            upto: 1,
+        }),
+        0,
+    );
+    let page = out
+        .iter()
+        .find_map(|o| match o {
+            Output::CheckDocs { page, .. } => Some(*page),
+            _ => None,
+        })
+        .expect("check");
+    let behind = WantChanges {
+        id,
+        heads: ByteBuf::from(vec![1; 32]),
+        have: None,
+    };
+    let out = a.handle(
+        Input::Checked {
+            page,
+            missing: vec![],
+            behind: vec![behind],
+        },
+        0,
+    );
+    let Some(Message::Want { req, .. }) = sent(&out).pop() else {
+        panic!("a want");
+    };
+    let out = a.handle(
+        Input::Message(Message::Docs {
+            req,
+            docs: vec![],
+            done: true,
+            diverged: vec![id],
+        }),
+        0,
+    );
+    let (req2, ids) = out
+        .iter()
+        .find_map(|o| match o {
+            Output::PrepareHave { req, ids } => Some((*req, ids.clone())),
+            _ => None,
+        })
+        .expect("asks for a summary of its changes");
+    assert_eq!(ids, vec![id]);
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::SaveCursor(_))),
+        "the page is not done"
+    );
+    let out = a.handle(
+        Input::HaveReady {
+            req: req2,
+            changes: vec![WantChanges {
+                id,
+                heads: ByteBuf::from(vec![1; 32]),
+                have: Some(ByteBuf::from(vec![1, 2])),
+            }],
+            whole: vec![],
+        },
+        0,
+    );
+    assert!(matches!(sent(&out).pop(), Some(Message::Want { req, .. }) if req == req2));
+    // Still not answerable: the document is taken whole.
+    let out = a.handle(
+        Input::Message(Message::Docs {
+            req: req2,
+            docs: vec![],
+            done: true,
+            diverged: vec![id],
+        }),
+        0,
+    );
+    let Some(Message::Want {
+        req: req3, whole, ..
+    }) = sent(&out).pop()
+    else {
+        panic!("a want for the whole document");
+    };
+    assert_eq!(whole, vec![id]);
+    let doc = DocPayload {
+        id,
+        collection: "patients".into(),
+        bytes: ByteBuf::from(vec![1]),
+        heads: ByteBuf::new(),
+    };
+    let out = a.handle(
+        Input::Message(Message::Docs {
+            req: req3,
+            docs: vec![doc],
+            done: true,
+            diverged: vec![],
+        }),
+        0,
+    );
+    assert!(out.iter().any(|o| matches!(o, Output::StoreDocs { .. })));
+    let out = a.handle(Input::Stored { req: req3 }, 0);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::SaveCursor(c) if c.seq == 1)),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn documents_nobody_asked_for_are_refused() {
+    let (mut a, _) = open_pair();
+    let out = a.handle(
+        Input::Message(Message::Docs {
+            req: 77,
+            docs: vec![],
+            done: true,
+            diverged: vec![],
+        }),
+        0,
+    );
+    assert!(a.is_closed(), "{out:?}");
+}
+
+#[test]
+fn equal_summaries_end_a_round_at_once_and_answer_verify() {
+    let (mut a, mut b) = open_pair();
+    let out = a.handle(Input::Verify { token: 5 }, 0);
+    assert!(out.contains(&Output::ComputeSummary));
+    let mut summary = crate::wire::Summary::default();
+    summary.add(&DocId::new_v7(), &[[1; 32]], false);
+    let to_b = sent(&a.handle(
+        Input::SummaryComputed {
+            summary: summary.clone(),
+        },
+        0,
+    ));
+    let mut to_a = Vec::new();
+    for m in to_b {
+        let out = b.handle(Input::Message(m), 0);
+        assert!(out.contains(&Output::ComputeSummary));
+        to_a.extend(sent(&b.handle(
+            Input::SummaryComputed {
+                summary: summary.clone(),
+            },
+            0,
+        )));
+    }
+    let mut verified = None;
+    for m in to_a {
+        for o in a.handle(Input::Message(m), 0) {
+            if let Output::Verified { token, report } = o {
+                verified = Some((token, report));
+            }
+        }
+    }
+    let (token, report) = verified.expect("verified");
+    assert_eq!(token, 5);
+    assert_eq!(report.differing_buckets, 0);
+    assert_eq!(report.local_count, 1);
+}
+
+#[test]
+fn summaries_name_the_buckets_that_differ() {
+    use crate::wire::Summary;
+    let ids: Vec<DocId> = (0..50).map(|_| DocId::new_v7()).collect();
+    let mut a = Summary::default();
+    let mut b = Summary::default();
+    for id in &ids {
+        a.add(id, &[[1; 32], [2; 32]], false);
+        b.add(id, &[[2; 32], [1; 32]], false);
+    }
+    assert!(a.differing(&b).is_empty(), "order of heads does not matter");
+    b.add(&ids[0], &[[2; 32], [1; 32]], false);
+    b.add(&ids[0], &[[3; 32]], false);
+    assert_eq!(a.differing(&b), vec![Summary::bucket_of(&ids[0])]);
+    let mut held = Summary::default();
+    let mut merged = Summary::default();
+    held.add(&ids[1], &[[1; 32]], true);
+    merged.add(&ids[1], &[[1; 32]], false);
+    assert_eq!(
+        held.differing(&merged).len(),
+        1,
+        "held is not the same as merged"
+    );
 }
 
 proptest! {

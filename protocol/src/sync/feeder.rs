@@ -1,0 +1,177 @@
+//! The feeder: this node's feed to the peer, a window of pages at a time, and the
+//! documents the peer asks for.
+
+use super::{DOCS_MESSAGE_BYTES, Output, PAGE, PART_BYTES, Session, WINDOW};
+use crate::DocId;
+use crate::wire::{DocPayload, FeedItem, Message, WantChanges};
+use serde_bytes::ByteBuf;
+
+/// Bytes of `have` summaries one request may carry at most.
+const MAX_HAVE_BYTES: usize = 8 * 1024 * 1024;
+
+impl Session {
+    pub(super) fn on_subscribe(&mut self, epoch: String, since: u64, out: &mut Vec<Output>) {
+        self.subscribed = true;
+        self.after = if epoch == self.config.local_epoch {
+            since
+        } else {
+            0
+        };
+        self.acked = self.after;
+        self.in_flight.clear();
+        self.told_caught_up = false;
+        self.maybe_read(out);
+    }
+
+    pub(super) fn on_ack(&mut self, upto: u64, out: &mut Vec<Output>) {
+        self.acked = self.acked.max(upto);
+        while self.in_flight.front().is_some_and(|u| *u <= upto) {
+            self.in_flight.pop_front();
+        }
+        self.maybe_read(out);
+    }
+
+    pub(super) fn on_want(
+        &mut self,
+        req: u64,
+        whole: Vec<DocId>,
+        changes: Vec<WantChanges>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), String> {
+        if whole.len() + changes.len() > 2 * PAGE {
+            return Err(format!(
+                "asked for {} documents at once, more than allowed",
+                whole.len() + changes.len()
+            ));
+        }
+        if self.loading >= 2 * WINDOW {
+            return Err("sent requests without waiting for the answers".into());
+        }
+        let have: usize = changes
+            .iter()
+            .map(|c| c.have.as_ref().map_or(0, |h| h.len()))
+            .sum();
+        if have > MAX_HAVE_BYTES || changes.iter().any(|c| !c.heads.len().is_multiple_of(32)) {
+            return Err("sent a malformed request".into());
+        }
+        self.loading += 1;
+        out.push(Output::LoadDocs {
+            req,
+            whole,
+            changes,
+        });
+        Ok(())
+    }
+
+    pub(super) fn maybe_read(&mut self, out: &mut Vec<Output>) {
+        if !self.subscribed || self.reading || self.in_flight.len() >= WINDOW {
+            return;
+        }
+        let behind = self.head.is_none_or(|h| h > self.after);
+        if behind || !self.told_caught_up {
+            self.reading = true;
+            out.push(Output::ReadFeed {
+                after: self.after,
+                limit: PAGE,
+            });
+        }
+    }
+
+    pub(super) fn on_feed_read(
+        &mut self,
+        entries: Vec<FeedItem>,
+        last_seq: u64,
+        head: u64,
+        out: &mut Vec<Output>,
+    ) {
+        self.reading = false;
+        self.head = Some(self.head.map_or(head, |h| h.max(head)));
+        if !self.subscribed {
+            return;
+        }
+        if head < self.after {
+            // The peer's cursor is past the end of this feed: this store was restored
+            // from an older copy. Serve the whole feed again rather than skip anything.
+            self.after = 0;
+            self.acked = 0;
+            self.head = Some(head);
+            self.told_caught_up = false;
+            self.maybe_read(out);
+            return;
+        }
+        let moved = last_seq > self.after;
+        let full = entries.len() >= PAGE;
+        let entries: Vec<FeedItem> = entries
+            .into_iter()
+            .filter(|entry| match self.echo.remove(&entry.id) {
+                Some(heads) => heads != entry.heads,
+                None => true,
+            })
+            .collect();
+        if moved || !self.told_caught_up {
+            self.after = self.after.max(last_seq);
+            self.in_flight.push_back(self.after);
+            self.told_caught_up = !full;
+            out.push(Output::Send(Message::Feed {
+                entries,
+                upto: self.after,
+            }));
+        }
+        self.maybe_read(out);
+    }
+
+    /// Sends the documents of request `req`, split into frames; the last message says
+    /// which documents could not be answered by heads.
+    pub(super) fn send_docs(
+        &mut self,
+        req: u64,
+        docs: Vec<DocPayload>,
+        diverged: Vec<DocId>,
+        out: &mut Vec<Output>,
+    ) {
+        let mut batch = Vec::new();
+        let mut size = 0;
+        for doc in docs {
+            if doc.bytes.len() > PART_BYTES {
+                if !batch.is_empty() {
+                    out.push(Output::Send(Message::Docs {
+                        req,
+                        docs: std::mem::take(&mut batch),
+                        done: false,
+                        diverged: Vec::new(),
+                    }));
+                    size = 0;
+                }
+                let total = doc.bytes.len() as u64;
+                for part in doc.bytes.chunks(PART_BYTES) {
+                    out.push(Output::Send(Message::DocPart {
+                        req,
+                        id: doc.id,
+                        collection: doc.collection.clone(),
+                        total,
+                        bytes: ByteBuf::from(part.to_vec()),
+                        heads: doc.heads.clone(),
+                    }));
+                }
+                continue;
+            }
+            if size + doc.bytes.len() > DOCS_MESSAGE_BYTES && !batch.is_empty() {
+                out.push(Output::Send(Message::Docs {
+                    req,
+                    docs: std::mem::take(&mut batch),
+                    done: false,
+                    diverged: Vec::new(),
+                }));
+                size = 0;
+            }
+            size += doc.bytes.len() + doc.collection.len() + doc.heads.len() + 24;
+            batch.push(doc);
+        }
+        out.push(Output::Send(Message::Docs {
+            req,
+            docs: batch,
+            done: true,
+            diverged,
+        }));
+    }
+}
