@@ -103,7 +103,7 @@ pub enum Input {
     /// (`after` itself when there are none), and the newest local position.
     FeedRead {
         /// The entries.
-        entries: Vec<FeedItem>,
+        entries: Vec<LocalEntry>,
         /// The position the read reached.
         last_seq: u64,
         /// The newest position of the local feed.
@@ -165,6 +165,12 @@ pub enum Input {
     },
     /// Time passed (the node ticks every second or so): starts anti-entropy rounds.
     Tick,
+    /// The peers this node has open sessions with now (sent to the peer, so that it
+    /// relays to this node only what this node cannot get from its source).
+    LocalNeighbors {
+        /// Peer ids.
+        peers: Vec<String>,
+    },
     /// Compare with the peer now; [`Output::Verified`] answers with `token`.
     Verify {
         /// The caller's token.
@@ -215,6 +221,9 @@ pub enum Output {
         req: u64,
         /// The documents.
         docs: Vec<DocPayload>,
+        /// Latest changes sent with announcements: merge those that build on what is
+        /// here, drop the others (never hold them); the announcements are checked next.
+        tentative: bool,
     },
     /// Store the cursor into the peer's feed (after the documents it covers).
     SaveCursor(Cursor),
@@ -251,6 +260,23 @@ pub enum Output {
         /// Why, for the logs and the person at the device.
         reason: String,
     },
+}
+
+/// One entry of the local feed, with the peer whose copy of the document this node's
+/// version is (when it came unchanged from one): a peer connected to that one too gets
+/// it from there, and is not sent it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEntry {
+    /// The entry.
+    pub item: FeedItem,
+    /// The peer the document's current version came from, if it came whole from one.
+    pub origin: Option<String>,
+}
+
+impl From<FeedItem> for LocalEntry {
+    fn from(item: FeedItem) -> Self {
+        Self { item, origin: None }
+    }
 }
 
 /// What an anti-entropy round found, from this side.
@@ -305,6 +331,10 @@ pub struct Session {
     told_caught_up: bool,
     loading: usize,
     acked: u64,
+    /// The peer's open sessions, as it last said.
+    remote_neighbors: std::collections::HashSet<String>,
+    /// Our open sessions, as last told to the peer.
+    local_neighbors: Vec<String>,
     // Anti-entropy.
     entropy: Entropy,
 }
@@ -334,6 +364,8 @@ impl Session {
             told_caught_up: false,
             loading: 0,
             acked: 0,
+            remote_neighbors: std::collections::HashSet::new(),
+            local_neighbors: Vec::new(),
             entropy: Entropy::default(),
         }
     }
@@ -471,6 +503,18 @@ impl Session {
                 self.maybe_start_round(now_ms, &mut out);
                 Ok(())
             }
+            Input::LocalNeighbors { mut peers } => {
+                peers.retain(|p| *p != self.config.remote_peer);
+                peers.sort();
+                peers.truncate(crate::wire::MAX_NEIGHBORS);
+                if peers != self.local_neighbors {
+                    self.local_neighbors = peers.clone();
+                    if self.is_open() {
+                        out.push(Output::Send(Message::Neighbors { peers }));
+                    }
+                }
+                Ok(())
+            }
             Input::Verify { token } => {
                 self.verify(token, now_ms, &mut out);
                 Ok(())
@@ -510,6 +554,13 @@ impl Session {
             }
             (Phase::Open, Message::Ack { upto }) => {
                 self.on_ack(upto, out);
+                Ok(())
+            }
+            (Phase::Open, Message::Neighbors { peers }) => {
+                if peers.len() > crate::wire::MAX_NEIGHBORS || peers.iter().any(|p| p.len() > 128) {
+                    return Err("sent a malformed list of its neighbors".into());
+                }
+                self.remote_neighbors = peers.into_iter().collect();
                 Ok(())
             }
             (
@@ -657,6 +708,11 @@ impl Session {
             epoch: self.remote_epoch.clone(),
             since,
         }));
+        if !self.local_neighbors.is_empty() {
+            out.push(Output::Send(Message::Neighbors {
+                peers: self.local_neighbors.clone(),
+            }));
+        }
         Ok(())
     }
 }
@@ -672,6 +728,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Docs { .. } => "documents",
         Message::DocPart { .. } => "part of a document",
         Message::Ack { .. } => "an acknowledgement",
+        Message::Neighbors { .. } => "its neighbors",
         Message::Summary { .. } => "a summary",
         Message::WantRange { .. } => "a request for a summary bucket",
         Message::Range { .. } => "the documents of a summary bucket",

@@ -54,29 +54,43 @@ pub enum Proof {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeedItem {
     /// Feed position.
+    #[serde(rename = "s")]
     pub seq: u64,
     /// The document.
+    #[serde(rename = "i")]
     pub id: DocId,
     /// Its collection.
+    #[serde(rename = "c")]
     pub collection: String,
     /// Its heads: 32-byte change hashes, concatenated.
+    #[serde(rename = "h")]
     pub heads: ByteBuf,
+    /// For an announcement, the document's latest change (or, for a new small
+    /// document, the document): a receiver that had the version before merges it at
+    /// once, saving a request; any other receiver ignores it and asks as usual.
+    #[serde(default, rename = "p", skip_serializing_if = "Option::is_none")]
+    pub payload: Option<ByteBuf>,
 }
 
 /// A document the asker has, with its heads, for which it wants the changes it lacks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WantChanges {
     /// The document.
+    #[serde(rename = "i")]
     pub id: DocId,
     /// The asker's heads (concatenated 32-byte hashes).
+    #[serde(rename = "h")]
     pub heads: ByteBuf,
     /// When the sender did not know the asker's heads (both sides changed the document
     /// since they last met): a summary of every change the asker has, as an Automerge
     /// sync message (its heads and a Bloom filter), so that only what the asker lacks is
     /// sent back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "v", skip_serializing_if = "Option::is_none")]
     pub have: Option<ByteBuf>,
 }
+
+/// Neighbors named in one [`Message::Neighbors`] at most.
+pub const MAX_NEIGHBORS: usize = 256;
 
 /// Buckets of a [`Summary`].
 pub const SUMMARY_BUCKETS: usize = 256;
@@ -159,18 +173,23 @@ impl Summary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DocPayload {
     /// The document.
+    #[serde(rename = "i")]
     pub id: DocId,
     /// Its collection.
+    #[serde(rename = "c")]
     pub collection: String,
     /// Automerge bytes (a saved document or changes), to merge.
+    #[serde(rename = "b")]
     pub bytes: ByteBuf,
     /// The sender's heads after these bytes (concatenated 32-byte hashes): a receiver
     /// that cannot merge the bytes still relays them under these heads.
-    #[serde(default)]
+    #[serde(default, rename = "h")]
     pub heads: ByteBuf,
 }
 
-/// A message of the sync protocol.
+/// A message of the sync protocol. The messages sent for every change (`Feed`, `Want`,
+/// `Docs`, `Ack`) and their items carry one-letter names on the wire: at a few hundred
+/// bytes per change, field names would otherwise be a third of the traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Message {
@@ -192,32 +211,43 @@ pub enum Message {
         since: u64,
     },
     /// A page of the feed; everything up to `upto` is covered by it.
+    #[serde(rename = "F")]
     Feed {
         /// Changed documents.
+        #[serde(rename = "e")]
         entries: Vec<FeedItem>,
         /// The feed position this page reaches.
+        #[serde(rename = "u")]
         upto: u64,
     },
     /// What the asker needs, for its request `req`.
+    #[serde(rename = "W")]
     Want {
         /// Request number (answered by `Docs` with the same number).
+        #[serde(rename = "r")]
         req: u64,
         /// Documents the asker does not have at all.
+        #[serde(rename = "w")]
         whole: Vec<DocId>,
         /// Documents the asker has but is behind on.
+        #[serde(rename = "c")]
         changes: Vec<WantChanges>,
     },
     /// Documents answering request `req`; `done` on the last message of the answer.
+    #[serde(rename = "D")]
     Docs {
         /// The request answered.
+        #[serde(rename = "r")]
         req: u64,
         /// The documents.
+        #[serde(rename = "d")]
         docs: Vec<DocPayload>,
         /// This is the last message of the answer.
+        #[serde(rename = "f")]
         done: bool,
         /// Documents asked for by heads the sender does not know (both sides changed
         /// them): ask again with a summary of what you have ([`WantChanges::have`]).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[serde(default, rename = "v", skip_serializing_if = "Vec::is_empty")]
         diverged: Vec<DocId>,
     },
     /// Part of a document too large for one frame; parts arrive in order.
@@ -237,9 +267,18 @@ pub enum Message {
         heads: ByteBuf,
     },
     /// The asker has durably stored everything of the feed up to `upto`.
+    #[serde(rename = "A")]
     Ack {
         /// Feed position.
+        #[serde(rename = "u")]
         upto: u64,
+    },
+    /// The peers the sender has open sessions with (at most [`MAX_NEIGHBORS`]). A node
+    /// does not relay to this peer the changes it got from one of them: the peer gets
+    /// them from their source directly.
+    Neighbors {
+        /// Peer ids.
+        peers: Vec<String>,
     },
     /// Anti-entropy: the sender's summary of what it holds. With `reply`, the receiver
     /// answers with its own; either side then compares them and fetches the entries of
@@ -506,6 +545,7 @@ mod tests {
                         id,
                         collection: "patients".into(),
                         heads: ByteBuf::from(vec![3; 32]),
+                        payload: (i == 0).then(|| ByteBuf::from(vec![1, 2])),
                     })
                     .collect(),
                 upto: 299,
@@ -539,6 +579,9 @@ mod tests {
                 heads: ByteBuf::new(),
             },
             Message::Ack { upto: 299 },
+            Message::Neighbors {
+                peers: vec!["12D3KooW".into()],
+            },
             Message::Summary {
                 round: 3,
                 summary: Summary::default(),

@@ -48,6 +48,7 @@ impl Store {
                     id,
                     collection: meta.collection,
                     heads: heads_bytes(&meta.heads),
+                    payload: None,
                 });
             }
         }
@@ -299,6 +300,7 @@ impl Store {
                     id,
                     collection: meta.collection,
                     heads: heads_bytes(&meta.heads),
+                    payload: None,
                 });
             }
         }

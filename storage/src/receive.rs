@@ -58,7 +58,17 @@ impl Writer {
                 escape(&collection)
             )));
         }
-        let Received { bytes, heads, from } = received;
+        let Received {
+            bytes,
+            heads,
+            from,
+            tentative,
+        } = received;
+        if let Some(from) = &from
+            && !heads.is_empty()
+        {
+            self.arrivals.push((id, heads.clone(), from.clone()));
+        }
         // Whole documents may have been loaded (and their bytes taken) off the writer.
         let (fresh, loaded, early_refusal) = match prepared {
             Some(Ok(p)) => (Some(p.raw.clone()), Some(p), None),
@@ -73,6 +83,9 @@ impl Writer {
             from,
         };
         let key = doc_key(&id);
+        if tentative {
+            return self.merge_tentative(tables, staged, batch, arrival);
+        }
         let held = match tables.held.get(key)? {
             Some(bytes) => HeldDoc::decode(bytes.value()),
             None => None,
@@ -115,6 +128,81 @@ impl Writer {
             self.merge_existing(tables, staged, batch, arrival, held, meta)
         } else {
             self.merge_new(tables, batch, arrival, held, meta, loaded)
+        }
+    }
+
+    /// Merges bytes sent ahead of a request: applied if they can be, else dropped (the
+    /// announcement they came with is checked next, and what is missing asked for).
+    fn merge_tentative(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        arrival: Arrival,
+    ) -> Result<WriteOutcome> {
+        let id = arrival.id;
+        let unchanged = WriteOutcome {
+            id,
+            record: Fields::new(),
+            changed: false,
+            seq: 0,
+            held: None,
+        };
+        let Some(bytes) = arrival.fresh else {
+            return Ok(unchanged);
+        };
+        let meta = tables.meta_of(&id)?;
+        if meta
+            .as_ref()
+            .is_some_and(|m| m.held || m.collection != arrival.collection)
+            || self.poisoned.contains(&id)
+            || tables.held.get(doc_key(&id))?.is_some()
+        {
+            return Ok(unchanged);
+        }
+        if meta.is_none() {
+            return match load_received(&bytes).and_then(|doc| {
+                let record = check_record(&doc, &id)?;
+                Ok((doc, record))
+            }) {
+                Ok((doc, record)) => {
+                    let heads = doc.get_heads();
+                    Ok(batch.add_new(id, arrival.collection, Some(doc), heads, record, None))
+                }
+                Err(_) => Ok(unchanged),
+            };
+        }
+        if !self.load_working(tables, staged, batch, &id)? {
+            return Ok(unchanged);
+        }
+        let working = batch
+            .docs
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::Storage(format!("record {id} was not loaded")))?;
+        let doc = working.doc_mut(&id)?;
+        let before = doc.get_heads();
+        // (Changes whose predecessors are not here are refused and undone by the merge:
+        // they would wait in Automerge's queue and be lost at save.)
+        match merge_into(doc, &bytes, &id) {
+            Ok(record) => {
+                let changed = doc.get_heads() != before;
+                working.record = Some(record.clone());
+                Ok(WriteOutcome {
+                    record,
+                    changed,
+                    ..unchanged
+                })
+            }
+            Err(_) if doc.get_heads() == before => Ok(unchanged),
+            Err(reason) => {
+                self.poisoned.insert(id);
+                batch.docs.remove(&id);
+                batch.order.retain(|d| *d != id);
+                self.cache.pop(&id);
+                Err(StoreError::Storage(format!(
+                    "record {id} from a peer could not be merged and the attempt could not be undone ({reason}); nothing of this batch was saved"
+                )))
+            }
         }
     }
 

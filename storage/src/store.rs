@@ -23,6 +23,11 @@ use crate::tables::{
 use crate::write::{WriteBatch, WriteOutcome};
 use crate::writer::{Command, PREPARE_OFF_WRITER, SchemaCell, WRITE_QUEUE_CAPACITY, Writer};
 
+/// Largest latest change announced with its feed entry.
+pub const PUSH_ENTRY_BYTES: usize = 16 * 1024;
+/// Latest changes announced with one feed page, in bytes at most.
+pub const PUSH_PAGE_BYTES: usize = 256 * 1024;
+
 /// Memory redb may use to cache pages. Bounded so that a device's memory does not grow
 /// with the number of records.
 const PAGE_CACHE_BYTES: usize = 24 * 1024 * 1024;
@@ -144,6 +149,7 @@ pub(crate) struct Inner {
     /// The last anti-entropy summary and the feed position it was computed at (a memo:
     /// anyone may compute and replace it).
     pub(crate) summary: Mutex<Option<(u64, medmesh_protocol::wire::Summary)>>,
+    origins: Arc<crate::writer::Origins>,
 }
 
 impl Drop for Inner {
@@ -240,7 +246,19 @@ impl Store {
         let schema: Arc<SchemaCell> = Arc::new(std::sync::RwLock::new(Arc::new(effective)));
         let (tx, rx) = std::sync::mpsc::sync_channel(WRITE_QUEUE_CAPACITY);
         let (feed_tx, feed) = tokio::sync::watch::channel(0);
-        let mut writer = Writer::new(feed_tx, db.clone(), schema.clone(), base, &info, options)?;
+        let origins = Arc::new(Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(crate::writer::ORIGINS_CAPACITY)
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+        )));
+        let mut writer = Writer::new(
+            feed_tx,
+            db.clone(),
+            schema.clone(),
+            base,
+            origins.clone(),
+            &info,
+            options,
+        )?;
         writer.reindex_stale()?;
         let handle = std::thread::Builder::new()
             .name("medmesh-store-writer".into())
@@ -255,6 +273,7 @@ impl Store {
                 writer: tx,
                 writer_thread: Mutex::new(Some(handle)),
                 summary: Mutex::new(None),
+                origins,
             }),
         })
     }
@@ -365,6 +384,59 @@ impl Store {
             .writer
             .send(command)
             .map_err(|_| StoreError::Closed)
+    }
+
+    /// The peer this node's version of a document came from unchanged (`heads` are the
+    /// document's heads now, as in its feed entry), if it came whole from one.
+    pub fn origin(&self, id: &DocId, heads: &[u8]) -> Option<String> {
+        let heads = medmesh_protocol::wire::split_heads(heads)?;
+        let mut origins = self.inner.origins.lock().ok()?;
+        let (recorded, from) = origins.get(id)?;
+        let mut sorted = heads;
+        sorted.sort_unstable();
+        (*recorded == sorted).then(|| from.clone())
+    }
+
+    /// Feed entries after `after` to announce to a peer (see [`Store::feed_page`]): each
+    /// with the peer its version came from unchanged, if any, and, within
+    /// [`PUSH_ENTRY_BYTES`] each and [`PUSH_PAGE_BYTES`] a page, the document's latest
+    /// change (the bytes of its last write, or a new document whole), so that a peer
+    /// that had the version before needs no request for it.
+    pub fn local_feed_page(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<medmesh_protocol::sync::LocalEntry>, u64)> {
+        let (entries, last) = self.feed_page(after, limit)?;
+        let txn = self.read_txn()?;
+        let docs = txn.open_table(DOCS)?;
+        let chunks = txn.open_table(CHUNKS)?;
+        let mut budget = PUSH_PAGE_BYTES;
+        let mut out = Vec::with_capacity(entries.len());
+        for mut item in entries {
+            if let Some(meta) = read_meta(&txn, &item.id)?
+                && !meta.held
+                && meta.heads.len() * 32 == item.heads.len()
+            {
+                let key = doc_key(&item.id);
+                let latest = if meta.chunks == 0 {
+                    docs.get(key)?.map(|v| v.value().to_vec())
+                } else {
+                    chunks
+                        .get((key, meta.chunks - 1))?
+                        .map(|v| v.value().to_vec())
+                };
+                if let Some(bytes) = latest.filter(|b| b.len() <= PUSH_ENTRY_BYTES.min(budget)) {
+                    budget -= bytes.len();
+                    item.payload = Some(serde_bytes::ByteBuf::from(bytes));
+                }
+            }
+            out.push(medmesh_protocol::sync::LocalEntry {
+                origin: self.origin(&item.id, &item.heads),
+                item,
+            });
+        }
+        Ok((out, last))
     }
 
     /// Reads one store-wide value.

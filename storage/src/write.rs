@@ -54,6 +54,10 @@ pub struct Received {
     pub heads: Vec<[u8; 32]>,
     /// The peer it came from, for the held table and the logs.
     pub from: Option<String>,
+    /// Sent ahead of a request (with an announcement), for a receiver that may not have
+    /// what it builds on: if it cannot be merged it is dropped, not held — the
+    /// announcement is then checked and what is missing asked for as usual.
+    pub tentative: bool,
 }
 
 impl From<Vec<u8>> for Received {

@@ -109,7 +109,18 @@ pub(crate) struct Writer {
     pub(crate) schema_touched: bool,
     /// Held documents are to be retried when the writer is next idle.
     pub(crate) retry_due: bool,
+    /// Documents received in the transaction being written: who sent them, at which
+    /// heads (published to [`Origins`] when it commits).
+    pub(crate) arrivals: Vec<(DocId, Vec<[u8; 32]>, String)>,
+    origins: Arc<Origins>,
 }
+
+/// Which peer each document's current version came from, when it came whole from one
+/// (bounded; lost at restart, when every change is simply relayed to everyone). Only the
+/// writer records; the feed's readers look up.
+pub(crate) type Origins = std::sync::Mutex<LruCache<DocId, (Vec<[u8; 32]>, String)>>;
+/// Documents whose origin is remembered at most.
+pub(crate) const ORIGINS_CAPACITY: usize = 65_536;
 
 pub(crate) struct Tables<'txn> {
     pub(crate) docs: Table<'txn, u128, &'static [u8]>,
@@ -158,6 +169,7 @@ impl Writer {
         db: Arc<DbSlot>,
         schema: Arc<SchemaCell>,
         base_schema: Arc<Schema>,
+        origins: Arc<Origins>,
         info: &StoreInfo,
         options: StoreOptions,
     ) -> Result<Self> {
@@ -185,6 +197,8 @@ impl Writer {
             // Whatever was held may merge now: this is a new start (perhaps of a newer
             // medmesh).
             retry_due: true,
+            arrivals: Vec::new(),
+            origins,
         })
     }
 
@@ -319,6 +333,12 @@ impl Writer {
                 if std::mem::take(&mut self.schema_touched) {
                     self.reload_schema();
                 }
+                if let Ok(mut origins) = self.origins.lock() {
+                    for (id, mut heads, from) in self.arrivals.drain(..) {
+                        heads.sort_unstable();
+                        origins.put(id, (heads, from));
+                    }
+                }
                 for id in staged.order {
                     if let Some(working) = staged.docs.remove(&id)
                         && staged.cacheable.contains(&id)
@@ -338,6 +358,7 @@ impl Writer {
                 self.next_seq = first_seq;
                 self.needs_reopen = true;
                 self.schema_touched = false;
+                self.arrivals.clear();
                 tracing::error!(error = %err, "a write to the database failed; nothing of it was stored");
                 for reply in replies {
                     reply.send_err(&err);

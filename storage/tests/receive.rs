@@ -60,6 +60,7 @@ fn received(bytes: Vec<u8>, heads: Vec<[u8; 32]>) -> Received {
         bytes,
         heads,
         from: Some("peer-b".into()),
+        tentative: false,
     }
 }
 

@@ -112,7 +112,8 @@ impl SimPeer {
         }
     }
 
-    fn author(&self) -> ChangeAuthor {
+    /// The author of this peer's writes.
+    pub fn author(&self) -> ChangeAuthor {
         ChangeAuthor {
             device: self.name.clone(),
             user: None,
@@ -124,7 +125,7 @@ impl SimPeer {
     }
 
     /// The heads of a record after a write (the change just made is among them).
-    fn heads_of(&self, collection: &str, id: &DocId) -> Vec<ChangeHash> {
+    pub fn heads_of(&self, collection: &str, id: &DocId) -> Vec<ChangeHash> {
         self.store
             .document(collection, id)
             .map(|d| d.get_heads())
@@ -182,6 +183,8 @@ pub struct Sim {
     pub held: u64,
     /// Bytes delivered to each peer.
     pub received_bytes: Vec<u64>,
+    /// Bytes delivered, by kind of message.
+    pub bytes_by_kind: BTreeMap<&'static str, u64>,
     /// Anti-entropy rounds that fetched documents, and how many.
     pub repairs: u64,
     /// Reports of verify rounds, per (link, side).
@@ -248,6 +251,7 @@ impl Sim {
             damaged: 0,
             held: 0,
             received_bytes: vec![0; n],
+            bytes_by_kind: BTreeMap::new(),
             repairs: 0,
             verified: Vec::new(),
         }
@@ -304,16 +308,46 @@ impl Sim {
         self.connects += 1;
         self.run_outputs(l, 0, out_a);
         self.run_outputs(l, 1, out_b);
+        self.tell_neighbors(a);
+        self.tell_neighbors(b);
+    }
+
+    /// Tells every session of `peer` which peers it has sessions with now.
+    fn tell_neighbors(&mut self, peer: usize) {
+        let mut peers = Vec::new();
+        for link in &self.links {
+            if link.sessions.is_some() && (link.a == peer || link.b == peer) {
+                let other = if link.a == peer { link.b } else { link.a };
+                peers.push(self.peers[other].name.clone());
+            }
+        }
+        for l in 0..self.links.len() {
+            for side in 0..2 {
+                if self.peer_of(l, side) == peer {
+                    self.tell(
+                        l,
+                        side,
+                        Input::LocalNeighbors {
+                            peers: peers.clone(),
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// Cuts link `l`: its sessions end, what was in flight is lost.
     pub fn cut(&mut self, l: usize) {
         let link = &mut self.links[l];
-        if link.sessions.take().is_some() {
-            self.closes += 1;
-        }
+        let was_open = link.sessions.take().is_some();
         link.queues = [VecDeque::new(), VecDeque::new()];
         link.late = [Vec::new(), Vec::new()];
+        if was_open {
+            self.closes += 1;
+            let (a, b) = (link.a, link.b);
+            self.tell_neighbors(a);
+            self.tell_neighbors(b);
+        }
     }
 
     fn peer_of(&self, l: usize, side: usize) -> usize {
@@ -337,7 +371,7 @@ impl Sim {
                     None
                 }
                 Output::ReadFeed { after, limit } => {
-                    let (entries, last_seq) = store.feed_page(after, limit).expect("feed");
+                    let (entries, last_seq) = store.local_feed_page(after, limit).expect("feed");
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -374,7 +408,11 @@ impl Sim {
                         whole,
                     })
                 }
-                Output::StoreDocs { req, docs } => {
+                Output::StoreDocs {
+                    req,
+                    docs,
+                    tentative,
+                } => {
                     let before = self.peers[peer].head();
                     let from = self.peers[self.peer_of(l, 1 - side)].name.clone();
                     let ops = docs
@@ -387,6 +425,7 @@ impl Sim {
                                     heads: wire::split_heads(&doc.heads).unwrap_or_default(),
                                     bytes: doc.bytes.into_vec(),
                                     from: Some(from.clone()),
+                                    tentative,
                                 }),
                                 ChangeAuthor::default(),
                             )
@@ -514,6 +553,9 @@ impl Sim {
         };
         let peer = self.peer_of(l, side);
         self.received_bytes[peer] += frame.len() as u64;
+        if let Ok(message) = wire::decode_body(&frame[4..]) {
+            *self.bytes_by_kind.entry(kind_of(&message)).or_default() += frame.len() as u64;
+        }
         let times = if self.rng.random_bool(duplicate_chance) {
             2
         } else {
@@ -540,6 +582,16 @@ impl Sim {
                 {
                     let at = self.rng.random_range(8..doc.bytes.len());
                     doc.bytes[at] ^= 0x5a;
+                    self.damaged += 1;
+                }
+                if let Message::Feed { entries, .. } = &mut message
+                    && let Some(payload) = entries.first_mut().and_then(|e| e.payload.as_mut())
+                    && self.damage > 0.0
+                    && self.rng.random_bool(self.damage)
+                    && payload.len() > 16
+                {
+                    let at = self.rng.random_range(8..payload.len());
+                    payload[at] ^= 0x5a;
                     self.damaged += 1;
                 }
                 self.tell(l, side, Input::Message(message));
@@ -679,7 +731,8 @@ impl Sim {
         }
     }
 
-    fn drain(&mut self) {
+    /// Delivers everything in flight.
+    pub fn drain(&mut self) {
         let mut moved = 0u64;
         while self.deliver_one(0.0) {
             moved += 1;
@@ -740,5 +793,103 @@ impl Sim {
                 peer.name
             );
         }
+    }
+}
+
+/// A message's kind, for byte counts.
+fn kind_of(message: &Message) -> &'static str {
+    match message {
+        Message::Hello(_) => "hello",
+        Message::Proof(_) => "proof",
+        Message::Refuse { .. } => "refuse",
+        Message::Subscribe { .. } => "subscribe",
+        Message::Feed { .. } => "feed",
+        Message::Want { .. } => "want",
+        Message::Docs { .. } => "docs",
+        Message::DocPart { .. } => "doc part",
+        Message::Ack { .. } => "ack",
+        Message::Neighbors { .. } => "neighbors",
+        Message::Summary { .. } => "summary",
+        Message::WantRange { .. } => "want range",
+        Message::Range { .. } => "range",
+        _ => "other",
+    }
+}
+
+/// What [`fanout`] measured.
+#[derive(Debug, Clone)]
+pub struct FanoutReport {
+    /// Peers, all connected to all.
+    pub peers: usize,
+    /// Changes made (one at a time, each delivered before the next).
+    pub changes: usize,
+    /// The average size of a change (its Automerge bytes).
+    pub change_bytes: f64,
+    /// Bytes each node received per change, on average.
+    pub bytes_per_change_per_node: f64,
+}
+
+/// A full mesh of `peers`: after every node holds some records, `changes` edits are
+/// made one at a time on rotating nodes; answers what each node received per change.
+/// Panics unless every change reached every node.
+pub fn fanout(peers: usize, changes: usize, seed: u64) -> FanoutReport {
+    let mut sim = Sim::full_mesh(seed, peers);
+    for l in 0..sim.links.len() {
+        sim.connect(l);
+    }
+    for p in 0..peers {
+        sim.edit(p);
+    }
+    sim.quiesce();
+    let before: u64 = sim.received_bytes.iter().sum();
+    let mut change_bytes = 0usize;
+    for i in 0..changes {
+        let p = i % peers;
+        let seq = sim.peers[p].store.last_seq().expect("seq");
+        // An edit of a record that every node has (not a new one).
+        let (collection, id) = sim.records[i % sim.records.len()].clone();
+        let mut fields = Fields::new();
+        fields.insert(
+            "phone".into(),
+            Value::String(format!("+234 803 555 {i:04}")),
+        );
+        let op = WriteOp::new(
+            &collection,
+            Some(id),
+            WriteKind::Patch(fields),
+            sim.peers[p].author(),
+        );
+        sim.peers[p]
+            .store
+            .write_blocking(WriteBatch::one(op))
+            .expect("write")
+            .remove(0)
+            .expect("accepted");
+        for head in sim.peers[p].heads_of(&collection, &id) {
+            sim.acknowledged.push((collection.clone(), id, head));
+        }
+        for entry in sim.peers[p].store.changes_since(seq, 10).expect("changes") {
+            if let Ok(view) = entry.record {
+                let doc = sim.peers[p]
+                    .store
+                    .document(&view.collection, &view.id)
+                    .expect("doc");
+                for head in doc.get_heads() {
+                    if let Some(change) = doc.get_change_by_hash(&head) {
+                        change_bytes += change.raw_bytes().len();
+                    }
+                }
+            }
+        }
+        sim.notify(p, None);
+        sim.drain();
+    }
+    let received: u64 = sim.received_bytes.iter().sum::<u64>() - before;
+    sim.check_converged(seed);
+    FanoutReport {
+        peers,
+        changes,
+        change_bytes: change_bytes as f64 / changes as f64,
+        bytes_per_change_per_node: received as f64 / peers as f64 / changes as f64,
     }
 }

@@ -191,3 +191,15 @@ impl SimPeerFactory {
         }
     }
 }
+
+#[test]
+fn a_full_mesh_of_30_delivers_every_change_everywhere_at_under_twice_its_size() {
+    let report = medmesh_tests::sim::fanout(30, 60, 1);
+    println!("{report:?}");
+    assert!(
+        report.bytes_per_change_per_node <= 2.0 * report.change_bytes,
+        "each node received {:.0} bytes per change of {:.0} bytes",
+        report.bytes_per_change_per_node,
+        report.change_bytes
+    );
+}

@@ -90,6 +90,9 @@ struct Network {
     /// Peers that proved their membership in a session (only these get a status entry
     /// and are remembered).
     members: HashSet<PeerId>,
+    /// The peers with a sync session that proved membership (what sessions tell their
+    /// peers, so that changes are not relayed to peers that get them from their source).
+    neighbors: tokio::sync::watch::Sender<Vec<String>>,
     /// The remote address of each connection (for the per-address limit).
     conn_addr: HashMap<ConnectionId, Multiaddr>,
     next_session: u64,
@@ -174,12 +177,14 @@ pub async fn start(
     let status: SharedStatus = Default::default();
     let fingerprint = credential.fingerprint();
     let (established_tx, established_rx) = mpsc::channel(ESTABLISHED_CAPACITY);
+    let (neighbors_tx, neighbors_rx) = tokio::sync::watch::channel(Vec::new());
     let context = SessionContext {
         store: store.clone(),
         local_peer: local.to_string(),
         credential,
         status: status.clone(),
         established: established_tx,
+        neighbors: neighbors_rx,
     };
     let (commands_tx, commands) = mpsc::channel(COMMAND_CAPACITY);
     let mut network = Network {
@@ -192,6 +197,7 @@ pub async fn start(
         connections: HashMap::new(),
         sessions: HashMap::new(),
         members: HashSet::new(),
+        neighbors: neighbors_tx,
         conn_addr: HashMap::new(),
         next_session: 1,
         tasks: JoinSet::new(),
@@ -490,6 +496,7 @@ impl Network {
             return;
         }
         self.members.insert(id);
+        self.publish_neighbors();
         let connections = self.connections.get(&id).map_or(0, Vec::len);
         let addrs: Vec<String> = self
             .known
@@ -603,6 +610,7 @@ impl Network {
                     tracing::info!(peer = %peer_id, cause = ?cause.map(|c| c.to_string()), "disconnected");
                     if let Some(handle) = self.sessions.remove(&peer_id) {
                         handle.cancel.cancel();
+                        self.publish_neighbors();
                     }
                     self.reopen.remove(&peer_id);
                     self.reopen_delay.remove(&peer_id);
@@ -712,6 +720,25 @@ impl Network {
         });
     }
 
+    /// Tells every session which members this node has sessions with now.
+    fn publish_neighbors(&mut self) {
+        let mut peers: Vec<String> = self
+            .sessions
+            .keys()
+            .filter(|p| self.members.contains(p))
+            .map(ToString::to_string)
+            .collect();
+        peers.sort();
+        self.neighbors.send_if_modified(|current| {
+            if *current == peers {
+                false
+            } else {
+                *current = peers;
+                true
+            }
+        });
+    }
+
     /// Whether one more connection from `addr` may stay.
     fn connection_allowed(&self, addr: &Multiaddr) -> bool {
         if self.conn_addr.len() >= MAX_CONNECTIONS {
@@ -738,6 +765,7 @@ impl Network {
             .is_some_and(|handle| handle.id == id)
         {
             self.sessions.remove(&peer);
+            self.publish_neighbors();
             let reason = medmesh_storage::escape(&reason);
             tracing::info!(%peer, %reason, "sync session ended");
             if !self.members.contains(&peer) && self.pinned_peer.values().any(|p| *p == peer) {

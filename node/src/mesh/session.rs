@@ -44,6 +44,8 @@ pub(crate) struct SessionContext {
     pub status: SharedStatus,
     /// Tells the network actor that a peer proved its membership.
     pub established: mpsc::Sender<String>,
+    /// The peers this node has sync sessions with (kept by the network actor).
+    pub neighbors: tokio::sync::watch::Receiver<Vec<String>>,
 }
 
 /// What the node may ask of a running session.
@@ -112,6 +114,13 @@ async fn drive(
         writer.close().await
     });
     let mut feed = context.store.subscribe_feed();
+    let mut neighbors = context.neighbors.clone();
+    session.handle(
+        Input::LocalNeighbors {
+            peers: neighbors.borrow_and_update().clone(),
+        },
+        now_ms(),
+    );
     let mut decoder = FrameDecoder::new();
     let mut buffer = vec![0u8; READ_CHUNK];
     let mut driver = Driver {
@@ -188,6 +197,9 @@ async fn drive(
                 vec![Input::LocalFeedAdvanced { seq }]
             }
             _ = tick.tick() => vec![Input::Tick],
+            Ok(()) = neighbors.changed() => {
+                vec![Input::LocalNeighbors { peers: neighbors.borrow_and_update().clone() }]
+            }
         };
         for input in input {
             if ended.is_some() {
@@ -255,7 +267,7 @@ impl Driver<'_> {
                 Output::ReadFeed { after, limit } => {
                     let head = *store.subscribe_feed().borrow();
                     let (entries, last_seq) =
-                        blocking(move || store.feed_page(after, limit)).await?;
+                        blocking(move || store.local_feed_page(after, limit)).await?;
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -291,7 +303,11 @@ impl Driver<'_> {
                         whole,
                     })
                 }
-                Output::StoreDocs { req, docs } => {
+                Output::StoreDocs {
+                    req,
+                    docs,
+                    tentative,
+                } => {
                     // Stored in the background; `Input::Stored` follows when durable.
                     while self.storing.len() >= STORES_IN_FLIGHT {
                         if let Some(done) = self.storing.join_next().await {
@@ -300,8 +316,13 @@ impl Driver<'_> {
                             queue.extend(session.handle(Input::Stored { req }, now_ms()));
                         }
                     }
-                    self.storing
-                        .spawn(store_docs(store, req, docs, self.remote.to_owned()));
+                    self.storing.spawn(store_docs(
+                        store,
+                        req,
+                        docs,
+                        self.remote.to_owned(),
+                        tentative,
+                    ));
                     None
                 }
                 Output::SaveCursor(cursor) => {
@@ -409,6 +430,7 @@ async fn store_docs(
     req: u64,
     docs: Vec<medmesh_protocol::wire::DocPayload>,
     from: String,
+    tentative: bool,
 ) -> Result<u64> {
     let count = docs.len();
     let ops = docs
@@ -422,6 +444,7 @@ async fn store_docs(
                     bytes: doc.bytes.into_vec(),
                     heads,
                     from: Some(from.clone()),
+                    tentative,
                 }),
                 Default::default(),
             )

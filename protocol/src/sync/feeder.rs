@@ -1,7 +1,7 @@
 //! The feeder: this node's feed to the peer, a window of pages at a time, and the
 //! documents the peer asks for.
 
-use super::{DOCS_MESSAGE_BYTES, Output, PAGE, PART_BYTES, Session, WINDOW};
+use super::{DOCS_MESSAGE_BYTES, LocalEntry, Output, PAGE, PART_BYTES, Session, WINDOW};
 use crate::DocId;
 use crate::wire::{DocPayload, FeedItem, Message, WantChanges};
 use serde_bytes::ByteBuf;
@@ -79,7 +79,7 @@ impl Session {
 
     pub(super) fn on_feed_read(
         &mut self,
-        entries: Vec<FeedItem>,
+        entries: Vec<LocalEntry>,
         last_seq: u64,
         head: u64,
         out: &mut Vec<Output>,
@@ -101,14 +101,31 @@ impl Session {
         }
         let moved = last_seq > self.after;
         let full = entries.len() >= PAGE;
+        let remote = self.config.remote_peer.clone();
         let entries: Vec<FeedItem> = entries
             .into_iter()
-            .filter(|entry| match self.echo.remove(&entry.id) {
-                Some(heads) => heads != entry.heads,
-                None => true,
+            .filter(|entry| {
+                // Not back to where it came from, nor to a peer that gets it from there.
+                let from_neighbor = entry
+                    .origin
+                    .as_ref()
+                    .is_some_and(|o| *o == remote || self.remote_neighbors.contains(o));
+                let echo = match self.echo.remove(&entry.item.id) {
+                    Some(heads) => heads == entry.item.heads,
+                    None => false,
+                };
+                !(from_neighbor || echo)
             })
+            .map(|entry| entry.item)
             .collect();
-        if moved || !self.told_caught_up {
+        if moved && entries.is_empty() && !full && self.told_caught_up {
+            // Nothing the peer needs from this stretch of the feed: no page for it (its
+            // cursor catches up with the next page, or reads it again on reconnect).
+            self.after = last_seq;
+            if self.in_flight.is_empty() {
+                self.acked = self.acked.max(last_seq);
+            }
+        } else if moved || !self.told_caught_up {
             self.after = self.after.max(last_seq);
             self.in_flight.push_back(self.after);
             self.told_caught_up = !full;

@@ -26,6 +26,12 @@ pub(super) enum PageKind {
 
 #[derive(Debug)]
 pub(super) enum PageState {
+    /// The latest changes that came with the entries are being stored (request `req`);
+    /// then the entries are checked.
+    Pushing {
+        req: u64,
+        entries: Vec<FeedItem>,
+    },
     Checking,
     Wanting {
         /// Requests not fully answered yet.
@@ -49,6 +55,9 @@ pub(super) struct Page {
 impl Page {
     pub(super) fn waiting_for(&self) -> String {
         match &self.state {
+            PageState::Pushing { .. } => {
+                format!("the changes sent with feed page {} to be stored", self.upto)
+            }
             PageState::Checking => format!("the local check of feed page {}", self.upto),
             PageState::Wanting { reqs, storing } => format!(
                 "documents of requests {reqs:?} ({} still to come, batches being stored: {storing})",
@@ -62,7 +71,7 @@ impl Page {
         match &self.state {
             PageState::Complete => true,
             PageState::Wanting { reqs, storing } => reqs.is_empty() && *storing == 0,
-            PageState::Checking => false,
+            PageState::Checking | PageState::Pushing { .. } => false,
         }
     }
 }
@@ -149,9 +158,46 @@ impl Session {
         for entry in &entries {
             self.echo.insert(entry.id, entry.heads.clone());
         }
-        let page = self.push_page(upto, PageKind::Feed, PageState::Checking);
-        out.push(Output::CheckDocs { page, entries });
+        self.check_or_push(upto, PageKind::Feed, entries, out);
         Ok(())
+    }
+
+    /// Starts a page: its entries' latest changes stored first (when some came with
+    /// them), then the entries checked.
+    pub(super) fn check_or_push(
+        &mut self,
+        upto: u64,
+        kind: PageKind,
+        mut entries: Vec<FeedItem>,
+        out: &mut Vec<Output>,
+    ) -> u64 {
+        let docs: Vec<DocPayload> = entries
+            .iter_mut()
+            .filter_map(|entry| {
+                let bytes = entry.payload.take()?;
+                Some(DocPayload {
+                    id: entry.id,
+                    collection: entry.collection.clone(),
+                    bytes,
+                    heads: entry.heads.clone(),
+                })
+            })
+            .collect();
+        if docs.is_empty() {
+            let page = self.push_page(upto, kind, PageState::Checking);
+            out.push(Output::CheckDocs { page, entries });
+            return page;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        let page = self.push_page(upto, kind, PageState::Pushing { req, entries });
+        self.storing_reqs.insert(req, page);
+        out.push(Output::StoreDocs {
+            req,
+            docs,
+            tentative: true,
+        });
+        page
     }
 
     /// The position the last page reaches (the cursor when there are none).
@@ -250,6 +296,13 @@ impl Session {
         if !docs.is_empty() {
             self.storing_reqs.insert(req, page_id);
         }
+        if !docs.is_empty() {
+            out.push(Output::StoreDocs {
+                req,
+                docs,
+                tentative: false,
+            });
+        }
         if !diverged.is_empty() {
             self.next_req += 1;
             if repeated {
@@ -270,9 +323,6 @@ impl Session {
         if done {
             self.have_reqs.retain(|r| *r != req);
         }
-        if !docs.is_empty() {
-            out.push(Output::StoreDocs { req, docs });
-        }
         self.advance(now_ms, out);
         Ok(())
     }
@@ -287,9 +337,23 @@ impl Session {
     pub(super) fn on_stored(&mut self, req: u64, now_ms: u64, out: &mut Vec<Output>) {
         if let Some(page_id) = self.storing_reqs.get(&req).copied()
             && let Some(page) = self.pages.iter_mut().find(|p| p.id == page_id)
-            && let PageState::Wanting { storing, .. } = &mut page.state
         {
-            *storing = storing.saturating_sub(1);
+            match &mut page.state {
+                PageState::Wanting { storing, .. } => *storing = storing.saturating_sub(1),
+                PageState::Pushing {
+                    req: pushed,
+                    entries,
+                } if *pushed == req => {
+                    let entries = std::mem::take(entries);
+                    page.state = PageState::Checking;
+                    self.storing_reqs.remove(&req);
+                    out.push(Output::CheckDocs {
+                        page: page_id,
+                        entries,
+                    });
+                }
+                _ => {}
+            }
         }
         self.advance(now_ms, out);
     }
@@ -351,7 +415,11 @@ impl Session {
                 page.wanted = page.wanted.saturating_sub(1);
                 self.storing_reqs.insert(req, page_id);
             }
-            out.push(Output::StoreDocs { req, docs });
+            out.push(Output::StoreDocs {
+                req,
+                docs,
+                tentative: false,
+            });
             self.advance(now_ms, out);
         }
         Ok(())

@@ -107,11 +107,12 @@ fn a_feeder_never_runs_more_than_a_window_ahead() {
                 id: DocId::new_v7(),
                 collection: "patients".into(),
                 heads: ByteBuf::from(vec![1; 32]),
+                payload: None,
             })
             .collect();
         out = a.handle(
             Input::FeedRead {
-                entries,
+                entries: entries.into_iter().map(Into::into).collect(),
                 last_seq: after + PAGE as u64,
                 head: 1_000_000,
             },
@@ -154,7 +155,8 @@ fn message() -> impl Strategy<Value = Message> {
                         seq,
                         id,
                         collection: "patients".into(),
-                        heads
+                        heads,
+                        payload: None,
                     })
                     .collect(),
                 upto
@@ -237,6 +239,7 @@ fn a_diverged_document_is_asked_again_with_a_summary_then_whole() {
         id,
         collection: "patients".into(),
         heads: ByteBuf::from(vec![9; 32]),
+        payload: None,
     };
     let out = a.handle(
         Input::Message(Message::Feed {
