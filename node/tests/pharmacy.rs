@@ -405,3 +405,234 @@ async fn drug_search_autocompletes_with_typos() {
         vec!["Amoxicillin 250mg capsules"]
     );
 }
+
+impl Node {
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("http://{}{path}", self.api.addr));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let r = request.send().await.expect("request");
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test]
+async fn stock_its_trail_and_prescription_counters_change_only_through_the_pharmacy() {
+    use reqwest::Method;
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    let (_, stocked) = node
+        .post(
+            "/v1/pharmacy/restock",
+            json!({"clinic_id": clinic, "drug_name": "Amoxicillin 250mg", "batch_number": "A1", "quantity": 10}),
+        )
+        .await;
+    let item = stocked["stock_item_id"].as_str().expect("item").to_owned();
+    let refused = |(status, body): (StatusCode, Value), pointer: &str| {
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["error"]["code"], json!("managed_record"));
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(pointer), "{message}");
+    };
+    let item_path = format!("/v1/clinic_inventory/{item}");
+    refused(
+        node.send(
+            Method::PATCH,
+            &item_path,
+            Some(json!({"quantity_available": 500})),
+        )
+        .await,
+        "/v1/pharmacy/",
+    );
+    refused(
+        node.send(Method::PUT, &item_path, Some(json!({"clinic_id": clinic})))
+            .await,
+        "/v1/pharmacy/",
+    );
+    refused(
+        node.send(Method::DELETE, &item_path, None).await,
+        "/v1/pharmacy/",
+    );
+    refused(
+        node.send(
+            Method::POST,
+            "/v1/clinic_inventory",
+            Some(json!({"id": item, "clinic_id": clinic})),
+        )
+        .await,
+        "/v1/pharmacy/restock",
+    );
+    refused(
+        node.send(
+            Method::POST,
+            "/v1/inventory_transactions",
+            Some(json!({"quantity_change": 5})),
+        )
+        .await,
+        "audit trail",
+    );
+    refused(
+        node.send(
+            Method::POST,
+            "/v1/clinic_inventory/_import",
+            Some(json!({"records": [{}]})),
+        )
+        .await,
+        "/v1/pharmacy/",
+    );
+    refused(
+        node.send(Method::POST, "/v1/_schema", Some(json!({})))
+            .await,
+        "--schema",
+    );
+    // A prescription item: other fields by PATCH, counters only by dispensing.
+    let (_, prescription) = node
+        .post("/v1/prescriptions", json!({"patient_id": "p-1"}))
+        .await;
+    let (status, line) = node
+        .post(
+            "/v1/prescription_items",
+            json!({"prescription_id": prescription["id"], "patient_id": "p-1", "quantity_prescribed": 20}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{line}");
+    let line_path = format!(
+        "/v1/prescription_items/{}",
+        line["id"].as_str().expect("id")
+    );
+    refused(
+        node.send(
+            Method::PATCH,
+            &line_path,
+            Some(json!({"quantity_dispensed": 20})),
+        )
+        .await,
+        "/v1/pharmacy/dispense",
+    );
+    refused(
+        node.send(
+            Method::PUT,
+            &line_path,
+            Some(json!({"notes": "twice a day"})),
+        )
+        .await,
+        "quantity_dispensed",
+    );
+    let (status, _) = node
+        .send(
+            Method::PATCH,
+            &line_path,
+            Some(json!({"notes": "twice a day"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Nothing of the refused writes happened.
+    let stock = node
+        .get(&format!("/v1/pharmacy/stock?clinic_id={clinic}"))
+        .await;
+    assert_eq!(quantities(&stock), vec![("A1".to_owned(), 10)]);
+    let record = node.get(&item_path).await;
+    assert_eq!(record["quantity_available"], json!(10));
+}
+
+#[tokio::test]
+async fn concurrent_dispenses_of_one_item_each_record_the_balance_they_left() {
+    let node = std::sync::Arc::new(Node::start().await);
+    let clinic = node.clinic().await;
+    node.post(
+        "/v1/pharmacy/restock",
+        json!({"clinic_id": clinic, "drug_name": "Paracetamol 500mg", "batch_number": "P1", "quantity": 100}),
+    )
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (node, clinic) = (node.clone(), clinic.clone());
+        tasks.spawn(async move {
+            node.post(
+                "/v1/pharmacy/dispense",
+                json!({"clinic_id": clinic, "drug_name": "Paracetamol 500mg", "quantity": 1}),
+            )
+            .await
+        });
+    }
+    let mut balances = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (status, answer) = done.expect("task");
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        balances.push(
+            answer["taken"][0]["balance_after"]
+                .as_i64()
+                .expect("balance"),
+        );
+    }
+    balances.sort_unstable();
+    assert_eq!(
+        balances,
+        (84..100).collect::<Vec<i64>>(),
+        "each dispense saw the one before"
+    );
+    let verify = node.get("/v1/pharmacy/verify").await;
+    assert_eq!(verify["mismatches"], json!([]));
+}
+
+#[tokio::test]
+async fn a_busy_item_keeps_its_movements_in_ledgers_that_stay_small() {
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    let (_, stocked) = node
+        .post(
+            "/v1/pharmacy/restock",
+            json!({"clinic_id": clinic, "drug_name": "ORS sachets", "batch_number": "O1", "quantity": 5000}),
+        )
+        .await;
+    let item = stocked["stock_item_id"].as_str().expect("item").to_owned();
+    for _ in 0..1100 {
+        let (status, answer) = node
+            .post(
+                "/v1/pharmacy/dispense",
+                json!({"clinic_id": clinic, "drug_name": "ORS sachets", "quantity": 2}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let stock = node
+        .get(&format!("/v1/pharmacy/stock?clinic_id={clinic}"))
+        .await;
+    assert_eq!(quantities(&stock), vec![("O1".to_owned(), 5000 - 2200)]);
+    let record = node.get(&format!("/v1/clinic_inventory/{item}")).await;
+    assert_eq!(record["quantity_available"], json!(2800));
+    // 1,101 movements (the restock and 1,100 dispenses): three ledgers of at most 500.
+    let ledgers = node
+        .get(&format!(
+            "/v1/_stock_ledgers?stock_item_id={item}&limit=100"
+        ))
+        .await;
+    let ledgers = ledgers["records"].as_array().expect("ledgers").clone();
+    assert_eq!(ledgers.len(), 3, "{ledgers:?}");
+    let mut movements: Vec<i64> = ledgers
+        .iter()
+        .map(|l| l["movements"].as_i64().expect("movements"))
+        .collect();
+    movements.sort_unstable();
+    assert_eq!(movements, vec![101, 500, 500]);
+    let history = node
+        .get(&format!(
+            "/v1/_stock_ledgers/{}/history",
+            ledgers[0]["id"].as_str().expect("id")
+        ))
+        .await;
+    assert!(history["changes"].as_array().expect("changes").len() <= 2 * 500 + 1);
+    let verify = node.get("/v1/pharmacy/verify").await;
+    assert_eq!(verify["mismatches"], json!([]));
+}

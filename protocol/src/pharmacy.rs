@@ -106,6 +106,26 @@ pub fn stock_item_id(clinic_id: &str, drug_id: &str, batch_number: &str) -> DocI
     )
 }
 
+/// The internal collection of stock ledgers: the movements of a stock item, as counters
+/// (`delta`: units in or out, `movements`: how many), one ledger per device and stretch
+/// of [`LEDGER_MOVEMENTS`] movements. A stock item's quantity is its own counter plus
+/// the `delta` of every ledger of it. A document's cost grows with its history, so a
+/// stock item dispensed a hundred thousand times must not be one document: its
+/// movements go to ledgers that each stay small.
+pub const STOCK_LEDGERS: &str = "_stock_ledgers";
+
+/// Movements a device writes into one ledger before it starts the next.
+pub const LEDGER_MOVEMENTS: i64 = 500;
+
+/// The id of a device's `index`th ledger of a stock item (the same on every device, so
+/// a store restored from a backup carries on in the same ledger).
+pub fn stock_ledger_id(stock_item_id: &DocId, device: &str, index: i64) -> DocId {
+    DocId::derived(
+        "stock-ledger",
+        &[&stock_item_id.to_string(), device, &index.to_string()],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

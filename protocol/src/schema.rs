@@ -342,6 +342,23 @@ impl Schema {
             SCHEMA_COLLECTION.to_owned(),
             CollectionSpec::with_common_fields(SCHEMA_COLLECTION, Vec::new(), true),
         );
+        let ledger = crate::pharmacy::STOCK_LEDGERS;
+        collections.insert(
+            ledger.to_owned(),
+            CollectionSpec::with_common_fields(
+                ledger,
+                vec![
+                    FieldSpec::new("stock_item_id", FieldType::Id, true, Some(IndexKind::Exact)),
+                    FieldSpec::new("clinic_id", FieldType::Id, false, Some(IndexKind::Exact)),
+                    FieldSpec::new("drug_id", FieldType::Id, false, None),
+                    FieldSpec::new("device", FieldType::String, false, None),
+                    FieldSpec::new("index", FieldType::Int, false, None),
+                    FieldSpec::new("delta", FieldType::Int, false, None),
+                    FieldSpec::new("movements", FieldType::Int, false, None),
+                ],
+                true,
+            ),
+        );
         Schema { collections }
     }
 
@@ -477,6 +494,7 @@ pub fn counter_fields(collection: &str) -> &'static [&'static str] {
     match collection {
         "clinic_inventory" => &["quantity_available"],
         "prescription_items" => &["quantity_dispensed", "refills_used"],
+        crate::pharmacy::STOCK_LEDGERS => &["delta", "movements"],
         _ => &[],
     }
 }

@@ -67,6 +67,9 @@ pub const MAX_DOC_BYTES: u64 = 64 * 1024 * 1024;
 pub const ENTROPY_INTERVAL_MS: u64 = 60_000;
 /// Echo-suppression entries kept at most.
 const ECHO_CAPACITY: usize = 65_536;
+/// How long the feeder lets the peer's cursor lag behind entries it did not need,
+/// before it sends an empty page to move it (so a reconnection does not reread them).
+const POSITION_LAG_MS: u64 = 1_000;
 
 /// A position in a peer's change feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,6 +321,15 @@ pub struct Session {
     last_synced_ms: Option<u64>,
     /// Heads the peer announced per document: not worth announcing back.
     echo: HashMap<DocId, ByteBuf>,
+    /// Heads this side announced per document in this session: with the peer's own, a
+    /// version made of both (a merge) is not worth announcing either.
+    announced: HashMap<DocId, ByteBuf>,
+    /// The feed position the peer was last sent a page up to.
+    sent_upto: u64,
+    /// When the feeder last passed entries the peer did not need without a page.
+    skipped_at: Option<u64>,
+    /// The time of the input being handled (ms).
+    clock: u64,
     /// Requests asked with a summary of our changes (a repeat `diverged` takes whole).
     have_reqs: Vec<u64>,
     /// Requests whose documents are being stored, and their page.
@@ -354,6 +366,10 @@ impl Session {
             caught_up: false,
             last_synced_ms: None,
             echo: HashMap::new(),
+            announced: HashMap::new(),
+            sent_upto: 0,
+            skipped_at: None,
+            clock: 0,
             have_reqs: Vec::new(),
             storing_reqs: HashMap::new(),
             subscribed: false,
@@ -432,6 +448,7 @@ impl Session {
         if self.is_closed() {
             return out;
         }
+        self.clock = now_ms;
         let result = match input {
             Input::Message(message) => self.on_message(message, now_ms, &mut out),
             Input::FeedRead {
@@ -501,6 +518,7 @@ impl Session {
             }
             Input::Tick => {
                 self.maybe_start_round(now_ms, &mut out);
+                self.maybe_send_position(now_ms, &mut out);
                 Ok(())
             }
             Input::LocalNeighbors { mut peers } => {

@@ -31,6 +31,7 @@ pub struct CountingProxy {
     started: Instant,
     tasks: Arc<tokio::sync::Mutex<JoinSet<()>>>,
     accept: tokio::task::JoinHandle<()>,
+    blocked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CountingProxy {
@@ -41,9 +42,14 @@ impl CountingProxy {
         let counters = Arc::new(Counters::default());
         let started = Instant::now();
         let tasks: Arc<tokio::sync::Mutex<JoinSet<()>>> = Default::default();
-        let (c, t) = (counters.clone(), tasks.clone());
+        let blocked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, t, b) = (counters.clone(), tasks.clone(), blocked.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if b.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 c.last_accept_us
                     .store(started.elapsed().as_micros() as u64, Ordering::SeqCst);
                 let Ok(server) = TcpStream::connect(upstream).await else {
@@ -64,7 +70,20 @@ impl CountingProxy {
             started,
             tasks,
             accept,
+            blocked,
         })
+    }
+
+    /// Cuts every connection and refuses new ones (the two sides are apart) until
+    /// [`CountingProxy::unblock`].
+    pub async fn block(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        self.cut().await;
+    }
+
+    /// Lets connections through again.
+    pub fn unblock(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
     }
 
     /// Bytes moved so far, both ways.

@@ -7,6 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query as UrlQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::schema::counter_fields;
 use medmesh_protocol::{ChangeAuthor, DocId};
 use medmesh_storage::{Filter, Query, WriteBatch, WriteKind, WriteOp};
 use serde_json::{Value, json};
@@ -94,6 +95,113 @@ fn check_collection(state: &AppState, collection: &str) -> Result<(), ApiError> 
     }
 }
 
+/// What a generic record endpoint is asked to do (for [`refuse_managed`]).
+enum GenericWrite {
+    Create,
+    Patch(Fields),
+    Replace(Fields),
+    Delete,
+}
+
+impl GenericWrite {
+    fn of(kind: &WriteKind) -> Self {
+        match kind {
+            WriteKind::Patch(fields) => Self::Patch(fields.clone()),
+            WriteKind::Replace(fields) => Self::Replace(fields.clone()),
+            WriteKind::Create(_) => Self::Create,
+            _ => Self::Delete,
+        }
+    }
+}
+
+const PHARMACY_ENDPOINTS: &str = "POST /v1/pharmacy/restock, /v1/pharmacy/dispense, /v1/pharmacy/count or /v1/pharmacy/adjust (or `medmesh restock | dispense`)";
+
+fn managed(message: String) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "managed_record", message)
+}
+
+/// Stock, its audit trail and the counters of prescription items keep their
+/// invariants only if they change through the pharmacy operations: the generic record
+/// endpoints refuse to write them, naming what to use instead.
+fn refuse_managed(
+    state: &AppState,
+    collection: &str,
+    id: Option<&DocId>,
+    write: &GenericWrite,
+) -> Result<(), ApiError> {
+    if collection.starts_with('_') {
+        return Err(managed(format!(
+            "`{collection}` is kept by medmesh itself; declare collections with `medmesh start --schema FILE`"
+        )));
+    }
+    match collection {
+        "clinic_inventory" => Err(managed(format!(
+            "stock items change only through the pharmacy, so that every movement is recorded and quantities add up across devices: use {PHARMACY_ENDPOINTS}"
+        ))),
+        "inventory_transactions" => Err(managed(format!(
+            "stock movements are an audit trail written by the pharmacy operations and never changed: use {PHARMACY_ENDPOINTS}"
+        ))),
+        "prescription_items" => {
+            let counters = counter_fields(collection);
+            let fields = match write {
+                GenericWrite::Patch(fields) | GenericWrite::Replace(fields) => fields,
+                GenericWrite::Create | GenericWrite::Delete => return Ok(()),
+            };
+            let touched: Vec<&str> = counters
+                .iter()
+                .copied()
+                .filter(|c| fields.contains_key(*c))
+                .collect();
+            if let GenericWrite::Patch(_) = write {
+                if !touched.is_empty() {
+                    return Err(managed(format!(
+                        "`{}` of a prescription item changes only when it is dispensed: use POST /v1/pharmacy/dispense with its prescription_item_id",
+                        touched.join("`, `")
+                    )));
+                }
+                return Ok(());
+            }
+            // A PUT must carry the counters as they are (it would drop them otherwise).
+            let current = match id {
+                Some(id) => state.store().get(collection, id)?.record,
+                None => return Ok(()),
+            };
+            for counter in counters {
+                if fields.get(*counter) != current.get(*counter) {
+                    return Err(managed(format!(
+                        "a PUT of a prescription item must keep `{counter}` as it is ({}); it changes only when the item is dispensed (POST /v1/pharmacy/dispense). Use PATCH to change other fields",
+                        current.get(*counter).cloned().unwrap_or(Value::Null)
+                    )));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A stock item's `quantity_available` is its own counter plus its ledgers': the record
+/// shows the sum.
+fn with_stock_quantity(
+    state: &AppState,
+    collection: &str,
+    record: &mut Fields,
+) -> Result<(), ApiError> {
+    if collection != "clinic_inventory" {
+        return Ok(());
+    }
+    let id = record
+        .get("id")
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse::<DocId>().ok());
+    if let Some(id) = id
+        && let Some(quantity) = state.pharmacy().quantity(&id)?
+    {
+        record.insert(crate::pharmacy::QUANTITY.into(), Value::from(quantity));
+    }
+    Ok(())
+}
+
 async fn write_one(
     state: &AppState,
     op: WriteOp,
@@ -118,6 +226,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_collection(&state, &collection)?;
     let fields = body_object(body)?;
+    refuse_managed(&state, &collection, None, &GenericWrite::Create)?;
     let op = WriteOp::new(
         &collection,
         None,
@@ -135,7 +244,12 @@ pub async fn get_one(
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
     let id = parse_id(&id)?;
-    let view = blocking(move || Ok(state.store().get(&collection, &id)?)).await?;
+    let view = blocking(move || {
+        let mut view = state.store().get(&collection, &id)?;
+        with_stock_quantity(&state, &collection, &mut view.record)?;
+        Ok(view)
+    })
+    .await?;
     Ok(Json(Value::Object(view.record)))
 }
 
@@ -149,6 +263,9 @@ async fn change(
     check_collection(&state, &collection)?;
     let id = parse_id(&id)?;
     let kind = kind()?;
+    let write = GenericWrite::of(&kind);
+    let (checker, name) = (state.clone(), collection.clone());
+    blocking(move || refuse_managed(&checker, &name, Some(&id), &write)).await?;
     let op = WriteOp::new(&collection, Some(id), kind, author(&state, &headers));
     let outcome = write_one(&state, op).await?;
     Ok(Json(Value::Object(outcome.record)))
@@ -235,7 +352,14 @@ pub async fn list(
             }),
         }
     }
-    let page = blocking(move || Ok(state.store().list(&query)?)).await?;
+    let page = blocking(move || {
+        let mut page = state.store().list(&query)?;
+        for record in &mut page.records {
+            with_stock_quantity(&state, &query.collection, &mut record.record)?;
+        }
+        Ok(page)
+    })
+    .await?;
     let mut answer = json!({
         "records": page.records.into_iter().map(|r| Value::Object(r.record)).collect::<Vec<_>>(),
         "next": page.next.map(hex::encode),
@@ -293,6 +417,7 @@ pub async fn import(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
+    refuse_managed(&state, &collection, None, &GenericWrite::Create)?;
     let records = match body_json(body)? {
         Value::Object(mut body) => match body.remove("records") {
             Some(Value::Array(records)) => records,

@@ -2,9 +2,12 @@
 //! adjustment, stock, alerts, drug search, and the check that every stock item's
 //! quantity equals the sum of its movements.
 //!
-//! Stock quantities are Automerge counters in stock item documents whose first change is
-//! deterministic (see `WriteKind::Ensure`), so movements made on devices that were apart
-//! add up after any merge. Every movement is also an immutable `inventory_transactions`
+//! Stock quantities are Automerge counters whose first change is deterministic (see
+//! `WriteKind::Ensure`), so movements made on devices that were apart add up after any
+//! merge. A stock item's quantity is its own counter plus the counters of its ledgers
+//! (`_stock_ledgers`): every movement goes into the moving device's current ledger of
+//! the item, and a ledger is full after 500 movements, so that no document's history —
+//! whose cost every write and sync pays — grows with the life of a busy stock item. Every movement is also an immutable `inventory_transactions`
 //! record written in the same store transaction as the counter change: a refused
 //! operation changes nothing, and the counter can always be checked against its trail.
 
@@ -13,7 +16,9 @@ mod view;
 use std::sync::Mutex;
 
 use chrono::{NaiveDate, Utc};
-use medmesh_protocol::pharmacy::{drug_id, normalize_batch, normalize_drug_name, stock_item_id};
+use medmesh_protocol::pharmacy::{
+    STOCK_LEDGERS, drug_id, normalize_batch, normalize_drug_name, stock_item_id,
+};
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::{ChangeAuthor, DocId};
 use medmesh_storage::{Query, Store, StoreError, WriteBatch, WriteKind, WriteOp};
@@ -52,11 +57,17 @@ fn invalid(field: &'static str, message: impl Into<String>) -> PharmacyError {
 
 type Result<T, E = PharmacyError> = std::result::Result<T, E>;
 
+/// Locks that serialise the movements of one drug at one clinic (striped): each
+/// movement reads the stock, works out the balance and writes it as one step, so every
+/// movement's `balance_after` follows from the one before.
+const MOVEMENT_LOCKS: usize = 64;
+
 /// The pharmacy of one node.
 pub struct Pharmacy {
     store: Store,
     device: String,
     view: Mutex<View>,
+    movements: [Mutex<()>; MOVEMENT_LOCKS],
 }
 
 /// One part of a dispense: from which batch, how much.
@@ -157,9 +168,22 @@ impl Pharmacy {
     pub fn new(store: Store, device: String) -> Self {
         Self {
             store,
-            device,
-            view: Mutex::new(View::default()),
+            device: device.clone(),
+            view: Mutex::new(View::new(device.clone())),
+            movements: std::array::from_fn(|_| Mutex::new(())),
         }
+    }
+
+    /// Holds the movement lock of a drug at a clinic for the rest of the caller's scope.
+    fn movement_lock(&self, clinic: &str, drug: &DocId) -> Result<std::sync::MutexGuard<'_, ()>> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        clinic.hash(&mut hasher);
+        drug.hash(&mut hasher);
+        let stripe = (hasher.finish() as usize) % MOVEMENT_LOCKS;
+        self.movements[stripe]
+            .lock()
+            .map_err(|_| StoreError::Storage("a pharmacy lock was poisoned".into()).into())
     }
 
     fn with_view<T>(&self, read: impl FnOnce(&View) -> T) -> Result<T> {
@@ -286,11 +310,12 @@ impl Pharmacy {
         )
     }
 
-    /// Writes an atomic batch and takes the stock items it changed into the view.
+    /// Writes an atomic batch and takes the stock items and ledgers it changed into the
+    /// view.
     fn write(&self, ops: Vec<WriteOp>) -> Result<()> {
-        let stock_ops: Vec<bool> = ops
+        let collections: std::collections::HashMap<DocId, String> = ops
             .iter()
-            .map(|op| op.collection == "clinic_inventory")
+            .filter_map(|op| Some((op.id?, op.collection.clone())))
             .collect();
         let outcomes = self
             .store
@@ -299,12 +324,61 @@ impl Pharmacy {
             .view
             .lock()
             .map_err(|_| StoreError::Storage("the pharmacy view lock was poisoned".into()))?;
-        for (outcome, is_stock) in outcomes.into_iter().zip(stock_ops) {
-            if let (Ok(outcome), true) = (outcome, is_stock) {
-                view.written(outcome.id, &outcome.record, outcome.seq);
+        for outcome in outcomes.into_iter().flatten() {
+            if let Some(collection) = collections.get(&outcome.id) {
+                view.written(collection, outcome.id, &outcome.record, outcome.seq);
             }
         }
         Ok(())
+    }
+
+    /// The writes of one movement of a stock item's quantity: into this device's current
+    /// ledger of the item (made when new), `delta` changed by `change`.
+    fn movement_ops(
+        &self,
+        item: &DocId,
+        clinic: &str,
+        drug: &str,
+        change: i64,
+        user: Option<&str>,
+    ) -> Result<Vec<WriteOp>> {
+        let (ledger, index) = self.with_view(|v| v.ledger_for(item))?;
+        let identity = fields(json!({
+            "stock_item_id": item.to_string(),
+            "clinic_id": clinic,
+            "drug_id": drug,
+            "device": self.device,
+            "index": index,
+        }));
+        Ok(vec![
+            self.op(
+                STOCK_LEDGERS,
+                Some(ledger),
+                WriteKind::Ensure {
+                    fields: identity,
+                    counters: vec![("delta".into(), 0), ("movements".into(), 0)],
+                },
+                user,
+            ),
+            self.op(
+                STOCK_LEDGERS,
+                Some(ledger),
+                WriteKind::Increment {
+                    field: "delta".into(),
+                    by: change,
+                },
+                user,
+            ),
+            self.op(
+                STOCK_LEDGERS,
+                Some(ledger),
+                WriteKind::Increment {
+                    field: "movements".into(),
+                    by: 1,
+                },
+                user,
+            ),
+        ])
     }
 
     fn current(&self, id: &DocId) -> Result<Option<StockRow>> {
@@ -327,6 +401,7 @@ impl Pharmacy {
         };
         self.require_clinic(&clinic)?;
         let (drug, mut ops) = self.resolve_drug(&body, true, user)?;
+        let _movement = self.movement_lock(&clinic, &drug)?;
         let id = stock_item_id(&clinic, &drug.to_string(), &batch);
         let before = self.current(&id)?.map_or(0, |r| r.quantity);
         ops.push(self.op(
@@ -353,15 +428,7 @@ impl Pharmacy {
                 user,
             ));
         }
-        ops.push(self.op(
-            "clinic_inventory",
-            Some(id),
-            WriteKind::Increment {
-                field: QUANTITY.into(),
-                by: quantity,
-            },
-            user,
-        ));
+        ops.extend(self.movement_ops(&id, &clinic, &drug.to_string(), quantity, user)?);
         let mut tx = self.transaction(
             Movement {
                 clinic: &clinic,
@@ -406,6 +473,7 @@ impl Pharmacy {
         let days_supply = body.int("days_supply")?;
         self.require_clinic(&clinic)?;
         let (drug, _) = self.resolve_drug(&body, false, user)?;
+        let _movement = self.movement_lock(&clinic, &drug)?;
         let drug_text = drug.to_string();
         let today = Utc::now().date_naive();
         let rows = self.with_view(|v| v.stock_rows(Some(&clinic), Some(&drug_text)))?;
@@ -475,15 +543,7 @@ impl Pharmacy {
         for (row, take) in &plan {
             let record_id = DocId::new_v7();
             let balance = row.quantity - take;
-            ops.push(self.op(
-                "clinic_inventory",
-                Some(row.stock_item_id),
-                WriteKind::Increment {
-                    field: QUANTITY.into(),
-                    by: -take,
-                },
-                user,
-            ));
+            ops.extend(self.movement_ops(&row.stock_item_id, &clinic, &drug_text, -take, user)?);
             ops.push(self.transaction(
                 Movement {
                     clinic: &clinic,
@@ -640,6 +700,7 @@ impl Pharmacy {
         }
         self.require_clinic(&clinic)?;
         let (drug, _) = self.resolve_drug(&body, false, user)?;
+        let _movement = self.movement_lock(&clinic, &drug)?;
         let row = self.existing_batch(&clinic, &drug, &batch)?;
         let change = counted - row.quantity;
         let now = record::format_timestamp(Utc::now().timestamp_millis());
@@ -650,15 +711,13 @@ impl Pharmacy {
             user,
         )];
         if change != 0 {
-            ops.push(self.op(
-                "clinic_inventory",
-                Some(row.stock_item_id),
-                WriteKind::Increment {
-                    field: QUANTITY.into(),
-                    by: change,
-                },
+            ops.extend(self.movement_ops(
+                &row.stock_item_id,
+                &clinic,
+                &drug.to_string(),
+                change,
                 user,
-            ));
+            )?);
         }
         ops.push(self.transaction(
             Movement {
@@ -693,31 +752,23 @@ impl Pharmacy {
         let reason = body.required_text("reason")?;
         self.require_clinic(&clinic)?;
         let (drug, _) = self.resolve_drug(&body, false, user)?;
+        let _movement = self.movement_lock(&clinic, &drug)?;
         let row = self.existing_batch(&clinic, &drug, &batch)?;
-        let ops = vec![
-            self.op(
-                "clinic_inventory",
-                Some(row.stock_item_id),
-                WriteKind::Increment {
-                    field: QUANTITY.into(),
-                    by: change,
-                },
-                user,
-            ),
-            self.transaction(
-                Movement {
-                    clinic: &clinic,
-                    drug: &drug.to_string(),
-                    stock_item: row.stock_item_id,
-                    kind: "adjustment",
-                    change,
-                    balance: row.quantity + change,
-                    reason: Some(reason),
-                    reference: None,
-                },
-                user,
-            ),
-        ];
+        let mut ops =
+            self.movement_ops(&row.stock_item_id, &clinic, &drug.to_string(), change, user)?;
+        ops.push(self.transaction(
+            Movement {
+                clinic: &clinic,
+                drug: &drug.to_string(),
+                stock_item: row.stock_item_id,
+                kind: "adjustment",
+                change,
+                balance: row.quantity + change,
+                reason: Some(reason),
+                reference: None,
+            },
+            user,
+        ));
         self.write(ops)?;
         Ok(json!({"stock_item_id": row.stock_item_id, "quantity": row.quantity + change}))
     }
@@ -730,6 +781,12 @@ impl Pharmacy {
                 format!("batch `{batch}` of this drug is not stocked at this clinic"),
             )
         })
+    }
+
+    /// A stock item's quantity: its own counter and its ledgers' (what a stock item
+    /// record shows as `quantity_available`).
+    pub fn quantity(&self, id: &DocId) -> Result<Option<i64>> {
+        self.with_view(|v| v.stock.get(id).map(|r| r.quantity))
     }
 
     /// Stock items, optionally for one clinic and one drug.

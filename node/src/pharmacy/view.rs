@@ -8,7 +8,9 @@ use std::collections::HashMap;
 
 use chrono::NaiveDate;
 use medmesh_protocol::DocId;
-use medmesh_protocol::pharmacy::normalize_drug_name;
+use medmesh_protocol::pharmacy::{
+    LEDGER_MOVEMENTS, STOCK_LEDGERS, normalize_drug_name, stock_ledger_id,
+};
 use medmesh_protocol::record::Fields;
 use medmesh_storage::{Store, StoreError};
 use serde::Serialize;
@@ -38,6 +40,19 @@ pub struct StockRow {
     pub reorder_level: Option<i64>,
     #[serde(skip)]
     pub(crate) expiry: Option<NaiveDate>,
+    /// The stock item's own counter (movements before ledgers, or from elsewhere).
+    #[serde(skip)]
+    pub(crate) base: i64,
+}
+
+/// A ledger of a stock item's movements (see [`STOCK_LEDGERS`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Ledger {
+    item: DocId,
+    device: String,
+    index: i64,
+    delta: i64,
+    movements: i64,
 }
 
 /// One drug of the catalogue.
@@ -68,11 +83,18 @@ pub struct DrugHit {
 
 #[derive(Default)]
 pub(crate) struct View {
+    /// This node's device id (its ledgers are the ones it writes into).
+    device: String,
     cursor: u64,
-    /// Stock items this node just wrote, with the feed position of that write: the view
-    /// already holds them as written, so the refresh need not load them again.
+    /// Stock items and ledgers this node just wrote, with the feed position of that
+    /// write: the view already holds them as written, so the refresh need not load them.
     applied: HashMap<DocId, u64>,
     pub(crate) stock: HashMap<DocId, StockRow>,
+    /// Every ledger, and the sum of the ledgers' deltas per stock item.
+    ledgers: HashMap<DocId, Ledger>,
+    ledger_sums: HashMap<DocId, i64>,
+    /// This device's newest ledger per stock item: its index and movements.
+    own_ledgers: HashMap<DocId, (i64, i64)>,
     /// Stock items per clinic, so a clinic's queries and dispenses skip the others.
     by_clinic: HashMap<String, std::collections::HashSet<DocId>>,
     pub(crate) drugs: HashMap<DocId, DrugRow>,
@@ -106,13 +128,60 @@ fn deleted(record: &Fields) -> bool {
 }
 
 impl View {
+    /// The view of a node whose device id is `device`.
+    pub(crate) fn new(device: String) -> Self {
+        Self {
+            device,
+            ..Self::default()
+        }
+    }
+
+    /// The ledger this device writes a stock item's next movement into: its current one,
+    /// or the next when that one is full. Answers its id, index, and whether it is new.
+    pub(crate) fn ledger_for(&self, item: &DocId) -> (DocId, i64) {
+        let index = match self.own_ledgers.get(item) {
+            Some((index, movements)) if *movements < LEDGER_MOVEMENTS => *index,
+            Some((index, _)) => index + 1,
+            None => 0,
+        };
+        (stock_ledger_id(item, &self.device, index), index)
+    }
+
+    fn put_ledger(&mut self, id: DocId, record: &Fields) {
+        let Some(item) = text(record, "stock_item_id").and_then(|t| t.parse::<DocId>().ok()) else {
+            return;
+        };
+        let ledger = Ledger {
+            item,
+            device: text(record, "device").unwrap_or_default(),
+            index: int(record, "index").unwrap_or(0),
+            delta: int(record, "delta").unwrap_or(0),
+            movements: int(record, "movements").unwrap_or(0),
+        };
+        let previous = self.ledgers.get(&id).map_or(0, |l| l.delta);
+        let change = ledger.delta - previous;
+        *self.ledger_sums.entry(item).or_default() += change;
+        if let Some(row) = self.stock.get_mut(&item) {
+            row.quantity += change;
+        }
+        if ledger.device == self.device {
+            let own = self.own_ledgers.entry(item).or_insert((ledger.index, 0));
+            if ledger.index > own.0 {
+                *own = (ledger.index, ledger.movements);
+            } else if ledger.index == own.0 {
+                own.1 = ledger.movements;
+            }
+        }
+        self.ledgers.insert(id, ledger);
+    }
+
     /// Reads what changed in the feed since the last refresh.
     pub(crate) fn refresh(&mut self, store: &Store) -> Result<(), StoreError> {
         loop {
             let (entries, last) = store.feed_page(self.cursor, FEED_STEP)?;
             for entry in &entries {
                 match entry.collection.as_str() {
-                    "clinic_inventory"
+                    "clinic_inventory" | STOCK_LEDGERS
                         if self
                             .applied
                             .get(&entry.id)
@@ -120,6 +189,12 @@ impl View {
                     {
                         self.applied.remove(&entry.id);
                     }
+                    STOCK_LEDGERS => match store.get(STOCK_LEDGERS, &entry.id) {
+                        Ok(view) => self.put_ledger(entry.id, &view.record),
+                        Err(err) => {
+                            tracing::warn!(doc = %entry.id, error = %err, "a stock ledger could not be read")
+                        }
+                    },
                     "clinic_inventory" => match store.get("clinic_inventory", &entry.id) {
                         Ok(view) if !deleted(&view.record) => {
                             self.put_stock(entry.id, &view.record)
@@ -154,8 +229,12 @@ impl View {
     }
 
     /// Takes a stock item as this node just wrote it (at feed position `seq`).
-    pub(crate) fn written(&mut self, id: DocId, record: &Fields, seq: u64) {
-        self.put_stock(id, record);
+    pub(crate) fn written(&mut self, collection: &str, id: DocId, record: &Fields, seq: u64) {
+        match collection {
+            "clinic_inventory" => self.put_stock(id, record),
+            STOCK_LEDGERS => self.put_ledger(id, record),
+            _ => return,
+        }
         self.applied.insert(id, seq);
     }
 
@@ -172,6 +251,7 @@ impl View {
         let clinic = text(record, "clinic_id").unwrap_or_default();
         self.by_clinic.entry(clinic).or_default().insert(id);
         let expiry = date(record.get("batch_expiry_date"));
+        let base = int(record, "quantity_available").unwrap_or(0);
         self.stock.insert(
             id,
             StockRow {
@@ -181,7 +261,8 @@ impl View {
                 drug_name: None,
                 batch_number: text(record, "batch_number").unwrap_or_default(),
                 expiry_date: expiry.map(|d| d.to_string()),
-                quantity: int(record, "quantity_available").unwrap_or(0),
+                quantity: base + self.ledger_sums.get(&id).copied().unwrap_or(0),
+                base,
                 reorder_level: int(record, "reorder_level"),
                 expiry,
             },

@@ -1,7 +1,9 @@
 //! The feeder: this node's feed to the peer, a window of pages at a time, and the
 //! documents the peer asks for.
 
-use super::{DOCS_MESSAGE_BYTES, LocalEntry, Output, PAGE, PART_BYTES, Session, WINDOW};
+use super::{
+    DOCS_MESSAGE_BYTES, LocalEntry, Output, PAGE, PART_BYTES, POSITION_LAG_MS, Session, WINDOW,
+};
 use crate::DocId;
 use crate::wire::{DocPayload, FeedItem, Message, WantChanges};
 use serde_bytes::ByteBuf;
@@ -77,6 +79,44 @@ impl Session {
         }
     }
 
+    /// After a quiet spell, moves the peer's cursor past entries it did not need.
+    pub(super) fn maybe_send_position(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let Some(skipped) = self.skipped_at else {
+            return;
+        };
+        if now_ms.saturating_sub(skipped) < POSITION_LAG_MS
+            || self.after <= self.sent_upto
+            || self.reading
+            || self.in_flight.len() >= WINDOW
+        {
+            return;
+        }
+        self.skipped_at = None;
+        self.sent_upto = self.after;
+        self.in_flight.push_back(self.after);
+        out.push(Output::Send(Message::Feed {
+            entries: Vec::new(),
+            upto: self.after,
+        }));
+    }
+
+    /// Whether the peer has every head of this version: it announced them, or this side
+    /// did in this session (a merge of the two needs no announcement).
+    fn peer_has(&self, item: &FeedItem) -> bool {
+        let known = |map: &std::collections::HashMap<DocId, ByteBuf>| {
+            map.get(&item.id)
+                .map(|heads| heads.chunks(32).map(<[u8]>::to_vec).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let mut have = known(&self.echo);
+        have.extend(known(&self.announced));
+        !have.is_empty()
+            && item
+                .heads
+                .chunks(32)
+                .all(|head| have.iter().any(|h| h.as_slice() == head))
+    }
+
     pub(super) fn on_feed_read(
         &mut self,
         entries: Vec<LocalEntry>,
@@ -105,30 +145,36 @@ impl Session {
         let entries: Vec<FeedItem> = entries
             .into_iter()
             .filter(|entry| {
-                // Not back to where it came from, nor to a peer that gets it from there.
+                // Not back to where it came from, nor to a peer that gets it from there,
+                // nor a version the peer is known to have.
                 let from_neighbor = entry
                     .origin
                     .as_ref()
                     .is_some_and(|o| *o == remote || self.remote_neighbors.contains(o));
-                let echo = match self.echo.remove(&entry.item.id) {
-                    Some(heads) => heads == entry.item.heads,
-                    None => false,
-                };
-                !(from_neighbor || echo)
+                !(from_neighbor || self.peer_has(&entry.item))
             })
             .map(|entry| entry.item)
             .collect();
+        if self.announced.len() + entries.len() > super::ECHO_CAPACITY {
+            self.announced.clear();
+        }
+        for entry in &entries {
+            self.announced.insert(entry.id, entry.heads.clone());
+        }
         if moved && entries.is_empty() && !full && self.told_caught_up {
-            // Nothing the peer needs from this stretch of the feed: no page for it (its
-            // cursor catches up with the next page, or reads it again on reconnect).
+            // Nothing the peer needs from this stretch of the feed: no page for it now
+            // (the next page, or an empty one after a quiet spell, moves its cursor).
             self.after = last_seq;
             if self.in_flight.is_empty() {
                 self.acked = self.acked.max(last_seq);
             }
+            self.skipped_at = Some(self.skipped_at.unwrap_or(self.clock));
         } else if moved || !self.told_caught_up {
             self.after = self.after.max(last_seq);
             self.in_flight.push_back(self.after);
             self.told_caught_up = !full;
+            self.sent_upto = self.after;
+            self.skipped_at = None;
             out.push(Output::Send(Message::Feed {
                 entries,
                 upto: self.after,
