@@ -69,7 +69,7 @@ pub const ENTROPY_INTERVAL_MS: u64 = 60_000;
 const ECHO_CAPACITY: usize = 65_536;
 /// How long the feeder lets the peer's cursor lag behind entries it did not need,
 /// before it sends an empty page to move it (so a reconnection does not reread them).
-const POSITION_LAG_MS: u64 = 1_000;
+const POSITION_LAG_MS: u64 = 200;
 
 /// A position in a peer's change feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +330,8 @@ pub struct Session {
     skipped_at: Option<u64>,
     /// The time of the input being handled (ms).
     clock: u64,
+    /// When the handshake succeeded (ms).
+    opened_ms: u64,
     /// Requests asked with a summary of our changes (a repeat `diverged` takes whole).
     have_reqs: Vec<u64>,
     /// Requests whose documents are being stored, and their page.
@@ -370,6 +372,7 @@ impl Session {
             sent_upto: 0,
             skipped_at: None,
             clock: 0,
+            opened_ms: 0,
             have_reqs: Vec::new(),
             storing_reqs: HashMap::new(),
             subscribed: false,
@@ -589,9 +592,14 @@ impl Session {
                     changes,
                 },
             ) => self.on_want(req, whole, changes, out),
-            (Phase::Open, Message::Feed { entries, upto }) => {
-                self.on_feed(entries, upto, now_ms, out)
-            }
+            (
+                Phase::Open,
+                Message::Feed {
+                    entries,
+                    upto,
+                    more,
+                },
+            ) => self.on_feed(entries, upto, more, now_ms, out),
             (
                 Phase::Open,
                 Message::Docs {
@@ -714,6 +722,7 @@ impl Session {
             return Err("could not prove it belongs to this mesh".into());
         }
         self.phase = Phase::Open;
+        self.opened_ms = self.clock;
         out.push(Output::Established {
             remote_epoch: self.remote_epoch.clone(),
         });

@@ -101,25 +101,60 @@ const BUCKET_HASH: usize = 16;
 /// fall into [`SUMMARY_BUCKETS`] buckets by the last byte of their id, and each bucket is
 /// the XOR of a 16-byte hash of each of its documents' id and heads. Two nodes that hold
 /// the same documents at the same heads have equal summaries; a bucket that differs names
-/// the documents worth comparing one by one.
+/// the documents worth comparing one by one. It travels as its root (a hash of the
+/// buckets) first, and whole only when the roots differ.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
     /// How many documents it covers.
     pub count: u64,
-    /// The buckets' hashes, concatenated.
+    /// The buckets' hashes, concatenated; empty when only the root travels.
     pub buckets: ByteBuf,
+    /// A hash of the buckets (32 bytes).
+    #[serde(default)]
+    pub root: ByteBuf,
 }
 
 impl Default for Summary {
     fn default() -> Self {
-        Self {
+        let mut summary = Self {
             count: 0,
             buckets: ByteBuf::from(vec![0; SUMMARY_BUCKETS * BUCKET_HASH]),
-        }
+            root: ByteBuf::new(),
+        };
+        summary.seal();
+        summary
     }
 }
 
 impl Summary {
+    /// Computes the root from the buckets (after the last [`Summary::add`]).
+    pub fn seal(&mut self) {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(self.count.to_be_bytes());
+        hash.update(&self.buckets);
+        self.root = ByteBuf::from(hash.finalize().to_vec());
+    }
+
+    /// The same summary with its root only.
+    pub fn root_only(&self) -> Summary {
+        Summary {
+            count: self.count,
+            buckets: ByteBuf::new(),
+            root: self.root.clone(),
+        }
+    }
+
+    /// Whether it carries its buckets.
+    pub fn is_whole(&self) -> bool {
+        !self.buckets.is_empty()
+    }
+
+    /// Whether two summaries say the same (by their roots).
+    pub fn same_as(&self, other: &Summary) -> bool {
+        self.root == other.root
+    }
+
     /// The bucket of a document.
     pub fn bucket_of(id: &DocId) -> u8 {
         id.as_bytes()[15]
@@ -154,11 +189,19 @@ impl Summary {
 
     /// Whether it has the shape every summary has.
     pub fn is_well_formed(&self) -> bool {
-        self.buckets.len() == SUMMARY_BUCKETS * BUCKET_HASH
+        (self.buckets.is_empty() || self.buckets.len() == SUMMARY_BUCKETS * BUCKET_HASH)
+            && self.root.len() == 32
     }
 
-    /// The buckets in which two summaries differ.
+    /// The buckets in which two summaries differ (none when their roots agree; every
+    /// bucket when one of them travelled as its root only).
     pub fn differing(&self, other: &Summary) -> Vec<u8> {
+        if self.same_as(other) {
+            return Vec::new();
+        }
+        if !self.is_whole() || !other.is_whole() {
+            return (0..=u8::MAX).collect();
+        }
         self.buckets
             .chunks(BUCKET_HASH)
             .zip(other.buckets.chunks(BUCKET_HASH))
@@ -219,6 +262,10 @@ pub enum Message {
         /// The feed position this page reaches.
         #[serde(rename = "u")]
         upto: u64,
+        /// More of the feed follows at once (the sender leaves out entries the receiver
+        /// does not need, so a short page does not mean the end).
+        #[serde(default, rename = "m", skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// What the asker needs, for its request `req`.
     #[serde(rename = "W")]
@@ -549,6 +596,7 @@ mod tests {
                     })
                     .collect(),
                 upto: 299,
+                more: true,
             },
             Message::Want {
                 req: 1,

@@ -267,6 +267,7 @@ impl Store {
                 summary.add(&key_doc(key.value()), &meta.heads, meta.held);
             }
         }
+        summary.seal();
         if let Ok(mut cached) = self.inner.summary.lock() {
             *cached = Some((seq, summary.clone()));
         }

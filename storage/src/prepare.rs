@@ -152,7 +152,7 @@ pub(crate) fn prepare_creates(
 }
 
 /// Automerge's chunk header: magic bytes, checksum, then the chunk type (0: document).
-fn is_document_chunk(bytes: &[u8]) -> bool {
+pub(crate) fn is_document_chunk(bytes: &[u8]) -> bool {
     bytes.len() > 8 && bytes[..4] == [0x85, 0x6f, 0x4a, 0x83] && bytes[8] == 0
 }
 

@@ -84,7 +84,14 @@ impl Writer {
         };
         let key = doc_key(&id);
         if tentative {
-            return self.merge_tentative(tables, staged, batch, arrival);
+            return self.merge_tentative(
+                tables,
+                staged,
+                batch,
+                arrival,
+                loaded,
+                early_refusal.is_some(),
+            );
         }
         let held = match tables.held.get(key)? {
             Some(bytes) => HeldDoc::decode(bytes.value()),
@@ -139,6 +146,8 @@ impl Writer {
         staged: &mut Staged,
         batch: &mut Staged,
         arrival: Arrival,
+        loaded: Option<PreparedCreate>,
+        early_refused: bool,
     ) -> Result<WriteOutcome> {
         let id = arrival.id;
         let unchanged = WriteOutcome {
@@ -161,6 +170,21 @@ impl Writer {
             return Ok(unchanged);
         }
         if meta.is_none() {
+            if let Some(p) = loaded {
+                // Loaded and checked off the writer (a whole document).
+                return Ok(batch.add_new(
+                    id,
+                    arrival.collection,
+                    None,
+                    p.heads,
+                    p.record,
+                    Some(p.raw),
+                ));
+            }
+            if early_refused || !crate::prepare::is_document_chunk(&bytes) {
+                // Changes of a document not here: the announcement's check asks for it.
+                return Ok(unchanged);
+            }
             return match load_received(&bytes).and_then(|doc| {
                 let record = check_record(&doc, &id)?;
                 Ok((doc, record))

@@ -31,7 +31,7 @@ const STORES_IN_FLIGHT: usize = 2;
 /// A peer that has not proven its membership by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the session is told that time passed (anti-entropy rounds).
-const TICK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(500);
 /// Commands that may wait for a session.
 pub(crate) const SESSION_COMMANDS: usize = 8;
 
@@ -139,6 +139,8 @@ async fn drive(
         let input = tokio::select! {
             biased;
             () = cancel.cancelled() => {
+                let last = session.closing();
+                let _ = driver.execute(&mut session, last).await;
                 ended = Some("the node is stopping or reconnecting".to_owned());
                 break;
             }

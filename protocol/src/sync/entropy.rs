@@ -1,12 +1,14 @@
 //! Anti-entropy: the two sides compare summaries of everything they hold, and fetch,
 //! bucket by bucket, what the feed did not bring.
 //!
-//! A round, from the side that starts it: compute the local [`Summary`], send it with
-//! `reply`; the peer answers with its own (and, finding buckets that differ, starts
-//! fetching from its side too); the buckets that differ are asked for one page at a
-//! time (`WantRange`) and each page goes through the puller like a feed page — checked,
-//! wanted, stored — except that no cursor moves. When the last page is stored the round
-//! ends with a [`RoundReport`].
+//! A round, from the side that starts it: compute the local [`Summary`] and send its
+//! root with `reply`. The peer compares it with its own: the same, it answers with its
+//! root and the round is over (a hundred bytes when nothing differs). Different, it
+//! answers with its whole summary and asks for ours; each side then fetches, from its
+//! side, the buckets that differ — asked for one page at a time (`WantRange`), each page
+//! going through the puller like a feed page (checked, wanted, stored) except that no
+//! cursor moves. When the last page is stored the round ends with a [`RoundReport`].
+//! The first round waits [`FIRST_ROUND_DELAY_MS`] after the session opens.
 
 use std::collections::VecDeque;
 
@@ -17,6 +19,8 @@ use crate::wire::{FeedItem, Message, Summary};
 
 /// Summaries of the peer's rounds that may wait for ours.
 const MAX_WAITING_ANSWERS: usize = 2;
+/// The first round of a session starts this long after it opened (once caught up).
+pub const FIRST_ROUND_DELAY_MS: u64 = 10_000;
 
 /// The anti-entropy state of a session.
 #[derive(Debug, Default)]
@@ -71,10 +75,10 @@ impl Session {
         if !self.is_open() || !self.caught_up || !self.pages.is_empty() || self.entropy.busy() {
             return;
         }
-        let due = self
-            .entropy
-            .last_end_ms
-            .is_none_or(|end| now_ms.saturating_sub(end) >= ENTROPY_INTERVAL_MS);
+        let due = match self.entropy.last_end_ms {
+            Some(end) => now_ms.saturating_sub(end) >= ENTROPY_INTERVAL_MS,
+            None => now_ms.saturating_sub(self.opened_ms) >= FIRST_ROUND_DELAY_MS,
+        };
         if due {
             self.start_round(out);
         }
@@ -113,17 +117,34 @@ impl Session {
             self.entropy.awaiting_reply = Some(round);
             out.push(Output::Send(Message::Summary {
                 round,
-                summary: summary.clone(),
+                summary: summary.root_only(),
                 reply: true,
             }));
         }
         for (round, theirs) in std::mem::take(&mut self.entropy.answers) {
-            out.push(Output::Send(Message::Summary {
-                round,
-                summary: summary.clone(),
-                reply: false,
-            }));
-            self.start_fetch(round, &summary, &theirs, now_ms, out);
+            if summary.same_as(&theirs) {
+                // The same: say so with the root; nothing to fetch either way.
+                out.push(Output::Send(Message::Summary {
+                    round,
+                    summary: summary.root_only(),
+                    reply: false,
+                }));
+            } else if theirs.is_whole() {
+                out.push(Output::Send(Message::Summary {
+                    round,
+                    summary: summary.clone(),
+                    reply: false,
+                }));
+                self.start_fetch(round, &summary, &theirs, now_ms, out);
+            } else {
+                // Different: the whole summary, and theirs in return.
+                self.entropy.awaiting_reply = Some(round);
+                out.push(Output::Send(Message::Summary {
+                    round,
+                    summary: summary.clone(),
+                    reply: true,
+                }));
+            }
         }
         self.entropy.local = Some(summary);
     }
@@ -142,6 +163,19 @@ impl Session {
         if reply {
             if self.entropy.answers.len() >= MAX_WAITING_ANSWERS {
                 return Err("sent summaries without waiting for the answers".into());
+            }
+            if theirs.is_whole() && self.entropy.awaiting_reply == Some(round) {
+                // Our root differed from theirs: answer with ours whole, from the summary
+                // just sent, and fetch.
+                self.entropy.awaiting_reply = None;
+                let local = self.entropy.local.clone().unwrap_or_default();
+                out.push(Output::Send(Message::Summary {
+                    round,
+                    summary: local.clone(),
+                    reply: false,
+                }));
+                self.start_fetch(round, &local, &theirs, now_ms, out);
+                return Ok(());
             }
             self.entropy.answers.push((round, theirs));
             if !self.entropy.computing {

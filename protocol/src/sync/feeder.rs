@@ -79,6 +79,21 @@ impl Session {
         }
     }
 
+    /// Before the session ends (the node stops or reconnects): moves the peer's cursor
+    /// past entries it did not need, so that it does not read them again next time.
+    pub fn closing(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.is_open() && self.after > self.sent_upto {
+            self.sent_upto = self.after;
+            out.push(Output::Send(Message::Feed {
+                entries: Vec::new(),
+                upto: self.after,
+                more: false,
+            }));
+        }
+        out
+    }
+
     /// After a quiet spell, moves the peer's cursor past entries it did not need.
     pub(super) fn maybe_send_position(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let Some(skipped) = self.skipped_at else {
@@ -97,6 +112,7 @@ impl Session {
         out.push(Output::Send(Message::Feed {
             entries: Vec::new(),
             upto: self.after,
+            more: false,
         }));
     }
 
@@ -178,6 +194,7 @@ impl Session {
             out.push(Output::Send(Message::Feed {
                 entries,
                 upto: self.after,
+                more: full,
             }));
         }
         self.maybe_read(out);

@@ -126,6 +126,7 @@ impl Session {
         &mut self,
         entries: Vec<FeedItem>,
         upto: u64,
+        more: bool,
         now_ms: u64,
         out: &mut Vec<Output>,
     ) -> Result<(), String> {
@@ -146,7 +147,7 @@ impl Session {
         } else if upto < last {
             return Err("sent a feed page that goes backwards".into());
         }
-        self.caught_up = entries.len() < PAGE;
+        self.caught_up = !more && entries.len() < PAGE;
         if entries.is_empty() {
             self.push_page(upto, PageKind::Feed, PageState::Complete);
             self.advance(now_ms, out);

@@ -159,7 +159,8 @@ fn message() -> impl Strategy<Value = Message> {
                         payload: None,
                     })
                     .collect(),
-                upto
+                upto,
+                more: false,
             }),
         (
             any::<u64>(),
@@ -245,6 +246,7 @@ fn a_diverged_document_is_asked_again_with_a_summary_then_whole() {
         Input::Message(Message::Feed {
             entries: vec![entry],
             upto: 1,
+            more: false,
         }),
         0,
     );
@@ -368,6 +370,7 @@ fn equal_summaries_end_a_round_at_once_and_answer_verify() {
     assert!(out.contains(&Output::ComputeSummary));
     let mut summary = crate::wire::Summary::default();
     summary.add(&DocId::new_v7(), &[[1; 32]], false);
+    summary.seal();
     let to_b = sent(&a.handle(
         Input::SummaryComputed {
             summary: summary.clone(),
@@ -409,14 +412,21 @@ fn summaries_name_the_buckets_that_differ() {
         a.add(id, &[[1; 32], [2; 32]], false);
         b.add(id, &[[2; 32], [1; 32]], false);
     }
+    a.seal();
+    b.seal();
     assert!(a.differing(&b).is_empty(), "order of heads does not matter");
+    assert!(a.same_as(&b.root_only()));
     b.add(&ids[0], &[[2; 32], [1; 32]], false);
     b.add(&ids[0], &[[3; 32]], false);
+    b.seal();
     assert_eq!(a.differing(&b), vec![Summary::bucket_of(&ids[0])]);
+    assert!(!a.same_as(&b));
     let mut held = Summary::default();
     let mut merged = Summary::default();
     held.add(&ids[1], &[[1; 32]], true);
     merged.add(&ids[1], &[[1; 32]], false);
+    held.seal();
+    merged.seal();
     assert_eq!(
         held.differing(&merged).len(),
         1,
