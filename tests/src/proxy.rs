@@ -91,6 +91,14 @@ impl CountingProxy {
         self.counters.up.load(Ordering::SeqCst) + self.counters.down.load(Ordering::SeqCst)
     }
 
+    /// Bytes moved so far: (from the dialing side, to it).
+    pub fn directions(&self) -> (u64, u64) {
+        (
+            self.counters.up.load(Ordering::SeqCst),
+            self.counters.down.load(Ordering::SeqCst),
+        )
+    }
+
     /// Closes every open connection.
     pub async fn cut(&self) {
         self.tasks.lock().await.abort_all();

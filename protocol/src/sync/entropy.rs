@@ -208,6 +208,12 @@ impl Session {
             // One fetch at a time; the next round catches what this one would.
             return;
         }
+        let catching_up = !self.caught_up || self.pages.iter().any(|p| p.kind == PageKind::Feed);
+        if catching_up && self.entropy.tokens.is_empty() {
+            // The peer's round while this side still reads its feed: what differs is on
+            // its way. This side's own round, once caught up, fetches what remains.
+            return;
+        }
         let differing = local.differing(theirs);
         let report = RoundReport {
             differing_buckets: differing.len(),

@@ -363,6 +363,7 @@ async fn main() -> Result<()> {
         .wait_quiet(Duration::from_millis(200), Duration::from_secs(10))
         .await;
     let before = proxy.total();
+    let (up_before, down_before) = proxy.directions();
     let accepted_before = proxy
         .counters
         .last_accept_us
@@ -397,9 +398,12 @@ async fn main() -> Result<()> {
     let noop_bytes = proxy.total() - before;
     out.insert("noop_reconnect_s".into(), json!(noop_s));
     out.insert("noop_reconnect_wire_bytes".into(), json!(noop_bytes));
+    let (up, down) = proxy.directions();
     println!(
-        "no-op reconnect: {:.1} ms, {noop_bytes} bytes",
-        noop_s * 1000.0
+        "no-op reconnect: {:.1} ms, {noop_bytes} bytes ({} from the reconnecting node, {} to it)",
+        noop_s * 1000.0,
+        up - up_before,
+        down - down_before
     );
 
     // 100 records edited on A while connected.
