@@ -61,12 +61,17 @@ impl NodeProcess {
 
     /// Starts a node from a given binary.
     pub fn start_with(bin: &Path, data: &Path) -> Result<Self> {
-        Self::start_full(bin, data, &[], None)
+        Self::start_full(bin, data, &[], None, &[])
     }
 
     /// Starts a node connecting to `peers`, on `listen` (a free port when `None`).
     pub fn start_peered(data: &Path, peers: &[String], listen: Option<String>) -> Result<Self> {
-        Self::start_full(medmesh_bin().as_path(), data, peers, listen)
+        Self::start_full(medmesh_bin().as_path(), data, peers, listen, &[])
+    }
+
+    /// Starts a node connecting to `peers`, with more `start` arguments.
+    pub fn start_with_args(data: &Path, peers: &[String], extra: &[&str]) -> Result<Self> {
+        Self::start_full(medmesh_bin().as_path(), data, peers, None, extra)
     }
 
     fn start_full(
@@ -74,6 +79,7 @@ impl NodeProcess {
         data: &Path,
         peers: &[String],
         listen: Option<String>,
+        extra: &[&str],
     ) -> Result<Self> {
         let api = format!("127.0.0.1:{}", free_port());
         let listen = listen.unwrap_or_else(|| format!("/ip4/127.0.0.1/tcp/{}", free_port()));
@@ -88,6 +94,7 @@ impl NodeProcess {
         for peer in peers {
             command.args(["--peer", peer]);
         }
+        command.args(extra);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -204,3 +204,152 @@ async fn edits_of_different_fields_during_a_partition_both_survive() {
     })
     .await;
 }
+
+async fn status(http: &reqwest::Client, node: &NodeProcess) -> Value {
+    match http.get(node.url("/v1/status")).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// The story of issue 8: a deployment adds a collection with `--schema` on one tablet
+/// only. Its records cross a tablet that has never seen the schema, reach a third one,
+/// and are readable on both once the schema (mesh state) arrives — also after restarts;
+/// nothing is held, and the nodes prove they hold the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_declared_on_one_node_reaches_and_is_readable_on_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db, dc) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    init(&da);
+    join_mesh(&da, &db).expect("join");
+    join_mesh(&da, &dc).expect("join");
+    let schema = dir.path().join("lab.json");
+    std::fs::write(
+        &schema,
+        json!({"collections": [{"name": "lab_reports", "fields": [
+            {"name": "patient_id", "type": "id", "required": true, "index": "exact"},
+            {"name": "test_name", "type": "string", "index": "prefix"},
+            {"name": "result_value", "type": "number"}]}]})
+        .to_string(),
+    )
+    .expect("schema file");
+    let schema_arg = schema.to_str().expect("path");
+    let a = NodeProcess::start_with_args(&da, &[], &["--schema", schema_arg]).expect("a");
+    let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
+    let mut c = NodeProcess::start_peered(&dc, std::slice::from_ref(&b.listen), None).expect("c");
+    let http = reqwest::Client::new();
+    // B and C do not know the collection before the declaration reaches them.
+    let patient = uuid::Uuid::new_v4().to_string();
+    let mut ids = Vec::new();
+    for (test, value) in [
+        ("Haemoglobin", 11.2),
+        ("Glucose", 5.4),
+        ("Malaria RDT", 0.0),
+    ] {
+        let response = http
+            .post(a.url("/v1/lab_reports"))
+            .json(&json!({"patient_id": patient, "test_name": test, "result_value": value}))
+            .send()
+            .await
+            .expect("post");
+        assert!(
+            response.status().is_success(),
+            "A stores lab reports: {}",
+            response.text().await.unwrap_or_default()
+        );
+        let created: Value = response.json().await.expect("json");
+        ids.push(created["id"].as_str().expect("id").to_owned());
+    }
+    let readable = async |http: &reqwest::Client, node: &NodeProcess, ids: &[String]| {
+        for id in ids {
+            let Ok(r) = http
+                .get(node.url(&format!("/v1/lab_reports/{id}")))
+                .send()
+                .await
+            else {
+                return false;
+            };
+            if r.status() != reqwest::StatusCode::OK {
+                return false;
+            }
+        }
+        let list: Value = match http
+            .get(node.url(&format!("/v1/lab_reports?patient_id={patient}")))
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => return false,
+        };
+        list["records"].as_array().map_or(0, Vec::len) == ids.len()
+    };
+    for (name, node) in [("B", &b), ("C", &c)] {
+        wait_for(
+            &format!("the lab reports readable (and indexed) on {name}"),
+            Duration::from_secs(30),
+            async || readable(&http, node, &ids).await,
+        )
+        .await;
+    }
+    // Another report after both learned the collection, and restarts in between.
+    b.stop();
+    c.stop();
+    let response = http
+        .post(a.url("/v1/lab_reports"))
+        .json(&json!({"patient_id": patient, "test_name": "HIV rapid", "result_value": 0}))
+        .send()
+        .await
+        .expect("post");
+    let created: Value = response.json().await.expect("json");
+    ids.push(created["id"].as_str().expect("id").to_owned());
+    let b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
+    let c = NodeProcess::start_peered(&dc, std::slice::from_ref(&b.listen), None).expect("c");
+    for (name, node) in [("B", &b), ("C", &c)] {
+        wait_for(
+            &format!("all lab reports readable on {name} after a restart"),
+            Duration::from_secs(30),
+            async || readable(&http, node, &ids).await,
+        )
+        .await;
+        let status = status(&http, node).await;
+        assert_eq!(
+            status["held"]["total"],
+            json!(0),
+            "{name} holds nothing back: {status}"
+        );
+        assert_eq!(status["records"]["lab_reports"], json!(4), "{status}");
+    }
+    // C and B prove they hold the same.
+    let b_id = status(&http, &b).await["peer_id"]
+        .as_str()
+        .expect("peer id")
+        .to_owned();
+    let mut report = Value::Null;
+    wait_for(
+        "a verify round between C and B",
+        Duration::from_secs(30),
+        async || match http
+            .post(c.url(&format!("/v1/peers/{b_id}/verify")))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                report = r.json().await.unwrap_or(Value::Null);
+                true
+            }
+            _ => false,
+        },
+    )
+    .await;
+    assert_eq!(report["equal"], json!(true), "{report}");
+    assert_eq!(report["differing_buckets"], json!(0), "{report}");
+    assert!(
+        report["local_documents"].as_u64() >= Some(4)
+            && report["local_documents"] == report["peer_documents"],
+        "{report}"
+    );
+}
