@@ -639,12 +639,25 @@ pub async fn stock(api: &ApiArgs, clinic: Option<&str>, drug: Option<&str>) -> R
     if let Some(drug) = drug {
         path.push_str(&format!("drug_id={}", encode(drug)));
     }
-    let (_, answer) = client.call(Method::GET, &path, None).await?;
-    let items = answer["items"].as_array().cloned().unwrap_or_default();
-    for item in &items {
-        println!("{}", stock_line(item));
+    // Every page, printed as it arrives.
+    let mut count = 0usize;
+    let mut after: Option<String> = None;
+    loop {
+        let page_path = match &after {
+            Some(next) => format!("{path}&after={}", encode(next)),
+            None => path.clone(),
+        };
+        let (_, answer) = client.call(Method::GET, &page_path, None).await?;
+        for item in answer["items"].as_array().into_iter().flatten() {
+            println!("{}", stock_line(item));
+            count += 1;
+        }
+        match answer["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
     }
-    eprintln!("{} batch(es)", items.len());
+    eprintln!("{count} batch(es)");
     Ok(())
 }
 

@@ -636,3 +636,68 @@ async fn a_busy_item_keeps_its_movements_in_ledgers_that_stay_small() {
     let verify = node.get("/v1/pharmacy/verify").await;
     assert_eq!(verify["mismatches"], json!([]));
 }
+
+#[tokio::test]
+async fn the_stock_listing_comes_in_pages_that_together_hold_every_batch_once() {
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    for i in 0..25 {
+        let (status, answer) = node
+            .post(
+                "/v1/pharmacy/restock",
+                json!({"clinic_id": clinic, "drug_name": format!("Drug {:02}", i % 7),
+                       "batch_number": format!("B{i}"), "expiry_date": "2031-01-31", "quantity": i + 1}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let whole = node
+        .get(&format!("/v1/pharmacy/stock?clinic_id={clinic}"))
+        .await;
+    let whole_ids: Vec<Value> = whole["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["stock_item_id"].clone())
+        .collect();
+    assert_eq!(whole_ids.len(), 25);
+    assert_eq!(whole["next"], Value::Null, "one page holds 25 batches");
+    // Pages of 10: 10, 10, 5, in the same order as the whole listing.
+    let mut paged = Vec::new();
+    let mut sizes = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(next) => format!("/v1/pharmacy/stock?clinic_id={clinic}&limit=10&after={next}"),
+            None => format!("/v1/pharmacy/stock?clinic_id={clinic}&limit=10"),
+        };
+        let page = node.get(&path).await;
+        let items = page["items"].as_array().expect("items");
+        sizes.push(items.len());
+        paged.extend(items.iter().map(|i| i["stock_item_id"].clone()));
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, vec![10, 10, 5]);
+    assert_eq!(paged, whole_ids);
+    // A page position that is not a stock item, and limits out of range, are refused.
+    for query in [
+        format!("after={}", uuid::Uuid::new_v4()),
+        "after=not-an-id".to_owned(),
+        "limit=0".to_owned(),
+        "limit=100000".to_owned(),
+    ] {
+        let response = node
+            .http
+            .get(format!(
+                "http://{}/v1/pharmacy/stock?{query}",
+                node.api.addr
+            ))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+    }
+}

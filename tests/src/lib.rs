@@ -300,6 +300,16 @@ pub fn join_mesh(from: &Path, to: &Path) -> Result<()> {
     medmesh::mesh::write_mesh_secret(to, &secret)
 }
 
+/// A benchmark row's verdict: (printed, in BENCHMARKS.md). A figure without a target has
+/// none; one that misses its target says so.
+pub fn verdict(target: &str, holds: bool) -> (&'static str, &'static str) {
+    match (target.is_empty(), holds) {
+        (true, _) => ("", ""),
+        (false, true) => ("holds", "yes"),
+        (false, false) => ("MISSED", "**no**"),
+    }
+}
+
 /// Waits until `check` holds, polling; fails after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
 where

@@ -6,6 +6,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
+use medmesh_protocol::DocId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -84,19 +85,55 @@ pub struct StockParams {
     clinic_id: Option<String>,
     drug_id: Option<String>,
     within_days: Option<i64>,
+    limit: Option<usize>,
+    after: Option<String>,
 }
 
-/// `GET /v1/pharmacy/stock?clinic_id=&drug_id=`
+/// Stock rows per page unless `limit` says otherwise.
+const STOCK_PAGE: usize = 1000;
+/// The most stock rows one page may carry.
+const MAX_STOCK_PAGE: usize = 5000;
+
+/// `GET /v1/pharmacy/stock?clinic_id=&drug_id=&limit=&after=`: stock rows by drug name
+/// then expiry, a page at a time (`next` is the `after` of the next page, null at the
+/// end).
 pub async fn stock(
     State(state): State<AppState>,
     Query(params): Query<StockParams>,
 ) -> Result<Json<Value>, ApiError> {
+    let limit = params.limit.unwrap_or(STOCK_PAGE);
+    if !(1..=MAX_STOCK_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "bad_limit",
+            format!("limit must be between 1 and {MAX_STOCK_PAGE}"),
+        ));
+    }
+    let after = match params.after.as_deref() {
+        Some(text) => Some(text.parse::<DocId>().map_err(|_| {
+            ApiError::bad_request(
+                "bad_after",
+                "`after` must be the `next` value of the previous page",
+            )
+        })?),
+        None => None,
+    };
     let pharmacy = state.pharmacy();
-    let items = blocking(move || {
-        Ok(pharmacy.stock(params.clinic_id.as_deref(), params.drug_id.as_deref())?)
+    let page = blocking(move || {
+        Ok(pharmacy.stock_page(
+            params.clinic_id.as_deref(),
+            params.drug_id.as_deref(),
+            after.as_ref(),
+            limit,
+        )?)
     })
     .await?;
-    Ok(Json(json!({ "items": items })))
+    let (items, next) = page.ok_or_else(|| {
+        ApiError::bad_request(
+            "bad_after",
+            "`after` is not a stock item of this listing; start again without it",
+        )
+    })?;
+    Ok(Json(json!({ "items": items, "next": next })))
 }
 
 /// `GET /v1/pharmacy/alerts?clinic_id=&within_days=`

@@ -794,6 +794,18 @@ impl Pharmacy {
         self.with_view(|v| v.stock_rows(clinic, drug))
     }
 
+    /// A page of [`Self::stock`]: at most `limit` rows after the stock item `after`, and
+    /// where the next page starts. `None` when `after` is not in this listing.
+    pub fn stock_page(
+        &self,
+        clinic: Option<&str>,
+        drug: Option<&str>,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Result<Option<(Vec<StockRow>, Option<DocId>)>> {
+        self.with_view(|v| v.stock_page(clinic, drug, after, limit))
+    }
+
     /// Low stock, batches expiring within `within_days`, expired batches still holding
     /// stock, and negative stock.
     pub fn alerts(

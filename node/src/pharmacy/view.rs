@@ -289,13 +289,29 @@ impl View {
     }
 
     /// The drug's name, if it is in the catalogue.
-    pub(crate) fn drug_name(&self, drug_id: &str) -> Option<String> {
+    fn drug_name_ref(&self, drug_id: &str) -> Option<&str> {
         let id: DocId = drug_id.parse().ok()?;
-        self.drugs.get(&id).map(|d| d.name.clone())
+        self.drugs.get(&id).map(|d| d.name.as_str())
     }
 
     /// Stock rows, filtered, with drug names, ordered by drug then expiry.
     pub(crate) fn stock_rows(&self, clinic: Option<&str>, drug: Option<&str>) -> Vec<StockRow> {
+        self.stock_page(clinic, drug, None, usize::MAX)
+            .map(|(rows, _)| rows)
+            .unwrap_or_default()
+    }
+
+    /// One page of [`Self::stock_rows`]: at most `limit` rows after the stock item
+    /// `after`, and the item to continue after when more follow. Only the page is
+    /// copied and named: a listing of 10,000 items costs a sort of references. `None`
+    /// when `after` is not a stock item of this listing.
+    pub(crate) fn stock_page(
+        &self,
+        clinic: Option<&str>,
+        drug: Option<&str>,
+        after: Option<&DocId>,
+        limit: usize,
+    ) -> Option<(Vec<StockRow>, Option<DocId>)> {
         let candidates: Box<dyn Iterator<Item = &StockRow>> = match clinic {
             Some(c) => Box::new(
                 self.by_clinic
@@ -306,31 +322,43 @@ impl View {
             ),
             None => Box::new(self.stock.values()),
         };
-        let mut rows: Vec<StockRow> = candidates
+        let mut rows: Vec<(Option<&str>, &StockRow)> = candidates
             .filter(|r| drug.is_none_or(|d| r.drug_id == d))
-            .cloned()
-            .map(|mut r| {
-                r.drug_name = self.drug_name(&r.drug_id);
-                r
+            .map(|r| (self.drug_name_ref(&r.drug_id), r))
+            .collect();
+        type Key<'a> = (
+            Option<&'a str>,
+            &'a str,
+            bool,
+            Option<NaiveDate>,
+            &'a str,
+            DocId,
+        );
+        fn key<'a>((name, r): &(Option<&'a str>, &'a StockRow)) -> Key<'a> {
+            (
+                *name,
+                r.drug_id.as_str(),
+                r.expiry.is_none(),
+                r.expiry,
+                r.batch_number.as_str(),
+                r.stock_item_id,
+            )
+        }
+        rows.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+        let start = match after {
+            Some(after) => rows.iter().position(|(_, r)| r.stock_item_id == *after)? + 1,
+            None => 0,
+        };
+        let end = start.saturating_add(limit).min(rows.len());
+        let next = (end < rows.len() && end > start).then(|| rows[end - 1].1.stock_item_id);
+        let page = rows[start..end]
+            .iter()
+            .map(|(name, r)| StockRow {
+                drug_name: name.map(str::to_owned),
+                ..(*r).clone()
             })
             .collect();
-        rows.sort_by(|a, b| {
-            (
-                &a.drug_name,
-                &a.drug_id,
-                a.expiry.is_none(),
-                a.expiry,
-                &a.batch_number,
-            )
-                .cmp(&(
-                    &b.drug_name,
-                    &b.drug_id,
-                    b.expiry.is_none(),
-                    b.expiry,
-                    &b.batch_number,
-                ))
-        });
-        rows
+        Some((page, next))
     }
 
     /// Drugs whose names match `query`: by prefix, word prefix, or with a typo or two.

@@ -800,22 +800,10 @@ async fn main() -> Result<()> {
     );
     println!();
     for t in &targets {
-        // A row with no target shows no verdict.
-        let holds = match (t.target.is_empty(), t.holds) {
-            (true, _) => "",
-            (false, true) => "yes",
-            (false, false) => "**no**",
-        };
+        let (printed, holds) = medmesh_tests::verdict(&t.target, t.holds);
         println!(
-            "{:<55} {:<40} target {:<28} {}",
-            t.name,
-            t.figure,
-            t.target,
-            match (t.target.is_empty(), t.holds) {
-                (true, _) => "",
-                (false, true) => "holds",
-                (false, false) => "MISSED",
-            }
+            "{:<55} {:<40} target {:<28} {printed}",
+            t.name, t.figure, t.target
         );
         section.push_str(&format!(
             "| {} | {} | {} | {holds} |\n",

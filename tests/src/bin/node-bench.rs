@@ -145,14 +145,14 @@ fn main() -> Result<()> {
         name: "node peak RSS (whole run)",
         value: peak_mb,
         unit: "MB",
-        target: "(for reference)".into(),
+        target: String::new(),
         holds: true,
     });
     figures.push(Figure {
         name: "indexed query through the API",
         value: read_ms,
         unit: "ms/query",
-        target: "(for reference)".into(),
+        target: String::new(),
         holds: true,
     });
 
@@ -183,7 +183,7 @@ fn main() -> Result<()> {
         name: "node start until its API answers",
         value: ready_s,
         unit: "s",
-        target: "(for reference)".into(),
+        target: String::new(),
         holds: true,
     });
     // After a crash (kill -9) redb checks and repairs the file on open.
@@ -210,16 +210,17 @@ fn main() -> Result<()> {
         name: "database file size",
         value: db_size as f64 / 1_048_576.0,
         unit: "MB",
-        target: "(for reference)".into(),
+        target: String::new(),
         holds: true,
     });
 
     write_report(records, bytes / records.max(1), &figures)?;
-    let failed = figures.iter().filter(|f| !f.holds).count();
+    let targets: Vec<&Figure> = figures.iter().filter(|f| !f.target.is_empty()).collect();
+    let failed = targets.iter().filter(|f| !f.holds).count();
     println!(
         "{} of {} targets hold",
-        figures.len() - failed,
-        figures.len()
+        targets.len() - failed,
+        targets.len()
     );
     std::thread::sleep(Duration::from_millis(10));
     Ok(())
@@ -264,7 +265,7 @@ fn write_report(records: usize, avg_bytes: usize, figures: &[Figure]) -> Result<
         } else {
             format!("{:.3}", f.value)
         };
-        let holds = if f.holds { "yes" } else { "**no**" };
+        let (_, holds) = medmesh_tests::verdict(&f.target, f.holds);
         section.push_str(&format!(
             "| {} | {value} {} | {} | {holds} |\n",
             f.name, f.unit, f.target

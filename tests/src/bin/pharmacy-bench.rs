@@ -154,12 +154,47 @@ async fn main() -> Result<()> {
             )),
         })
         .collect();
-    // Whole-stock answers carry 10,000 items; time them apart from filtered ones.
-    let (stock_all_ms, _) = median_ms(
-        &http,
-        &stock_urls.iter().step_by(3).cloned().collect::<Vec<_>>(),
-    )
-    .await?;
+    // The whole listing, page by page as a client walks it: each page timed, and the
+    // walk as a whole.
+    let mut page_times = Vec::new();
+    let mut walks = Vec::new();
+    for _ in 0..20 {
+        let walk = Instant::now();
+        let mut after: Option<String> = None;
+        let mut rows = 0;
+        loop {
+            let url = match &after {
+                Some(next) => node.url(&format!("/v1/pharmacy/stock?after={next}")),
+                None => node.url("/v1/pharmacy/stock"),
+            };
+            let started = Instant::now();
+            let page: Value = http
+                .get(&url)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            page_times.push(started.elapsed().as_secs_f64() * 1000.0);
+            rows += page["items"].as_array().map_or(0, Vec::len);
+            match page["next"].as_str() {
+                Some(next) => after = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        anyhow::ensure!(
+            rows == STOCK_ITEMS,
+            "the paged listing gave {rows} rows, not {STOCK_ITEMS}"
+        );
+        walks.push(walk.elapsed().as_secs_f64() * 1000.0);
+    }
+    page_times.sort_by(f64::total_cmp);
+    walks.sort_by(f64::total_cmp);
+    let (page_ms, page_p95) = (
+        page_times[page_times.len() / 2],
+        page_times[page_times.len() * 95 / 100],
+    );
+    let walk_ms = walks[walks.len() / 2];
     let (stock_ms, stock_p95) = median_ms(
         &http,
         &stock_urls
@@ -218,9 +253,15 @@ async fn main() -> Result<()> {
             stock_ms <= 20.0,
         ),
         (
-            "stock listing of all 10,000 items (a 2.5 MB answer), median",
-            format!("{stock_all_ms:.2} ms"),
-            "(for reference)",
+            "stock listing of all 10,000 items, each page (1,000 items), median / p95",
+            format!("{page_ms:.2} / {page_p95:.2} ms"),
+            "≤ 20 ms",
+            page_p95 <= 20.0,
+        ),
+        (
+            "stock listing of all 10,000 items, whole walk of its pages, median",
+            format!("{walk_ms:.2} ms"),
+            "",
             true,
         ),
         (
@@ -241,14 +282,9 @@ async fn main() -> Result<()> {
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     );
     for (name, value, target, holds) in rows {
-        println!(
-            "{name:<62} {value:<22} target {target:<10} {}",
-            if holds { "holds" } else { "MISSED" }
-        );
-        section.push_str(&format!(
-            "| {name} | {value} | {target} | {} |\n",
-            if holds { "yes" } else { "**no**" }
-        ));
+        let (printed, cell) = medmesh_tests::verdict(target, holds);
+        println!("{name:<62} {value:<22} target {target:<10} {printed}");
+        section.push_str(&format!("| {name} | {value} | {target} | {cell} |\n"));
     }
     section.push_str("<!-- pharmacy-bench:end -->\n");
     update_benchmarks(
