@@ -1,6 +1,7 @@
 //! The writes a store accepts.
 
 use medmesh_protocol::record::Fields;
+use medmesh_protocol::wire::DocPayload;
 use medmesh_protocol::{ChangeAuthor, DocId};
 
 /// What one write does to one record.
@@ -95,6 +96,21 @@ impl WriteOp {
             author,
             time_ms: chrono::Utc::now().timestamp_millis(),
         }
+    }
+
+    /// The merge of a document a peer sent (`from`), as it came off the wire.
+    pub fn received(doc: DocPayload, from: Option<String>, tentative: bool) -> Self {
+        Self::new(
+            &doc.collection,
+            Some(doc.id),
+            WriteKind::Merge(Received {
+                heads: medmesh_protocol::wire::split_heads(&doc.heads).unwrap_or_default(),
+                bytes: doc.bytes.into_vec(),
+                from,
+                tentative,
+            }),
+            ChangeAuthor::default(),
+        )
     }
 }
 

@@ -300,6 +300,46 @@ pub fn join_mesh(from: &Path, to: &Path) -> Result<()> {
     medmesh::mesh::write_mesh_secret(to, &secret)
 }
 
+#[derive(libp2p::swarm::NetworkBehaviour)]
+#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
+struct StreamOnly {
+    stream: libp2p_stream::Behaviour,
+}
+
+/// Opens the sync stream to the node `peer` at `target` from a fresh libp2p identity, as
+/// any program on the network could (hostile peers in tests). Answers the stream, this
+/// side's peer id, and the task driving the connection (abort it when done).
+pub async fn open_sync_stream(
+    target: &libp2p::Multiaddr,
+    peer: libp2p::PeerId,
+) -> Result<(libp2p::Stream, libp2p::PeerId, tokio::task::JoinHandle<()>)> {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )?
+        .with_behaviour(|_| StreamOnly {
+            stream: libp2p_stream::Behaviour::new(),
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let local = *swarm.local_peer_id();
+    let mut control = swarm.behaviour().stream.new_control();
+    swarm.dial(target.clone())?;
+    let driver = tokio::spawn(async move {
+        loop {
+            let _ = futures::StreamExt::select_next_some(&mut swarm).await;
+        }
+    });
+    let stream = control
+        .open_stream(peer, medmesh::mesh::SYNC_PROTOCOL)
+        .await
+        .context("cannot open the sync stream")?;
+    Ok((stream, local, driver))
+}
+
 /// A benchmark row's verdict: (printed, in BENCHMARKS.md). A figure without a target has
 /// none; one that misses its target says so.
 pub fn verdict(target: &str, holds: bool) -> (&'static str, &'static str) {

@@ -20,7 +20,7 @@ use medmesh_protocol::record::Fields;
 use medmesh_protocol::sync::{Cursor, Input, Output, RoundReport, Session, SessionConfig};
 use medmesh_protocol::wire::{self, FrameDecoder, Message, Summary};
 use medmesh_protocol::{ChangeAuthor, DocId, Schema};
-use medmesh_storage::{Received, Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
+use medmesh_storage::{Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -417,19 +417,7 @@ impl Sim {
                     let from = self.peers[self.peer_of(l, 1 - side)].name.clone();
                     let ops = docs
                         .into_iter()
-                        .map(|doc| {
-                            WriteOp::new(
-                                &doc.collection,
-                                Some(doc.id),
-                                WriteKind::Merge(Received {
-                                    heads: wire::split_heads(&doc.heads).unwrap_or_default(),
-                                    bytes: doc.bytes.into_vec(),
-                                    from: Some(from.clone()),
-                                    tentative,
-                                }),
-                                ChangeAuthor::default(),
-                            )
-                        })
+                        .map(|doc| WriteOp::received(doc, Some(from.clone()), tentative))
                         .collect();
                     let results = store
                         .write_blocking(WriteBatch { ops, atomic: false })

@@ -11,20 +11,14 @@ use std::time::Duration;
 use automerge::transaction::Transactable;
 use automerge::{AutoCommit, Automerge, ROOT};
 use futures::{AsyncReadExt, AsyncWriteExt};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId};
 use medmesh_protocol::DocId;
 use medmesh_protocol::membership::{Credential, MeshSecret};
 use medmesh_protocol::sync::{Input, Output, Session, SessionConfig};
 use medmesh_protocol::wire::{self, DocPayload, FeedItem, FrameDecoder, Message};
-use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin};
+use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, open_sync_stream};
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
-
-#[derive(libp2p::swarm::NetworkBehaviour)]
-#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
-struct Behaviour {
-    stream: libp2p_stream::Behaviour,
-}
 
 /// The hostile side of one sync session, past the handshake.
 struct Member {
@@ -43,30 +37,7 @@ impl Member {
     /// Dials the node and proves membership with the mesh secret, as an honest node
     /// would.
     async fn join(target: &Multiaddr, peer: PeerId, secret: &MeshSecret) -> Self {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .expect("transport")
-            .with_behaviour(|_| Behaviour {
-                stream: libp2p_stream::Behaviour::new(),
-            })
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-        let local = swarm.local_peer_id().to_string();
-        let mut control = swarm.behaviour().stream.new_control();
-        swarm.dial(target.clone()).expect("dial");
-        let driver = tokio::spawn(async move {
-            loop {
-                let _ = futures::StreamExt::select_next_some(&mut swarm).await;
-            }
-        });
-        let stream = control
-            .open_stream(peer, StreamProtocol::new("/medmesh/sync/1"))
+        let (stream, local, driver) = open_sync_stream(target, peer)
             .await
             .expect("open the sync stream");
         let mut member = Self {
@@ -75,7 +46,7 @@ impl Member {
             driver,
         };
         let mut session = Session::new(SessionConfig {
-            local_peer: local,
+            local_peer: local.to_string(),
             remote_peer: peer.to_string(),
             credential: Credential::SharedSecret(secret.clone()),
             nonce: rand::random::<[u8; 32]>().to_vec(),

@@ -4,41 +4,13 @@
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt};
-use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
-use medmesh_tests::{InProcessNode, eventually, join_mesh};
-
-#[derive(libp2p::swarm::NetworkBehaviour)]
-#[behaviour(prelude = "libp2p::swarm::derive_prelude")]
-struct Behaviour {
-    stream: libp2p_stream::Behaviour,
-}
+use libp2p::{Multiaddr, PeerId};
+use medmesh_tests::{InProcessNode, eventually, join_mesh, open_sync_stream};
 
 /// Opens the sync stream to `target` from a fresh libp2p identity, sends `bytes`, and
 /// answers what came back before the node closed the stream.
 async fn send_raw(target: &Multiaddr, peer: PeerId, bytes: Vec<u8>) -> Vec<u8> {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .expect("transport")
-        .with_behaviour(|_| Behaviour {
-            stream: libp2p_stream::Behaviour::new(),
-        })
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
-    let mut control = swarm.behaviour().stream.new_control();
-    swarm.dial(target.clone()).expect("dial");
-    let driver = tokio::spawn(async move {
-        loop {
-            let _ = futures::StreamExt::select_next_some(&mut swarm).await;
-        }
-    });
-    let mut stream = control
-        .open_stream(peer, StreamProtocol::new("/medmesh/sync/1"))
+    let (mut stream, _, driver) = open_sync_stream(target, peer)
         .await
         .expect("open the sync stream");
     let _ = stream.write_all(&bytes).await;

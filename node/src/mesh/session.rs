@@ -13,7 +13,7 @@ use medmesh_protocol::membership::Credential;
 use medmesh_protocol::record;
 use medmesh_protocol::sync::{Cursor, Input, Output, RoundReport, Session, SessionConfig};
 use medmesh_protocol::wire::{self, FrameDecoder, Limits};
-use medmesh_storage::{PeerUpdate, Received, Store, WriteBatch, WriteKind, WriteOp, escape};
+use medmesh_storage::{PeerUpdate, Store, WriteBatch, WriteOp, escape};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -437,20 +437,7 @@ async fn store_docs(
     let count = docs.len();
     let ops = docs
         .into_iter()
-        .map(|doc| {
-            let heads = wire::split_heads(&doc.heads).unwrap_or_default();
-            WriteOp::new(
-                &doc.collection,
-                Some(doc.id),
-                WriteKind::Merge(Received {
-                    bytes: doc.bytes.into_vec(),
-                    heads,
-                    from: Some(from.clone()),
-                    tentative,
-                }),
-                Default::default(),
-            )
-        })
+        .map(|doc| WriteOp::received(doc, Some(from.clone()), tentative))
         .collect();
     let results = store
         .write(WriteBatch { ops, atomic: false })
