@@ -744,3 +744,88 @@ pub async fn verify_stock(api: &ApiArgs) -> Result<()> {
     }
     bail!("{} stock item(s) do not add up", mismatches.len())
 }
+
+/// `medmesh users add | list`
+pub async fn users(action: crate::config::UsersAction) -> Result<()> {
+    use crate::config::UsersAction;
+    match action {
+        UsersAction::Add {
+            api,
+            email,
+            name,
+            role,
+            clinic,
+        } => {
+            if !crate::users::ROLES.contains(&role.as_str()) {
+                bail!(
+                    "unknown role `{role}`: use one of {}",
+                    crate::users::ROLES.join(", ")
+                );
+            }
+            let client = Client::new(&api)?;
+            let (_, existing) = client
+                .call(
+                    Method::GET,
+                    &format!("/v1/users?email={}", encode(&email)),
+                    None,
+                )
+                .await?;
+            if existing["records"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                bail!("a user with the email {email} exists already");
+            }
+            eprintln!("Password for {email} (read from standard input):");
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("could not read the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.chars().count() < 8 {
+                bail!("the password must have at least 8 characters");
+            }
+            let hashed = crate::users::hash_password(password)?;
+            let mut user = json!({
+                "email": email,
+                "name": name,
+                "role": role,
+                "hashed_password": hashed,
+            });
+            if let Some(clinic) = clinic {
+                user["clinic_id"] = json!(clinic);
+            }
+            let (_, created) = client.call(Method::POST, "/v1/users", Some(&user)).await?;
+            println!(
+                "User {email} ({role}) created: {}. They sign in to the Hikma app with this node's address.",
+                created["id"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        UsersAction::List { api } => {
+            let client = Client::new(&api)?;
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/v1/users?limit=1000&cursor={c}"),
+                    None => "/v1/users?limit=1000".to_owned(),
+                };
+                let (_, page) = client.call(Method::GET, &path, None).await?;
+                for user in page["records"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<36} {:<32} {:<12} {}",
+                        user["email"].as_str().unwrap_or("-"),
+                        user["name"].as_str().unwrap_or("-"),
+                        user["role"].as_str().unwrap_or("-"),
+                        user["clinic_id"].as_str().unwrap_or("-"),
+                    );
+                }
+                match page["next"].as_str() {
+                    Some(next) => cursor = Some(next.to_owned()),
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -114,6 +114,12 @@ pub enum Command {
         /// `forget`
         addr: Option<String>,
     },
+    /// The people who sign in to the Hikma app (on any node of the mesh).
+    Users {
+        #[command(subcommand)]
+        /// `add` or `list`.
+        action: UsersAction,
+    },
     /// Run a node (creates the data directory on first start).
     Start(StartArgs),
     /// Compare everything this node holds with a peer, repair what differs, and say
@@ -290,5 +296,34 @@ pub enum Command {
         /// Include deleted records.
         #[arg(long)]
         include_deleted: bool,
+    },
+}
+
+/// `medmesh users ...`
+#[derive(Debug, Subcommand)]
+pub enum UsersAction {
+    /// Create a user; the password is read from standard input (never give it on the
+    /// command line).
+    Add {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The email the user signs in with.
+        email: String,
+        /// The user's name, as the app shows it.
+        #[arg(long)]
+        name: String,
+        /// registrar, provider, admin or super_admin.
+        #[arg(long)]
+        role: String,
+        /// The user's clinic.
+        #[arg(long = "clinic")]
+        clinic: Option<String>,
+    },
+    /// List the users (without their password hashes).
+    List {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
     },
 }

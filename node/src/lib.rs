@@ -18,5 +18,7 @@ pub mod client;
 pub mod config;
 pub mod identity;
 pub mod mesh;
+pub mod mobile;
 pub mod pharmacy;
 pub mod server;
+pub mod users;

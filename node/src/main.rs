@@ -60,6 +60,7 @@ fn main() -> std::process::ExitCode {
                 client::peers(&api, action.as_deref(), addr.as_deref()).await
             }
             Command::Status { api } => client::status(&api).await,
+            Command::Users { action } => client::users(action).await,
             Command::Verify { api, peer } => match client::verify(&api, &peer).await {
                 Ok(true) => Ok(()),
                 Ok(false) => std::process::exit(1),

@@ -5,6 +5,7 @@
 //! threads: reads run on blocking threads, writes go to the store's writer thread.
 
 pub mod error;
+mod mobile;
 mod peers;
 mod pharmacy;
 mod records;
@@ -41,6 +42,8 @@ pub struct AppState {
 struct StateInner {
     store: Store,
     pharmacy: Arc<crate::pharmacy::Pharmacy>,
+    mobile: Arc<crate::mobile::MobileSync>,
+    users: Arc<crate::users::Users>,
     mesh: Option<crate::mesh::Mesh>,
     peer_id: String,
     data_dir: Option<PathBuf>,
@@ -50,12 +53,19 @@ struct StateInner {
 impl AppState {
     /// State for a node with this store and identity.
     pub fn new(store: Store, peer_id: String, data_dir: Option<PathBuf>) -> Self {
+        let pharmacy = Arc::new(crate::pharmacy::Pharmacy::new(
+            store.clone(),
+            peer_id.clone(),
+        ));
         Self {
             inner: Arc::new(StateInner {
-                pharmacy: Arc::new(crate::pharmacy::Pharmacy::new(
+                mobile: Arc::new(crate::mobile::MobileSync::new(
                     store.clone(),
+                    pharmacy.clone(),
                     peer_id.clone(),
                 )),
+                users: Arc::new(crate::users::Users::new(store.clone())),
+                pharmacy,
                 store,
                 mesh: None,
                 peer_id,
@@ -70,6 +80,8 @@ impl AppState {
         let inner = StateInner {
             store: self.inner.store.clone(),
             pharmacy: self.inner.pharmacy.clone(),
+            mobile: self.inner.mobile.clone(),
+            users: self.inner.users.clone(),
             mesh: Some(mesh),
             peer_id: self.inner.peer_id.clone(),
             data_dir: self.inner.data_dir.clone(),
@@ -83,6 +95,16 @@ impl AppState {
     /// The pharmacy.
     pub fn pharmacy(&self) -> Arc<crate::pharmacy::Pharmacy> {
         self.inner.pharmacy.clone()
+    }
+
+    /// The Hikma app's sync.
+    pub fn mobile(&self) -> Arc<crate::mobile::MobileSync> {
+        self.inner.mobile.clone()
+    }
+
+    /// The users who sign in to the app.
+    pub fn users(&self) -> Arc<crate::users::Users> {
+        self.inner.users.clone()
     }
 
     /// The mesh, when the node runs one.
@@ -106,6 +128,10 @@ pub fn router(state: AppState) -> Router {
     let import = Router::new()
         .route("/v1/{collection}/_import", post(records::import))
         .layer(DefaultBodyLimit::max(MAX_IMPORT_BODY));
+    let app = Router::new()
+        .route("/api/v2/sync", get(mobile::pull).post(mobile::push))
+        .route("/api/login", post(mobile::login))
+        .layer(DefaultBodyLimit::max(mobile::MAX_PUSH_BODY));
     Router::new()
         .route("/health", get(status::health))
         .route("/v1/status", get(status::status))
@@ -133,6 +159,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/{collection}/{id}/conflicts", get(records::conflicts))
         .layer(DefaultBodyLimit::max(MAX_RECORD_BODY))
         .merge(import)
+        .merge(app)
         .fallback(not_found)
         .with_state(state)
 }

@@ -180,13 +180,13 @@ fn refuse_managed(
     }
 }
 
-/// A stock item's `quantity_available` is its own counter plus its ledgers': the record
-/// shows the sum.
-fn with_stock_quantity(
-    state: &AppState,
-    collection: &str,
-    record: &mut Fields,
-) -> Result<(), ApiError> {
+/// A record as the API shows it: a stock item's `quantity_available` is its own counter
+/// plus its ledgers'; a user's password hash is masked.
+fn as_shown(state: &AppState, collection: &str, record: &mut Fields) -> Result<(), ApiError> {
+    if collection == "users" {
+        *record = crate::users::masked(std::mem::take(record));
+        return Ok(());
+    }
     if collection != "clinic_inventory" {
         return Ok(());
     }
@@ -246,7 +246,7 @@ pub async fn get_one(
     let id = parse_id(&id)?;
     let view = blocking(move || {
         let mut view = state.store().get(&collection, &id)?;
-        with_stock_quantity(&state, &collection, &mut view.record)?;
+        as_shown(&state, &collection, &mut view.record)?;
         Ok(view)
     })
     .await?;
@@ -355,7 +355,7 @@ pub async fn list(
     let page = blocking(move || {
         let mut page = state.store().list(&query)?;
         for record in &mut page.records {
-            with_stock_quantity(&state, &query.collection, &mut record.record)?;
+            as_shown(&state, &query.collection, &mut record.record)?;
         }
         Ok(page)
     })

@@ -601,6 +601,87 @@ impl Pharmacy {
         Ok(answer)
     }
 
+    /// A dispense the Hikma app recorded and pushed (`dispensing_records` row `id`):
+    /// the stock item it names (`batch_id`), or the earliest-expiring batch of the drug
+    /// at the clinic, loses the quantity, with its `inventory_transactions` record, and
+    /// the row is stored as the app wrote it. A row this node has already is not
+    /// counted again. The prescription item is the app's to update (it pushes it too).
+    pub fn record_app_dispense(&self, id: DocId, mut row: Fields, user: &str) -> Result<()> {
+        let clinic = row
+            .get("clinic_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| invalid("clinic_id", "a dispensing record needs its clinic_id"))?;
+        let drug: DocId = row
+            .get("drug_id")
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| invalid("drug_id", "a dispensing record needs its drug_id"))?;
+        let quantity = row
+            .get("quantity_dispensed")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        let _movement = self.movement_lock(&clinic, &drug)?;
+        if self.store.exists("dispensing_records", &id)? {
+            return Ok(());
+        }
+        let drug_text = drug.to_string();
+        let rows = self.with_view(|v| v.stock_rows(Some(&clinic), Some(&drug_text)))?;
+        let named = row
+            .get("batch_id")
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse::<DocId>().ok());
+        let today = Utc::now().date_naive();
+        let item = rows
+            .iter()
+            .find(|r| Some(r.stock_item_id) == named)
+            .or_else(|| {
+                rows.iter()
+                    .find(|r| r.quantity > 0 && r.expiry.is_none_or(|e| e >= today))
+            })
+            .or(rows.first());
+        let mut ops = Vec::new();
+        if let Some(item) = item.filter(|_| quantity > 0) {
+            ops.extend(self.movement_ops(
+                &item.stock_item_id,
+                &clinic,
+                &drug_text,
+                -quantity,
+                Some(user),
+            )?);
+            ops.push(self.transaction(
+                Movement {
+                    clinic: &clinic,
+                    drug: &drug_text,
+                    stock_item: item.stock_item_id,
+                    kind: "dispense",
+                    change: -quantity,
+                    balance: item.quantity - quantity,
+                    reason: None,
+                    reference: Some(id),
+                },
+                Some(user),
+            ));
+            row.insert(
+                "batch_id".into(),
+                Value::from(item.stock_item_id.to_string()),
+            );
+        } else if quantity > 0 {
+            tracing::warn!(
+                %clinic, drug = %drug_text,
+                "a dispense from the app names a drug this clinic has no stock item for; it is recorded, and the stock changes when the drug is restocked here or counted"
+            );
+        }
+        row.insert("id".into(), Value::from(id.to_string()));
+        ops.push(self.op(
+            "dispensing_records",
+            Some(id),
+            WriteKind::Create(row),
+            Some(user),
+        ));
+        self.write(ops)
+    }
+
     fn prescription_update(
         &self,
         item: &str,
