@@ -368,3 +368,93 @@ async fn two_nodes_that_stock_the_same_batch_offline_end_with_one_item_and_the_r
     a.stop().await;
     b.stop().await;
 }
+
+/// The Hikma app signs in on one node with a user created on another, and moves between
+/// nodes: the second node, which did not hand out its `last_pulled_at`, answers with
+/// everything, so nothing written through the first is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_moves_between_nodes_and_misses_nothing() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let a = InProcessNode::start(&da, vec![]).await.expect("a");
+    join_mesh(&da, &db).expect("join");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
+    let http = reqwest::Client::new();
+    let hashed = medmesh::users::hash_password("a long password").expect("hash");
+    post(
+        &http,
+        &a,
+        "users",
+        json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "provider", "hashed_password": hashed}),
+    )
+    .await;
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("nurse@clinic.org:a long password")
+    );
+    let pull = async |node: &InProcessNode, since: Option<i64>| -> Option<Value> {
+        let url = match since {
+            Some(t) => node.url(&format!("/api/v2/sync?last_pulled_at={t}")),
+            None => node.url("/api/v2/sync"),
+        };
+        let response = http
+            .get(url)
+            .header("authorization", &auth)
+            .send()
+            .await
+            .ok()?;
+        (response.status() == reqwest::StatusCode::OK)
+            .then_some(response.json::<Value>().await.ok()?)
+    };
+    // The user reaches B; the app signs in there too.
+    eventually(WAIT, "the user on B", || async {
+        pull(&b, None).await.is_some()
+    })
+    .await
+    .expect("the app signs in on B");
+    // The app syncs with A: pulls, then pushes a patient.
+    let first = pull(&a, None).await.expect("pull from A");
+    let t_a = first["timestamp"].as_i64().expect("timestamp");
+    let patient = uuid::Uuid::now_v7().to_string();
+    let response = http
+        .post(a.url(&format!("/api/v2/sync?last_pulled_at={t_a}")))
+        .header("authorization", &auth)
+        .json(
+            &json!({"patients": {"created": [{"id": patient, "given_name": "Moved",
+            "created_at": 1_764_000_000_000i64, "updated_at": 1_764_000_000_000i64,
+            "_status": "created", "_changed": ""}], "updated": [], "deleted": []}}),
+        )
+        .send()
+        .await
+        .expect("push to A");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    // Another record written on A meanwhile by another device.
+    let other = post(&http, &a, "patients", json!({"given_name": "Elsewhere"})).await;
+    let other = other["id"].as_str().expect("id").to_owned();
+    // The app moves to B with A's timestamp: B answers with everything once it has both.
+    eventually(WAIT, "both records from B with A's timestamp", || async {
+        let Some(answer) = pull(&b, Some(t_a)).await else {
+            return false;
+        };
+        let rows: Vec<&str> = answer["changes"]["patients"]["created"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(
+                answer["changes"]["patients"]["updated"]
+                    .as_array()
+                    .into_iter()
+                    .flatten(),
+            )
+            .filter_map(|r| r["id"].as_str())
+            .collect();
+        rows.contains(&patient.as_str()) && rows.contains(&other.as_str())
+    })
+    .await
+    .expect("B answers a foreign timestamp completely");
+    b.stop().await;
+    a.stop().await;
+}
