@@ -36,12 +36,10 @@ pub enum WriteKind {
         /// Counter fields and their starting value.
         counters: Vec<(String, i64)>,
     },
-    /// Adds `by` (negative to subtract) to a counter field of the record.
+    /// Adds to counter fields of the record (negative amounts subtract), in one change.
     Increment {
-        /// The counter field.
-        field: String,
-        /// The amount.
-        by: i64,
+        /// The counter fields and the amount for each.
+        counters: Vec<(String, i64)>,
     },
 }
 

@@ -678,7 +678,7 @@ impl Writer {
                         Change::Replace(fields)
                     }
                     WriteKind::Delete => Change::Delete,
-                    WriteKind::Increment { field, by } => Change::Increment(field, by),
+                    WriteKind::Increment { counters } => Change::Increment(counters),
                     // Handled above.
                     WriteKind::Create(_) | WriteKind::Merge(_) | WriteKind::Ensure { .. } => {
                         return Err(StoreError::BadQuery(
@@ -694,9 +694,11 @@ impl Writer {
                             Change::Replace(fields) => {
                                 record::replace_fields(tx, fields, KEPT_ON_REPLACE)?
                             }
-                            Change::Increment(field, by) => {
-                                if *by != 0 {
-                                    tx.increment(ROOT, field.as_str(), *by)?;
+                            Change::Increment(counters) => {
+                                for (field, by) in counters {
+                                    if *by != 0 {
+                                        tx.increment(ROOT, field.as_str(), *by)?;
+                                    }
                                 }
                             }
                             Change::Delete => {
@@ -979,7 +981,7 @@ fn replicate(err: &StoreError) -> StoreError {
 enum Change {
     Write(Fields),
     Replace(Fields),
-    Increment(String, i64),
+    Increment(Vec<(String, i64)>),
     Delete,
 }
 

@@ -604,8 +604,7 @@ fn records_ensured_apart_merge_into_one_whose_counter_adds_up() {
             "clinic_inventory",
             Some(id),
             WriteKind::Increment {
-                field: "quantity_available".into(),
-                by,
+                counters: vec![("quantity_available".into(), by)],
             },
             author(),
         )
@@ -660,8 +659,7 @@ fn records_ensured_apart_merge_into_one_whose_counter_adds_up() {
             "clinic_inventory",
             Some(id),
             WriteKind::Increment {
-                field: "batch_number".into(),
-                by: 1,
+                counters: vec![("batch_number".into(), 1)],
             },
             author(),
         )))

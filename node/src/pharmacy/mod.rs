@@ -364,17 +364,7 @@ impl Pharmacy {
                 STOCK_LEDGERS,
                 Some(ledger),
                 WriteKind::Increment {
-                    field: "delta".into(),
-                    by: change,
-                },
-                user,
-            ),
-            self.op(
-                STOCK_LEDGERS,
-                Some(ledger),
-                WriteKind::Increment {
-                    field: "movements".into(),
-                    by: 1,
+                    counters: vec![("delta".into(), change), ("movements".into(), 1)],
                 },
                 user,
             ),

@@ -95,8 +95,9 @@ pub(crate) struct View {
     ledger_sums: HashMap<DocId, i64>,
     /// This device's newest ledger per stock item: its index and movements.
     own_ledgers: HashMap<DocId, (i64, i64)>,
-    /// Stock items per clinic, so a clinic's queries and dispenses skip the others.
-    by_clinic: HashMap<String, std::collections::HashSet<DocId>>,
+    /// Stock items per clinic and drug, so a clinic's queries and a drug's dispenses
+    /// skip the others.
+    by_clinic: HashMap<String, HashMap<String, std::collections::HashSet<DocId>>>,
     pub(crate) drugs: HashMap<DocId, DrugRow>,
 }
 
@@ -240,7 +241,8 @@ impl View {
 
     fn remove_stock(&mut self, id: &DocId) {
         if let Some(row) = self.stock.remove(id)
-            && let Some(ids) = self.by_clinic.get_mut(&row.clinic_id)
+            && let Some(drugs) = self.by_clinic.get_mut(&row.clinic_id)
+            && let Some(ids) = drugs.get_mut(&row.drug_id)
         {
             ids.remove(id);
         }
@@ -249,7 +251,13 @@ impl View {
     fn put_stock(&mut self, id: DocId, record: &Fields) {
         self.remove_stock(&id);
         let clinic = text(record, "clinic_id").unwrap_or_default();
-        self.by_clinic.entry(clinic).or_default().insert(id);
+        let drug = text(record, "drug_id").unwrap_or_default();
+        self.by_clinic
+            .entry(clinic)
+            .or_default()
+            .entry(drug)
+            .or_default()
+            .insert(id);
         let expiry = date(record.get("batch_expiry_date"));
         let base = int(record, "quantity_available").unwrap_or(0);
         self.stock.insert(
@@ -312,15 +320,24 @@ impl View {
         after: Option<&DocId>,
         limit: usize,
     ) -> Option<(Vec<StockRow>, Option<DocId>)> {
-        let candidates: Box<dyn Iterator<Item = &StockRow>> = match clinic {
-            Some(c) => Box::new(
+        let candidates: Box<dyn Iterator<Item = &StockRow>> = match (clinic, drug) {
+            (Some(c), Some(d)) => Box::new(
                 self.by_clinic
                     .get(c)
+                    .and_then(|drugs| drugs.get(d))
                     .into_iter()
                     .flatten()
                     .filter_map(|id| self.stock.get(id)),
             ),
-            None => Box::new(self.stock.values()),
+            (Some(c), None) => Box::new(
+                self.by_clinic
+                    .get(c)
+                    .into_iter()
+                    .flat_map(HashMap::values)
+                    .flatten()
+                    .filter_map(|id| self.stock.get(id)),
+            ),
+            (None, _) => Box::new(self.stock.values()),
         };
         let mut rows: Vec<(Option<&str>, &StockRow)> = candidates
             .filter(|r| drug.is_none_or(|d| r.drug_id == d))
