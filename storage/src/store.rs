@@ -470,6 +470,24 @@ impl Store {
         Ok(read_meta(&txn, id)?.is_some_and(|m| m.collection == collection && !m.held))
     }
 
+    /// The bytes a record's document takes here (snapshot and change chunks), without
+    /// loading it; `None` when there is no such document.
+    pub fn stored_bytes(&self, id: &DocId) -> Result<Option<u64>> {
+        let txn = self.read_txn()?;
+        if read_meta(&txn, id)?.is_none_or(|m| m.held) {
+            return Ok(None);
+        }
+        let docs = txn.open_table(DOCS)?;
+        let chunks = txn.open_table(CHUNKS)?;
+        let mut total = docs
+            .get(doc_key(id))?
+            .map_or(0, |snapshot| snapshot.value().len() as u64);
+        for chunk in chunks.range((doc_key(id), 0)..=(doc_key(id), u32::MAX))? {
+            total += chunk?.1.value().len() as u64;
+        }
+        Ok(Some(total))
+    }
+
     /// Loads the Automerge document of one record (for history and conflicts).
     pub fn document(&self, collection: &str, id: &DocId) -> Result<Automerge> {
         self.check_collection(collection)?;

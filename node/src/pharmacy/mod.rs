@@ -61,6 +61,9 @@ type Result<T, E = PharmacyError> = std::result::Result<T, E>;
 /// movement reads the stock, works out the balance and writes it as one step, so every
 /// movement's `balance_after` follows from the one before.
 const MOVEMENT_LOCKS: usize = 64;
+/// A stock item whose document is smaller than this takes its movements on its own
+/// counter; a larger one, in its ledgers.
+const DIRECT_MOVEMENTS_BYTES: u64 = 8 * 1024;
 
 /// The pharmacy of one node.
 pub struct Pharmacy {
@@ -342,6 +345,23 @@ impl Pharmacy {
         change: i64,
         user: Option<&str>,
     ) -> Result<Vec<WriteOp>> {
+        // A stock item that has moved little takes its movements itself (one document
+        // fewer per movement); once its history makes it heavy, they go to ledgers, so a
+        // busy item's cost stays that of a small document.
+        if self
+            .store
+            .stored_bytes(item)?
+            .is_some_and(|bytes| bytes < DIRECT_MOVEMENTS_BYTES)
+        {
+            return Ok(vec![self.op(
+                "clinic_inventory",
+                Some(*item),
+                WriteKind::Increment {
+                    counters: vec![(QUANTITY.into(), change)],
+                },
+                user,
+            )]);
+        }
         let (ledger, index) = self.with_view(|v| v.ledger_for(item))?;
         let identity = fields(json!({
             "stock_item_id": item.to_string(),
