@@ -47,6 +47,12 @@ const MAX_EXPANDED_CHANGE: u64 = 64 * 1024 * 1024;
 /// Checks a peer's bytes chunk by chunk, each on its own: a saved document loads, a
 /// change parses (a compressed one expands within bounds). Nothing is applied anywhere.
 pub(crate) fn check_chunks(bytes: &[u8]) -> Result<(), String> {
+    check_chunks_with(bytes, true)
+}
+
+/// [`check_chunks`]; without loading document chunks when `load_documents` is false
+/// (for bytes about to be loaded on their own anyway, which is the same check).
+fn check_chunks_with(bytes: &[u8], load_documents: bool) -> Result<(), String> {
     guarded(|| {
         let mut rest = bytes;
         if rest.is_empty() {
@@ -56,6 +62,7 @@ pub(crate) fn check_chunks(bytes: &[u8]) -> Result<(), String> {
             let (kind, chunk, data) = next_chunk(rest)?;
             rest = &rest[chunk.len()..];
             match kind {
+                0 if !load_documents => {}
                 0 => {
                     Automerge::load_with_options(
                         chunk,
@@ -122,7 +129,9 @@ fn next_chunk(bytes: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
 /// Loads a peer's bytes (a saved document, maybe followed by changes) as a document of
 /// their own, refusing anything damaged or cut short.
 pub(crate) fn load_received(bytes: &[u8]) -> Result<Automerge, String> {
-    check_chunks(bytes)?;
+    // Changes are checked (and compressed ones bounded) first; the document chunk is
+    // checked by the load below, in isolation, which is all its own check would do.
+    check_chunks_with(bytes, false)?;
     guarded(|| {
         Automerge::load_with_options(
             bytes,
@@ -130,7 +139,7 @@ pub(crate) fn load_received(bytes: &[u8]) -> Result<Automerge, String> {
                 .on_partial_load(OnPartialLoad::Error)
                 .verification_mode(VerificationMode::Check),
         )
-        .map_err(|e| format!("the bytes received do not load as a document: {e}"))
+        .map_err(|e| format!("the document received is damaged: {e}"))
     })
 }
 

@@ -30,7 +30,7 @@ pub const PUSH_PAGE_BYTES: usize = 256 * 1024;
 
 /// Memory redb may use to cache pages. Bounded so that a device's memory does not grow
 /// with the number of records.
-const PAGE_CACHE_BYTES: usize = 24 * 1024 * 1024;
+const PAGE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// How the store is opened.
 #[derive(Debug, Clone)]
