@@ -3,8 +3,9 @@
 //! `_changed`) and deleted rows, re-pushed batches, a timestamp from elsewhere.
 
 use base64::Engine;
-use medmesh::api::AppState;
-use medmesh::server::{RunningApi, open_data_async, serve_api};
+mod common;
+
+use medmesh::server::RunningApi;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -19,14 +20,7 @@ struct Node {
 
 impl Node {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let opened = open_data_async(dir.path().to_path_buf(), None)
-            .await
-            .expect("open");
-        let state = AppState::new(opened.store, opened.peer_id, None);
-        let api = serve_api(state, "127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("serve");
+        let (api, dir) = common::serve_fresh_node().await;
         let node = Self {
             api,
             http: reqwest::Client::new(),

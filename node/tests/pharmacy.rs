@@ -1,8 +1,9 @@
 //! The pharmacy through the HTTP API: restock, FEFO dispensing, counts, adjustments,
 //! alerts, prescriptions, drug search, and the stock invariant.
 
-use medmesh::api::AppState;
-use medmesh::server::{RunningApi, open_data_async, serve_api};
+mod common;
+
+use medmesh::server::RunningApi;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -14,14 +15,7 @@ struct Node {
 
 impl Node {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let opened = open_data_async(dir.path().to_path_buf(), None)
-            .await
-            .expect("open");
-        let state = AppState::new(opened.store, opened.peer_id, None);
-        let api = serve_api(state, "127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("serve");
+        let (api, dir) = common::serve_fresh_node().await;
         Self {
             api,
             http: reqwest::Client::new(),

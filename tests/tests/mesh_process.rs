@@ -15,11 +15,9 @@ fn init(dir: &std::path::Path) {
 }
 
 async fn count(http: &reqwest::Client, node: &NodeProcess) -> u64 {
-    let status: Value = match http.get(node.url("/v1/status")).send().await {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => return 0,
-    };
-    status["records"]["patients"].as_u64().unwrap_or(0)
+    status(http, node).await["records"]["patients"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
