@@ -229,7 +229,22 @@ pub struct InProcessNode {
 impl InProcessNode {
     /// Starts a node on `dir` (created when new), connecting to `peers`.
     pub async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>) -> Result<Self> {
-        let opened = medmesh::server::open_data_async(dir.to_path_buf(), None).await?;
+        // A node of this directory that was just stopped in this process may still be
+        // letting go of its database (connections and tasks end after `stop` returns),
+        // as a restarted process waits for the old one to exit.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let opened = loop {
+            match medmesh::server::open_data_async(dir.to_path_buf(), None).await {
+                Ok(opened) => break opened,
+                Err(err)
+                    if format!("{err:#}").contains("already using it")
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let (mesh, mesh_task) = medmesh::mesh::start(
             opened.store.clone(),

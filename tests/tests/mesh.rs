@@ -458,3 +458,142 @@ async fn the_app_moves_between_nodes_and_misses_nothing() {
     b.stop().await;
     a.stop().await;
 }
+
+/// The app pushes the same dispense to two nodes (it moved between them before they
+/// met): once the nodes merge, the stock moved once, with one movement record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispense_pushed_to_two_nodes_moves_the_stock_once() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let a = InProcessNode::start(&da, vec![]).await.expect("a");
+    join_mesh(&da, &db).expect("join");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
+    let http = reqwest::Client::new();
+    let hashed = medmesh::users::hash_password("a long password").expect("hash");
+    post(
+        &http,
+        &a,
+        "users",
+        json!({"email": "p@clinic.org", "name": "Pharmacist", "role": "provider", "hashed_password": hashed}),
+    )
+    .await;
+    let clinic = post(&http, &a, "clinics", json!({"name": "Kano"})).await;
+    let clinic = clinic["id"].as_str().expect("clinic").to_owned();
+    let restocked: Value = http
+        .post(a.url("/v1/pharmacy/restock"))
+        .json(
+            &json!({"clinic_id": clinic, "drug_name": "Amoxicillin 250mg", "batch_number": "A1",
+                      "expiry_date": "2031-01-31", "quantity": 100}),
+        )
+        .send()
+        .await
+        .expect("restock")
+        .json()
+        .await
+        .expect("json");
+    let (drug, item) = (
+        restocked["drug_id"].as_str().expect("drug").to_owned(),
+        restocked["stock_item_id"]
+            .as_str()
+            .expect("item")
+            .to_owned(),
+    );
+    let stock_path = format!("/v1/pharmacy/stock?clinic_id={clinic}&drug_id={drug}");
+    let quantity = async |node: &InProcessNode| -> Option<i64> {
+        get(&http, node, &stock_path).await?["items"][0]["quantity"].as_i64()
+    };
+    eventually(WAIT, "the stock item on B", || async {
+        quantity(&b).await == Some(100)
+    })
+    .await
+    .expect("B has the stock item");
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("p@clinic.org:a long password")
+    );
+    let record = uuid::Uuid::now_v7().to_string();
+    let push = json!({"dispensing_records": {"created": [{
+        "id": record, "clinic_id": clinic, "drug_id": drug, "batch_id": item,
+        "quantity_dispensed": 12, "dispensed_by": "p@clinic.org",
+        "dispensed_at": 1_764_000_000_000i64, "_status": "created", "_changed": ""}],
+        "updated": [], "deleted": []}});
+    // The two nodes part (each forgets the other), and the app pushes to both.
+    for (node, other) in [(&a, &b), (&b, &a)] {
+        let response = http
+            .delete(node.url(&format!("/v1/peers/{}", other.peer_id)))
+            .send()
+            .await
+            .expect("forget");
+        assert!(response.status().is_success());
+    }
+    eventually(WAIT, "the nodes apart", || async {
+        let mut apart = true;
+        for node in [&a, &b] {
+            apart &= get(&http, node, "/v1/peers").await.is_some_and(|p| {
+                p["peers"]
+                    .as_array()
+                    .is_none_or(|peers| peers.iter().all(|peer| peer["connected"] != json!(true)))
+            });
+        }
+        apart
+    })
+    .await
+    .expect("apart");
+    for node in [&a, &b] {
+        eventually(WAIT, "the push accepted", || async {
+            http.post(node.url("/api/v2/sync?last_pulled_at=0"))
+                .header("authorization", &auth)
+                .json(&push)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await
+        .expect("the node takes the push");
+    }
+    for node in [&a, &b] {
+        assert_eq!(
+            quantity(node).await,
+            Some(88),
+            "each node counted the dispense"
+        );
+    }
+    // They meet again: both end at 88, and stay there once each has the other's copy.
+    let response = http
+        .post(b.url("/v1/peers"))
+        .json(&json!({"addr": a.addr.to_string()}))
+        .send()
+        .await
+        .expect("add");
+    assert!(response.status().is_success());
+    eventually(WAIT, "both nodes at 88 with one movement", || async {
+        let mut agree = true;
+        for node in [&a, &b] {
+            let movements = get(
+                &http,
+                node,
+                &format!("/v1/inventory_transactions?stock_item_id={item}&limit=100"),
+            )
+            .await
+            .and_then(|page| page["records"].as_array().cloned())
+            .map(|records| {
+                records
+                    .iter()
+                    .filter(|t| t["transaction_type"] == json!("dispense"))
+                    .count()
+            });
+            agree &= quantity(node).await == Some(88) && movements == Some(1);
+        }
+        agree
+    })
+    .await
+    .expect("the stock moved once");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(quantity(&a).await, Some(88));
+    assert_eq!(quantity(&b).await, Some(88));
+    b.stop().await;
+    a.stop().await;
+}

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use chrono::{NaiveDate, Utc};
 use medmesh_protocol::pharmacy::{
-    STOCK_LEDGERS, drug_id, normalize_batch, normalize_drug_name, stock_item_id,
+    STOCK_LEDGERS, drug_id, normalize_batch, normalize_drug_name, stock_item_id, stock_ledger_id,
 };
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::{ChangeAuthor, DocId};
@@ -652,26 +652,48 @@ impl Pharmacy {
             .or(rows.first());
         let mut ops = Vec::new();
         if let Some(item) = item.filter(|_| quantity > 0) {
-            ops.extend(self.movement_ops(
-                &item.stock_item_id,
-                &clinic,
-                &drug_text,
-                -quantity,
-                Some(user),
-            )?);
-            ops.push(self.transaction(
-                Movement {
-                    clinic: &clinic,
-                    drug: &drug_text,
-                    stock_item: item.stock_item_id,
-                    kind: "dispense",
-                    change: -quantity,
-                    balance: item.quantity - quantity,
-                    reason: None,
-                    reference: Some(id),
+            // The movement is a ledger of its own whose first change is the same on every
+            // node (its id and content come from the dispensing record): an app that
+            // pushes the record to two nodes moves the stock once when they merge.
+            let device = format!("app-dispense:{id}");
+            let ledger = stock_ledger_id(&item.stock_item_id, &device, 0);
+            ops.push(self.op(
+                STOCK_LEDGERS,
+                Some(ledger),
+                WriteKind::Ensure {
+                    fields: fields(json!({
+                        "id": ledger.to_string(),
+                        "stock_item_id": item.stock_item_id.to_string(),
+                        "clinic_id": clinic,
+                        "drug_id": drug_text,
+                        "device": device,
+                        "index": 0,
+                    })),
+                    counters: vec![("delta".into(), -quantity), ("movements".into(), 1)],
                 },
                 Some(user),
             ));
+            let trail = DocId::derived("app-dispense-movement", &[&id.to_string()]);
+            if !self.store.exists("inventory_transactions", &trail)? {
+                let mut op = self.transaction(
+                    Movement {
+                        clinic: &clinic,
+                        drug: &drug_text,
+                        stock_item: item.stock_item_id,
+                        kind: "dispense",
+                        change: -quantity,
+                        balance: item.quantity - quantity,
+                        reason: None,
+                        reference: Some(id),
+                    },
+                    Some(user),
+                );
+                op.id = Some(trail);
+                if let WriteKind::Create(record) = &mut op.kind {
+                    record.insert("id".into(), Value::from(trail.to_string()));
+                }
+                ops.push(op);
+            }
             row.insert(
                 "batch_id".into(),
                 Value::from(item.stock_item_id.to_string()),
