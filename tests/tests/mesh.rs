@@ -369,23 +369,21 @@ async fn two_nodes_that_stock_the_same_batch_offline_end_with_one_item_and_the_r
     b.stop().await;
 }
 
-/// The Hikma app signs in on one node with a user created on another, and moves between
-/// nodes: the second node, which did not hand out its `last_pulled_at`, answers with
-/// everything, so nothing written through the first is missed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_app_moves_between_nodes_and_misses_nothing() {
+/// Two nodes of one mesh, and a user of the app made on the first; answers the nodes and
+/// the user's `Authorization` header.
+async fn two_nodes_and_an_app_user(
+    dir: &std::path::Path,
+) -> (InProcessNode, InProcessNode, String) {
     use base64::Engine;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let (da, db) = (dir.join("a"), dir.join("b"));
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     join_mesh(&da, &db).expect("join");
     let b = InProcessNode::start(&db, vec![a.addr.clone()])
         .await
         .expect("b");
-    let http = reqwest::Client::new();
     let hashed = medmesh::users::hash_password("a long password").expect("hash");
     post(
-        &http,
+        &reqwest::Client::new(),
         &a,
         "users",
         json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "provider", "hashed_password": hashed}),
@@ -395,6 +393,17 @@ async fn the_app_moves_between_nodes_and_misses_nothing() {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode("nurse@clinic.org:a long password")
     );
+    (a, b, auth)
+}
+
+/// The Hikma app signs in on one node with a user created on another, and moves between
+/// nodes: the second node, which did not hand out its `last_pulled_at`, answers with
+/// everything, so nothing written through the first is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_moves_between_nodes_and_misses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, auth) = two_nodes_and_an_app_user(dir.path()).await;
+    let http = reqwest::Client::new();
     let pull = async |node: &InProcessNode, since: Option<i64>| -> Option<Value> {
         let url = match since {
             Some(t) => node.url(&format!("/api/v2/sync?last_pulled_at={t}")),
@@ -463,23 +472,9 @@ async fn the_app_moves_between_nodes_and_misses_nothing() {
 /// met): once the nodes merge, the stock moved once, with one movement record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispense_pushed_to_two_nodes_moves_the_stock_once() {
-    use base64::Engine;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let a = InProcessNode::start(&da, vec![]).await.expect("a");
-    join_mesh(&da, &db).expect("join");
-    let b = InProcessNode::start(&db, vec![a.addr.clone()])
-        .await
-        .expect("b");
+    let (a, b, auth) = two_nodes_and_an_app_user(dir.path()).await;
     let http = reqwest::Client::new();
-    let hashed = medmesh::users::hash_password("a long password").expect("hash");
-    post(
-        &http,
-        &a,
-        "users",
-        json!({"email": "p@clinic.org", "name": "Pharmacist", "role": "provider", "hashed_password": hashed}),
-    )
-    .await;
     let clinic = post(&http, &a, "clinics", json!({"name": "Kano"})).await;
     let clinic = clinic["id"].as_str().expect("clinic").to_owned();
     let restocked: Value = http
@@ -510,14 +505,10 @@ async fn a_dispense_pushed_to_two_nodes_moves_the_stock_once() {
     })
     .await
     .expect("B has the stock item");
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("p@clinic.org:a long password")
-    );
     let record = uuid::Uuid::now_v7().to_string();
     let push = json!({"dispensing_records": {"created": [{
         "id": record, "clinic_id": clinic, "drug_id": drug, "batch_id": item,
-        "quantity_dispensed": 12, "dispensed_by": "p@clinic.org",
+        "quantity_dispensed": 12, "dispensed_by": "nurse@clinic.org",
         "dispensed_at": 1_764_000_000_000i64, "_status": "created", "_changed": ""}],
         "updated": [], "deleted": []}});
     // The two nodes part (each forgets the other), and the app pushes to both.
