@@ -27,7 +27,7 @@ impl Node {
             _dir: dir,
         };
         let hashed = medmesh::users::hash_password(PASSWORD).expect("hash");
-        let (status, _) = node
+        let (status, created) = node
             .send(
                 reqwest::Method::POST,
                 "/v1/users",
@@ -36,6 +36,7 @@ impl Node {
             )
             .await;
         assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(created["hashed_password"], json!("************"));
         node
     }
 

@@ -180,11 +180,20 @@ fn refuse_managed(
     }
 }
 
+/// A written record as the API answers it: a user's password hash masked.
+fn masked_if_user(collection: &str, record: Fields) -> Fields {
+    if collection == "users" {
+        crate::users::masked(record)
+    } else {
+        record
+    }
+}
+
 /// A record as the API shows it: a stock item's `quantity_available` is its own counter
 /// plus its ledgers'; a user's password hash is masked.
 fn as_shown(state: &AppState, collection: &str, record: &mut Fields) -> Result<(), ApiError> {
     if collection == "users" {
-        *record = crate::users::masked(std::mem::take(record));
+        *record = masked_if_user(collection, std::mem::take(record));
         return Ok(());
     }
     if collection != "clinic_inventory" {
@@ -234,7 +243,8 @@ pub async fn create(
         author(&state, &headers),
     );
     let outcome = write_one(&state, op).await?;
-    Ok((StatusCode::CREATED, Json(Value::Object(outcome.record))))
+    let record = masked_if_user(&collection, outcome.record);
+    Ok((StatusCode::CREATED, Json(Value::Object(record))))
 }
 
 /// `GET /v1/{collection}/{id}`
@@ -268,7 +278,8 @@ async fn change(
     blocking(move || refuse_managed(&checker, &name, Some(&id), &write)).await?;
     let op = WriteOp::new(&collection, Some(id), kind, author(&state, &headers));
     let outcome = write_one(&state, op).await?;
-    Ok(Json(Value::Object(outcome.record)))
+    let record = masked_if_user(&collection, outcome.record);
+    Ok(Json(Value::Object(record)))
 }
 
 /// `PATCH /v1/{collection}/{id}`: only the given fields change.
