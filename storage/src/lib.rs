@@ -45,7 +45,9 @@ pub use error::{Result, StoreError};
 pub use held::{HeldDoc, HeldSummary, MAX_HELD_BYTES};
 pub use medmesh_protocol::record::MAX_RECORD_DEPTH;
 pub use merge::escape;
-pub use store::{FeedEntry, Filter, Page, Query, RecordView, Store, StoreInfo, StoreOptions};
+pub use store::{
+    FeedEntry, Filter, MemoryDisk, Page, Query, RecordView, Store, StoreInfo, StoreOptions,
+};
 pub use write::{
     MAX_PEER_ADDRS, PeerRecord, PeerUpdate, Received, WriteBatch, WriteKind, WriteOp, WriteOutcome,
 };

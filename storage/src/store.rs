@@ -186,12 +186,13 @@ impl Store {
 
     /// A store that lives in memory only, for tests.
     pub fn memory(schema: Schema) -> Result<Self> {
-        let backend = Arc::new(redb::backends::InMemoryBackend::new());
-        Self::with_backend(
-            move || SharedBackend(backend.clone()),
-            schema,
-            StoreOptions::default(),
-        )
+        Self::on_memory(&MemoryDisk::new(), schema)
+    }
+
+    /// A store on a [`MemoryDisk`] (reopened on the same disk, it finds its data again).
+    pub fn on_memory(disk: &MemoryDisk, schema: Schema) -> Result<Self> {
+        let disk = disk.clone();
+        Self::with_backend(move || disk.clone(), schema, StoreOptions::default())
     }
 
     /// A store on a custom redb storage backend (tests use one that fails like a full
@@ -710,11 +711,31 @@ fn open_file(path: &Path) -> Result<Database> {
     }
 }
 
-/// An in-memory backend that a reopen finds again.
-#[derive(Debug)]
-struct SharedBackend(Arc<redb::backends::InMemoryBackend>);
+/// A database kept in memory, for tests and the simulator: clones share it, so a store
+/// reopened on a clone finds it again, and [`MemoryDisk::copy`] takes a backup.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryDisk(Arc<redb::backends::InMemoryBackend>);
 
-impl StorageBackend for SharedBackend {
+impl MemoryDisk {
+    /// An empty disk.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of everything on it now.
+    pub fn copy(&self) -> Self {
+        let copy = Self::new();
+        let len = self.0.len().unwrap_or(0);
+        let mut bytes = vec![0u8; len as usize];
+        if self.0.read(0, &mut bytes).is_ok() {
+            let _ = copy.0.set_len(len);
+            let _ = copy.0.write(0, &bytes);
+        }
+        copy
+    }
+}
+
+impl StorageBackend for MemoryDisk {
     fn len(&self) -> std::io::Result<u64> {
         self.0.len()
     }

@@ -12,7 +12,6 @@
 //! acknowledged change everywhere.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 
 use automerge::{ChangeHash, ReadDoc};
 use medmesh_protocol::membership::{Credential, MeshSecret};
@@ -20,7 +19,7 @@ use medmesh_protocol::record::Fields;
 use medmesh_protocol::sync::{Cursor, Input, Output, RoundReport, Session, SessionConfig};
 use medmesh_protocol::wire::{self, FrameDecoder, Message, Summary};
 use medmesh_protocol::{ChangeAuthor, DocId, Schema};
-use medmesh_storage::{Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
+use medmesh_storage::{Store, WriteBatch, WriteKind, WriteOp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -30,63 +29,11 @@ pub const LAB: &str = r#"{"collections": [{"name": "lab_reports", "fields": [
     {"name": "patient_id", "type": "id", "index": "exact"},
     {"name": "test_name", "type": "string", "index": "prefix"}]}]}"#;
 
-/// An in-memory redb backend that can be copied (a backup) and reopened.
-#[derive(Debug, Clone)]
-pub struct MemoryDisk(Arc<redb::backends::InMemoryBackend>);
+pub use medmesh_storage::MemoryDisk;
 
-impl MemoryDisk {
-    /// An empty disk.
-    pub fn new() -> Self {
-        Self(Arc::new(redb::backends::InMemoryBackend::new()))
-    }
-
-    /// A copy of everything on it now.
-    pub fn copy(&self) -> Self {
-        use redb::StorageBackend;
-        let copy = Self::new();
-        let len = self.0.len().unwrap_or(0);
-        let mut bytes = vec![0u8; len as usize];
-        if self.0.read(0, &mut bytes).is_ok() {
-            let _ = copy.0.set_len(len);
-            let _ = copy.0.write(0, &bytes);
-        }
-        copy
-    }
-
-    /// A store on this disk.
-    pub fn open(&self) -> Store {
-        let disk = self.clone();
-        Store::with_backend(
-            move || disk.clone(),
-            Schema::hikma(),
-            StoreOptions::default(),
-        )
-        .expect("a store on the memory disk")
-    }
-}
-
-impl Default for MemoryDisk {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl redb::StorageBackend for MemoryDisk {
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.0.read(offset, out)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.0.set_len(len)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0.write(offset, data)
-    }
+/// A store on `disk`, with the simulator's schema.
+pub fn open_disk(disk: &MemoryDisk) -> Store {
+    Store::on_memory(disk, Schema::hikma()).expect("a store on the memory disk")
 }
 
 /// One simulated device.
@@ -106,7 +53,7 @@ impl SimPeer {
         let disk = MemoryDisk::new();
         Self {
             name: format!("peer-{i:02}"),
-            store: disk.open(),
+            store: open_disk(&disk),
             disk,
             cursors: HashMap::new(),
         }
