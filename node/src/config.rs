@@ -78,6 +78,17 @@ pub struct StartArgs {
     /// next starts).
     #[arg(long, env = "MEDMESH_SCHEMA")]
     pub schema: Option<PathBuf>,
+    /// Make this node the mesh's gateway to the Hikma cloud at this URL
+    /// (e.g. https://demo.hikmahealth.org).
+    #[arg(long, value_name = "URL")]
+    pub gateway: Option<String>,
+    /// A file holding the cloud's hub key (hh_...) for --gateway. The key may instead be
+    /// given in the MEDMESH_HUB_KEY environment variable; never on the command line.
+    #[arg(long, value_name = "FILE")]
+    pub hub_key_file: Option<PathBuf>,
+    /// Seconds between the gateway's rounds when nothing changes.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub gateway_interval: u64,
 }
 
 /// The commands.

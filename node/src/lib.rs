@@ -5,7 +5,7 @@
 //! the device, [`client`] is the command line that talks to a running node, and
 //! [`server`] starts everything and shuts it down cleanly, and [`mesh`] finds the other
 //! nodes of the mesh (mDNS, `--peer`) and keeps every record in sync with them over
-//! libp2p.
+//! libp2p; on one node, [`gateway`] carries the mesh to the Hikma cloud and back.
 //!
 //! ```text
 //!   app / curl / medmesh CLI ──HTTP──▶ api ──▶ Store (writer thread ──▶ redb)
@@ -16,6 +16,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod gateway;
 pub mod identity;
 pub mod mesh;
 pub mod mobile;

@@ -365,7 +365,7 @@ struct Changes {
 }
 
 /// A stored value in the app's form.
-fn app_value(ty: Option<FieldType>, value: Value) -> Value {
+pub(crate) fn app_value(ty: Option<FieldType>, value: Value) -> Value {
     match (ty, value) {
         (_, Value::Null) => Value::Null,
         (Some(FieldType::Timestamp), value) => match record::timestamp_ms(&value) {
@@ -405,7 +405,7 @@ fn stored_value(ty: Option<FieldType>, value: Value) -> Value {
 
 /// The calendar date of a date value (text, or a timestamp rounded to the nearest
 /// midnight, as the cloud's dates come back shifted by its time zone).
-fn date_of(value: &Value) -> Option<NaiveDate> {
+pub(crate) fn date_of(value: &Value) -> Option<NaiveDate> {
     if let Some(text) = value.as_str()
         && let Some(date) = text
             .get(..10)

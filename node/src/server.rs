@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::StartArgs;
+use crate::gateway;
 use crate::identity;
 use crate::mesh::{self, MeshConfig};
 use libp2p::identity::Keypair;
@@ -153,6 +154,7 @@ pub async fn start(args: StartArgs) -> Result<()> {
             bail!("`{addr}` is not a libp2p address; write it like /ip4/192.168.1.20/tcp/7401");
         }
     }
+    let gateway_config = gateway_config(&args)?;
     let opened = open_data_async(dir, args.schema.clone()).await?;
     if opened.created {
         println!("Created a new medmesh node in {}", opened.dir.display());
@@ -174,12 +176,59 @@ pub async fn start(args: StartArgs) -> Result<()> {
         mesh_shutdown.clone(),
     )
     .await?;
-    let state = AppState::new(
+    let mut state = AppState::new(
         opened.store.clone(),
         opened.peer_id.clone(),
         Some(opened.dir.clone()),
     )
     .with_mesh(mesh.clone());
+    let gateway_shutdown = tokio_util::sync::CancellationToken::new();
+    let mut gateway_task = None;
+    let mut gateway_line = None;
+    match gateway_config {
+        Some(config) => {
+            let http = gateway::http_client()?;
+            let hub = match gateway::verify_key(&http, &config.url, &config.key).await {
+                Ok(hub) => {
+                    let clinics = hub
+                        .get("clinic_ids")
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "[]".into());
+                    gateway_line = Some(format!(
+                        "{} (hub key accepted; clinics {clinics})",
+                        config.url
+                    ));
+                    Some(hub)
+                }
+                Err(err @ gateway::CloudError::Refused { .. }) => {
+                    bail!("{err}. The node was not started.")
+                }
+                Err(err) => {
+                    gateway_line = Some(format!(
+                        "{} (not reachable now: {err}; the gateway keeps trying)",
+                        config.url
+                    ));
+                    None
+                }
+            };
+            let gateway = gateway::Gateway::new(
+                opened.store.clone(),
+                state.pharmacy(),
+                opened.peer_id.clone(),
+                config,
+                hub,
+            )?;
+            state = state.with_gateway(gateway.handle());
+            gateway_task = Some(tokio::spawn(gateway.run(gateway_shutdown.clone())));
+        }
+        None => {
+            let store = opened.store.clone();
+            let peer = opened.peer_id.clone();
+            tokio::task::spawn_blocking(move || gateway::retire(&store, &peer))
+                .await
+                .context("starting was interrupted")??;
+        }
+    }
     let api = serve_api(state, args.api).await?;
     println!("medmesh node {} is running", opened.peer_id);
     println!("  data:    {} ({total} records)", opened.dir.display());
@@ -189,6 +238,9 @@ pub async fn start(args: StartArgs) -> Result<()> {
         mesh.fingerprint(),
         args.listen.join(", ")
     );
+    if let Some(line) = &gateway_line {
+        println!("  gateway: {line}");
+    }
     if args.no_mdns {
         println!(
             "           discovery off (--no-mdns): other nodes come from --peer or `medmesh peers add`"
@@ -198,6 +250,10 @@ pub async fn start(args: StartArgs) -> Result<()> {
     tracing::info!(peer = %opened.peer_id, api = %api.addr, "node started");
     shutdown_signal().await;
     println!("Stopping: finishing the writes in progress...");
+    gateway_shutdown.cancel();
+    if let Some(task) = gateway_task {
+        let _ = task.await;
+    }
     mesh_shutdown.cancel();
     let _ = mesh_task.await;
     api.shutdown.cancel();
@@ -231,6 +287,38 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = terminate => {},
     }
+}
+
+/// The gateway's settings from `--gateway`, `--hub-key-file` or `MEDMESH_HUB_KEY`.
+fn gateway_config(args: &StartArgs) -> Result<Option<gateway::GatewayConfig>> {
+    let Some(url) = &args.gateway else {
+        if args.hub_key_file.is_some() {
+            bail!("--hub-key-file is for a gateway: add --gateway URL (the Hikma cloud's address)");
+        }
+        return Ok(None);
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("--gateway {url} is not a web address; write it like https://demo.hikmahealth.org");
+    }
+    let key = match (&args.hub_key_file, std::env::var("MEDMESH_HUB_KEY")) {
+        (Some(file), _) => std::fs::read_to_string(file).with_context(|| {
+            format!(
+                "cannot read the hub key file {}; put the key the cloud gave for this hub in it",
+                file.display()
+            )
+        })?,
+        (None, Ok(key)) => key,
+        (None, Err(_)) => bail!(
+            "a gateway needs the cloud's hub key: give --hub-key-file FILE (a file holding the key) or set MEDMESH_HUB_KEY"
+        ),
+    };
+    let key = key.trim();
+    if let Err(what) = gateway::check_key_form(key) {
+        bail!("the hub key given for --gateway is not valid: {what}. Copy it again from the cloud's admin page");
+    }
+    let mut config = gateway::GatewayConfig::new(url, key);
+    config.interval = std::time::Duration::from_secs(args.gateway_interval.max(1));
+    Ok(Some(config))
 }
 
 fn parse_addrs(addrs: &[String], flag: &str) -> Result<Vec<libp2p::Multiaddr>> {

@@ -359,6 +359,18 @@ impl Schema {
                 true,
             ),
         );
+        collections.insert(
+            GATEWAYS_COLLECTION.to_owned(),
+            CollectionSpec::with_common_fields(
+                GATEWAYS_COLLECTION,
+                vec![
+                    FieldSpec::new("peer_id", FieldType::String, true, None),
+                    FieldSpec::new("cloud", FieldType::String, false, None),
+                    FieldSpec::new("seen_at", FieldType::Timestamp, false, None),
+                ],
+                true,
+            ),
+        );
         Schema { collections }
     }
 
@@ -741,6 +753,11 @@ fn is_decimal_text(s: &str) -> bool {
     });
     mantissa_ok && exponent_ok
 }
+
+/// The mesh's gateways to the Hikma cloud: one record per gateway node, refreshed
+/// while it runs, so that one of them (the lowest peer id) brings the cloud's stock
+/// movements into the mesh.
+pub const GATEWAYS_COLLECTION: &str = "_gateways";
 
 mod hikma;
 mod mesh;

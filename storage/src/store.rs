@@ -18,7 +18,7 @@ use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_do
 use crate::prepare::{Prepared, actor_from_hex, prepare_creates};
 use crate::slot::DbSlot;
 use crate::tables::{
-    CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, HELD, INDEX, INFO, PEERS,
+    CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, HELD, INDEX, INFO, LOCAL, PEERS,
 };
 use crate::write::{WriteBatch, WriteOutcome};
 use crate::writer::{Command, PREPARE_OFF_WRITER, SchemaCell, WRITE_QUEUE_CAPACITY, Writer};
@@ -438,6 +438,36 @@ impl Store {
             });
         }
         Ok((out, last))
+    }
+
+    /// Writes node-local values (`None` removes one) in one durable transaction: the
+    /// state of a node module that is never replicated, such as the gateway's positions.
+    pub fn put_local_blocking(&self, entries: Vec<(String, Option<Vec<u8>>)>) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::PutLocal { entries, reply })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Reads one node-local value.
+    pub fn get_local(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(LOCAL)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Node-local values whose key starts with `prefix`, in key order.
+    pub fn local_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(LOCAL)?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..)? {
+            let (key, value) = entry?;
+            if !key.value().starts_with(prefix) {
+                break;
+            }
+            out.push((key.value().to_owned(), value.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// Reads one store-wide value.
@@ -860,6 +890,7 @@ fn for_each_table(txn: &redb::WriteTransaction) -> Result<()> {
     txn.open_table(COUNTS)?;
     txn.open_table(PEERS)?;
     txn.open_table(HELD)?;
+    txn.open_table(LOCAL)?;
     Ok(())
 }
 

@@ -37,5 +37,9 @@ pub const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers-1");
 /// cause may have gone (a schema change, a restart, new changes of the same document).
 pub const HELD: TableDefinition<u128, &[u8]> = TableDefinition::new("held-1");
 
+/// Node-local state of the node's own modules (the gateway's positions and the rows it
+/// last exchanged with the cloud): key → bytes. Never replicated, never in the feed.
+pub const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local-1");
+
 /// The format version written in [`INFO`] under `format`.
 pub const FORMAT_VERSION: u32 = 1;

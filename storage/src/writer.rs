@@ -33,7 +33,7 @@ use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
 use crate::prepare::{Prepared, actor_from_hex, commit_options, prepare_create};
 use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
-use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, PEERS};
+use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, LOCAL, PEERS};
 use crate::working::{CACHEABLE_BATCH, Staged, Working};
 use crate::write::{PeerRecord, PeerUpdate, WriteBatch, WriteKind, WriteOp, WriteOutcome};
 
@@ -73,6 +73,10 @@ pub(crate) enum Command {
     UpdatePeer {
         key: String,
         update: PeerUpdate,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    PutLocal {
+        entries: Vec<(String, Option<Vec<u8>>)>,
         reply: oneshot::Sender<Result<()>>,
     },
     CompactAll {
@@ -132,6 +136,7 @@ pub(crate) struct Tables<'txn> {
     pub(crate) info: Table<'txn, &'static str, &'static [u8]>,
     peers: Table<'txn, &'static str, &'static [u8]>,
     pub(crate) held: Table<'txn, u128, &'static [u8]>,
+    local: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -146,6 +151,7 @@ impl<'txn> Tables<'txn> {
             info: txn.open_table(INFO)?,
             peers: txn.open_table(PEERS)?,
             held: txn.open_table(HELD)?,
+            local: txn.open_table(LOCAL)?,
         })
     }
 
@@ -321,6 +327,10 @@ impl Writer {
                     pending.push(Pending::Peer(key, update));
                     replies.push(Reply::Info(reply));
                 }
+                Command::PutLocal { entries, reply } => {
+                    pending.push(Pending::Local(entries));
+                    replies.push(Reply::Info(reply));
+                }
                 _ => {}
             }
         }
@@ -391,6 +401,18 @@ impl Writer {
                     }
                     Pending::Info(key, value) => {
                         tables.info.insert(key.as_str(), value.as_slice())?;
+                    }
+                    Pending::Local(entries) => {
+                        for (key, value) in entries {
+                            match value {
+                                Some(value) => {
+                                    tables.local.insert(key.as_str(), value.as_slice())?;
+                                }
+                                None => {
+                                    tables.local.remove(key.as_str())?;
+                                }
+                            }
+                        }
                     }
                     Pending::Peer(key, update) => {
                         let old = match tables.peers.get(key.as_str())? {
@@ -936,6 +958,7 @@ enum Pending {
     Write(WriteBatch, Vec<Option<Prepared>>),
     Info(String, Vec<u8>),
     Peer(String, PeerUpdate),
+    Local(Vec<(String, Option<Vec<u8>>)>),
 }
 
 enum Reply {

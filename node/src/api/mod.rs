@@ -45,6 +45,7 @@ struct StateInner {
     mobile: Arc<crate::mobile::MobileSync>,
     users: Arc<crate::users::Users>,
     mesh: Option<crate::mesh::Mesh>,
+    gateway: Option<crate::gateway::GatewayHandle>,
     peer_id: String,
     data_dir: Option<PathBuf>,
     started: std::time::Instant,
@@ -68,6 +69,7 @@ impl AppState {
                 pharmacy,
                 store,
                 mesh: None,
+                gateway: None,
                 peer_id,
                 data_dir,
                 started: std::time::Instant::now(),
@@ -77,19 +79,35 @@ impl AppState {
 
     /// The same state with the mesh attached (for `/v1/peers`).
     pub fn with_mesh(self, mesh: crate::mesh::Mesh) -> Self {
-        let inner = StateInner {
+        self.rebuilt(|inner| inner.mesh = Some(mesh))
+    }
+
+    /// The same state with the node's gateway attached (for `/v1/gateway`).
+    pub fn with_gateway(self, gateway: crate::gateway::GatewayHandle) -> Self {
+        self.rebuilt(|inner| inner.gateway = Some(gateway))
+    }
+
+    fn rebuilt(self, change: impl FnOnce(&mut StateInner)) -> Self {
+        let mut inner = StateInner {
             store: self.inner.store.clone(),
             pharmacy: self.inner.pharmacy.clone(),
             mobile: self.inner.mobile.clone(),
             users: self.inner.users.clone(),
-            mesh: Some(mesh),
+            mesh: self.inner.mesh.clone(),
+            gateway: self.inner.gateway.clone(),
             peer_id: self.inner.peer_id.clone(),
             data_dir: self.inner.data_dir.clone(),
             started: self.inner.started,
         };
+        change(&mut inner);
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// The node's gateway to the cloud, when it is one.
+    pub fn gateway(&self) -> Option<&crate::gateway::GatewayHandle> {
+        self.inner.gateway.as_ref()
     }
 
     /// The pharmacy.
@@ -136,6 +154,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(status::health))
         .route("/v1/status", get(status::status))
         .route("/v1/changes", get(status::changes))
+        .route("/v1/gateway", get(status::gateway))
         .route("/v1/peers", get(peers::list).post(peers::add))
         .route("/v1/peers/{peer_id}", axum::routing::delete(peers::forget))
         .route("/v1/peers/{peer_id}/verify", post(peers::verify))

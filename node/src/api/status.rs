@@ -51,7 +51,21 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "feed": {"seq": seq, "epoch": info.feed_epoch},
         "held": {"total": held_total, "documents": held},
         "uptime_s": state.inner.started.elapsed().as_secs(),
+        "gateway": state.gateway().is_some(),
     })))
+}
+
+/// `GET /v1/gateway`: the cloud, the last pull and push, the backlog, the last error.
+pub async fn gateway(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let Some(gateway) = state.gateway().cloned() else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_a_gateway",
+            "this node is not a gateway to the Hikma cloud; start it with --gateway URL --hub-key-file FILE to make it one",
+        ));
+    };
+    let status = blocking(move || Ok(gateway.status())).await?;
+    Ok(Json(json!(status)))
 }
 
 /// Parameters of `GET /v1/changes`.

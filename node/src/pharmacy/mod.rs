@@ -30,6 +30,8 @@ pub use view::{DrugHit, DrugRow, StockRow};
 
 /// The counter field of a stock item.
 pub const QUANTITY: &str = "quantity_available";
+/// The ledger "device" of the stock movements made in the Hikma cloud.
+pub const CLOUD_LEDGER: &str = "hikma-cloud";
 
 /// A pharmacy request that cannot be carried out, and why.
 #[derive(Debug, thiserror::Error)]
@@ -712,6 +714,118 @@ impl Pharmacy {
             Some(user),
         ));
         self.write(ops)
+    }
+
+    /// A stock item of the Hikma cloud (its `clinic_inventory` row `id`): made in the
+    /// mesh when new, its other fields as the cloud has them. The quantity is never
+    /// copied: it comes in as movements ([`Self::record_cloud_stock`]).
+    pub fn put_cloud_item(&self, id: DocId, mut row: Fields, author: &str) -> Result<()> {
+        row.remove(QUANTITY);
+        row.remove("id");
+        let mut ops = Vec::new();
+        if !self.store.exists("clinic_inventory", &id)? {
+            // The same first change on every gateway that meets the row.
+            let mut identity = Fields::new();
+            identity.insert("id".into(), Value::from(id.to_string()));
+            for field in ["clinic_id", "drug_id"] {
+                if let Some(value) = row.get(field) {
+                    identity.insert(field.into(), value.clone());
+                }
+            }
+            ops.push(self.op(
+                "clinic_inventory",
+                Some(id),
+                WriteKind::Ensure {
+                    fields: identity,
+                    counters: vec![(QUANTITY.into(), 0)],
+                },
+                Some(author),
+            ));
+        }
+        if !row.is_empty() {
+            ops.push(self.op(
+                "clinic_inventory",
+                Some(id),
+                WriteKind::Patch(row),
+                Some(author),
+            ));
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.write(ops)
+    }
+
+    /// The part of a stock item's quantity made by the cloud's own movements (restocks
+    /// and counts entered there): `target` is the cloud's quantity plus every dispense
+    /// the cloud has recorded for the item. The item's cloud ledger moves by the
+    /// difference to what it holds, with its trail record, so the mesh's quantity
+    /// follows the cloud's without ever overwriting a counter. Answers the movement.
+    pub fn record_cloud_stock(&self, item: DocId, target: i64, author: &str) -> Result<i64> {
+        let Some(row) = self.current(&item)? else {
+            return Ok(0);
+        };
+        let drug: DocId = match row.drug_id.parse() {
+            Ok(drug) => drug,
+            Err(_) => return Ok(0),
+        };
+        let _movement = self.movement_lock(&row.clinic_id, &drug)?;
+        let ledger = stock_ledger_id(&item, CLOUD_LEDGER, 0);
+        let held = match self.store.get(STOCK_LEDGERS, &ledger) {
+            Ok(view) => view.record.get("delta").and_then(Value::as_i64).unwrap_or(0),
+            Err(StoreError::NotFound { .. }) => 0,
+            Err(err) => return Err(err.into()),
+        };
+        let change = target - held;
+        if change == 0 {
+            return Ok(0);
+        }
+        let row = self.current(&item)?.unwrap_or(row);
+        let user = Some(author);
+        let ops = vec![
+            self.op(
+                STOCK_LEDGERS,
+                Some(ledger),
+                WriteKind::Ensure {
+                    fields: fields(json!({
+                        "id": ledger.to_string(),
+                        "stock_item_id": item.to_string(),
+                        "clinic_id": row.clinic_id,
+                        "drug_id": row.drug_id,
+                        "device": CLOUD_LEDGER,
+                        "index": 0,
+                    })),
+                    counters: vec![("delta".into(), 0), ("movements".into(), 0)],
+                },
+                user,
+            ),
+            self.op(
+                STOCK_LEDGERS,
+                Some(ledger),
+                WriteKind::Increment {
+                    counters: vec![("delta".into(), change), ("movements".into(), 1)],
+                },
+                user,
+            ),
+            self.transaction(
+                Movement {
+                    clinic: &row.clinic_id,
+                    drug: &row.drug_id,
+                    stock_item: item,
+                    kind: "cloud",
+                    change,
+                    balance: row.quantity + change,
+                    reason: Some(
+                        "stock changed in the Hikma cloud (a restock or count entered there)"
+                            .into(),
+                    ),
+                    reference: None,
+                },
+                user,
+            ),
+        ];
+        self.write(ops)?;
+        Ok(change)
     }
 
     fn prescription_update(
