@@ -154,7 +154,36 @@ pub async fn status(api: &ApiArgs) -> Result<()> {
             mesh["oldest_last_sync"].as_str().unwrap_or("-"),
         );
     }
+    if status["gateway"].as_bool() == Some(true) {
+        let (_, gateway) = client.call(Method::GET, "/v1/gateway", None).await?;
+        print_gateway(&gateway);
+    }
     Ok(())
+}
+
+fn print_gateway(gateway: &Value) {
+    let text = |v: &Value| v.as_str().unwrap_or("never").to_owned();
+    println!("Gateway:  to {}", text(&gateway["cloud"]));
+    println!("  last pull:  {}", text(&gateway["last_pull_at"]));
+    println!("  last push:  {}", text(&gateway["last_push_at"]));
+    println!(
+        "  backlog:    {} change(s) of the mesh not yet in the cloud",
+        gateway["backlog"]
+    );
+    if gateway["stock_gateway"].as_bool() == Some(true) {
+        println!("  stock:      this gateway brings the cloud's stock changes into the mesh");
+    }
+    if let Some(error) = gateway["last_error"].as_str() {
+        println!("  problem:    {error}");
+    }
+    for refused in gateway["refused"].as_array().into_iter().flatten() {
+        println!(
+            "  refused by the cloud: {} {}: {}",
+            refused["collection"].as_str().unwrap_or("?"),
+            refused["id"].as_str().unwrap_or("?"),
+            refused["error"].as_str().unwrap_or("?"),
+        );
+    }
 }
 
 /// `medmesh put COLLECTION JSON`

@@ -314,7 +314,9 @@ fn gateway_config(args: &StartArgs) -> Result<Option<gateway::GatewayConfig>> {
     };
     let key = key.trim();
     if let Err(what) = gateway::check_key_form(key) {
-        bail!("the hub key given for --gateway is not valid: {what}. Copy it again from the cloud's admin page");
+        bail!(
+            "the hub key given for --gateway is not valid: {what}. Copy it again from the cloud's admin page"
+        );
     }
     let mut config = gateway::GatewayConfig::new(url, key);
     config.interval = std::time::Duration::from_secs(args.gateway_interval.max(1));

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod cloud;
 pub mod proxy;
 pub mod sim;
 
@@ -398,4 +399,68 @@ pub fn update_benchmarks(path: &Path, name: &str, section: &str) -> Result<()> {
         _ => format!("{existing}\n{section}"),
     };
     std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// A node's HTTP API, as the tests call it: every request of the tests goes through here,
+/// so what every request must carry is added in one place.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    /// The API at `addr` (`127.0.0.1:port`).
+    pub fn new(addr: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// A request; answers the status and the JSON body (null when there is none).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Ok((status, value))
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// `PATCH path` with a JSON body.
+    pub async fn patch(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
+        self.call(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
+    /// `DELETE path`.
+    pub async fn delete(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
 }

@@ -171,7 +171,6 @@ pub async fn verify_key(http: &reqwest::Client, url: &str, key: &str) -> Result<
 
 /// The HTTP client a gateway uses (TLS with the system's certificates).
 pub fn http_client() -> Result<reqwest::Client> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .connect_timeout(Duration::from_secs(20))
@@ -448,9 +447,8 @@ impl Gateway {
                     tracing::warn!(error = %message, "gateway round failed");
                     self.update_status(|s| {
                         s.last_error = Some(message);
-                        s.last_error_at = Some(record::format_timestamp(
-                            Utc::now().timestamp_millis(),
-                        ));
+                        s.last_error_at =
+                            Some(record::format_timestamp(Utc::now().timestamp_millis()));
                     });
                     Some(wait)
                 }
@@ -682,7 +680,10 @@ impl Gateway {
         }
         if count > 0 {
             // An empty answer keeps the old position: pulling from it again is the same.
-            staged.put(PULL_KEY.to_owned(), (timestamp as u64).to_be_bytes().to_vec());
+            staged.put(
+                PULL_KEY.to_owned(),
+                (timestamp as u64).to_be_bytes().to_vec(),
+            );
             self.beat(false)?;
         }
         staged.save(&self.store)?;
@@ -698,8 +699,12 @@ impl Gateway {
             .store
             .write_blocking(WriteBatch { ops, atomic: false })?
         {
-            if let Err(err) = result {
-                tracing::warn!(%table, error = %err, "a row from the cloud could not be stored");
+            match result {
+                // Another gateway of the mesh brought the same new row first.
+                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(%table, error = %err, "a row from the cloud could not be stored");
+                }
             }
         }
         Ok(())
@@ -714,11 +719,7 @@ impl Gateway {
     /// The columns of a pulled row to write into the mesh record `current`: those the
     /// cloud changed since the base (all that differ, when the cloud's row is newer and
     /// there is no base).
-    fn cloud_changes(
-        base: Option<&Base>,
-        cloud: &Fields,
-        current: &Fields,
-    ) -> Option<Fields> {
+    fn cloud_changes(base: Option<&Base>, cloud: &Fields, current: &Fields) -> Option<Fields> {
         let names: Vec<&str> = match base {
             Some(Base::Live(base)) => rows::changed_in(cloud, base),
             _ => {
@@ -875,7 +876,10 @@ impl Gateway {
                 staged.put(key, sum.to_be_bytes().to_vec());
                 touched.insert(item);
             }
-            staged.put(seen_key, item.map(|i| i.to_string()).unwrap_or_default().into_bytes());
+            staged.put(
+                seen_key,
+                item.map(|i| i.to_string()).unwrap_or_default().into_bytes(),
+            );
         }
         if !self.store.exists("dispensing_records", &id)? {
             // A dispense the cloud has and the mesh lacks (an app that synced with the
@@ -906,7 +910,8 @@ impl Gateway {
             let page = self.blocking(move |g| g.push_page(limit)).await?;
             if page.rows.is_empty() {
                 let end = page.end;
-                self.blocking(move |g| g.commit_push(Vec::new(), end)).await?;
+                self.blocking(move |g| g.commit_push(Vec::new(), end))
+                    .await?;
                 break;
             }
             let body = serde_json::to_vec(&page.body)?;
@@ -919,7 +924,9 @@ impl Gateway {
                     failures = 0;
                     limit = (limit * 2).min(self.config.push_page.max(1));
                 }
-                Err(CloudError::Failed { own: true, .. }) if failures + 1 < FAILURES_BEFORE_SPLIT => {
+                Err(CloudError::Failed { own: true, .. })
+                    if failures + 1 < FAILURES_BEFORE_SPLIT =>
+                {
                     // Part of the page may be in; the cloud's writes are idempotent.
                     failures += 1;
                     tokio::time::sleep(backoff(failures)).await;
@@ -975,7 +982,12 @@ impl Gateway {
                 let base = self.base(&staged, table, &entry.id)?;
                 if view.deleted {
                     if matches!(base, Some(Base::Live(_))) {
-                        push_into(&mut page.body, table, "deleted", json!(entry.id.to_string()));
+                        push_into(
+                            &mut page.body,
+                            table,
+                            "deleted",
+                            json!(entry.id.to_string()),
+                        );
                         page.rows.push((table.to_owned(), entry.id, Base::Deleted));
                     }
                     continue;
@@ -1006,7 +1018,8 @@ impl Gateway {
                 bytes += wire.to_string().len();
                 let kind = if base.is_some() { "updated" } else { "created" };
                 push_into(&mut page.body, table, kind, wire);
-                page.rows.push((table.to_owned(), entry.id, Base::Live(row)));
+                page.rows
+                    .push((table.to_owned(), entry.id, Base::Live(row)));
             }
             if last == after {
                 return Ok(page);

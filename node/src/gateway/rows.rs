@@ -8,7 +8,12 @@ use serde_json::Value;
 /// Columns the cloud keeps for itself; never stored in the mesh, never compared.
 pub const CLOUD_ONLY: [&str; 2] = ["last_modified", "server_created_at"];
 /// Columns that say when, not what: a row that differs only in these is the same row.
-const STAMPS: [&str; 4] = ["updated_at", "last_modified", "server_created_at", "deleted_at"];
+const STAMPS: [&str; 4] = [
+    "updated_at",
+    "last_modified",
+    "server_created_at",
+    "deleted_at",
+];
 
 /// A row as the mesh stores it, from the cloud's form (ISO timestamps, dates as
 /// midnights in the cloud's time zone, decimals and numbers as text, JSON as objects)

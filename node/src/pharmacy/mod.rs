@@ -772,7 +772,11 @@ impl Pharmacy {
         let _movement = self.movement_lock(&row.clinic_id, &drug)?;
         let ledger = stock_ledger_id(&item, CLOUD_LEDGER, 0);
         let held = match self.store.get(STOCK_LEDGERS, &ledger) {
-            Ok(view) => view.record.get("delta").and_then(Value::as_i64).unwrap_or(0),
+            Ok(view) => view
+                .record
+                .get("delta")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
             Err(StoreError::NotFound { .. }) => 0,
             Err(err) => return Err(err.into()),
         };
