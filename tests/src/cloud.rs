@@ -449,7 +449,7 @@ impl Cloud {
 
     /// The gate every sync request passes: the hub key, the outage, the rate limit.
     /// Answers the key's clinics.
-    fn admit(&self, headers: &HeaderMap) -> Result<Vec<String>, Response> {
+    fn admit(&self, headers: &HeaderMap) -> Result<Vec<String>, Box<Response>> {
         let mut state = self.lock();
         state.stats.requests += 1;
         let key = headers
@@ -458,14 +458,18 @@ impl Cloud {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
         let Some(clinics) = state.hub_keys.get(key).cloned() else {
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                axum::Json(json!({"error": "Unauthorized"})),
-            )
-                .into_response());
+            return Err(Box::new(
+                (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": "Unauthorized"})),
+                )
+                    .into_response(),
+            ));
         };
         if state.faults.down {
-            return Err((StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable").into_response());
+            return Err(Box::new(
+                (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable").into_response(),
+            ));
         }
         let client = headers
             .get("x-forwarded-for")
@@ -488,12 +492,14 @@ impl Cloud {
             }
             state.stats.too_many += 1;
             let retry = state.retry_after.to_string();
-            return Err((
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", retry)],
-                axum::Json(json!({"error": "Too many requests. Please try again later."})),
-            )
-                .into_response());
+            return Err(Box::new(
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", retry)],
+                    axum::Json(json!({"error": "Too many requests. Please try again later."})),
+                )
+                    .into_response(),
+            ));
         }
         window.push_back(now);
         Ok(clinics)
@@ -589,7 +595,7 @@ async fn pull(
 ) -> Response {
     let clinics = match cloud.admit(&headers) {
         Ok(c) => c,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     let since: i64 = params
         .get("last_pulled_at")
@@ -635,7 +641,7 @@ async fn pull(
 
 async fn push(State(cloud): State<Cloud>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(answer) = cloud.admit(&headers) {
-        return answer;
+        return *answer;
     }
     match apply_push(&cloud, &body) {
         Ok(delay) => {
@@ -644,17 +650,17 @@ async fn push(State(cloud): State<Cloud>, headers: HeaderMap, body: Bytes) -> Re
             }
             axum::Json(json!({"success": true})).into_response()
         }
-        Err(answer) => answer,
+        Err(answer) => *answer,
     }
 }
 
 /// Applies a push; answers how long to wait before the 200.
-fn apply_push(cloud: &Cloud, body: &[u8]) -> Result<Duration, Response> {
+fn apply_push(cloud: &Cloud, body: &[u8]) -> Result<Duration, Box<Response>> {
     let mut state = cloud.lock();
     state.stats.bytes_in += body.len() as u64;
     let Ok(Value::Object(tables)) = serde_json::from_slice::<Value>(body) else {
         state.stats.failed += 1;
-        return Err(http_error());
+        return Err(Box::new(http_error()));
     };
     let mut applied = 0usize;
     for table in PUSH_ORDER {
@@ -672,15 +678,15 @@ fn apply_push(cloud: &Cloud, body: &[u8]) -> Result<Duration, Response> {
                 if state.faults.fail_after_rows == Some(applied) {
                     state.faults.fail_after_rows = None;
                     state.stats.failed += 1;
-                    return Err(http_error());
+                    return Err(Box::new(http_error()));
                 }
                 let Some(row) = row.as_object() else {
                     state.stats.failed += 1;
-                    return Err(http_error());
+                    return Err(Box::new(http_error()));
                 };
                 if !cloud.apply_row(&mut state, table, row.clone()) {
                     state.stats.failed += 1;
-                    return Err(http_error());
+                    return Err(Box::new(http_error()));
                 }
                 applied += 1;
             }

@@ -1094,18 +1094,18 @@ impl Gateway {
         DocId::derived("gateway", &[&self.device])
     }
 
-    /// Refreshes this gateway's record in the mesh: always when `force`, else when a
-    /// round writes anyway and it is old, or when it is very old.
-    fn beat(&self, force: bool) -> Result<()> {
-        let last = self.heartbeat.lock().ok().and_then(|h| *h);
-        let due = match last {
+    /// Refreshes this gateway's record in the mesh: at start, when a round that
+    /// `writes` anyway finds it old, or when it is very old (a quiet mesh sees one such
+    /// write every few hours, so that the gateways know who is running).
+    fn beat(&self, writes: bool) -> Result<()> {
+        let due = match self.heartbeat.lock().ok().and_then(|h| *h) {
             None => true,
             Some(at) => {
                 let age = at.elapsed();
-                age >= HEARTBEAT_QUIET || (!force && age >= HEARTBEAT_BUSY)
+                age >= HEARTBEAT_QUIET || (writes && age >= HEARTBEAT_BUSY)
             }
         };
-        if !(force && last.is_none()) && !due {
+        if !due {
             return Ok(());
         }
         let id = self.gateway_id();
