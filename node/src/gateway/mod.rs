@@ -57,6 +57,11 @@ const HEARTBEAT_QUIET: Duration = Duration::from_secs(6 * 3600);
 /// Longest wait between attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// Pulled rows written to the store in one batch.
+const WRITE_CHUNK: usize = 2_000;
+/// In a base: the feed position of the gateway's own write of the pulled row.
+const MESH_SEQ: &str = "_mesh_seq";
+
 const PULL_KEY: &str = "gateway/pull";
 const PUSH_KEY: &str = "gateway/push";
 const BASE: &str = "gateway/base/";
@@ -663,7 +668,17 @@ impl Gateway {
                 }
                 staged.put(base_key(table, &id), encode_base(&Base::Deleted));
             }
-            self.write(table, ops)?;
+            // The feed position each write took: an entry still there is the gateway's
+            // own write, which the push skips without reading the record.
+            for (id, seq) in self.write(table, ops)? {
+                let key = base_key(table, &id);
+                if let Some(Base::Live(mut row)) =
+                    staged.get(&self.store, &key)?.and_then(|b| decode_base(&b))
+                {
+                    row.insert(MESH_SEQ.into(), Value::from(seq));
+                    staged.put(key, encode_base(&Base::Live(row)));
+                }
+            }
         }
         if !touched.is_empty() && self.is_stock_gateway()? {
             for item in &touched {
@@ -691,23 +706,50 @@ impl Gateway {
     }
 
     /// Writes a table's pulled changes; a row the mesh refuses is logged, not fatal.
-    fn write(&self, table: &str, ops: Vec<WriteOp>) -> Result<()> {
+    /// Answers each written record's feed position. A large pull is written in chunks
+    /// from two threads, so that one works out documents while the store commits.
+    fn write(&self, table: &str, ops: Vec<WriteOp>) -> Result<Vec<(DocId, u64)>> {
         if ops.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        for result in self
-            .store
-            .write_blocking(WriteBatch { ops, atomic: false })?
-        {
-            match result {
-                // Another gateway of the mesh brought the same new row first.
-                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
-                Err(err) => {
-                    tracing::warn!(%table, error = %err, "a row from the cloud could not be stored");
+        let mut chunks = Vec::new();
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            chunks.push(ops.by_ref().take(WRITE_CHUNK).collect::<Vec<_>>());
+        }
+        let queue = Mutex::new(chunks.into_iter());
+        let next = || queue.lock().ok().and_then(|mut q| q.next());
+        let work = || -> Result<Vec<(DocId, u64)>> {
+            let mut written = Vec::new();
+            while let Some(chunk) = next() {
+                for result in self.store.write_blocking(WriteBatch {
+                    ops: chunk,
+                    atomic: false,
+                })? {
+                    match result {
+                        Ok(outcome) => written.push((outcome.id, outcome.seq)),
+                        // Another gateway of the mesh brought the same new row first.
+                        Err(StoreError::AlreadyExists { .. }) => {}
+                        Err(err) => {
+                            tracing::warn!(%table, error = %err, "a row from the cloud could not be stored");
+                        }
+                    }
                 }
             }
+            Ok(written)
+        };
+        let (mut first, second) = std::thread::scope(|scope| {
+            let helper = scope.spawn(work);
+            let first = work();
+            let second = helper
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a gateway writer thread failed")));
+            (first, second)
+        });
+        if let Ok(first) = first.as_mut() {
+            first.extend(second?);
         }
-        Ok(())
+        first
     }
 
     fn base(&self, staged: &Staged, table: &str, id: &DocId) -> Result<Option<Base>> {
@@ -888,9 +930,19 @@ impl Gateway {
             if let Some(item) = item {
                 row.insert("batch_id".into(), Value::from(item.to_string()));
             }
-            self.pharmacy
-                .record_app_dispense(id, row, crate::pharmacy::CLOUD_LEDGER)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let author = crate::pharmacy::CLOUD_LEDGER;
+            match self.pharmacy.record_app_dispense(id, row.clone(), author) {
+                // Another gateway brought the same dispense in meanwhile: once more, it
+                // finds it there and counts nothing.
+                Err(crate::pharmacy::PharmacyError::Store(StoreError::AlreadyExists {
+                    ..
+                })) => {
+                    self.pharmacy
+                        .record_app_dispense(id, row, author)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+                other => other.map_err(|e| anyhow::anyhow!("{e}"))?,
+            }
         }
         staged.put(
             base_key("dispensing_records", &id),
@@ -974,12 +1026,17 @@ impl Gateway {
                 if !PUSHED_TABLES.contains(&table) {
                     continue;
                 }
+                let base = self.base(&staged, table, &entry.id)?;
+                if let Some(Base::Live(base)) = &base
+                    && base.get(MESH_SEQ).and_then(Value::as_u64) == Some(entry.seq)
+                {
+                    continue;
+                }
                 let view = match self.store.get(table, &entry.id) {
                     Ok(view) => view,
                     Err(StoreError::NotFound { .. }) => continue,
                     Err(err) => return Err(err.into()),
                 };
-                let base = self.base(&staged, table, &entry.id)?;
                 if view.deleted {
                     if matches!(base, Some(Base::Live(_))) {
                         push_into(
