@@ -109,6 +109,8 @@ pub struct CloudStats {
     pub too_many: u64,
     /// Requests answered 500.
     pub failed: u64,
+    /// Pushed rows dropped as older than the cloud's.
+    pub stale: u64,
 }
 
 #[derive(Default)]
@@ -118,6 +120,7 @@ struct Faults {
     forced_429: usize,
     refuse_ids: Vec<String>,
     push_delay: Duration,
+    edits_before_push: Vec<(String, String, Value)>,
 }
 
 struct CloudState {
@@ -211,6 +214,15 @@ impl Cloud {
     /// Takes rows with this id again.
     pub fn accept_id(&self, id: &str) {
         self.lock().faults.refuse_ids.retain(|i| i != id);
+    }
+
+    /// An edit made in the cloud's admin pages just before the next push arrives: the
+    /// push's rows, stamped a moment earlier, are then older than it (dropped).
+    pub fn edit_before_next_push(&self, table: &str, id: &str, changes: Value) {
+        self.lock()
+            .faults
+            .edits_before_push
+            .push((table.to_owned(), id.to_owned(), changes));
     }
 
     /// Pushes are applied at once but answered only after `delay` (a slow link: a
@@ -656,6 +668,10 @@ async fn push(State(cloud): State<Cloud>, headers: HeaderMap, body: Bytes) -> Re
 
 /// Applies a push; answers how long to wait before the 200.
 fn apply_push(cloud: &Cloud, body: &[u8]) -> Result<Duration, Box<Response>> {
+    let edits = std::mem::take(&mut cloud.lock().faults.edits_before_push);
+    for (table, id, changes) in edits {
+        cloud.edit(&table, &id, changes);
+    }
     let mut state = cloud.lock();
     state.stats.bytes_in += body.len() as u64;
     let Ok(Value::Object(tables)) = serde_json::from_slice::<Value>(body) else {
@@ -768,6 +784,7 @@ impl Cloud {
             Some(old) => {
                 let stored = old.fields.get("updated_at").and_then(record::timestamp_ms);
                 if table != "patient_problems" && incoming <= stored {
+                    state.stats.stale += 1;
                     return true; // stale: dropped silently
                 }
                 if SERVER_STAMPED.contains(&table) {

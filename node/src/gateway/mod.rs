@@ -57,12 +57,22 @@ const HEARTBEAT_QUIET: Duration = Duration::from_secs(6 * 3600);
 /// Longest wait between attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// A push of at most this many rows follows a pull at most [`FRESH_PULL`] old.
+const FRESH_PULL_ROWS: usize = 500;
+/// See [`FRESH_PULL_ROWS`].
+const FRESH_PULL: Duration = Duration::from_millis(300);
 /// Pulled rows written to the store in one batch.
 const WRITE_CHUNK: usize = 2_000;
 /// In a base: the feed position of the gateway's own write of the pulled row.
 const MESH_SEQ: &str = "_mesh_seq";
 
+/// In a base: the row was pushed and no pull has shown the cloud kept it yet...
+const UNCONFIRMED: &str = "_unconfirmed";
+/// ...and the base before it (the row both sides had).
+const PREVIOUS: &str = "_previous";
+
 const PULL_KEY: &str = "gateway/pull";
+const REPUSH: &str = "gateway/repush/";
 const PUSH_KEY: &str = "gateway/push";
 const BASE: &str = "gateway/base/";
 const REFUSED: &str = "gateway/refused/";
@@ -255,6 +265,7 @@ pub struct GatewayStatus {
 pub struct GatewayHandle {
     status: Arc<Mutex<GatewayStatus>>,
     store: Store,
+    device: String,
 }
 
 impl GatewayHandle {
@@ -262,6 +273,7 @@ impl GatewayHandle {
     pub fn status(&self) -> GatewayStatus {
         let mut status = self.status.lock().map(|s| s.clone()).unwrap_or_default();
         status.backlog = backlog(&self.store).unwrap_or(0);
+        status.stock_gateway = is_stock_gateway(&self.store, &self.device).unwrap_or(false);
         status.refused = self
             .store
             .local_with_prefix(REFUSED)
@@ -367,6 +379,10 @@ impl Staged {
 struct PushPage {
     body: Map<String, Value>,
     rows: Vec<(String, DocId, Base)>,
+    /// The records in `rows`.
+    ids: std::collections::HashSet<DocId>,
+    /// Re-push marks this page takes care of.
+    cleared: Vec<String>,
     /// The feed position this page reaches.
     end: u64,
 }
@@ -381,6 +397,7 @@ pub struct Gateway {
     status: Arc<Mutex<GatewayStatus>>,
     sent: Mutex<VecDeque<Instant>>,
     heartbeat: Mutex<Option<Instant>>,
+    last_pull: Mutex<Option<Instant>>,
 }
 
 impl Gateway {
@@ -406,6 +423,7 @@ impl Gateway {
             status: Arc::new(Mutex::new(status)),
             sent: Mutex::new(VecDeque::new()),
             heartbeat: Mutex::new(None),
+            last_pull: Mutex::new(None),
         }))
     }
 
@@ -414,6 +432,7 @@ impl Gateway {
         GatewayHandle {
             status: self.status.clone(),
             store: self.store.clone(),
+            device: self.device.clone(),
         }
     }
 
@@ -576,6 +595,9 @@ impl Gateway {
             .await?;
         let body = self.send(reqwest::Method::GET, since, None).await?;
         let rows = self.blocking(move |g| g.apply_pull(&body)).await?;
+        if let Ok(mut last) = self.last_pull.lock() {
+            *last = Some(Instant::now());
+        }
         let now = record::format_timestamp(Utc::now().timestamp_millis());
         self.update_status(|s| {
             s.last_pull_at = Some(now);
@@ -668,9 +690,19 @@ impl Gateway {
                 }
                 staged.put(base_key(table, &id), encode_base(&Base::Deleted));
             }
-            // The feed position each write took: an entry still there is the gateway's
-            // own write, which the push skips without reading the record.
+            // The feed position of each record the pull created: while its feed entry
+            // is still there, the record is the cloud's row as pulled, which the push
+            // skips without reading it. (A patched record may hold edits of the mesh
+            // the cloud lacks: the push compares it.)
+            let created: BTreeSet<DocId> = ops
+                .iter()
+                .filter(|op| matches!(op.kind, WriteKind::Create(_)))
+                .filter_map(|op| op.id)
+                .collect();
             for (id, seq) in self.write(table, ops)? {
+                if !created.contains(&id) {
+                    continue;
+                }
                 let key = base_key(table, &id);
                 if let Some(Base::Live(mut row)) =
                     staged.get(&self.store, &key)?.and_then(|b| decode_base(&b))
@@ -791,7 +823,24 @@ impl Gateway {
         ops: &mut Vec<WriteOp>,
         staged: &mut Staged,
     ) -> Result<()> {
-        let base = self.base(staged, table, &id)?;
+        let base = match self.base(staged, table, &id)? {
+            Some(Base::Live(pushed)) if pushed.contains_key(UNCONFIRMED) => {
+                if rows::changed_in(&cloud, &pushed).is_empty() {
+                    // The cloud took the gateway's push.
+                    Some(Base::Live(pushed))
+                } else {
+                    // The cloud kept another row (it dropped the push as older than an
+                    // edit made there meanwhile): merge the cloud's changes against the
+                    // row both sides had before, and push the merge again.
+                    staged.put(format!("{REPUSH}{table}/{id}"), Vec::new());
+                    match pushed.get(PREVIOUS) {
+                        Some(Value::Object(previous)) => Some(Base::Live(previous.clone())),
+                        _ => None,
+                    }
+                }
+            }
+            other => other,
+        };
         match self.store.get(table, &id) {
             Err(StoreError::NotFound { .. }) => {
                 let mut fields = cloud.clone();
@@ -955,23 +1004,37 @@ impl Gateway {
     async fn push(self: &Arc<Self>) -> Result<()> {
         let mut limit = self.config.push_page.max(1);
         let mut failures = 0u32;
+        let mut refreshed = false;
         loop {
             let since = self
                 .blocking(|g| Ok(read_u64(&g.store, PULL_KEY)? as i64))
                 .await?;
             let page = self.blocking(move |g| g.push_page(limit)).await?;
             if page.rows.is_empty() {
-                let end = page.end;
-                self.blocking(move |g| g.commit_push(Vec::new(), end))
-                    .await?;
+                self.blocking(move |g| g.commit_push(page)).await?;
                 break;
+            }
+            // The cloud keeps whole rows: a row pushed replaces whatever the cloud took
+            // since the last pull. Clinic-sized pushes go right after a pull, so that an
+            // edit made in the cloud meanwhile is merged first, not overwritten.
+            if !refreshed
+                && page.rows.len() <= FRESH_PULL_ROWS
+                && self
+                    .last_pull
+                    .lock()
+                    .ok()
+                    .and_then(|t| *t)
+                    .is_none_or(|t| t.elapsed() > FRESH_PULL)
+            {
+                refreshed = true;
+                self.pull().await?;
+                continue;
             }
             let body = serde_json::to_vec(&page.body)?;
             match self.send(reqwest::Method::POST, since, Some(body)).await {
                 Ok(_) => {
                     let count = page.rows.len();
-                    let (rows, end) = (page.rows, page.end);
-                    self.blocking(move |g| g.commit_push(rows, end)).await?;
+                    self.blocking(move |g| g.commit_push(page)).await?;
                     self.update_status(|s| s.pushed_rows += count as u64);
                     failures = 0;
                     limit = (limit * 2).min(self.config.push_page.max(1));
@@ -1005,16 +1068,34 @@ impl Gateway {
 
     /// The next page of mesh changes for the cloud, at most `limit` rows.
     fn push_page(&self, limit: usize) -> Result<PushPage> {
-        let schema = self.store.schema();
         let mut after = read_u64(&self.store, PUSH_KEY)?;
         let mut page = PushPage {
             body: Map::new(),
             rows: Vec::new(),
+            ids: std::collections::HashSet::new(),
+            cleared: Vec::new(),
             end: after,
         };
         let mut bytes = 0usize;
         let now = Utc::now().timestamp_millis();
         let staged = Staged::default();
+        // Records whose push the cloud did not keep go first.
+        for (key, _) in self.store.local_with_prefix(REPUSH)? {
+            if page.rows.len() >= limit {
+                return Ok(page);
+            }
+            let parsed = key[REPUSH.len()..]
+                .split_once('/')
+                .and_then(|(t, i)| Some((t.to_owned(), i.parse::<DocId>().ok()?)));
+            if let Some((table, id)) = parsed
+                && let Ok(view) = self.store.get(&table, &id)
+                && !view.deleted
+            {
+                let base = self.base(&staged, &table, &id)?;
+                bytes += self.outgoing(&mut page, &table, id, &view.record, base, now)?;
+            }
+            page.cleared.push(key);
+        }
         loop {
             let (entries, last) = self.store.feed_page(after, 1000)?;
             for entry in &entries {
@@ -1046,37 +1127,27 @@ impl Gateway {
                             json!(entry.id.to_string()),
                         );
                         page.rows.push((table.to_owned(), entry.id, Base::Deleted));
+                        page.ids.insert(entry.id);
                     }
                     continue;
                 }
-                let spec = schema.collection(table);
-                let mut row = rows::normalize(spec, &view.record);
-                if table == "dispensing_records" {
-                    self.to_cloud_batch(&mut row)?;
-                }
-                if let Some(Base::Live(base)) = &base
-                    && rows::changed_in(&row, base).is_empty()
+                // The cloud makes a visit of its own for an event whose visit it lacks:
+                // the visit goes first.
+                if table == "events"
+                    && let Some(visit) = view
+                        .record
+                        .get("visit_id")
+                        .and_then(Value::as_str)
+                        .and_then(|t| t.parse::<DocId>().ok())
+                    && self.base(&staged, "visits", &visit)?.is_none()
+                    && !page.ids.contains(&visit)
+                    && let Ok(visit_view) = self.store.get("visits", &visit)
+                    && !visit_view.deleted
                 {
-                    continue;
+                    bytes +=
+                        self.outgoing(&mut page, "visits", visit, &visit_view.record, None, now)?;
                 }
-                if self.is_refused(table, &entry.id, &row)? {
-                    continue;
-                }
-                let stamp = |r: &Fields| r.get("updated_at").and_then(record::timestamp_ms);
-                let mut updated = now.max(stamp(&row).unwrap_or(0) + 1);
-                if let Some(Base::Live(base)) = &base {
-                    updated = updated.max(stamp(base).unwrap_or(0) + 1);
-                }
-                row.insert(
-                    "updated_at".into(),
-                    Value::from(record::format_timestamp(updated)),
-                );
-                let wire = Value::Object(rows::to_push_form(spec, &row));
-                bytes += wire.to_string().len();
-                let kind = if base.is_some() { "updated" } else { "created" };
-                push_into(&mut page.body, table, kind, wire);
-                page.rows
-                    .push((table.to_owned(), entry.id, Base::Live(row)));
+                bytes += self.outgoing(&mut page, table, entry.id, &view.record, base, now)?;
             }
             if last == after {
                 return Ok(page);
@@ -1084,6 +1155,53 @@ impl Gateway {
             after = last;
             page.end = last;
         }
+    }
+
+    /// Puts a live mesh record into the page, whole, stamped newer than the mesh and the
+    /// base, unless it equals its base (an echo) or the cloud refused it as it is.
+    /// Answers the bytes it added.
+    fn outgoing(
+        &self,
+        page: &mut PushPage,
+        table: &str,
+        id: DocId,
+        record: &Fields,
+        base: Option<Base>,
+        now: i64,
+    ) -> Result<usize> {
+        if page.ids.contains(&id) {
+            return Ok(0);
+        }
+        let schema = self.store.schema();
+        let spec = schema.collection(table);
+        let mut row = rows::normalize(spec, record);
+        if table == "dispensing_records" {
+            self.to_cloud_batch(&mut row)?;
+        }
+        if let Some(Base::Live(base)) = &base
+            && rows::changed_in(&row, base).is_empty()
+        {
+            return Ok(0);
+        }
+        if self.is_refused(table, &id, &row)? {
+            return Ok(0);
+        }
+        let stamp = |r: &Fields| r.get("updated_at").and_then(record::timestamp_ms);
+        let mut updated = now.max(stamp(&row).unwrap_or(0) + 1);
+        if let Some(Base::Live(base)) = &base {
+            updated = updated.max(stamp(base).unwrap_or(0) + 1);
+        }
+        row.insert(
+            "updated_at".into(),
+            Value::from(record::format_timestamp(updated)),
+        );
+        let wire = Value::Object(rows::to_push_form(spec, &row));
+        let bytes = wire.to_string().len();
+        let kind = if base.is_some() { "updated" } else { "created" };
+        push_into(&mut page.body, table, kind, wire);
+        page.rows.push((table.to_owned(), id, Base::Live(row)));
+        page.ids.insert(id);
+        Ok(bytes)
     }
 
     /// A mesh dispense names its stock item as `batch_id`; the cloud knows the item's
@@ -1135,11 +1253,37 @@ impl Gateway {
     }
 
     /// Saves what a push the cloud answered 200 carried: the rows as bases, the position.
-    fn commit_push(&self, rows: Vec<(String, DocId, Base)>, end: u64) -> Result<()> {
+    /// Saves what a push the cloud answered 200 carried: each row as the record's base,
+    /// marked unconfirmed (with the base before it) until a pull shows the cloud kept
+    /// it; the feed position; the re-pushes done.
+    fn commit_push(&self, page: PushPage) -> Result<()> {
+        let PushPage {
+            rows, cleared, end, ..
+        } = page;
         let mut staged = Staged::default();
         for (table, id, base) in rows {
+            let base = match base {
+                Base::Live(mut row) => {
+                    let previous = match self.base(&staged, &table, &id)? {
+                        Some(Base::Live(mut previous)) => {
+                            previous.remove(PREVIOUS);
+                            previous.remove(UNCONFIRMED);
+                            Value::Object(previous)
+                        }
+                        _ => Value::Null,
+                    };
+                    row.insert(UNCONFIRMED.into(), Value::Bool(true));
+                    row.insert(PREVIOUS.into(), previous);
+                    Base::Live(row)
+                }
+                Base::Deleted => Base::Deleted,
+            };
             staged.put(base_key(&table, &id), encode_base(&base));
             staged.remove(format!("{REFUSED}{table}/{id}"));
+            staged.remove(format!("{REPUSH}{table}/{id}"));
+        }
+        for key in cleared {
+            staged.remove(key);
         }
         if end != read_u64(&self.store, PUSH_KEY)? {
             staged.put(PUSH_KEY.to_owned(), end.to_be_bytes().to_vec());
@@ -1197,33 +1341,38 @@ impl Gateway {
         Ok(())
     }
 
-    /// Is this the gateway that writes the cloud's stock movements: the lowest peer id
-    /// among the gateways running in the mesh.
+    /// Is this the gateway that writes the cloud's stock movements.
     fn is_stock_gateway(&self) -> Result<bool> {
-        let page = self.store.list(&Query {
-            collection: GATEWAYS_COLLECTION.to_owned(),
-            limit: 1000,
-            ..Query::default()
-        })?;
-        let now = Utc::now().timestamp_millis();
-        let alive = GATEWAY_ALIVE.as_millis() as i64;
-        let lowest = page
-            .records
-            .iter()
-            .filter(|v| !v.deleted)
-            .filter(|v| {
-                v.record
-                    .get("seen_at")
-                    .and_then(record::timestamp_ms)
-                    .is_some_and(|t| now - t < alive)
-            })
-            .filter_map(|v| v.record.get("peer_id").and_then(Value::as_str))
-            .min()
-            .map(str::to_owned);
-        let mine = lowest.is_none_or(|p| p == self.device);
+        let mine = is_stock_gateway(&self.store, &self.device)?;
         self.update_status(|s| s.stock_gateway = mine);
         Ok(mine)
     }
+}
+
+/// Is `device` the gateway that writes the cloud's stock movements: the lowest peer id
+/// among the gateways running in the mesh.
+fn is_stock_gateway(store: &Store, device: &str) -> Result<bool> {
+    let page = store.list(&Query {
+        collection: GATEWAYS_COLLECTION.to_owned(),
+        limit: 1000,
+        ..Query::default()
+    })?;
+    let now = Utc::now().timestamp_millis();
+    let alive = GATEWAY_ALIVE.as_millis() as i64;
+    let lowest = page
+        .records
+        .iter()
+        .filter(|v| !v.deleted)
+        .filter(|v| {
+            v.record
+                .get("seen_at")
+                .and_then(record::timestamp_ms)
+                .is_some_and(|t| now - t < alive)
+        })
+        .filter_map(|v| v.record.get("peer_id").and_then(Value::as_str))
+        .min()
+        .map(str::to_owned);
+    Ok(lowest.is_none_or(|p| p == device))
 }
 
 /// Marks a node that is no longer started as a gateway as such in the mesh, so another

@@ -49,10 +49,12 @@ fn normalize_value(ty: Option<FieldType>, value: Value) -> Value {
                 _ => Value::String(text),
             },
         },
-        (Some(FieldType::Number), Value::String(text)) => match text.trim().parse::<f64>() {
-            Ok(f) => serde_json::Number::from_f64(f).map_or(Value::String(text), Value::Number),
-            Err(_) => Value::String(text),
-        },
+        (Some(FieldType::Number | FieldType::Decimal), Value::String(text)) => {
+            match text.trim().parse::<f64>() {
+                Ok(f) => serde_json::Number::from_f64(f).map_or(Value::String(text), Value::Number),
+                Err(_) => Value::String(text),
+            }
+        }
         (Some(FieldType::Bool), Value::String(text)) => match text.as_str() {
             "true" | "t" => Value::Bool(true),
             "false" | "f" => Value::Bool(false),
