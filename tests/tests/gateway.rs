@@ -192,7 +192,10 @@ async fn edits_on_both_sides_merge_field_by_field_and_deletes_cross_both_ways() 
         },
     )
     .await;
-    assert!(cloud.stats().stale > stale_before, "the push was not dropped");
+    assert!(
+        cloud.stats().stale > stale_before,
+        "the push was not dropped"
+    );
 
     // The same field on both sides: both sides end with the same value.
     api.patch(
@@ -254,6 +257,18 @@ async fn edits_on_both_sides_merge_field_by_field_and_deletes_cross_both_ways() 
     assert!(deleted_in_mesh(&api, &mesh_id).await);
     assert!(deleted_in_mesh(&api, &in_cloud_id).await);
 
+    // `medmesh status` shows the gateway in words.
+    let out = std::process::Command::new(medmesh_bin())
+        .args(["status", "--api", &node.api])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("Gateway:  to {url}"))
+            && text.contains("backlog:    0 change(s) of the mesh not yet in the cloud"),
+        "{text}"
+    );
     let status = gateway_status(&api).await;
     assert_eq!(status["cloud"], json!(url));
     assert!(status["last_pull_at"].is_string() && status["last_push_at"].is_string());
