@@ -16,6 +16,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod forms;
 pub mod gateway;
 pub mod identity;
 pub mod mesh;

@@ -19,9 +19,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
-use chrono::{NaiveDate, TimeZone, Utc};
+use chrono::Utc;
+
+use crate::forms::{app_value, stored_value};
 use medmesh_protocol::record::{self, Fields};
-use medmesh_protocol::schema::{CollectionSpec, FieldType};
+use medmesh_protocol::schema::CollectionSpec;
 use medmesh_protocol::{ChangeAuthor, DocId};
 use medmesh_storage::{Query, RecordView, Store, StoreError, WriteBatch, WriteKind, WriteOp};
 use serde_json::{Map, Value, json};
@@ -364,63 +366,6 @@ struct Changes {
     deleted: Vec<Value>,
 }
 
-/// A stored value in the app's form.
-pub(crate) fn app_value(ty: Option<FieldType>, value: Value) -> Value {
-    match (ty, value) {
-        (_, Value::Null) => Value::Null,
-        (Some(FieldType::Timestamp), value) => match record::timestamp_ms(&value) {
-            Some(ms) => Value::from(ms),
-            None => value,
-        },
-        (Some(FieldType::Date), value) => match date_of(&value) {
-            Some(date) => Value::from(date.format("%Y-%m-%d").to_string()),
-            None => value,
-        },
-        // WatermelonDB columns hold strings, numbers and booleans: JSON goes as text.
-        (_, value @ (Value::Object(_) | Value::Array(_))) => Value::from(value.to_string()),
-        (Some(FieldType::Json), value @ (Value::Number(_) | Value::Bool(_))) => {
-            Value::from(value.to_string())
-        }
-        (_, value) => value,
-    }
-}
-
-/// An app value in the form the store keeps.
-fn stored_value(ty: Option<FieldType>, value: Value) -> Value {
-    match (ty, value) {
-        (Some(FieldType::Timestamp), Value::Number(n)) => match n.as_i64() {
-            Some(0) => Value::Null,
-            Some(ms) => Value::from(record::format_timestamp(ms)),
-            None => Value::Number(n),
-        },
-        (Some(FieldType::Json | FieldType::StringList), Value::String(text)) => {
-            match serde_json::from_str::<Value>(&text) {
-                Ok(parsed @ (Value::Object(_) | Value::Array(_))) => parsed,
-                _ => Value::String(text),
-            }
-        }
-        (_, value) => value,
-    }
-}
-
-/// The calendar date of a date value (text, or a timestamp rounded to the nearest
-/// midnight, as the cloud's dates come back shifted by its time zone).
-pub(crate) fn date_of(value: &Value) -> Option<NaiveDate> {
-    if let Some(text) = value.as_str()
-        && let Some(date) = text
-            .get(..10)
-            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-        && text.len() == 10
-    {
-        return Some(date);
-    }
-    let ms = record::timestamp_ms(value)?;
-    let rounded = (ms + 12 * 3_600_000).div_euclid(86_400_000) * 86_400_000;
-    Utc.timestamp_millis_opt(rounded)
-        .single()
-        .map(|t| t.date_naive())
-}
-
 fn encode_marks(marks: &[(i64, u64)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(marks.len() * 16);
     for (t, seq) in marks {
@@ -446,29 +391,6 @@ fn decode_marks(bytes: &[u8]) -> Vec<(i64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn values_cross_to_the_app_and_back() {
-        let ts = Some(FieldType::Timestamp);
-        let stored = Value::from(record::format_timestamp(1_715_000_000_123));
-        let app = app_value(ts, stored.clone());
-        assert_eq!(app, json!(1_715_000_000_123i64));
-        assert_eq!(stored_value(ts, app), stored);
-        assert_eq!(stored_value(ts, json!(0)), Value::Null);
-        let meta = json!({"a": [1, 2]});
-        let text = app_value(Some(FieldType::Json), meta.clone());
-        assert_eq!(text, json!("{\"a\":[1,2]}"));
-        assert_eq!(stored_value(Some(FieldType::Json), text), meta);
-        assert_eq!(
-            app_value(Some(FieldType::Date), json!("1992-03-05")),
-            json!("1992-03-05")
-        );
-        // A date the cloud sent as its midnight in UTC+3.
-        assert_eq!(
-            app_value(Some(FieldType::Date), json!("1992-03-04T21:00:00.000Z")),
-            json!("1992-03-05")
-        );
-    }
 
     #[test]
     fn marks_round_trip() {

@@ -24,28 +24,12 @@ use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::schema::FieldType;
 use serde_json::{Map, Value, json};
 
-/// The tables a hub pulls (the app's, plus users).
-pub const HUB_TABLES: [&str; 19] = [
-    "patients",
-    "patient_additional_attributes",
-    "clinics",
-    "visits",
-    "events",
-    "event_forms",
-    "registration_forms",
-    "appointments",
-    "prescriptions",
-    "patient_vitals",
-    "patient_problems",
-    "clinic_departments",
-    "drug_catalogue",
-    "clinic_inventory",
-    "dispensing_records",
-    "prescription_items",
-    "user_clinic_permissions",
-    "app_config",
-    "users",
-];
+/// The tables a hub pulls: the app's, and users.
+pub fn hub_tables() -> impl Iterator<Item = &'static str> {
+    medmesh::mobile::PULLED_TABLES
+        .into_iter()
+        .chain(std::iter::once("users"))
+}
 
 /// The order a push is processed in: dispensing records before prescription items.
 const PUSH_ORDER: [&str; 12] = [
@@ -87,6 +71,20 @@ struct Row {
 impl Row {
     fn deleted(&self) -> bool {
         self.fields.get("is_deleted").and_then(Value::as_bool) == Some(true)
+    }
+
+    /// A stock row's quantity moves by `change`, at `now`.
+    fn move_stock(&mut self, change: i64, now: i64) {
+        let before = self
+            .fields
+            .get("quantity_available")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        self.fields
+            .insert("quantity_available".into(), json!(before + change));
+        self.fields
+            .insert("updated_at".into(), json!(record::format_timestamp(now)));
+        self.last_modified = now;
     }
 }
 
@@ -343,16 +341,7 @@ impl Cloud {
         else {
             return false;
         };
-        let before = row
-            .fields
-            .get("quantity_available")
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
-        row.fields
-            .insert("quantity_available".into(), json!(before + quantity));
-        row.fields
-            .insert("updated_at".into(), json!(record::format_timestamp(now)));
-        row.last_modified = now;
+        row.move_stock(quantity, now);
         state.inventory_transactions.push(json!({
             "inventory_id": inventory_id, "type": "restock", "quantity": quantity,
         }));
@@ -617,7 +606,7 @@ async fn pull(
     let mut state = cloud.lock();
     let timestamp = state.tick();
     let mut changes = Map::new();
-    for table in HUB_TABLES {
+    for table in hub_tables() {
         let mut created = Vec::new();
         let mut updated = Vec::new();
         let mut deleted = Vec::new();
@@ -897,16 +886,7 @@ impl Cloud {
             id
         });
         if let Some(row) = inventory.get_mut(&id) {
-            let before = row
-                .fields
-                .get("quantity_available")
-                .and_then(Value::as_i64)
-                .unwrap_or(0);
-            row.fields
-                .insert("quantity_available".into(), json!(before - quantity));
-            row.fields
-                .insert("updated_at".into(), json!(record::format_timestamp(now)));
-            row.last_modified = now;
+            row.move_stock(-quantity, now);
         }
         state.inventory_transactions.push(json!({
             "inventory_id": id, "type": "dispense", "quantity": -quantity,

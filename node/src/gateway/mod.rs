@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 use crate::mobile::{PULLED_TABLES, PUSHED_TABLES};
 use crate::pharmacy::{Pharmacy, QUANTITY};
 
+/// Largest answer read from the cloud (a pull of 100,000 records is about 60 MiB).
+const MAX_ANSWER_BYTES: usize = 1024 * 1024 * 1024;
 /// Rows in one push, at most (a backlog of 100,000 goes in 20 requests, well under the
 /// cloud's 60 a minute).
 pub const PUSH_PAGE_ROWS: usize = 5_000;
@@ -581,9 +583,20 @@ impl Gateway {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let bytes = response.bytes().await.map_err(|e| unreachable(url, &e))?;
+        // The cloud is outside this process: its answer is read up to a bound.
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| unreachable(url, &e))? {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(CloudError::Garbled(format!(
+                    "the answer is larger than {} MiB",
+                    MAX_ANSWER_BYTES >> 20
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         if status.is_success() {
-            Ok(bytes.to_vec())
+            Ok(bytes)
         } else {
             Err(classify(url, status, &bytes, retry_after))
         }

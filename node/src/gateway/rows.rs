@@ -1,9 +1,11 @@
 //! Rows between the mesh and the Hikma cloud: the cloud's value forms turned into the
 //! mesh's (and back), and the comparison the three-way merge rests on.
 
-use medmesh_protocol::record::{self, Fields};
-use medmesh_protocol::schema::{CollectionSpec, FieldType};
+use medmesh_protocol::record::Fields;
+use medmesh_protocol::schema::CollectionSpec;
 use serde_json::Value;
+
+use crate::forms::{app_value, stored_value};
 
 /// Columns the cloud keeps for itself; never stored in the mesh, never compared.
 pub const CLOUD_ONLY: [&str; 2] = ["last_modified", "server_created_at"];
@@ -25,49 +27,9 @@ pub fn normalize(spec: Option<&CollectionSpec>, row: &Fields) -> Fields {
             continue;
         }
         let ty = spec.and_then(|s| s.field(name)).map(|f| f.ty);
-        out.insert(name.clone(), normalize_value(ty, value.clone()));
+        out.insert(name.clone(), stored_value(ty, value.clone()));
     }
     out
-}
-
-fn normalize_value(ty: Option<FieldType>, value: Value) -> Value {
-    match (ty, value) {
-        (_, Value::Null) => Value::Null,
-        (Some(FieldType::Timestamp), value) => match record::timestamp_ms(&value) {
-            Some(0) if value.is_number() => Value::Null,
-            Some(ms) => Value::from(record::format_timestamp(ms)),
-            None => value,
-        },
-        (Some(FieldType::Date), value) => match crate::mobile::date_of(&value) {
-            Some(date) => Value::from(date.format("%Y-%m-%d").to_string()),
-            None => value,
-        },
-        (Some(FieldType::Int), Value::String(text)) => match text.trim().parse::<i64>() {
-            Ok(n) => Value::from(n),
-            Err(_) => match text.trim().parse::<f64>() {
-                Ok(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
-                _ => Value::String(text),
-            },
-        },
-        (Some(FieldType::Number | FieldType::Decimal), Value::String(text)) => {
-            match text.trim().parse::<f64>() {
-                Ok(f) => serde_json::Number::from_f64(f).map_or(Value::String(text), Value::Number),
-                Err(_) => Value::String(text),
-            }
-        }
-        (Some(FieldType::Bool), Value::String(text)) => match text.as_str() {
-            "true" | "t" => Value::Bool(true),
-            "false" | "f" => Value::Bool(false),
-            _ => Value::String(text),
-        },
-        (Some(FieldType::Json | FieldType::StringList), Value::String(text)) => {
-            match serde_json::from_str::<Value>(&text) {
-                Ok(parsed @ (Value::Object(_) | Value::Array(_))) => parsed,
-                _ => Value::String(text),
-            }
-        }
-        (_, value) => value,
-    }
 }
 
 /// The columns of `new` whose values differ from `old`'s (a column `old` lacks is
@@ -99,7 +61,7 @@ pub fn to_push_form(spec: Option<&CollectionSpec>, row: &Fields) -> Fields {
         .filter(|(name, _)| !name.starts_with('_') && !CLOUD_ONLY.contains(&name.as_str()))
         .map(|(name, value)| {
             let ty = spec.and_then(|s| s.field(name)).map(|f| f.ty);
-            (name.clone(), crate::mobile::app_value(ty, value.clone()))
+            (name.clone(), app_value(ty, value.clone()))
         })
         .collect()
 }
