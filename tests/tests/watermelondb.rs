@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use medmesh_tests::NodeProcess;
+use medmesh_tests::{NodeProcess, join_mesh};
 use serde_json::{Value, json};
 
 const EMAIL: &str = "amina@kano.clinic";
@@ -182,4 +182,52 @@ async fn the_apps_own_sync_engine_syncs_field_by_field_with_a_node() {
     app.step(json!({"op": "delete", "id": made}));
     app.step(json!({"op": "sync"}));
     assert!(get(&made).await["deleted_at"].is_string());
+
+    // The tablet moves to another node of the mesh, whose timestamps it has never seen:
+    // it gets a complete answer, misses nothing, and its edits reach both nodes.
+    let other_dir = dir.path().join("other");
+    join_mesh(&node.data, &other_dir).expect("join");
+    let other = NodeProcess::start_peered(&other_dir, std::slice::from_ref(&node.listen), None)
+        .expect("other node");
+    let later = post(
+        "/v1/patients",
+        json!({"given_name": "Dina", "surname": "Mensah"}),
+    )
+    .await;
+    let later = later["id"].as_str().expect("id").to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let there = http
+            .get(other.url(&format!("/v1/patients/{later}")))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if there {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mesh did not carry the patient"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    app.step(json!({"op": "server", "base": other.url("")}));
+    app.step(json!({"op": "sync"}));
+    assert_eq!(
+        app.patient(&later)
+            .expect("the other node's pull misses nothing")["given_name"],
+        json!("Dina")
+    );
+    assert!(app.patient(&made).is_none(), "a deleted patient came back");
+    app.step(json!({"op": "update", "id": id, "fields": {"given_name": "Bolanle"}}));
+    app.step(json!({"op": "sync"}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while get(&id).await["given_name"] != json!("Bolanle") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edit did not reach the first node"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&id).await["surname"], json!("Bello-Okafor"));
 }

@@ -17,7 +17,9 @@ setGenerator(() => {
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`
 })
 
-const [base, email, password] = process.argv.slice(2)
+const [firstBase, email, password] = process.argv.slice(2)
+// The server the app syncs with; a `server` step points it at another node.
+let base = firstBase
 const auth = 'Basic ' + Buffer.from(`${email}:${password}`).toString('base64')
 
 class Patient extends Model {
@@ -78,6 +80,9 @@ async function step(s) {
   switch (s.op) {
     case 'sync':
       await sync()
+      return { ok: true }
+    case 'server':
+      base = s.base
       return { ok: true }
     case 'list': {
       const all = await patients.query().fetch()
