@@ -119,6 +119,7 @@ struct Faults {
     refuse_ids: Vec<String>,
     push_delay: Duration,
     edits_before_push: Vec<(String, String, Value)>,
+    garbled_pulls: usize,
 }
 
 struct CloudState {
@@ -221,6 +222,12 @@ impl Cloud {
             .faults
             .edits_before_push
             .push((table.to_owned(), id.to_owned(), changes));
+    }
+
+    /// The next `count` pulls answer 200 with a body that is not the contract's (a
+    /// broken proxy, a truncated answer).
+    pub fn garble_pulls(&self, count: usize) {
+        self.lock().faults.garbled_pulls = count;
     }
 
     /// Pushes are applied at once but answered only after `delay` (a slow link: a
@@ -604,6 +611,15 @@ async fn pull(
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
     let mut state = cloud.lock();
+    if state.faults.garbled_pulls > 0 {
+        state.faults.garbled_pulls -= 1;
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            "{\"success\": true, \"changes\": {\"patients\": {\"created\": [{\"id\": ",
+        )
+            .into_response();
+    }
     let timestamp = state.tick();
     let mut changes = Map::new();
     for table in hub_tables() {

@@ -316,6 +316,28 @@ async fn an_outage_a_429_storm_and_a_failing_push_lose_nothing() {
     })
     .await;
 
+    // An answer that is not the contract's (cut short on the way): the status says so,
+    // nothing is stored from it, and the next good pull carries on.
+    cloud.garble_pulls(2);
+    let (_, created) = api.post("/v1/patients", &patient(70)).await.expect("post");
+    let after_garble = created["id"].as_str().expect("id").to_owned();
+    wait_until(
+        "the garbled answer in the status",
+        Duration::from_secs(20),
+        async || {
+            gateway_status(&api).await["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("could not be read"))
+        },
+    )
+    .await;
+    wait_until(
+        "the write after the garbled answers",
+        Duration::from_secs(60),
+        async || cloud.row("patients", &after_garble).is_some(),
+    )
+    .await;
+
     // A storm of 429s: the gateway waits as told and sends everything.
     let before = cloud.stats();
     cloud.force_429(6, 1);
@@ -325,7 +347,7 @@ async fn an_outage_a_429_storm_and_a_failing_push_lose_nothing() {
     wait_until(
         "the writes after the storm",
         Duration::from_secs(60),
-        async || cloud.count("patients") == 40,
+        async || cloud.count("patients") == 41,
     )
     .await;
     let after = cloud.stats();
@@ -347,7 +369,7 @@ async fn an_outage_a_429_storm_and_a_failing_push_lose_nothing() {
     wait_until(
         "the batch after the 500",
         Duration::from_secs(60),
-        async || cloud.count("patients") == 60,
+        async || cloud.count("patients") == 61,
     )
     .await;
 
@@ -363,7 +385,7 @@ async fn an_outage_a_429_storm_and_a_failing_push_lose_nothing() {
     wait_until(
         "the others past the refused row",
         Duration::from_secs(90),
-        async || cloud.count("patients") == 65,
+        async || cloud.count("patients") == 66,
     )
     .await;
     wait_until(

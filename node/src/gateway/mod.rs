@@ -1450,3 +1450,73 @@ fn describe(err: &anyhow::Error, wait: Duration) -> String {
         _ => format!("the gateway failed: {err:#}; trying again in {secs} s"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(value: Value) -> Fields {
+        match value {
+            Value::Object(map) => map,
+            _ => Fields::new(),
+        }
+    }
+
+    #[test]
+    fn a_pulled_row_changes_only_what_the_cloud_changed() {
+        let base = row(
+            json!({"given_name": "Amina", "phone": "1", "hometown": "Kano",
+                              "updated_at": "2026-01-01T00:00:00.000Z"}),
+        );
+        // The mesh changed the hometown, the cloud the phone.
+        let mesh = row(
+            json!({"given_name": "Amina", "phone": "1", "hometown": "Jos",
+                              "updated_at": "2026-01-02T00:00:00.000Z"}),
+        );
+        let cloud = row(
+            json!({"given_name": "Amina", "phone": "2", "hometown": "Kano",
+                               "updated_at": "2026-01-03T00:00:00.000Z"}),
+        );
+        let patch = Gateway::cloud_changes(Some(&Base::Live(base.clone())), &cloud, &mesh);
+        assert_eq!(patch, Some(row(json!({"phone": "2"}))));
+        // The echo of the gateway's own push changes nothing.
+        assert_eq!(
+            Gateway::cloud_changes(Some(&Base::Live(mesh.clone())), &mesh, &mesh),
+            None
+        );
+        // The same field on both sides: the cloud's value, so both sides agree.
+        let cloud = row(json!({"hometown": "Yola", "updated_at": "2026-01-03T00:00:00.000Z"}));
+        assert_eq!(
+            Gateway::cloud_changes(Some(&Base::Live(base)), &cloud, &mesh),
+            Some(row(json!({"hometown": "Yola"})))
+        );
+    }
+
+    #[test]
+    fn without_a_base_the_newer_row_wins_and_stock_is_never_copied() {
+        let mesh = row(json!({"phone": "1", "quantity_available": 10,
+                              "updated_at": "2026-01-02T00:00:00.000Z"}));
+        let newer = row(json!({"phone": "2", "quantity_available": 99,
+                               "updated_at": "2026-01-03T00:00:00.000Z"}));
+        let older = row(json!({"phone": "3", "updated_at": "2026-01-01T00:00:00.000Z"}));
+        assert_eq!(
+            Gateway::cloud_changes(None, &newer, &mesh),
+            Some(row(json!({"phone": "2"})))
+        );
+        assert_eq!(Gateway::cloud_changes(None, &older, &mesh), None);
+    }
+
+    #[test]
+    fn hub_keys_are_checked_for_their_form() {
+        assert!(check_key_form(&format!("hh_{}", "a1".repeat(32))).is_ok());
+        assert!(check_key_form("hh_short").is_err());
+        assert!(check_key_form(&"a".repeat(67)).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) >= Duration::from_secs(2));
+        assert!(backoff(1) <= Duration::from_millis(2500));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+}
