@@ -176,6 +176,18 @@ fn print_gateway(gateway: &Value) {
     if let Some(error) = gateway["last_error"].as_str() {
         println!("  problem:    {error}");
     }
+    for item in gateway["stock_differences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "  stock item {}: {} here, {} in the cloud (restocks or counts made in the mesh do not reach the cloud: enter them there)",
+            item["stock_item_id"].as_str().unwrap_or("?"),
+            item["mesh"],
+            item["cloud"],
+        );
+    }
     for refused in gateway["refused"].as_array().into_iter().flatten() {
         println!(
             "  refused by the cloud: {} {}: {}",

@@ -582,6 +582,30 @@ async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
         "the gateways keep pushing: ping-pong"
     );
     assert_eq!(cloud.count("dispensing_records"), 3);
+    for api in [&api_a, &api_b] {
+        let status = gateway_status(api).await;
+        assert_eq!(status["stock_differences"], json!([]), "{status}");
+    }
+    // A restock made in the mesh cannot reach the cloud's stock: the status says so.
+    let (status, answer) = api_a
+        .post(
+            "/v1/pharmacy/adjust",
+            &json!({"clinic_id": CLINIC, "drug_id": DRUG, "batch_number": "LOT-1",
+                    "quantity_change": -2, "reason": "broken bottles"}),
+        )
+        .await
+        .expect("adjust");
+    assert_eq!(status, 200, "{answer}");
+    wait_until(
+        "the difference in the status",
+        Duration::from_secs(30),
+        async || {
+            gateway_status(&api_a).await["stock_differences"]
+                == json!([{"stock_item_id": ITEM, "mesh": expected - 2, "cloud": expected}])
+        },
+    )
+    .await;
+
     // Every movement is in the mesh's trail, and it adds up.
     let (status, verify) = api_a.get("/v1/pharmacy/verify").await.expect("verify");
     assert_eq!(status, 200);

@@ -260,6 +260,10 @@ pub struct GatewayStatus {
     pub refused: Vec<Value>,
     /// Changes of the mesh not yet in the cloud (computed when asked).
     pub backlog: u64,
+    /// With no backlog: the cloud's stock items whose quantity in the mesh differs from
+    /// the cloud's at the last pull — stock moved in the mesh by restocks, counts or
+    /// adjustments, which the cloud does not take from a hub. Enter them in the cloud.
+    pub stock_differences: Vec<Value>,
 }
 
 /// A running gateway, for the API.
@@ -267,6 +271,7 @@ pub struct GatewayStatus {
 pub struct GatewayHandle {
     status: Arc<Mutex<GatewayStatus>>,
     store: Store,
+    pharmacy: Arc<Pharmacy>,
     device: String,
 }
 
@@ -283,7 +288,30 @@ impl GatewayHandle {
             .into_iter()
             .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
             .collect();
+        if status.backlog == 0 {
+            status.stock_differences = self.stock_differences().unwrap_or_default();
+        }
         status
+    }
+
+    fn stock_differences(&self) -> Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for (key, value) in self.store.local_with_prefix(CLOUD_QUANTITY)? {
+            let Ok(item) = key[CLOUD_QUANTITY.len()..].parse::<DocId>() else {
+                continue;
+            };
+            let Ok(cloud) = <[u8; 8]>::try_from(value.as_slice()).map(i64::from_be_bytes) else {
+                continue;
+            };
+            let mesh = self
+                .pharmacy
+                .quantity(&item)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(mesh) = mesh.filter(|m| *m != cloud) {
+                out.push(json!({"stock_item_id": item, "mesh": mesh, "cloud": cloud}));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -434,6 +462,7 @@ impl Gateway {
         GatewayHandle {
             status: self.status.clone(),
             store: self.store.clone(),
+            pharmacy: self.pharmacy.clone(),
             device: self.device.clone(),
         }
     }

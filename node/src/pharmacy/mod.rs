@@ -414,17 +414,23 @@ impl Pharmacy {
         self.require_clinic(&clinic)?;
         let (drug, mut ops) = self.resolve_drug(&body, true, user)?;
         let _movement = self.movement_lock(&clinic, &drug)?;
-        let id = stock_item_id(&clinic, &drug.to_string(), &batch);
-        let before = self.current(&id)?.map_or(0, |r| r.quantity);
-        ops.push(self.op(
-            "clinic_inventory",
-            Some(id),
-            WriteKind::Ensure {
-                fields: fields(json!({"clinic_id": clinic, "drug_id": drug.to_string(), "batch_number": normalize_batch(&batch)})),
-                counters: vec![(QUANTITY.into(), 0)],
-            },
-            user,
-        ));
+        // The batch's stock item: the one this clinic has (made here, or from the cloud
+        // under the cloud's id), or a new one whose id comes from clinic, drug and batch.
+        let found = self.find_batch(&clinic, &drug, &batch)?;
+        let derived = stock_item_id(&clinic, &drug.to_string(), &batch);
+        let id = found.as_ref().map_or(derived, |r| r.stock_item_id);
+        let before = found.map_or(0, |r| r.quantity);
+        if id == derived {
+            ops.push(self.op(
+                "clinic_inventory",
+                Some(id),
+                WriteKind::Ensure {
+                    fields: fields(json!({"clinic_id": clinic, "drug_id": drug.to_string(), "batch_number": normalize_batch(&batch)})),
+                    counters: vec![(QUANTITY.into(), 0)],
+                },
+                user,
+            ));
+        }
         let mut details = Fields::new();
         if let Some(expiry) = expiry {
             details.insert("batch_expiry_date".into(), json!(expiry.to_string()));
@@ -496,7 +502,7 @@ impl Pharmacy {
             let wanted = normalize_batch(batch);
             let row = rows
                 .iter()
-                .find(|r| r.batch_number == wanted)
+                .find(|r| normalize_batch(&r.batch_number) == wanted)
                 .ok_or_else(|| {
                     invalid(
                         "batch_number",
@@ -1004,9 +1010,25 @@ impl Pharmacy {
         Ok(json!({"stock_item_id": row.stock_item_id, "quantity": row.quantity + change}))
     }
 
-    fn existing_batch(&self, clinic: &str, drug: &DocId, batch: &str) -> Result<StockRow> {
+    /// The stock item of a batch of a drug at a clinic, if there is one: by its id made
+    /// from the three, or by batch number (a stock item that came from the cloud keeps
+    /// the cloud's id).
+    fn find_batch(&self, clinic: &str, drug: &DocId, batch: &str) -> Result<Option<StockRow>> {
         let id = stock_item_id(clinic, &drug.to_string(), batch);
-        self.current(&id)?.ok_or_else(|| {
+        if let Some(row) = self.current(&id)? {
+            return Ok(Some(row));
+        }
+        let wanted = normalize_batch(batch);
+        let drug = drug.to_string();
+        self.with_view(|v| {
+            v.stock_rows(Some(clinic), Some(&drug))
+                .into_iter()
+                .find(|r| normalize_batch(&r.batch_number) == wanted)
+        })
+    }
+
+    fn existing_batch(&self, clinic: &str, drug: &DocId, batch: &str) -> Result<StockRow> {
+        self.find_batch(clinic, drug, batch)?.ok_or_else(|| {
             invalid(
                 "batch_number",
                 format!("batch `{batch}` of this drug is not stocked at this clinic"),
