@@ -65,8 +65,6 @@ const FRESH_PULL_ROWS: usize = 500;
 const FRESH_PULL: Duration = Duration::from_millis(300);
 /// Pulled rows written to the store in one batch.
 const WRITE_CHUNK: usize = 2_000;
-/// In a base: the feed position of the gateway's own write of the pulled row.
-const MESH_SEQ: &str = "_mesh_seq";
 
 /// In a base: the row was pushed and no pull has shown the cloud kept it yet...
 const UNCONFIRMED: &str = "_unconfirmed";
@@ -75,6 +73,8 @@ const PREVIOUS: &str = "_previous";
 
 const PULL_KEY: &str = "gateway/pull";
 const REPUSH: &str = "gateway/repush/";
+/// Record id → the feed position of the pull's creation of it.
+const CREATED_AT_SEQ: &str = "gateway/created/";
 const PUSH_KEY: &str = "gateway/push";
 const BASE: &str = "gateway/base/";
 const REFUSED: &str = "gateway/refused/";
@@ -742,15 +742,8 @@ impl Gateway {
                 .filter_map(|op| op.id)
                 .collect();
             for (id, seq) in self.write(table, ops)? {
-                if !created.contains(&id) {
-                    continue;
-                }
-                let key = base_key(table, &id);
-                if let Some(Base::Live(mut row)) =
-                    staged.get(&self.store, &key)?.and_then(|b| decode_base(&b))
-                {
-                    row.insert(MESH_SEQ.into(), Value::from(seq));
-                    staged.put(key, encode_base(&Base::Live(row)));
+                if created.contains(&id) {
+                    staged.put(format!("{CREATED_AT_SEQ}{id}"), seq.to_be_bytes().to_vec());
                 }
             }
         }
@@ -1149,12 +1142,10 @@ impl Gateway {
                 if !PUSHED_TABLES.contains(&table) {
                     continue;
                 }
-                let base = self.base(&staged, table, &entry.id)?;
-                if let Some(Base::Live(base)) = &base
-                    && base.get(MESH_SEQ).and_then(Value::as_u64) == Some(entry.seq)
-                {
+                if read_u64(&self.store, &format!("{CREATED_AT_SEQ}{}", entry.id))? == entry.seq {
                     continue;
                 }
+                let base = self.base(&staged, table, &entry.id)?;
                 let view = match self.store.get(table, &entry.id) {
                     Ok(view) => view,
                     Err(StoreError::NotFound { .. }) => continue,
