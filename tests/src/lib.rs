@@ -366,6 +366,38 @@ pub fn verdict(target: &str, holds: bool) -> (&'static str, &'static str) {
     }
 }
 
+/// One figure of a benchmark, with its target (empty when it has none).
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// The figure.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+    /// The target, in words ("≥ 5,000 records/s"), or empty.
+    pub target: String,
+    /// Whether the figure meets its target.
+    pub holds: bool,
+}
+
+/// The Markdown table of a benchmark's figures, each with its verdict.
+pub fn figures_table(figures: &[Figure]) -> String {
+    let mut table = String::from("| figure | value | target | holds |\n|---|---|---|---|\n");
+    for f in figures {
+        let value = if f.value >= 100.0 {
+            format!("{:.0}", f.value)
+        } else {
+            format!("{:.3}", f.value)
+        };
+        let (_, holds) = verdict(&f.target, f.holds);
+        table.push_str(&format!(
+            "| {} | {value} {} | {} | {holds} |\n",
+            f.name, f.unit, f.target
+        ));
+    }
+    table
+}
+
 /// Waits until `check` holds, polling; fails after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
 where

@@ -15,7 +15,7 @@ use medmesh::pharmacy::Pharmacy;
 use medmesh_protocol::{ChangeAuthor, Schema};
 use medmesh_storage::{Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
 use medmesh_tests::cloud::Cloud;
-use medmesh_tests::{patient, update_benchmarks, verdict};
+use medmesh_tests::{Figure, patient, update_benchmarks};
 use serde_json::{Value, json};
 
 #[global_allocator]
@@ -23,14 +23,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The clinic of `medmesh_tests::patient`.
 const CLINIC: &str = "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e";
-
-struct Figure {
-    name: String,
-    value: f64,
-    unit: &'static str,
-    target: &'static str,
-    holds: bool,
-}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -73,7 +65,7 @@ fn main() -> Result<()> {
         name: format!("gateway pushes a backlog of {records} records to the cloud"),
         value: rate,
         unit: "records/s",
-        target: "≥ 5,000 records/s",
+        target: "≥ 5,000 records/s".into(),
         holds: rate >= 5000.0,
     });
 
@@ -95,7 +87,7 @@ fn main() -> Result<()> {
         name: format!("gateway pulls {records} records from the cloud into an empty mesh"),
         value: rate,
         unit: "records/s",
-        target: "≥ 5,000 records/s",
+        target: "≥ 5,000 records/s".into(),
         holds: rate >= 5000.0,
     });
 
@@ -115,14 +107,14 @@ fn main() -> Result<()> {
         name: "a quiet round: requests".into(),
         value: requests as f64,
         unit: "requests",
-        target: "≤ 2",
+        target: "≤ 2".into(),
         holds: requests <= 2,
     });
     figures.push(Figure {
         name: "a quiet round: bytes of request and answer bodies".into(),
         value: bytes as f64,
         unit: "bytes",
-        target: "≤ 4 KB",
+        target: "≤ 4 KB".into(),
         holds: bytes <= 4096,
     });
 
@@ -137,7 +129,7 @@ fn main() -> Result<()> {
         name: format!("a mobile client pulls {mobile_records} records from a node (HTTP)"),
         value: seconds,
         unit: "s",
-        target: "≤ 2 s",
+        target: "≤ 2 s".into(),
         holds: seconds <= 2.0,
     });
     drop(runtime);
@@ -254,22 +246,11 @@ fn write_report(records: usize, figures: &[Figure]) -> Result<()> {
     let marker = "gateway-bench";
     let mut section = format!("<!-- {marker}:start -->\n");
     section.push_str(&format!(
-        "## Gateway and mobile sync (`gateway-bench`)\n\nRun {} on this machine ({} cores), {records} generated patient records, release build; the reference cloud of `tests/src/cloud.rs` runs in the same process over loopback HTTP. Bytes of a quiet round are the request and answer bodies (HTTP headers add about 300 bytes).\nReproduce: `cargo run --release -p medmesh-tests --bin gateway-bench`.\n\n| figure | value | target | holds |\n|---|---|---|---|\n",
+        "## Gateway and mobile sync (`gateway-bench`)\n\nRun {} on this machine ({} cores), {records} generated patient records, release build; the reference cloud of `tests/src/cloud.rs` runs in the same process over loopback HTTP. Bytes of a quiet round are the request and answer bodies (HTTP headers add about 300 bytes).\nReproduce: `cargo run --release -p medmesh-tests --bin gateway-bench`.\n\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     ));
-    for f in figures {
-        let value = if f.value >= 100.0 {
-            format!("{:.0}", f.value)
-        } else {
-            format!("{:.3}", f.value)
-        };
-        let (_, holds) = verdict(f.target, f.holds);
-        section.push_str(&format!(
-            "| {} | {value} {} | {} | {holds} |\n",
-            f.name, f.unit, f.target
-        ));
-    }
+    section.push_str(&medmesh_tests::figures_table(figures));
     section.push_str(&format!("<!-- {marker}:end -->\n"));
     update_benchmarks(Path::new("BENCHMARKS.md"), marker, &section)
 }

@@ -12,19 +12,11 @@ use anyhow::{Context, Result};
 use medmesh::config::ApiArgs;
 use medmesh_protocol::Schema;
 use medmesh_storage::{Query, Store, StoreOptions};
-use medmesh_tests::{NodeProcess, patient, update_benchmarks};
+use medmesh_tests::{Figure, NodeProcess, patient, update_benchmarks};
 use serde_json::json;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-struct Figure {
-    name: &'static str,
-    value: f64,
-    unit: &'static str,
-    target: String,
-    holds: bool,
-}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -71,7 +63,7 @@ fn main() -> Result<()> {
     let rate = records as f64 / import_s;
     println!("import: {records} records in {import_s:.2} s = {rate:.0} records/s");
     figures.push(Figure {
-        name: "import (CLI path, HTTP batches of 1000)",
+        name: "import (CLI path, HTTP batches of 1000)".into(),
         value: rate,
         unit: "records/s",
         target: "≥ 10,000".into(),
@@ -96,7 +88,7 @@ fn main() -> Result<()> {
     let single_rate = single_writes as f64 / started.elapsed().as_secs_f64();
     println!("sequential single writes: {single_rate:.0}/s");
     figures.push(Figure {
-        name: "sequential durable single-record API writes",
+        name: "sequential durable single-record API writes".into(),
         value: single_rate,
         unit: "writes/s",
         target: "≥ 1,000".into(),
@@ -135,21 +127,21 @@ fn main() -> Result<()> {
     let peak_mb = peak as f64 / 1_048_576.0;
     println!("node RSS after import while serving reads: {rss_mb:.1} MB (peak {peak_mb:.1} MB)");
     figures.push(Figure {
-        name: "node RSS after the import, serving reads",
+        name: "node RSS after the import, serving reads".into(),
         value: rss_mb,
         unit: "MB",
         target: "≤ 150".into(),
         holds: rss_mb <= 150.0,
     });
     figures.push(Figure {
-        name: "node peak RSS (whole run)",
+        name: "node peak RSS (whole run)".into(),
         value: peak_mb,
         unit: "MB",
         target: String::new(),
         holds: true,
     });
     figures.push(Figure {
-        name: "indexed query through the API",
+        name: "indexed query through the API".into(),
         value: read_ms,
         unit: "ms/query",
         target: String::new(),
@@ -169,7 +161,7 @@ fn main() -> Result<()> {
         open_s
     );
     figures.push(Figure {
-        name: "store open (and first read)",
+        name: "store open (and first read)".into(),
         value: open_s,
         unit: "s",
         target: "≤ 1".into(),
@@ -180,7 +172,7 @@ fn main() -> Result<()> {
     let ready_s = started.elapsed().as_secs_f64();
     println!("node start until its API answers: {ready_s:.3} s");
     figures.push(Figure {
-        name: "node start until its API answers",
+        name: "node start until its API answers".into(),
         value: ready_s,
         unit: "s",
         target: String::new(),
@@ -200,14 +192,14 @@ fn main() -> Result<()> {
     let crash_open_s = timed_open(&data.join("medmesh.redb"))?;
     println!("store open after kill -9 (with repair): {crash_open_s:.3} s");
     figures.push(Figure {
-        name: "store open after kill -9 (redb repair)",
+        name: "store open after kill -9 (redb repair)".into(),
         value: crash_open_s,
         unit: "s",
         target: "≤ 1 (same bar)".into(),
         holds: crash_open_s <= 1.0,
     });
     figures.push(Figure {
-        name: "database file size",
+        name: "database file size".into(),
         value: db_size as f64 / 1_048_576.0,
         unit: "MB",
         target: String::new(),
@@ -254,23 +246,12 @@ fn write_report(records: usize, avg_bytes: usize, figures: &[Figure]) -> Result<
     };
     section.push_str(&format!("<!-- {marker}:start -->\n"));
     section.push_str(&format!(
-        "## One node: import, writes, memory, open (`node-bench`, {allocator})\n\nRun {} on this machine ({} cores), {records} generated patient records of about {avg_bytes} bytes of JSON, release build, allocator {} (for the system allocator: build with `--features system-allocator`, run with `MEDMESH_BIN=that binary MEDMESH_BENCH_ALLOCATOR=glibc`).\nReproduce: `cargo build --release -p medmesh && cargo run --release -p medmesh-tests --bin node-bench`.\n\n| figure | value | target | holds |\n|---|---|---|---|\n",
+        "## One node: import, writes, memory, open (`node-bench`, {allocator})\n\nRun {} on this machine ({} cores), {records} generated patient records of about {avg_bytes} bytes of JSON, release build, allocator {} (for the system allocator: build with `--features system-allocator`, run with `MEDMESH_BIN=that binary MEDMESH_BENCH_ALLOCATOR=glibc`).\nReproduce: `cargo build --release -p medmesh && cargo run --release -p medmesh-tests --bin node-bench`.\n\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         allocator,
     ));
-    for f in figures {
-        let value = if f.value >= 100.0 {
-            format!("{:.0}", f.value)
-        } else {
-            format!("{:.3}", f.value)
-        };
-        let (_, holds) = medmesh_tests::verdict(&f.target, f.holds);
-        section.push_str(&format!(
-            "| {} | {value} {} | {} | {holds} |\n",
-            f.name, f.unit, f.target
-        ));
-    }
+    section.push_str(&medmesh_tests::figures_table(figures));
     section.push_str(&format!("<!-- {marker}:end -->\n"));
     update_benchmarks(Path::new("BENCHMARKS.md"), &marker, &section)
 }
