@@ -31,21 +31,13 @@ pub fn hub_tables() -> impl Iterator<Item = &'static str> {
         .chain(std::iter::once("users"))
 }
 
-/// The order a push is processed in: dispensing records before prescription items.
-const PUSH_ORDER: [&str; 12] = [
-    "patients",
-    "patient_additional_attributes",
-    "visits",
-    "events",
-    "appointments",
-    "prescriptions",
-    "patient_vitals",
-    "patient_problems",
-    "dispensing_records",
-    "prescription_items",
-    "drug_catalogue",
-    "clinic_departments",
-];
+/// The order a push is processed in: the app's tables (dispensing records before
+/// prescription items), then the two a hub may push and the cloud treats apart.
+fn push_order() -> impl Iterator<Item = &'static str> {
+    medmesh::mobile::PUSHED_TABLES
+        .into_iter()
+        .chain(["drug_catalogue", "clinic_departments"])
+}
 
 /// Tables whose applied updates get the server's time as `updated_at`.
 const SERVER_STAMPED: [&str; 5] = [
@@ -684,7 +676,7 @@ fn apply_push(cloud: &Cloud, body: &[u8]) -> Result<Duration, Box<Response>> {
         return Err(Box::new(http_error()));
     };
     let mut applied = 0usize;
-    for table in PUSH_ORDER {
+    for table in push_order() {
         let Some(changes) = tables.get(table) else {
             continue;
         };
