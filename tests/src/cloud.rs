@@ -3,7 +3,8 @@
 //! `last_modified`, last writer wins on a strictly newer `updated_at` (stale rows dropped
 //! silently), whole-row replacement, soft deletes, ISO timestamps and midnights in the
 //! server's time zone on pulls, decimals as text, hub keys scoped to `clinic_ids`, the
-//! inventory trigger on a first `dispensing_records` insert, required columns checked
+//! inventory trigger on a first `dispensing_records` insert, user columns checked
+//! against the cloud's users, required columns checked
 //! row by row with a 500 that keeps the rows before, and 60 requests a minute per client
 //! address with `429` and `retry-after`. Faults (an outage, a 500 part way, 429 storms)
 //! are switched on by the test.
@@ -769,6 +770,22 @@ impl Cloud {
                 }
             }
             _ => {}
+        }
+        // User columns must name users of the cloud (a hub cannot push users).
+        for column in [
+            "provider_id",
+            "last_modified_by",
+            "recorded_by_user_id",
+            "dispensed_by",
+        ] {
+            if let Some(user) = row.get(column).and_then(Value::as_str)
+                && !state
+                    .tables
+                    .get("users")
+                    .is_some_and(|t| t.contains_key(user))
+            {
+                return false;
+            }
         }
         let mut fields = self.to_cloud_form(table, row);
         fields.insert("id".into(), json!(id));

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 const CLINIC: &str = "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d4e";
 const OTHER_CLINIC: &str = "0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d99";
+const USER: &str = "0192f0c4-6a1e-7cc3-9d0e-0000000000a1";
 
 struct Hub {
     http: reqwest::Client,
@@ -168,9 +169,13 @@ async fn the_inventory_trigger_counts_a_dispense_once_and_a_bad_row_fails_the_re
         json!({"id": item, "clinic_id": CLINIC, "drug_id": drug, "batch_id": batch, "quantity_available": 40}),
     );
     cloud.put("patients", patient(person, Some(CLINIC), 1_767_000_000_000));
+    cloud.put(
+        "users",
+        json!({"id": USER, "name": "Pharmacist", "role": "provider", "clinic_id": CLINIC}),
+    );
     let dispense = |id: &str, quantity: i64, updated: i64| {
         json!({"id": id, "clinic_id": CLINIC, "drug_id": drug, "batch_id": batch,
-               "patient_id": person, "quantity_dispensed": quantity, "dispensed_by": "u",
+               "patient_id": person, "quantity_dispensed": quantity, "dispensed_by": USER,
                "dispensed_at": updated, "updated_at": updated})
     };
     let d1 = "0192f0c4-6a1e-7cc3-9d0e-0000000000e1";
@@ -210,6 +215,13 @@ async fn the_inventory_trigger_counts_a_dispense_once_and_a_bad_row_fails_the_re
     );
     assert!(cloud.row("dispensing_records", ok).is_some());
     assert!(cloud.row("dispensing_records", after).is_none());
+    // A user column must name a user of the cloud.
+    let mut stranger = dispense(after, 1, 1_767_000_002_000);
+    stranger["dispensed_by"] = json!("12D3KooW-a-device");
+    let (status, _, _) = hub
+        .push(json!({"dispensing_records": {"created": [stranger], "updated": [], "deleted": []}}))
+        .await;
+    assert_eq!(status, 500);
 }
 
 #[tokio::test]

@@ -498,6 +498,13 @@ async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
     let person = patient(7);
     let patient_id = person["id"].as_str().expect("id").to_owned();
     cloud.put("patients", person);
+    // The clinic's admin in the cloud: the cloud takes dispenses only from its users, so
+    // the gateway names the admin for the mesh's dispenses made by a device.
+    cloud.put(
+        "users",
+        json!({"id": "0192f0c4-6a1e-7cc3-9d0e-0000000000a1", "name": "Admin Musa",
+               "role": "admin", "email": "musa@clinic.example", "clinic_id": CLINIC}),
+    );
 
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     let init = std::process::Command::new(medmesh_bin())
@@ -582,6 +589,23 @@ async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
         "the gateways keep pushing: ping-pong"
     );
     assert_eq!(cloud.count("dispensing_records"), 3);
+    // The mesh's dispenses name the cloud's admin, and who made them stays in metadata.
+    let from_mesh: Vec<_> = cloud
+        .rows("dispensing_records")
+        .into_iter()
+        .filter(|r| {
+            r.get("metadata")
+                .and_then(|m| m.get("medmesh_dispensed_by"))
+                .is_some_and(Value::is_string)
+        })
+        .collect();
+    assert_eq!(from_mesh.len(), 2, "{from_mesh:?}");
+    for row in &from_mesh {
+        assert_eq!(
+            row["dispensed_by"],
+            json!("0192f0c4-6a1e-7cc3-9d0e-0000000000a1")
+        );
+    }
     for api in [&api_a, &api_b] {
         let status = gateway_status(api).await;
         assert_eq!(status["stock_differences"], json!([]), "{status}");

@@ -413,6 +413,8 @@ struct PushPage {
     ids: std::collections::HashSet<DocId>,
     /// Re-push marks this page takes care of.
     cleared: Vec<String>,
+    /// The cloud's users, read when first needed.
+    users: Option<Vec<CloudUser>>,
     /// The feed position this page reaches.
     end: u64,
 }
@@ -1109,6 +1111,7 @@ impl Gateway {
             rows: Vec::new(),
             ids: std::collections::HashSet::new(),
             cleared: Vec::new(),
+            users: None,
             end: after,
         };
         let mut bytes = 0usize;
@@ -1208,9 +1211,10 @@ impl Gateway {
         let schema = self.store.schema();
         let spec = schema.collection(table);
         let mut row = rows::normalize(spec, record);
-        if table == "dispensing_records" {
-            self.to_cloud_batch(&mut row)?;
+        if page.users.is_none() {
+            page.users = Some(self.cloud_users()?);
         }
+        self.to_cloud(table, &mut row, page.users.as_deref().unwrap_or_default())?;
         if let Some(Base::Live(base)) = &base
             && rows::changed_in(&row, base).is_empty()
         {
@@ -1235,6 +1239,44 @@ impl Gateway {
         page.rows.push((table.to_owned(), id, Base::Live(row)));
         page.ids.insert(id);
         Ok(bytes)
+    }
+
+    /// A mesh row as the cloud must have it: a dispense names the cloud's batch, and
+    /// every user column names a user of the cloud.
+    fn to_cloud(&self, table: &str, row: &mut Fields, users: &[CloudUser]) -> Result<()> {
+        if table == "dispensing_records" {
+            self.to_cloud_batch(row)?;
+        }
+        cloud_user_columns(row, users);
+        Ok(())
+    }
+
+    /// The users that came from the cloud (a hub cannot push users, and the cloud
+    /// refuses a row whose user columns name anyone else).
+    fn cloud_users(&self) -> Result<Vec<CloudUser>> {
+        let prefix = format!("{BASE}users/");
+        let mut users: Vec<CloudUser> = self
+            .store
+            .local_with_prefix(&prefix)?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let Some(Base::Live(row)) = decode_base(&value) else {
+                    return None;
+                };
+                let text = |f: &str| row.get(f).and_then(Value::as_str).unwrap_or("").to_owned();
+                Some(CloudUser {
+                    id: key[prefix.len()..].to_owned(),
+                    clinic: text("clinic_id"),
+                    rank: match text("role").as_str() {
+                        "super_admin" | "admin" => 0,
+                        "provider" => 1,
+                        _ => 2,
+                    },
+                })
+            })
+            .collect();
+        users.sort_by(|a, b| (a.rank, &a.id).cmp(&(b.rank, &b.id)));
+        Ok(users)
     }
 
     /// A mesh dispense names its stock item as `batch_id`; the cloud knows the item's
@@ -1268,9 +1310,7 @@ impl Gateway {
     fn refuse(&self, table: &str, id: &DocId, message: &str) -> Result<()> {
         let view = self.store.get(table, id)?;
         let mut row = rows::normalize(self.store.schema().collection(table), &view.record);
-        if table == "dispensing_records" {
-            self.to_cloud_batch(&mut row)?;
-        }
+        self.to_cloud(table, &mut row, &self.cloud_users()?)?;
         let note = json!({
             "collection": table,
             "id": id.to_string(),
@@ -1434,6 +1474,63 @@ pub fn retire(store: &Store, device: &str) -> Result<()> {
     }
 }
 
+/// A user of the cloud, for the user columns of pushed rows.
+#[derive(Debug, Clone)]
+struct CloudUser {
+    id: String,
+    clinic: String,
+    /// 0 for admins, 1 for providers, 2 for others: the first stands in.
+    rank: u8,
+}
+
+/// Columns the cloud checks against its users.
+const USER_COLUMNS: [&str; 4] = [
+    "provider_id",
+    "last_modified_by",
+    "recorded_by_user_id",
+    "dispensed_by",
+];
+
+/// A user column naming someone the cloud does not know (a device, a name, a user made
+/// in the mesh) names a cloud user of the row's clinic instead, an admin first; the
+/// original stays in the row's metadata (`medmesh_<column>`). Rows with no cloud user to
+/// stand in are left as they are (the cloud refuses them, and the status says so).
+fn cloud_user_columns(row: &mut Fields, users: &[CloudUser]) {
+    if users.is_empty() {
+        return;
+    }
+    let clinic = ["clinic_id", "primary_clinic_id", "pickup_clinic_id"]
+        .iter()
+        .find_map(|c| row.get(*c).and_then(Value::as_str))
+        .unwrap_or("")
+        .to_owned();
+    for column in USER_COLUMNS {
+        let Some(named) = row.get(column).and_then(Value::as_str).map(str::to_owned) else {
+            continue;
+        };
+        if users.iter().any(|u| u.id == named) {
+            continue;
+        }
+        let Some(stand_in) = users
+            .iter()
+            .find(|u| u.clinic == clinic)
+            .or_else(|| users.first())
+        else {
+            continue;
+        };
+        row.insert(column.into(), Value::from(stand_in.id.clone()));
+        let metadata = row
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if metadata.is_null() {
+            *metadata = Value::Object(Map::new());
+        }
+        if let Some(map) = metadata.as_object_mut() {
+            map.insert(format!("medmesh_{column}"), Value::from(named));
+        }
+    }
+}
+
 fn push_into(body: &mut Map<String, Value>, table: &str, kind: &str, value: Value) {
     let entry = body
         .entry(table.to_owned())
@@ -1524,6 +1621,41 @@ mod tests {
             Some(row(json!({"phone": "2"})))
         );
         assert_eq!(Gateway::cloud_changes(None, &older, &mesh), None);
+    }
+
+    #[test]
+    fn user_columns_name_a_cloud_user_of_the_clinic() {
+        let users = vec![
+            CloudUser {
+                id: "admin-a".into(),
+                clinic: "clinic-a".into(),
+                rank: 0,
+            },
+            CloudUser {
+                id: "nurse-b".into(),
+                clinic: "clinic-b".into(),
+                rank: 1,
+            },
+        ];
+        let mut row = row(
+            json!({"clinic_id": "clinic-b", "dispensed_by": "12D3KooWdevice",
+                                 "recorded_by_user_id": "admin-a"}),
+        );
+        cloud_user_columns(&mut row, &users);
+        assert_eq!(row["dispensed_by"], json!("nurse-b"));
+        assert_eq!(row["recorded_by_user_id"], json!("admin-a"));
+        assert_eq!(
+            row["metadata"],
+            json!({"medmesh_dispensed_by": "12D3KooWdevice"})
+        );
+        // The same row again gives the same row: no push ping-pong.
+        let again = row.clone();
+        cloud_user_columns(&mut row, &users);
+        assert_eq!(row, again);
+        // With no cloud users, the row is left as it is.
+        let mut alone = self::row(json!({"dispensed_by": "someone"}));
+        cloud_user_columns(&mut alone, &[]);
+        assert_eq!(alone["dispensed_by"], json!("someone"));
     }
 
     #[test]
