@@ -515,7 +515,10 @@ async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
     assert!(init.status.success());
     join_mesh(&da, &db).expect("join");
     // Two laptops of one clinic share its address, and so the cloud's 60 requests a
-    // minute: rounds every 3 s each stay under it.
+    // minute: rounds every 3 s each stay under it when quiet. Busy rounds (a pull before
+    // a small push) can go over, which a gateway survives by waiting (tested with the
+    // 429 storm); this test is about stock, so the cloud allows a busy clinic more.
+    cloud.set_rate_limit(240, 60);
     let a = start_gateway_every(&da, &url, &key_file, &[], "3");
     let b = start_gateway_every(&db, &url, &key_file, std::slice::from_ref(&a.listen), "3");
     let (api_a, api_b) = (Api::new(&a.api), Api::new(&b.api));
