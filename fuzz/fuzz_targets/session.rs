@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use medmesh_protocol::DocId;
-use medmesh_protocol::membership::{Credential, MeshSecret};
+use medmesh_protocol::membership::{Credential, OwnerKey};
 use medmesh_protocol::sync::{Cursor, Input, LocalEntry, Output, Session, SessionConfig};
 use medmesh_protocol::wire::{
     DocPayload, FeedItem, FrameDecoder, Message, Summary, WantChanges, decode_body, encode,
@@ -20,7 +20,7 @@ fn session(local: &str, remote: &str, nonce: u8, cursor: Option<Cursor>) -> Sess
     Session::new(SessionConfig {
         local_peer: local.into(),
         remote_peer: remote.into(),
-        credential: Credential::SharedSecret(MeshSecret::from_bytes([7; 32])),
+        credential: Credential::issued(&OwnerKey::from_seed([7; 32]), local, 0).expect("a certificate"),
         nonce: vec![nonce; 32],
         local_epoch: format!("epoch-{local}"),
         cursor,

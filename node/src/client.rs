@@ -547,6 +547,70 @@ async fn send_import_batch(
         .collect())
 }
 
+/// `medmesh devices [list]` and `medmesh devices revoke PEER_ID [--reason TEXT]`.
+pub async fn devices(
+    api: &ApiArgs,
+    action: Option<&str>,
+    peer: Option<&str>,
+    reason: &str,
+) -> Result<()> {
+    let client = Client::new(api)?;
+    match (action.unwrap_or("list"), peer) {
+        ("list", _) => {
+            let (_, answer) = client.call(Method::GET, "/v1/devices", None).await?;
+            let devices = answer["devices"].as_array().cloned().unwrap_or_default();
+            println!(
+                "Mesh {}: {} device(s){}",
+                answer["mesh"].as_str().unwrap_or("?"),
+                devices.len(),
+                if answer["this_device_is_admin"] == json!(true) {
+                    " (this device is an admin device)"
+                } else {
+                    ""
+                }
+            );
+            for d in devices {
+                let state = match d["revoked"].as_str() {
+                    Some(why) => format!("REVOKED ({why})"),
+                    None if d["this_device"] == json!(true) => "this device".to_owned(),
+                    None if d["connected"] == json!(true) => "connected".to_owned(),
+                    None => "not connected".to_owned(),
+                };
+                println!(
+                    "{}  {:<8} {:<30} {}",
+                    d["peer_id"].as_str().unwrap_or("?"),
+                    d["kind"].as_str().unwrap_or(""),
+                    d["name"].as_str().unwrap_or(""),
+                    state
+                );
+                if let Some(at) = d["expires_at"].as_str() {
+                    println!("    certificate valid until {at}");
+                }
+            }
+            Ok(())
+        }
+        ("revoke", Some(peer)) => {
+            client
+                .call(
+                    Method::POST,
+                    &format!("/v1/devices/{}/revoke", encode(peer)),
+                    Some(&json!({ "reason": reason })),
+                )
+                .await?;
+            println!(
+                "Revoked {peer}. Every node that receives the revocation disconnects it and refuses it from then on; `medmesh devices list` shows it."
+            );
+            Ok(())
+        }
+        ("revoke", None) => {
+            bail!("give the peer id: medmesh devices revoke PEER_ID (see `medmesh devices list`)")
+        }
+        (other, _) => bail!(
+            "unknown devices action `{other}`: use `medmesh devices list` or `medmesh devices revoke PEER_ID`"
+        ),
+    }
+}
+
 /// `medmesh peers` and `medmesh peers add MULTIADDR`
 pub async fn peers(api: &ApiArgs, action: Option<&str>, addr: Option<&str>) -> Result<()> {
     let client = Client::new(api)?;

@@ -91,6 +91,37 @@ pub struct StartArgs {
     pub gateway_interval: u64,
 }
 
+/// `medmesh invite`.
+#[derive(Debug, Args)]
+pub struct InviteArgs {
+    #[command(flatten)]
+    /// Data directory.
+    pub data: DataArgs,
+    /// An address where this node can be reached, added to the invite (repeatable;
+    /// default: the addresses the running node listens on).
+    #[arg(long = "addr", value_name = "MULTIADDR")]
+    pub addrs: Vec<String>,
+    /// How long the invite may be used: 30m, 24h, 7d.
+    #[arg(long, default_value = "24h")]
+    pub expires: String,
+    /// What the device will be: tablet, gateway or admin (admin devices get the mesh's
+    /// owner key and can invite and revoke).
+    #[arg(long, default_value = "tablet")]
+    pub kind: String,
+    /// The device's name (default: the one the device gives).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A clinic the device serves (repeatable; default all).
+    #[arg(long = "clinic", value_name = "CLINIC_ID")]
+    pub clinics: Vec<String>,
+    /// The device's certificate stops being valid after this long (default: never).
+    #[arg(long, value_name = "DURATION")]
+    pub valid_for: Option<String>,
+    /// Also show the invite as a QR code in the terminal.
+    #[arg(long)]
+    pub qr: bool,
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -100,18 +131,30 @@ pub enum Command {
         #[command(flatten)]
         /// Data directory.
         data: DataArgs,
-        /// Join the mesh of this invite (from `medmesh invite` on one of its devices).
+        /// Join the mesh of this invite (from `medmesh invite` on an admin device, which
+        /// must be running and reachable).
         #[arg(long, value_name = "INVITE")]
         join: Option<String>,
+        /// A name for this device that people recognise (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
     },
-    /// Print an invite for another device to join this node's mesh (the last line).
-    Invite {
+    /// Print an invite that admits one device to this node's mesh (the last line). Run it
+    /// on an admin device while its node is running: the new device gets its
+    /// certificate from it.
+    Invite(InviteArgs),
+    /// The mesh's devices: `devices list`, `devices revoke PEER_ID [--reason TEXT]`.
+    Devices {
         #[command(flatten)]
-        /// Data directory.
-        data: DataArgs,
-        /// An address where this node can be reached, added to the invite (repeatable).
-        #[arg(long = "addr", value_name = "MULTIADDR")]
-        addrs: Vec<String>,
+        /// Node.
+        api: ApiArgs,
+        /// `list` (default) or `revoke`.
+        action: Option<String>,
+        /// The peer id for `revoke` (see `medmesh devices list`).
+        peer: Option<String>,
+        /// Why the device is revoked (kept with the revocation).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// List the other nodes; `peers add MULTIADDR` connects to one, `peers forget
     /// PEER_ID` drops one.

@@ -23,4 +23,5 @@ pub mod mesh;
 pub mod mobile;
 pub mod pharmacy;
 pub mod server;
+pub mod trust;
 pub mod users;

@@ -48,14 +48,14 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Init { data, join } => {
-                let dir = data.dir();
-                tokio::task::spawn_blocking(move || server::init(&dir, join.as_deref()))
-                    .await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("init was interrupted: {e}")))
+            Command::Init { data, join, name } => {
+                server::init(&data.dir(), join.as_deref(), name.as_deref()).await
             }
             Command::Start(args) => server::start(args).await,
-            Command::Invite { data, addrs } => server::invite(&data.dir(), &addrs),
+            Command::Invite(args) => server::invite(&args),
+            Command::Devices { api, action, peer, reason } => {
+                client::devices(&api, action.as_deref(), peer.as_deref(), &reason).await
+            }
             Command::Peers { api, action, addr } => {
                 client::peers(&api, action.as_deref(), addr.as_deref()).await
             }

@@ -14,7 +14,9 @@ use crate::gateway;
 use crate::identity;
 use crate::mesh::{self, MeshConfig};
 use libp2p::identity::Keypair;
-use medmesh_protocol::membership::{Credential, MeshSecret};
+use medmesh_protocol::membership::{DeviceKind, EnrollAnswer, Invite, OwnerKey};
+
+use crate::trust::{self, Founding, Trust};
 
 /// The store's file inside a data directory.
 pub const STORE_FILE: &str = "medmesh.redb";
@@ -32,10 +34,28 @@ pub struct OpenedData {
     pub peer_id: String,
     /// The node's key pair.
     pub keypair: Keypair,
-    /// The mesh this node belongs to.
-    pub secret: MeshSecret,
+    /// This device's place in its mesh.
+    pub trust: Trust,
+    /// Whether this open founded a mesh or upgraded one of the old format.
+    pub founding: Founding,
     /// True when this call created the directory's store.
     pub created: bool,
+}
+
+impl OpenedData {
+    /// What the person at the device must know about how the directory was opened.
+    pub fn founding_note(&self) -> Option<String> {
+        match self.founding {
+            Founding::Member => None,
+            Founding::Founded => Some(format!(
+                "This device founded a new mesh and is its first admin device: it holds the mesh's owner key ({}). Keep a copy of that file somewhere safe; invite other devices with `medmesh invite`.",
+                self.dir.join(trust::OWNER_FILE).display()
+            )),
+            Founding::Upgraded => Some(
+                "This mesh was made by a medmesh from before device certificates. It was upgraded: every device that held the old mesh key becomes an admin device of the same mesh when it is upgraded, and devices still on the old version are refused until they are upgraded too. Invites printed before the upgrade no longer work; make new ones with `medmesh invite`. Anyone who saw an old invite could still derive the mesh's owner key: if one may have leaked, make a new mesh and move the records to it.".to_owned(),
+            ),
+        }
+    }
 }
 
 /// Opens (creating when new) the data directory: the store and the node identity.
@@ -89,23 +109,44 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
             println!("Schema: {note}");
         }
     }
-    let secret = match mesh::read_mesh_secret(dir)? {
-        Some(secret) => secret,
-        None => {
-            // A node started without an invite founds a new mesh.
-            let secret = MeshSecret::from_bytes(rand::random());
-            mesh::write_mesh_secret(dir, &secret)?;
-            secret
+    let peer_id = identity::peer_id(&keypair).to_string();
+    // A node started without an invite founds a new mesh.
+    let (trust, founding) = trust::load_or_found(dir, &peer_id)?;
+    {
+        let store = store.clone();
+        let trust = trust.clone();
+        // Best effort here: the device list is refreshed at every start.
+        if let Err(err) = trust::publish_self(&store, &trust) {
+            tracing::warn!(error = %format!("{err:#}"), "this device's certificate could not be published to the mesh's device list");
         }
-    };
+    }
     Ok(OpenedData {
         dir: dir.to_path_buf(),
         store,
-        peer_id: identity::peer_id(&keypair).to_string(),
+        peer_id,
         keypair,
-        secret,
+        trust,
+        founding,
         created,
     })
+}
+
+/// Opens a data directory's store and identity only (for a device about to join).
+pub fn open_identity(dir: &Path) -> Result<(Store, Keypair)> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}; choose another with --data",
+            dir.display()
+        )
+    })?;
+    let store = Store::open(
+        &dir.join(STORE_FILE),
+        Schema::hikma(),
+        StoreOptions::default(),
+    )
+    .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+    let keypair = identity::load_or_create(&store)?;
+    Ok((store, keypair))
 }
 
 /// [`open_data`] on a blocking thread, for async callers.
@@ -166,12 +207,16 @@ pub async fn start(args: StartArgs) -> Result<()> {
         peers: parse_addrs(&args.peer, "--peer")?,
         mdns: !args.no_mdns,
         mdns_interfaces: args.mdns_interfaces.clone(),
+        data_dir: Some(opened.dir.clone()),
     };
     let mesh_shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(note) = opened.founding_note() {
+        println!("{note}");
+    }
     let (mesh, mesh_task) = mesh::start(
         opened.store.clone(),
         opened.keypair.clone(),
-        Credential::SharedSecret(opened.secret.clone()),
+        opened.trust.clone(),
         mesh_config,
         mesh_shutdown.clone(),
     )
@@ -336,71 +381,213 @@ fn parse_addrs(addrs: &[String], flag: &str) -> Result<Vec<libp2p::Multiaddr>> {
         .collect()
 }
 
-/// `medmesh init`: creates the identity and store, in a new mesh or the invite's;
-/// says what to do next.
-pub fn init(dir: &Path, join: Option<&str>) -> Result<()> {
-    if let Some(invite) = join {
-        let (secret, addrs) = MeshSecret::from_invite(invite)?;
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
-        match mesh::read_mesh_secret(dir)? {
-            Some(existing) if existing != secret => bail!(
+/// `medmesh init`: creates the identity and store, in a new mesh or, with an invite,
+/// admitted by the admin device that made it; says what to do next.
+pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<()> {
+    let dir = dir.to_path_buf();
+    let Some(text) = join else {
+        let opened = open_data_async(dir, None).await?;
+        if opened.created {
+            println!("Created a new medmesh node in {}", opened.dir.display());
+        } else {
+            println!(
+                "{} already holds a medmesh node; nothing changed.",
+                opened.dir.display()
+            );
+        }
+        if let Some(note) = opened.founding_note() {
+            println!("{note}");
+        }
+        println!("Mesh:    {}", opened.trust.root.fingerprint());
+        println!("Node id: {}", opened.peer_id);
+        println!(
+            "Start it with: medmesh start --data {}",
+            opened.dir.display()
+        );
+        return Ok(());
+    };
+    let invite = Invite::from_text(text)?;
+    let root = invite.root()?;
+    if invite.expires_at <= chrono::Utc::now().timestamp_millis() {
+        bail!("this invite has expired; ask an admin of the mesh for a new one");
+    }
+    if let Some(existing) = trust::read_root(&dir)? {
+        if existing != root {
+            bail!(
                 "{} already belongs to mesh {}; to join mesh {} use a new --data directory",
                 dir.display(),
                 existing.fingerprint(),
-                secret.fingerprint()
-            ),
-            Some(_) => {}
-            None => mesh::write_mesh_secret(dir, &secret)?,
+                root.fingerprint()
+            );
         }
-        let opened = open_data(dir, None)?;
+        if dir.join(trust::CERT_FILE).exists() {
+            println!(
+                "{} already belongs to mesh {}; nothing changed.",
+                dir.display(),
+                root.fingerprint()
+            );
+            return Ok(());
+        }
+    }
+    if dir.join(trust::LEGACY_SECRET_FILE).exists() {
+        bail!(
+            "{} holds a node of another mesh (made before device certificates); join with a new --data directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    std::fs::write(dir.join(trust::JOINING_FILE), invite.inviter.as_bytes())
+        .with_context(|| format!("cannot write in the data directory {}", dir.display()))?;
+    let open_dir = dir.clone();
+    let (store, keypair) = tokio::task::spawn_blocking(move || open_identity(&open_dir))
+        .await
+        .context("opening the data directory was interrupted")??;
+    let peer_id = identity::peer_id(&keypair).to_string();
+    let asked = name
+        .map(str::to_owned)
+        .unwrap_or_else(|| trust::default_name(&peer_id));
+    println!("Asking the device that made the invite to admit this one...");
+    let answer = mesh::enroll::join(keypair, &invite, &asked).await?;
+    let (cert, owner) = match answer {
+        EnrollAnswer::Admitted { cert, owner_key } => (cert, owner_key),
+        EnrollAnswer::Refused { reason } => bail!("not admitted: {reason}"),
+    };
+    let device = root
+        .check_cert(
+            &cert,
+            &peer_id,
+            chrono::Utc::now().timestamp_millis(),
+            |_| false,
+        )
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "the inviting device answered with a certificate that is not valid: {err}"
+            )
+        })?;
+    let owner = match owner {
+        Some(seed) => {
+            let seed: [u8; 32] = seed
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("the inviting device sent a damaged owner key"))?;
+            let owner = OwnerKey::from_seed(seed);
+            if owner.root() != root {
+                bail!("the inviting device sent the owner key of another mesh");
+            }
+            Some(owner)
+        }
+        None => None,
+    };
+    trust::write_membership(&dir, &root, &cert, owner.as_ref())?;
+    let addrs = invite.addrs.clone();
+    let pin_store = store.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
         for addr in &addrs {
-            opened
-                .store
+            pin_store
                 .update_peer_blocking(
                     &format!("addr:{addr}"),
                     medmesh_storage::PeerUpdate::Pin { addr: addr.clone() },
                 )
                 .context("cannot remember the invite's addresses")?;
         }
-        println!("Joined mesh {} in {}", secret.fingerprint(), dir.display());
-        println!("Node id: {}", opened.peer_id);
-        println!("Start it with: medmesh start --data {}", dir.display());
-        return Ok(());
-    }
-    let opened = open_data(dir, None)?;
-    if opened.created {
-        println!("Created a new medmesh node in {}", opened.dir.display());
-    } else {
-        println!(
-            "{} already holds a medmesh node; nothing changed.",
-            opened.dir.display()
-        );
-    }
-    println!("Mesh:    {}", opened.secret.fingerprint());
-    println!("Node id: {}", opened.peer_id);
+        Ok(())
+    })
+    .await
+    .context("init was interrupted")??;
+    drop(store);
     println!(
-        "Start it with: medmesh start --data {}",
-        opened.dir.display()
+        "Joined mesh {} in {} as {} \"{}\"",
+        root.fingerprint(),
+        dir.display(),
+        device.kind.as_str(),
+        device.name
     );
+    println!("Node id: {peer_id}");
+    println!("Start it with: medmesh start --data {}", dir.display());
     Ok(())
 }
 
-/// `medmesh invite`: prints an invite to this node's mesh, as the last line.
-pub fn invite(dir: &Path, addrs: &[String]) -> Result<()> {
-    let secret = mesh::read_mesh_secret(dir)?.with_context(|| {
-        format!(
+/// The file where a running node keeps the addresses it listens on (for `medmesh invite`).
+pub const LISTEN_FILE: &str = "listen.addrs";
+
+/// `medmesh invite`: makes an invite that admits one device, printed as the last line.
+pub fn invite(args: &crate::config::InviteArgs) -> Result<()> {
+    let dir = args.data.dir();
+    if trust::read_root(&dir)?.is_none() {
+        bail!(
             "{} holds no medmesh node yet; create one with `medmesh init --data {}`",
             dir.display(),
             dir.display()
-        )
-    })?;
+        );
+    }
+    let me = trust::load(&dir, None)?;
+    if me.owner.is_none() {
+        bail!(
+            "this device is not an admin device of its mesh, so it cannot admit others; make the invite on an admin device"
+        );
+    }
+    let kind: DeviceKind = args.kind.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let options = trust::InviteOptions {
+        valid_for: trust::parse_duration(&args.expires)?,
+        kind,
+        name: args.name.clone(),
+        clinics: args.clinics.clone(),
+        cert_valid_for: args
+            .valid_for
+            .as_deref()
+            .map(trust::parse_duration)
+            .transpose()?,
+    };
+    let mut addrs = args.addrs.clone();
+    let listening = std::fs::read_to_string(dir.join(LISTEN_FILE)).unwrap_or_default();
+    let mut lan = Vec::new();
+    let mut loopback = Vec::new();
+    for line in listening.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("/ip4/127.") || line.starts_with("/ip6/::1/") {
+            loopback.push(line.to_owned());
+        } else {
+            lan.push(line.to_owned());
+        }
+    }
+    for addr in lan.into_iter().chain(loopback) {
+        if !addrs.contains(&addr) && addrs.len() < 8 {
+            addrs.push(addr);
+        }
+    }
+    if addrs.is_empty() {
+        bail!(
+            "the node of {} is not running (it has no listening address on record): start it with `medmesh start --data {}` and make the invite again; the new device gets its certificate from it",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let invite = trust::make_invite(&dir, &me, &me.device.peer_id, addrs, &options)?;
+    let text = invite.to_text();
+    let expires = chrono::DateTime::from_timestamp_millis(invite.expires_at)
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_default();
     println!(
-        "Invite to mesh {}. On the other device run:",
-        secret.fingerprint()
+        "Invite to mesh {} for one {} device, valid until {expires}.",
+        me.root.fingerprint(),
+        kind.as_str()
     );
+    println!("On the new device run (this node must be running and reachable from it):");
     println!("  medmesh init --data DIR --join INVITE");
-    println!("Keep it private: anyone with it can join the mesh and read its records.");
-    println!("{}", secret.invite(addrs));
+    println!(
+        "It admits one device only; anyone holding it before then can use it, so keep it private."
+    );
+    if args.qr {
+        match qrcode::QrCode::new(text.as_bytes()) {
+            Ok(code) => println!(
+                "{}",
+                code.render::<qrcode::render::unicode::Dense1x2>()
+                    .quiet_zone(true)
+                    .build()
+            ),
+            Err(err) => println!("(the invite is too long for a QR code: {err})"),
+        }
+    }
+    println!("{text}");
     Ok(())
 }

@@ -371,6 +371,31 @@ impl Schema {
                 true,
             ),
         );
+        collections.insert(
+            DEVICES_COLLECTION.to_owned(),
+            CollectionSpec::with_common_fields(
+                DEVICES_COLLECTION,
+                vec![
+                    FieldSpec::new("peer_id", FieldType::String, true, None),
+                    FieldSpec::new("name", FieldType::String, false, None),
+                    FieldSpec::new("kind", FieldType::String, false, None),
+                    FieldSpec::new("certificate", FieldType::String, true, None),
+                ],
+                true,
+            ),
+        );
+        collections.insert(
+            REVOCATIONS_COLLECTION.to_owned(),
+            CollectionSpec::with_common_fields(
+                REVOCATIONS_COLLECTION,
+                vec![
+                    FieldSpec::new("peer_id", FieldType::String, true, None),
+                    FieldSpec::new("reason", FieldType::String, false, None),
+                    FieldSpec::new("revocation", FieldType::String, true, None),
+                ],
+                true,
+            ),
+        );
         Schema { collections }
     }
 
@@ -758,6 +783,13 @@ fn is_decimal_text(s: &str) -> bool {
 /// while it runs, so that one of them (the lowest peer id) brings the cloud's stock
 /// movements into the mesh.
 pub const GATEWAYS_COLLECTION: &str = "_gateways";
+
+/// The mesh's devices: one record per device, holding its certificate (signed by the
+/// mesh's owner key, so a record any member altered does not verify).
+pub const DEVICES_COLLECTION: &str = "_devices";
+
+/// Revocations of devices, each signed by the mesh's owner key.
+pub const REVOCATIONS_COLLECTION: &str = "_revocations";
 
 mod hikma;
 mod mesh;

@@ -44,7 +44,7 @@ use std::collections::{HashMap, VecDeque};
 use serde_bytes::ByteBuf;
 
 use crate::DocId;
-use crate::membership::Credential;
+use crate::membership::{Credential, DeviceCert, SignedCert};
 use crate::wire::{DocPayload, FeedItem, Hello, Message, Proof, Summary, WantChanges};
 
 use entropy::Entropy;
@@ -52,7 +52,7 @@ use puller::{Page, PartialDoc};
 
 /// The sync protocol version. Version 2 added anti-entropy summaries, the `diverged`
 /// answer with its Bloom-filter follow-up, and the senders' heads on documents.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Feed entries per page.
 pub const PAGE: usize = 512;
 /// Pages a feeder sends ahead of the acknowledgements.
@@ -257,6 +257,8 @@ pub enum Output {
     Established {
         /// The peer's feed epoch.
         remote_epoch: String,
+        /// The peer's certificate, checked.
+        device: Box<DeviceCert>,
     },
     /// The session is over; close the stream.
     Close {
@@ -300,7 +302,7 @@ pub struct RoundReport {
 #[derive(Debug)]
 enum Phase {
     AwaitHello,
-    AwaitProof { remote_nonce: Vec<u8> },
+    AwaitProof,
     Open,
     Closed,
 }
@@ -438,7 +440,7 @@ impl Session {
     pub fn waiting_for(&self) -> String {
         match (&self.phase, self.pages.front()) {
             (Phase::AwaitHello, _) => "the peer's hello".into(),
-            (Phase::AwaitProof { .. }, _) => "the peer's proof of membership".into(),
+            (Phase::AwaitProof, _) => "the peer's proof of membership".into(),
             (Phase::Closed, _) => "nothing (closed)".into(),
             (Phase::Open, None) => "new changes".into(),
             (Phase::Open, Some(page)) => page.waiting_for(),
@@ -568,7 +570,7 @@ impl Session {
                 Ok(())
             }
             (Phase::AwaitHello, Message::Hello(hello)) => self.on_hello(hello, out),
-            (Phase::AwaitProof { .. }, Message::Proof(proof)) => self.on_proof(proof, out),
+            (Phase::AwaitProof, Message::Proof(proof)) => self.on_proof(proof, out),
             (Phase::Open, Message::Subscribe { epoch, since }) => {
                 self.on_subscribe(epoch, since, out);
                 Ok(())
@@ -661,7 +663,7 @@ impl Session {
                 message_name(&message),
                 match phase {
                     Phase::AwaitHello => "waiting for its hello",
-                    Phase::AwaitProof { .. } => "waiting for its proof of membership",
+                    Phase::AwaitProof => "waiting for its proof of membership",
                     Phase::Open => "open",
                     Phase::Closed => "closed",
                 }
@@ -687,44 +689,35 @@ impl Session {
         if hello.feed_epoch.len() > 64 {
             return Err("sent a malformed feed epoch".into());
         }
-        let mac = match &self.config.credential {
-            Credential::SharedSecret(secret) => secret.prove(
-                &self.config.local_peer,
-                &self.config.remote_peer,
-                &hello.nonce,
-                &self.config.nonce,
-            ),
-        };
         self.remote_epoch = hello.feed_epoch;
-        self.phase = Phase::AwaitProof {
-            remote_nonce: hello.nonce.into_vec(),
-        };
-        out.push(Output::Send(Message::Proof(Proof::SharedSecret {
-            mac: ByteBuf::from(mac),
+        self.phase = Phase::AwaitProof;
+        out.push(Output::Send(Message::Proof(Proof::Certificate {
+            cert: ByteBuf::from(self.config.credential.cert.to_bytes()),
         })));
         Ok(())
     }
 
     fn on_proof(&mut self, proof: Proof, out: &mut Vec<Output>) -> Result<(), String> {
-        let Phase::AwaitProof { remote_nonce } = &self.phase else {
+        let Phase::AwaitProof = &self.phase else {
             return Err("sent a proof out of turn".into());
         };
-        let valid = match (&self.config.credential, &proof) {
-            (Credential::SharedSecret(secret), Proof::SharedSecret { mac }) => secret.verify(
-                &self.config.remote_peer,
-                &self.config.local_peer,
-                &self.config.nonce,
-                remote_nonce,
-                mac,
-            ),
-        };
-        if !valid {
-            return Err("could not prove it belongs to this mesh".into());
-        }
+        let Proof::Certificate { cert } = proof;
+        let credential = &self.config.credential;
+        let device = SignedCert::from_bytes(&cert)
+            .and_then(|cert| {
+                credential.root.check_cert(
+                    &cert,
+                    &self.config.remote_peer,
+                    i64::try_from(self.clock).unwrap_or(i64::MAX),
+                    |peer| credential.revoked.contains(peer),
+                )
+            })
+            .map_err(|err| format!("could not prove it belongs to this mesh: {err}"))?;
         self.phase = Phase::Open;
         self.opened_ms = self.clock;
         out.push(Output::Established {
             remote_epoch: self.remote_epoch.clone(),
+            device: Box::new(device),
         });
         let since = match &self.config.cursor {
             Some(cursor) if cursor.epoch == self.remote_epoch => cursor.seq,

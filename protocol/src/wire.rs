@@ -39,14 +39,15 @@ pub struct Hello {
     pub feed_epoch: String,
 }
 
-/// Proof of membership, answering the other side's challenge.
+/// Proof of membership (see [`crate::membership`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Proof {
-    /// HMAC with the shared mesh secret (see [`crate::membership`]).
-    SharedSecret {
-        /// The MAC.
-        mac: ByteBuf,
+    /// The sender's device certificate, signed by the mesh's owner key; the transport has
+    /// already proven that the sender holds the key of the peer id it names.
+    Certificate {
+        /// The encoded [`crate::membership::SignedCert`].
+        cert: ByteBuf,
     },
 }
 
@@ -575,8 +576,8 @@ mod tests {
                 nonce: ByteBuf::from(vec![1; 32]),
                 feed_epoch: "e".into(),
             }),
-            Message::Proof(Proof::SharedSecret {
-                mac: ByteBuf::from(vec![2; 32]),
+            Message::Proof(Proof::Certificate {
+                cert: ByteBuf::from(vec![2; 32]),
             }),
             Message::Refuse {
                 reason: "no".into(),

@@ -250,12 +250,13 @@ impl InProcessNode {
         let (mesh, mesh_task) = medmesh::mesh::start(
             opened.store.clone(),
             opened.keypair.clone(),
-            medmesh_protocol::membership::Credential::SharedSecret(opened.secret.clone()),
+            opened.trust.clone(),
             medmesh::mesh::MeshConfig {
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
                 peers,
                 mdns: false,
                 mdns_interfaces: Vec::new(),
+                data_dir: Some(dir.to_path_buf()),
             },
             shutdown.clone(),
         )
@@ -308,12 +309,30 @@ impl InProcessNode {
     }
 }
 
-/// Copies the mesh key of one data directory into another (the second node joins the
-/// first one's mesh, as `medmesh init --join` does).
+/// Admits the device of data directory `to` (created when new) to the mesh of `from`, an
+/// admin device's directory, as a tablet: what `medmesh init --join` gets from an invite,
+/// without the invite's round trip.
 pub fn join_mesh(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    let secret = medmesh::mesh::read_mesh_secret(from)?.context("no mesh key")?;
-    medmesh::mesh::write_mesh_secret(to, &secret)
+    let owner =
+        medmesh::trust::read_owner(from)?.context("the first directory holds no owner key")?;
+    // Its own thread: the store blocks, and tests call this from inside a runtime.
+    let dir = to.to_path_buf();
+    let keypair = std::thread::spawn(move || {
+        medmesh::server::open_identity(&dir).map(|(store, keypair)| {
+            drop(store);
+            keypair
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("opening the new device's store failed"))??;
+    let peer = medmesh::identity::peer_id(&keypair).to_string();
+    let cert = owner.issue(medmesh_protocol::membership::DeviceCert::new(
+        &peer,
+        &format!("test device {}", &peer[peer.len() - 4..]),
+        medmesh_protocol::membership::DeviceKind::Tablet,
+        chrono::Utc::now().timestamp_millis(),
+    ))?;
+    medmesh::trust::write_membership(to, &owner.root(), &cert, None)
 }
 
 #[derive(libp2p::swarm::NetworkBehaviour)]

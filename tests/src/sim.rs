@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use automerge::{ChangeHash, ReadDoc};
-use medmesh_protocol::membership::{Credential, MeshSecret};
+use medmesh_protocol::membership::{Credential, OwnerKey};
 use medmesh_protocol::record::Fields;
 use medmesh_protocol::sync::{Cursor, Input, Output, RoundReport, Session, SessionConfig};
 use medmesh_protocol::wire::{self, FrameDecoder, Message, Summary};
@@ -107,7 +107,7 @@ pub struct Sim {
     pub peers: Vec<SimPeer>,
     /// The connections.
     pub links: Vec<Link>,
-    secret: MeshSecret,
+    owner: OwnerKey,
     /// Simulated time, ms.
     pub now: u64,
     /// Every acknowledged write.
@@ -186,7 +186,7 @@ impl Sim {
             rng,
             peers,
             links,
-            secret: MeshSecret::from_bytes([9; 32]),
+            owner: OwnerKey::from_seed([9; 32]),
             now: 1_000_000,
             acknowledged: Vec::new(),
             records: Vec::new(),
@@ -205,11 +205,12 @@ impl Sim {
     }
 
     fn credential_for(&self, peer: usize) -> Credential {
-        if self.foreign == Some(peer) {
-            Credential::SharedSecret(MeshSecret::from_bytes([66; 32]))
+        let owner = if self.foreign == Some(peer) {
+            OwnerKey::from_seed([66; 32])
         } else {
-            Credential::SharedSecret(self.secret.clone())
-        }
+            self.owner.clone()
+        };
+        Credential::issued(&owner, &self.peers[peer].name, 0).expect("a certificate")
     }
 
     /// Declares the lab collection on one peer (schema drift: the others learn it

@@ -1,4 +1,4 @@
-//! A hostile *member*: a device that knows the mesh secret (so it passes the handshake)
+//! A hostile *member*: a device with a valid certificate of the mesh (so it passes the handshake)
 //! and then sends what no honest node would — documents nested hundreds of levels deep,
 //! damaged bytes, a record whose `id` field names another record, a change that
 //! rewrites an existing record's `id`, a document claiming a terabyte, a page larger
@@ -13,7 +13,7 @@ use automerge::{AutoCommit, Automerge, ROOT};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{Multiaddr, PeerId};
 use medmesh_protocol::DocId;
-use medmesh_protocol::membership::{Credential, MeshSecret};
+use medmesh_protocol::membership::{Credential, OwnerKey};
 use medmesh_protocol::sync::{Input, Output, Session, SessionConfig};
 use medmesh_protocol::wire::{self, DocPayload, FeedItem, FrameDecoder, Message};
 use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, open_sync_stream};
@@ -34,9 +34,9 @@ impl Drop for Member {
 }
 
 impl Member {
-    /// Dials the node and proves membership with the mesh secret, as an honest node
+    /// Dials the node and proves membership with a certificate, as an honest node
     /// would.
-    async fn join(target: &Multiaddr, peer: PeerId, secret: &MeshSecret) -> Self {
+    async fn join(target: &Multiaddr, peer: PeerId, owner: &OwnerKey) -> Self {
         let (stream, local, driver) = open_sync_stream(target, peer)
             .await
             .expect("open the sync stream");
@@ -48,7 +48,7 @@ impl Member {
         let mut session = Session::new(SessionConfig {
             local_peer: local.to_string(),
             remote_peer: peer.to_string(),
-            credential: Credential::SharedSecret(secret.clone()),
+            credential: Credential::issued(owner, &local.to_string(), 0).expect("a certificate"),
             nonce: rand::random::<[u8; 32]>().to_vec(),
             local_epoch: "hostile".into(),
             cursor: None,
@@ -257,9 +257,9 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
         .expect("init");
     assert!(out.status.success());
     join_mesh(&da, &db).expect("join");
-    let secret = medmesh::mesh::read_mesh_secret(&da)
-        .expect("read the mesh key")
-        .expect("a mesh key");
+    let owner = medmesh::trust::read_owner(&da)
+        .expect("read the owner key")
+        .expect("an owner key");
     let node = NodeProcess::start(&da).expect("the node");
     let http = reqwest::Client::new();
     let peer: PeerId = status(&http, &node).await["peer_id"]
@@ -272,7 +272,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
         .expect("listen address");
 
     // Session 1: documents an honest node never sends, among honest ones.
-    let mut member = Member::join(&target, peer, &secret).await;
+    let mut member = Member::join(&target, peer, &owner).await;
     let honest = DocId::new_v7();
     let rewritten = DocId::new_v7();
     let deep = DocId::new_v7();
@@ -395,7 +395,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
         ),
     ];
     for (what, messages) in floods {
-        let mut member = Member::join(&target, peer, &secret).await;
+        let mut member = Member::join(&target, peer, &owner).await;
         for message in &messages {
             member.send(message).await;
         }
@@ -407,7 +407,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
     }
 
     // A document claiming a terabyte, in answer to a real request.
-    let mut member = Member::join(&target, peer, &secret).await;
+    let mut member = Member::join(&target, peer, &owner).await;
     let huge = DocId::new_v7();
     member
         .send(&Message::Feed {
@@ -441,7 +441,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
     healthy(&http, &node, "a document claiming a terabyte").await;
 
     // A frame longer than any allowed, after the handshake.
-    let mut member = Member::join(&target, peer, &secret).await;
+    let mut member = Member::join(&target, peer, &owner).await;
     let mut frame = ((64u32 << 20).to_be_bytes()).to_vec();
     frame.extend_from_slice(&[1, 0]);
     frame.extend(std::iter::repeat_n(0u8, 64 * 1024));

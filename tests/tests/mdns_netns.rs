@@ -150,16 +150,9 @@ fn nodes_find_each_other_by_mdns_and_ignore_another_mesh() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let id1 = node_id(&run(&["init", "--data", &data[0]]));
-    let invite = run(&["invite", "--data", &data[0]])
-        .lines()
-        .last()
-        .expect("invite")
-        .to_owned();
-    let id2 = node_id(&run(&["init", "--data", &data[1], "--join", &invite]));
     let id3 = node_id(&run(&["init", "--data", &data[2]]));
-
-    for (ns, data) in nodes.iter().zip(&data) {
-        let child = Command::new("ip")
+    let start = |ns: &str, data: &str| {
+        Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(medmesh_bin())
             .args([
@@ -177,9 +170,24 @@ fn nodes_find_each_other_by_mdns_and_ignore_another_mesh() {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start a node in its namespace");
-        guard.children.push(child);
-    }
+            .expect("start a node in its namespace")
+    };
+    // The admin node runs; the invite names its LAN address; the new device, in its own
+    // namespace, is admitted over the LAN.
+    guard.children.push(start(&nodes[0], &data[0]));
+    wait("the first node's API", Duration::from_secs(30), || {
+        in_ns(&nodes[0], &["status", "--api", "127.0.0.1:7400"]).0
+    });
+    let invite = run(&["invite", "--data", &data[0]])
+        .lines()
+        .last()
+        .expect("invite")
+        .to_owned();
+    let (joined, out) = in_ns(&nodes[1], &["init", "--data", &data[1], "--join", &invite]);
+    assert!(joined, "joined over the LAN: {out}");
+    let id2 = node_id(&out);
+    guard.children.push(start(&nodes[1], &data[1]));
+    guard.children.push(start(&nodes[2], &data[2]));
     for ns in &nodes {
         wait("the node's API", Duration::from_secs(30), || {
             in_ns(ns, &["status", "--api", "127.0.0.1:7400"]).0

@@ -158,6 +158,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/peers", get(peers::list).post(peers::add))
         .route("/v1/peers/{peer_id}", axum::routing::delete(peers::forget))
         .route("/v1/peers/{peer_id}/verify", post(peers::verify))
+        .route("/v1/devices", get(peers::devices))
+        .route("/v1/devices/{peer_id}/revoke", post(peers::revoke))
         .route("/v1/pharmacy/restock", post(pharmacy::restock))
         .route("/v1/pharmacy/dispense", post(pharmacy::dispense))
         .route("/v1/pharmacy/count", post(pharmacy::count))

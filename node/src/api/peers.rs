@@ -92,3 +92,89 @@ pub async fn add(
         Json(json!({"addr": addr.to_string(), "status": "connecting"})),
     ))
 }
+
+/// `GET /v1/devices`: the mesh's devices (valid certificates in the replicated list) and
+/// the revoked ones, with whether each is connected now.
+pub async fn devices(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    let trust = mesh.trust().clone();
+    let store = state.store().clone();
+    let list = tokio::task::spawn_blocking(move || crate::trust::devices(&store, &trust))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "interrupted",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}")))?;
+    let connected: std::collections::HashSet<String> = mesh
+        .peers()
+        .into_iter()
+        .filter(|p| p.connected)
+        .map(|p| p.peer_id)
+        .collect();
+    let devices: Vec<Value> = list
+        .into_iter()
+        .map(|d| {
+            let mut v = json!(d);
+            v["connected"] = json!(d.this_device || connected.contains(&d.peer_id));
+            v
+        })
+        .collect();
+    Ok(Json(json!({
+        "mesh": mesh.fingerprint(),
+        "this_device_is_admin": mesh.trust().owner.is_some(),
+        "devices": devices,
+    })))
+}
+
+/// `POST /v1/devices/{peer_id}/revoke {"reason": TEXT}`: revokes a device (admin
+/// devices only). The signed revocation reaches every node like any change.
+pub async fn revoke(
+    State(state): State<AppState>,
+    Path(peer): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    let trust = mesh.trust().clone();
+    if trust.owner.is_none() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_admin_device",
+            "only an admin device of the mesh (one that holds the owner key) can revoke devices; do it on an admin device",
+        ));
+    }
+    if peer.parse::<libp2p::PeerId>().is_err() {
+        return Err(ApiError::bad_request(
+            "bad_peer",
+            format!("`{peer}` is not a peer id; `medmesh devices list` shows them"),
+        ));
+    }
+    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.to_string()))?;
+    let reason = if body.is_empty() {
+        String::new()
+    } else {
+        let value: Value = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "bad_json",
+                format!("the request body is not valid JSON: {e}"),
+            )
+        })?;
+        value["reason"].as_str().unwrap_or_default().to_owned()
+    };
+    let store = state.store().clone();
+    let target = peer.clone();
+    tokio::task::spawn_blocking(move || crate::trust::revoke(&store, &trust, &target, &reason))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "interrupted",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| ApiError::bad_request("cannot_revoke", format!("{e:#}")))?;
+    Ok(Json(json!({"peer_id": peer, "revoked": true})))
+}

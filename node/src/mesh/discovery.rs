@@ -8,12 +8,12 @@
 //! | key    | value                                            |
 //! |--------|--------------------------------------------------|
 //! | `peer` | the peer id (the same as the instance name)      |
-//! | `mesh` | the mesh fingerprint: which clinic's mesh it is  |
+//! | `mesh` | the mesh's discovery tag for this hour           |
 //! | `pv`   | the mesh protocol version, a decimal `u16`       |
 //!
 //! At the same time the node browses for that service type. A resolved instance is
 //! reported as [`DiscoveryEvent::Found`] only if it belongs to *our* mesh (its `mesh`
-//! TXT equals our fingerprint) and is not ourselves; anything else is logged at debug
+//! TXT is our mesh's tag for this hour or the hour before or after) and is not ourselves; anything else is logged at debug
 //! and ignored. A node that says goodbye, or whose records expire, is reported as
 //! [`DiscoveryEvent::Lost`] — but only if it was reported as found before.
 //!
@@ -24,7 +24,12 @@
 //!   browse thread ──▶ PeerTable (pure: filter, de-duplicate) ──try_send──▶ events
 //! ```
 //!
-//! Discovery is only a hint: the mesh fingerprint is public and mDNS is not
+//! The tag (see `MeshRoot::discovery_tag`) changes every hour and only members, who know
+//! the mesh's root, can compute it: someone on the Wi-Fi cannot tell which mesh a node
+//! belongs to, nor follow a mesh's devices by it from one hour to the next. The node
+//! restarts its advert when the hour turns.
+//!
+//! Discovery is only a hint: the tag can be replayed and mDNS is not
 //! authenticated, so whoever connects to a found peer must still verify it (libp2p
 //! Noise checks the peer id; the mesh handshake checks membership). The events channel
 //! is bounded; when it is full an event is dropped, since mDNS re-announces anyway.
@@ -92,8 +97,10 @@ pub enum DiscoveryEvent {
 pub struct DiscoveryConfig {
     /// Our libp2p peer id; also the mDNS instance name (at most 63 bytes).
     pub peer_id: String,
-    /// The mesh fingerprint; only nodes advertising the same one are reported.
+    /// The mesh tag this node advertises; nodes advertising it are reported.
     pub fingerprint: String,
+    /// Other tags of our mesh (neighbouring hours) whose nodes are reported too.
+    pub also_accept: Vec<String>,
     /// The mesh protocol version we speak, advertised as TXT `pv`.
     pub protocol_version: u16,
     /// Our libp2p TCP port, advertised in the SRV record.
@@ -130,6 +137,7 @@ impl Discovery {
         let DiscoveryConfig {
             peer_id,
             fingerprint,
+            also_accept,
             protocol_version,
             port,
             interfaces,
@@ -156,7 +164,8 @@ impl Discovery {
         };
 
         let stop = Arc::new(AtomicBool::new(false));
-        let table = PeerTable::new(peer_id.clone(), fingerprint);
+        let mut table = PeerTable::new(peer_id.clone(), fingerprint);
+        table.also_accept = also_accept;
         let browse = BrowseLoop {
             table,
             service_events,
@@ -459,6 +468,7 @@ enum Ignored {
 struct PeerTable {
     own_peer_id: String,
     fingerprint: String,
+    also_accept: Vec<String>,
     reported: HashMap<String, Reported>,
 }
 
@@ -473,6 +483,7 @@ impl PeerTable {
         PeerTable {
             own_peer_id,
             fingerprint,
+            also_accept: Vec::new(),
             reported: HashMap::new(),
         }
     }
@@ -485,7 +496,11 @@ impl PeerTable {
         if peer_id == self.own_peer_id {
             return Err(Ignored::Ourselves);
         }
-        if advert.mesh.as_deref() != Some(self.fingerprint.as_str()) {
+        let ours = advert
+            .mesh
+            .as_deref()
+            .is_some_and(|m| m == self.fingerprint || self.also_accept.iter().any(|a| a == m));
+        if !ours {
             // A node we reported may have moved to another mesh: it is lost to us.
             return match self.reported.remove(&advert.fullname) {
                 Some(gone) => Ok(DiscoveryEvent::Lost {
@@ -769,6 +784,7 @@ mod tests {
             validate(&DiscoveryConfig {
                 peer_id: peer.into(),
                 fingerprint: mesh.into(),
+                also_accept: Vec::new(),
                 protocol_version: 1,
                 port: 4001,
                 interfaces: vec![],

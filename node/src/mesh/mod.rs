@@ -14,16 +14,15 @@
 //! actor, and the shared per-peer status the API reports.
 
 pub mod discovery;
+pub mod enroll;
 mod network;
 mod session;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use libp2p::{Multiaddr, StreamProtocol};
-use medmesh_protocol::membership::MeshSecret;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,14 +32,16 @@ pub use network::{MeshConfig, start};
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/medmesh/sync/1");
 /// Commands that may wait for the network actor.
 const COMMAND_CAPACITY: usize = 64;
-/// The mesh secret's file in the data directory.
-pub const MESH_KEY_FILE: &str = "mesh.key";
 
 /// What the API shows about one peer.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PeerView {
     /// Its libp2p peer id.
     pub peer_id: String,
+    /// Its name, from its certificate.
+    pub name: Option<String>,
+    /// tablet, gateway or admin, from its certificate.
+    pub kind: Option<String>,
     /// Where it was reached or seen.
     pub addresses: Vec<String>,
     /// Connected now.
@@ -147,6 +148,9 @@ pub(crate) enum Command {
         peer: String,
         reply: oneshot::Sender<Result<bool>>,
     },
+    Revoked {
+        peer: String,
+    },
 }
 
 /// A handle to the running mesh.
@@ -155,6 +159,7 @@ pub struct Mesh {
     commands: mpsc::Sender<Command>,
     status: SharedStatus,
     fingerprint: String,
+    trust: crate::trust::Trust,
 }
 
 impl Mesh {
@@ -254,38 +259,9 @@ impl Mesh {
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
-}
 
-/// Reads the mesh secret of a data directory.
-pub fn read_mesh_secret(dir: &Path) -> Result<Option<MeshSecret>> {
-    let path = dir.join(MESH_KEY_FILE);
-    if !path.exists() {
-        return Ok(None);
+    /// This device's trust (root, certificate, owner key on admin devices).
+    pub fn trust(&self) -> &crate::trust::Trust {
+        &self.trust
     }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read the mesh key {}", path.display()))?;
-    let bytes = hex::decode(text.trim())
-        .ok()
-        .and_then(|b| <[u8; 32]>::try_from(b).ok());
-    match bytes {
-        Some(bytes) => Ok(Some(MeshSecret::from_bytes(bytes))),
-        None => Err(anyhow!(
-            "the mesh key {} is damaged; restore it from a backup or join the mesh again with an invite (in a new data directory)",
-            path.display()
-        )),
-    }
-}
-
-/// Writes the mesh secret into a data directory (readable by its owner only).
-pub fn write_mesh_secret(dir: &Path, secret: &MeshSecret) -> Result<()> {
-    let path = dir.join(MESH_KEY_FILE);
-    std::fs::write(&path, hex::encode(secret.as_bytes()))
-        .with_context(|| format!("cannot write the mesh key {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot protect the mesh key {}", path.display()))?;
-    }
-    Ok(())
 }

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::trust::Trust;
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
@@ -12,7 +13,6 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, noise, tcp, yamux};
-use medmesh_protocol::membership::Credential;
 use medmesh_protocol::record;
 use medmesh_protocol::sync::PROTOCOL_VERSION;
 use medmesh_storage::{PeerUpdate, Store};
@@ -54,12 +54,14 @@ pub struct MeshConfig {
     pub mdns: bool,
     /// Limit mDNS to these interfaces (all when empty).
     pub mdns_interfaces: Vec<String>,
+    /// The data directory, where an admin node finds the invites it redeems.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(libp2p::swarm::NetworkBehaviour)]
 #[behaviour(prelude = "libp2p::swarm::derive_prelude")]
-struct Behaviour {
-    stream: libp2p_stream::Behaviour,
+pub(super) struct Behaviour {
+    pub(super) stream: libp2p_stream::Behaviour,
 }
 
 /// A running session: its number, how to stop it and how to reach it.
@@ -113,6 +115,8 @@ struct Network {
     reopen_delay: HashMap<PeerId, Duration>,
     /// The peer reached at each pinned address.
     pinned_peer: HashMap<Multiaddr, PeerId>,
+    /// The data directory (where the listen addresses are kept for `medmesh invite`).
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn now_ms() -> i64 {
@@ -142,16 +146,25 @@ fn split_peer(addr: &Multiaddr) -> (Multiaddr, Option<PeerId>) {
     }
 }
 
-/// Starts the mesh: the swarm, discovery and the actor. Runs until `shutdown` fires.
-pub async fn start(
+/// Tells the actor of every device revoked from now on.
+async fn watch_revoked(
     store: Store,
-    keypair: Keypair,
-    credential: Credential,
-    config: MeshConfig,
+    trust: Trust,
+    commands: mpsc::Sender<Command>,
     shutdown: CancellationToken,
-) -> Result<(Mesh, tokio::task::JoinHandle<()>)> {
-    let local = keypair.public().to_peer_id();
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+) {
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(crate::trust::watch_revocations(store, trust, tx, shutdown));
+    while let Some(peer) = rx.recv().await {
+        if commands.send(Command::Revoked { peer }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The swarm of a node: TCP, noise, yamux, and streams for sync and enrollment.
+pub(super) fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -164,7 +177,30 @@ pub async fn start(
         })
         .context("cannot set up the sync protocol")?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
-        .build();
+        .build())
+}
+
+/// Starts the mesh: the swarm, discovery and the actor. Runs until `shutdown` fires.
+pub async fn start(
+    store: Store,
+    keypair: Keypair,
+    trust: Trust,
+    config: MeshConfig,
+    shutdown: CancellationToken,
+) -> Result<(Mesh, tokio::task::JoinHandle<()>)> {
+    let credential = trust.credential();
+    {
+        let store = store.clone();
+        let root = trust.root;
+        let revoked = trust.revoked.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::trust::load_revocations(&store, &root, &revoked)
+        })
+        .await
+        .context("reading the mesh's revocations was interrupted")??;
+    }
+    let local = keypair.public().to_peer_id();
+    let mut swarm = build_swarm(keypair)?;
     for addr in &config.listen {
         swarm.listen_on(addr.clone()).with_context(|| {
             format!("cannot listen on {addr}; is another node using that port? choose another with --listen")
@@ -174,8 +210,19 @@ pub async fn start(
     let incoming = control
         .accept(SYNC_PROTOCOL)
         .map_err(|_| anyhow::anyhow!("the sync protocol was registered twice"))?;
+    let enrollments = control
+        .accept(super::enroll::ENROLL_PROTOCOL)
+        .map_err(|_| anyhow::anyhow!("the enrollment protocol was registered twice"))?;
+    if let Some(dir) = config.data_dir.clone() {
+        tokio::spawn(super::enroll::serve(
+            enrollments,
+            dir,
+            trust.clone(),
+            shutdown.clone(),
+        ));
+    }
     let status: SharedStatus = Default::default();
-    let fingerprint = credential.fingerprint();
+    let root = credential.root;
     let (established_tx, established_rx) = mpsc::channel(ESTABLISHED_CAPACITY);
     let (neighbors_tx, neighbors_rx) = tokio::sync::watch::channel(Vec::new());
     let context = SessionContext {
@@ -210,13 +257,21 @@ pub async fn start(
         reopen: HashMap::new(),
         reopen_delay: HashMap::new(),
         pinned_peer: HashMap::new(),
+        data_dir: config.data_dir.clone(),
     };
     network.load_remembered(&config.peers).await?;
     let (discovery_tx, discovery_rx) = mpsc::channel(DISCOVERY_CAPACITY);
+    tokio::spawn(watch_revoked(
+        store.clone(),
+        trust.clone(),
+        commands_tx.clone(),
+        shutdown.clone(),
+    ));
     let mesh = Mesh {
         commands: commands_tx,
         status,
-        fingerprint: fingerprint.clone(),
+        fingerprint: root.fingerprint(),
+        trust,
     };
     let mdns = config.mdns;
     let interfaces = config.mdns_interfaces.clone();
@@ -240,7 +295,7 @@ pub async fn start(
                 discovery_rx,
                 mdns,
                 interfaces,
-                fingerprint,
+                root,
                 listen_port,
                 shutdown,
             )
@@ -250,6 +305,19 @@ pub async fn start(
 }
 
 impl Network {
+    /// Keeps the addresses this node listens on where `medmesh invite` finds them.
+    fn save_listen_addrs(&self) {
+        let Some(dir) = &self.data_dir else {
+            return;
+        };
+        let text: String = self.swarm.listeners().map(|a| format!("{a}\n")).collect();
+        let path = dir.join(crate::server::LISTEN_FILE);
+        let tmp = path.with_extension("tmp");
+        if let Err(err) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            tracing::warn!(error = %err, "cannot note the listening addresses for `medmesh invite`; give them with --addr");
+        }
+    }
+
     /// Loads remembered peers and the `--peer` addresses; dials them all.
     async fn load_remembered(&mut self, extra: &[Multiaddr]) -> Result<()> {
         let store = self.store.clone();
@@ -339,17 +407,32 @@ impl Network {
         mut discovery_rx: mpsc::Receiver<DiscoveryEvent>,
         mdns: bool,
         interfaces: Vec<String>,
-        fingerprint: String,
+        root: medmesh_protocol::membership::MeshRoot,
         mut listen_port: u16,
         shutdown: CancellationToken,
     ) {
         let mut discovery: Option<Discovery> = None;
+        let mut tag_period = 0;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
+            let now = u64::try_from(now_ms()).unwrap_or(0);
+            let period = now / medmesh_protocol::membership::DISCOVERY_PERIOD_MS;
+            if discovery.is_some() && period != tag_period {
+                // The hour turned: advertise the new tag.
+                if let Some(old) = discovery.take() {
+                    let _ = tokio::task::spawn_blocking(move || old.shutdown()).await;
+                }
+            }
             if mdns && discovery.is_none() && listen_port != 0 {
+                tag_period = period;
+                let step = medmesh_protocol::membership::DISCOVERY_PERIOD_MS;
                 let config = DiscoveryConfig {
                     peer_id: self.local.to_string(),
-                    fingerprint: fingerprint.clone(),
+                    fingerprint: root.discovery_tag(now),
+                    also_accept: vec![
+                        root.discovery_tag(now.saturating_sub(step)),
+                        root.discovery_tag(now.saturating_add(step)),
+                    ],
                     protocol_version: PROTOCOL_VERSION,
                     port: listen_port,
                     interfaces: interfaces.clone(),
@@ -396,6 +479,9 @@ impl Network {
             handle.cancel.cancel();
         }
         while self.tasks.join_next().await.is_some() {}
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_file(dir.join(crate::server::LISTEN_FILE));
+        }
         if let Some(discovery) = discovery {
             let _ = tokio::task::spawn_blocking(move || discovery.shutdown()).await;
         }
@@ -442,6 +528,15 @@ impl Network {
             }
             Command::Forget { peer, reply } => {
                 let _ = reply.send(self.forget(&peer).await);
+            }
+            Command::Revoked { peer } => {
+                let _ = self.forget(&peer).await;
+                update_status(&self.status, &peer, |v| {
+                    v.connected = false;
+                    v.syncing = false;
+                    v.last_error =
+                        Some("revoked by an admin of the mesh: refused from now on".into());
+                });
             }
         }
     }
@@ -531,6 +626,7 @@ impl Network {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening for other nodes");
+                self.save_listen_addrs();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -544,6 +640,16 @@ impl Network {
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr.clone(),
                 };
                 tracing::info!(peer = %peer_id, %addr, dialed, "connected");
+                if self
+                    .context
+                    .credential
+                    .revoked
+                    .contains(&peer_id.to_string())
+                {
+                    tracing::warn!(peer = %peer_id, %addr, "a revoked device connected; closing the connection");
+                    self.swarm.close_connection(connection_id);
+                    return;
+                }
                 if !self.connection_allowed(&addr) {
                     tracing::warn!(peer = %peer_id, %addr, "too many connections (from this address or in all); closing this one");
                     self.swarm.close_connection(connection_id);

@@ -370,12 +370,17 @@ impl Driver<'_> {
                     }
                     None
                 }
-                Output::Established { remote_epoch } => {
-                    tracing::info!(%remote_epoch, "sync session established: the peer proved it belongs to this mesh");
+                Output::Established {
+                    remote_epoch,
+                    device,
+                } => {
+                    tracing::info!(%remote_epoch, name = %escape(&device.name), kind = device.kind.as_str(), "sync session established: the peer's certificate is valid");
                     let _ = self.context.established.send(self.remote.to_owned()).await;
                     update_status(&self.context.status, self.remote, |v| {
                         v.syncing = true;
                         v.last_error = None;
+                        v.name = Some(device.name.clone());
+                        v.kind = Some(device.kind.as_str().to_owned());
                     });
                     None
                 }

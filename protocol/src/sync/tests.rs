@@ -1,18 +1,34 @@
 //! Tests of the parent module.
 use super::*;
-use crate::membership::MeshSecret;
+use crate::membership::{DeviceKind, OwnerKey, RevokedSet};
 use crate::wire::WantChanges;
 use proptest::prelude::*;
 
-fn session(name: &str, other: &str) -> Session {
+/// A credential of the mesh whose owner seed is `mesh`, certifying `peer`.
+pub(crate) fn credential(mesh: u8, peer: &str, expires_at: Option<i64>) -> Credential {
+    let owner = OwnerKey::from_seed([mesh; 32]);
+    let mut cert = DeviceCert::new(peer, peer, DeviceKind::Tablet, 0);
+    cert.expires_at = expires_at;
+    Credential {
+        root: owner.root(),
+        cert: owner.issue(cert).expect("issue"),
+        revoked: RevokedSet::default(),
+    }
+}
+
+fn session_with(name: &str, other: &str, credential: Credential) -> Session {
     Session::new(SessionConfig {
         local_peer: name.into(),
         remote_peer: other.into(),
-        credential: Credential::SharedSecret(MeshSecret::from_bytes([3; 32])),
+        credential,
         nonce: vec![name.len() as u8; 32],
         local_epoch: format!("{name}-epoch"),
         cursor: None,
     })
+}
+
+fn session(name: &str, other: &str) -> Session {
+    session_with(name, other, credential(3, name, None))
 }
 
 fn sent(outputs: &[Output]) -> Vec<Message> {
@@ -47,24 +63,110 @@ fn open_pair() -> (Session, Session) {
     (a, b)
 }
 
+/// Runs the handshake of `a` (which checks) against `b` (which presents), both at
+/// `now`; answers why `a` closed, if it did.
+fn handshake(mut a: Session, mut b: Session, now: u64) -> Option<String> {
+    let mut to_b = sent(&a.start());
+    let mut to_a = sent(&b.start());
+    let mut closed = None;
+    for _ in 0..4 {
+        let mut next_b = Vec::new();
+        for m in to_b.drain(..) {
+            next_b.extend(sent(&b.handle(Input::Message(m), now)));
+        }
+        let mut next_a = Vec::new();
+        for m in to_a.drain(..) {
+            for o in a.handle(Input::Message(m), now) {
+                match o {
+                    Output::Send(m) => next_a.push(m),
+                    Output::Close { reason } => closed = Some(reason),
+                    _ => {}
+                }
+            }
+        }
+        to_a = next_b;
+        to_b = next_a;
+    }
+    if closed.is_none() {
+        assert!(a.is_open(), "neither open nor closed");
+    }
+    closed
+}
+
 #[test]
-fn a_wrong_proof_is_refused() {
+fn the_handshake_admits_only_a_valid_unrevoked_certificate_of_the_peer_itself() {
+    let now = 5_000;
+    // Valid.
+    assert_eq!(handshake(session("A", "B"), session("B", "A"), now), None);
+    // Expired.
+    let reason = handshake(
+        session("A", "B"),
+        session_with("B", "A", credential(3, "B", Some(now as i64 - 1))),
+        now,
+    )
+    .expect("refused");
+    assert!(reason.contains("expired"), "{reason}");
+    // Revoked (A learned the revocation of B).
+    let checker = credential(3, "A", None);
+    checker.revoked.insert("B");
+    let reason =
+        handshake(session_with("A", "B", checker), session("B", "A"), now).expect("refused");
+    assert!(reason.contains("revoked"), "{reason}");
+    // Signed by the owner of another mesh that gives itself the same fingerprint: the
+    // Hello passes only when the fingerprints are equal, so present another root's
+    // certificate after a genuine Hello.
     let mut a = session("A", "B");
-    a.start();
     let mut b = session("B", "A");
-    let hello = sent(&b.start()).remove(0);
-    a.handle(Input::Message(hello), 0);
+    a.start();
+    a.handle(Input::Message(sent(&b.start()).remove(0)), now);
+    let foreign = credential(4, "B", None).cert;
     let out = a.handle(
-        Input::Message(Message::Proof(Proof::SharedSecret {
-            mac: ByteBuf::from(vec![0; 32]),
+        Input::Message(Message::Proof(Proof::Certificate {
+            cert: ByteBuf::from(foreign.to_bytes()),
         })),
-        0,
+        now,
     );
     assert!(a.is_closed());
     assert!(
         out.iter()
-            .any(|o| matches!(o, Output::Close { reason } if reason.contains("prove")))
+            .any(|o| matches!(o, Output::Close { reason } if reason.contains("another mesh"))),
+        "{out:?}"
     );
+    // Another mesh altogether is refused at its Hello.
+    let reason = handshake(
+        session("A", "B"),
+        session_with("B", "A", credential(4, "B", None)),
+        now,
+    )
+    .expect("refused");
+    assert!(reason.contains("another mesh"), "{reason}");
+    // The certificate of another device (C's, which is public), presented by B.
+    let reason = handshake(
+        session("A", "B"),
+        session_with("B", "A", credential(3, "C", None)),
+        now,
+    )
+    .expect("refused");
+    assert!(reason.contains("is for device C"), "{reason}");
+    // No certificate: bytes that are not one.
+    for junk in [vec![], vec![0xa0], vec![7; 300]] {
+        let mut a = session("A", "B");
+        let mut b = session("B", "A");
+        a.start();
+        a.handle(Input::Message(sent(&b.start()).remove(0)), now);
+        let out = a.handle(
+            Input::Message(Message::Proof(Proof::Certificate {
+                cert: ByteBuf::from(junk),
+            })),
+            now,
+        );
+        assert!(a.is_closed());
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Close { reason } if reason.contains("prove"))),
+            "{out:?}"
+        );
+    }
 }
 
 #[test]
@@ -141,7 +243,7 @@ fn message() -> impl Strategy<Value = Message> {
         ),
         bytes
             .clone()
-            .prop_map(|mac| Message::Proof(Proof::SharedSecret { mac })),
+            .prop_map(|mac| Message::Proof(Proof::Certificate { cert: mac })),
         ".{0,8}".prop_map(|reason| Message::Refuse { reason }),
         (".{0,8}", any::<u64>()).prop_map(|(epoch, since)| Message::Subscribe { epoch, since }),
         (

@@ -643,6 +643,59 @@ async fn main() -> Result<()> {
         "chain of 5: median {chain_median:.1} ms (max {:.1})",
         latencies[latencies.len() - 1]
     );
+    // The last node is revoked from the first: until every other node holds the signed
+    // revocation and its neighbour has cut it off.
+    let revoked_id = http
+        .get(last.url("/v1/status"))
+        .send()
+        .await?
+        .json::<Value>()
+        .await?["peer_id"]
+        .as_str()
+        .context("peer id")?
+        .to_owned();
+    let started = Instant::now();
+    let answer = http
+        .post(first.url(&format!("/v1/devices/{revoked_id}/revoke")))
+        .json(&json!({"reason": "benchmark"}))
+        .send()
+        .await?;
+    anyhow::ensure!(answer.status().is_success(), "the revocation was refused");
+    for node in &nodes[1..4] {
+        wait_until(
+            Duration::from_secs(60),
+            "the revocation on every node",
+            async || {
+                let devices: Value = match http.get(node.url("/v1/devices")).send().await {
+                    Ok(r) => r.json().await.unwrap_or(Value::Null),
+                    Err(_) => Value::Null,
+                };
+                devices["devices"].as_array().is_some_and(|d| {
+                    d.iter()
+                        .any(|d| d["peer_id"] == json!(revoked_id) && d["revoked"].is_string())
+                })
+            },
+        )
+        .await?;
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the revoked node cut off",
+        async || {
+            let peers: Value = match http.get(nodes[3].url("/v1/peers")).send().await {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            !peers["peers"].as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["peer_id"] == json!(revoked_id) && p["connected"] == json!(true))
+            })
+        },
+    )
+    .await?;
+    let revocation_ms = started.elapsed().as_secs_f64() * 1000.0;
+    out.insert("revocation_chain5_ms".into(), json!(revocation_ms));
+    println!("revocation across a chain of 5: {revocation_ms:.0} ms");
     drop(nodes);
 
     // Four nodes, all connected, each writing 1,000 records at once.
@@ -740,6 +793,12 @@ async fn main() -> Result<()> {
             figure: format!("{chain_median:.1} ms"),
             target: "≤ 300 ms".into(),
             holds: chain_median <= 300.0,
+        },
+        Target {
+            name: "a revocation reaches every node of a chain of 5, the revoked one cut off (revocation_chain5_ms)",
+            figure: format!("{revocation_ms:.0} ms"),
+            target: "≤ 5,000 ms".into(),
+            holds: revocation_ms <= 5000.0,
         },
         Target {
             name: "100 records edited on both sides apart (concurrent_100)",

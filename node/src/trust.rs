@@ -1,0 +1,741 @@
+//! This device's place in its mesh: the mesh root, the device's certificate, the owner
+//! key on admin devices, pending invites, the replicated device list and revocations.
+//!
+//! Files in the data directory (secrets readable by their owner only):
+//! - `mesh.root`: the mesh's root (public key, hex);
+//! - `device.cert`: this device's certificate (text form);
+//! - `owner.key`: the owner key's seed (hex), on admin devices only;
+//! - `invites/<token hash>`: an invite not used yet (expiry, kind, name, clinics);
+//!   redeeming renames it to `<token hash>.used`, which only one caller can do, so an
+//!   invite admits one device even when two race for it;
+//! - `mesh.key`: the shared secret of a mesh made before certificates; such a directory
+//!   is upgraded in place at its first open (see [`load_or_found`]).
+//!
+//! The files are written by the CLI (`init`, `invite`) and read by the node; the node
+//! writes only the `invites/` renames (redeeming) and its replicated records.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use chrono::Utc;
+use medmesh_protocol::membership::{
+    Credential, DeviceCert, DeviceKind, EnrollAnswer, Invite, MeshRoot, MeshSecret, OwnerKey,
+    RevokedSet, SignedCert, SignedRevocation, token_hash,
+};
+use medmesh_protocol::record::{self, Fields};
+use medmesh_protocol::schema::{DEVICES_COLLECTION, REVOCATIONS_COLLECTION};
+use medmesh_protocol::{ChangeAuthor, DocId};
+use medmesh_storage::{Query, Store, StoreError, WriteBatch, WriteKind, WriteOp};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The mesh root's file.
+pub const ROOT_FILE: &str = "mesh.root";
+/// This device's certificate's file.
+pub const CERT_FILE: &str = "device.cert";
+/// The owner key's file (admin devices).
+pub const OWNER_FILE: &str = "owner.key";
+/// The directory of pending invites.
+pub const INVITES_DIR: &str = "invites";
+/// The shared secret of a mesh made before certificates.
+pub const LEGACY_SECRET_FILE: &str = "mesh.key";
+/// Present while a device is joining a mesh (`init --join`), so that a join that did not
+/// complete is not mistaken for a new mesh at the next start.
+pub const JOINING_FILE: &str = "joining";
+
+/// This device's trust: who the mesh is, who this device is, what it may sign.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// The mesh's root.
+    pub root: MeshRoot,
+    /// This device's certificate.
+    pub cert: SignedCert,
+    /// Its content.
+    pub device: DeviceCert,
+    /// The owner key, on admin devices.
+    pub owner: Option<OwnerKey>,
+    /// Devices revoked so far (filled from the replicated revocations).
+    pub revoked: RevokedSet,
+}
+
+impl Trust {
+    /// The credential the sync sessions present and check with.
+    pub fn credential(&self) -> Credential {
+        Credential {
+            root: self.root,
+            cert: self.cert.clone(),
+            revoked: self.revoked.clone(),
+        }
+    }
+
+    /// The owner key, or an error for the person at a device that is not an admin.
+    pub fn owner(&self) -> Result<&OwnerKey> {
+        self.owner.as_ref().ok_or_else(|| {
+            anyhow!(
+                "this device is not an admin device of the mesh (it does not hold the owner key); do this on an admin device"
+            )
+        })
+    }
+}
+
+/// How [`load_or_found`] found the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Founding {
+    /// It already belonged to a mesh.
+    Member,
+    /// It founded a new mesh (this device is its first admin).
+    Founded,
+    /// It belonged to a mesh of the shared-secret format and was upgraded.
+    Upgraded,
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn write_secret_file(path: &Path, text: &str) -> Result<()> {
+    // Written beside and renamed, so a crash leaves the old file or the new one.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot protect {}", tmp.display()))?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot save {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot save {}", path.display()))
+}
+
+fn read_text(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text.trim().to_owned())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(anyhow!("cannot read {}: {err}", path.display())),
+    }
+}
+
+fn damaged(path: &Path) -> anyhow::Error {
+    anyhow!(
+        "{} is damaged; restore the data directory from a backup, or join the mesh again with a new invite in a new data directory",
+        path.display()
+    )
+}
+
+/// The mesh root of a data directory, if it belongs to a mesh.
+pub fn read_root(dir: &Path) -> Result<Option<MeshRoot>> {
+    let path = dir.join(ROOT_FILE);
+    match read_text(&path)? {
+        None => Ok(None),
+        Some(text) => hex::decode(&text)
+            .ok()
+            .and_then(|b| MeshRoot::from_bytes(&b).ok())
+            .map(Some)
+            .ok_or_else(|| damaged(&path)),
+    }
+}
+
+/// The owner key of a data directory, if this device holds it.
+pub fn read_owner(dir: &Path) -> Result<Option<OwnerKey>> {
+    let path = dir.join(OWNER_FILE);
+    match read_text(&path)? {
+        None => Ok(None),
+        Some(text) => hex::decode(&text)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(|seed| Some(OwnerKey::from_seed(seed)))
+            .ok_or_else(|| damaged(&path)),
+    }
+}
+
+fn read_legacy_secret(dir: &Path) -> Result<Option<MeshSecret>> {
+    let path = dir.join(LEGACY_SECRET_FILE);
+    match read_text(&path)? {
+        None => Ok(None),
+        Some(text) => hex::decode(&text)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .map(|b| Some(MeshSecret::from_bytes(b)))
+            .ok_or_else(|| damaged(&path)),
+    }
+}
+
+/// Writes what makes a directory a member: the root, the certificate and, for admin
+/// devices, the owner key.
+pub fn write_membership(
+    dir: &Path,
+    root: &MeshRoot,
+    cert: &SignedCert,
+    owner: Option<&OwnerKey>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    if let Some(owner) = owner {
+        write_secret_file(&dir.join(OWNER_FILE), &hex::encode(owner.seed()))?;
+    }
+    write_secret_file(&dir.join(CERT_FILE), &cert.to_text())?;
+    write_secret_file(&dir.join(ROOT_FILE), &hex::encode(root.to_bytes()))?;
+    match std::fs::remove_file(dir.join(JOINING_FILE)) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(anyhow!("cannot finish joining: {err}")),
+    }
+}
+
+/// A default name for this device.
+pub fn default_name(peer_id: &str) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty());
+    let short = &peer_id[peer_id.len().saturating_sub(6)..];
+    match host {
+        Some(host) => format!("{host} ({short})"),
+        None => format!("device {short}"),
+    }
+}
+
+/// Loads this device's trust from `dir`. A directory that belongs to no mesh founds a
+/// new one (this device its first admin); one of the shared-secret format is upgraded:
+/// its owner key is derived from the shared secret, so every device of that mesh
+/// arrives in the same mesh on its own.
+pub fn load_or_found(dir: &Path, peer_id: &str) -> Result<(Trust, Founding)> {
+    let founding = match read_root(dir)? {
+        Some(_) => Founding::Member,
+        None if dir.join(JOINING_FILE).exists() => bail!(
+            "this device was being joined to a mesh, and the join did not complete; ask an admin for a new invite and run `medmesh init --data {} --join INVITE`",
+            dir.display()
+        ),
+        None => {
+            let (owner, founding) = match read_legacy_secret(dir)? {
+                Some(secret) => (secret.owner_key(), Founding::Upgraded),
+                None => (OwnerKey::from_seed(rand::random()), Founding::Founded),
+            };
+            let cert = owner.issue(DeviceCert::new(
+                peer_id,
+                &default_name(peer_id),
+                DeviceKind::Admin,
+                now_ms(),
+            ))?;
+            write_membership(dir, &owner.root(), &cert, Some(&owner))?;
+            founding
+        }
+    };
+    Ok((load(dir, Some(peer_id))?, founding))
+}
+
+/// Loads this device's trust from a directory that belongs to a mesh; `peer_id`, when
+/// given, must be the certificate's (the node's own identity).
+pub fn load(dir: &Path, peer_id: Option<&str>) -> Result<Trust> {
+    let root = read_root(dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} belongs to no mesh yet; create one with `medmesh init --data {}` or join one with an invite",
+            dir.display(),
+            dir.display()
+        )
+    })?;
+    let cert_path = dir.join(CERT_FILE);
+    let cert = match read_text(&cert_path)? {
+        Some(text) => SignedCert::from_text(&text).map_err(|_| damaged(&cert_path))?,
+        None => bail!(
+            "this device has not been admitted to its mesh yet ({} is missing); ask an admin for a new invite and run `medmesh init --data {} --join INVITE`",
+            cert_path.display(),
+            dir.display()
+        ),
+    };
+    let device = root
+        .open_cert(&cert)
+        .map_err(|err| anyhow!("this device's certificate {}: {err}", cert_path.display()))?;
+    if let Some(peer_id) = peer_id
+        && device.peer_id != peer_id
+    {
+        bail!(
+            "this device's certificate {} is for device {}, not for this one ({peer_id}); the data directory was copied from another device: join the mesh with a new invite instead",
+            cert_path.display(),
+            device.peer_id
+        );
+    }
+    Ok(Trust {
+        root,
+        cert,
+        device,
+        owner: read_owner(dir)?,
+        revoked: RevokedSet::default(),
+    })
+}
+
+/// What an admin device keeps of an invite until it is used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingInvite {
+    expires_at: i64,
+    kind: DeviceKind,
+    name: Option<String>,
+    clinics: Vec<String>,
+}
+
+/// What `medmesh invite` asks for.
+#[derive(Debug, Clone)]
+pub struct InviteOptions {
+    /// How long it may be used.
+    pub valid_for: std::time::Duration,
+    /// What the device will be.
+    pub kind: DeviceKind,
+    /// Its name (else the one the device asks for).
+    pub name: Option<String>,
+    /// The clinics it serves.
+    pub clinics: Vec<String>,
+    /// When its certificate expires, if ever.
+    pub cert_valid_for: Option<std::time::Duration>,
+}
+
+/// Makes an invite on an admin device: keeps its token's hash in `dir/invites`.
+pub fn make_invite(
+    dir: &Path,
+    trust: &Trust,
+    inviter: &str,
+    addrs: Vec<String>,
+    options: &InviteOptions,
+) -> Result<Invite> {
+    trust.owner().context("cannot make an invite")?;
+    let token: [u8; 32] = rand::random();
+    let expires_at = now_ms().saturating_add(options.valid_for.as_millis() as i64);
+    let invites = dir.join(INVITES_DIR);
+    std::fs::create_dir_all(&invites)
+        .with_context(|| format!("cannot create {}", invites.display()))?;
+    let pending = PendingInvite {
+        expires_at,
+        kind: options.kind,
+        name: options.name.clone(),
+        clinics: options.clinics.clone(),
+    };
+    let mut text = serde_json::to_string(&pending)?;
+    if let Some(valid) = options.cert_valid_for {
+        // Kept as a field the older reader ignores.
+        let mut value: Value = serde_json::from_str(&text)?;
+        value["cert_valid_ms"] = json!(valid.as_millis() as u64);
+        text = value.to_string();
+    }
+    write_secret_file(&invites.join(token_hash(&token)), &text)?;
+    Ok(Invite {
+        root: serde_bytes::ByteBuf::from(trust.root.to_bytes().to_vec()),
+        token: serde_bytes::ByteBuf::from(token.to_vec()),
+        inviter: inviter.to_owned(),
+        addrs,
+        expires_at,
+    })
+}
+
+/// Redeems an invite's token for `peer` (the peer id the transport authenticated):
+/// answers its certificate, or why not. Only one caller can redeem a token.
+pub fn redeem(
+    dir: &Path,
+    trust: &Trust,
+    token: &[u8],
+    peer: &str,
+    asked_name: &str,
+) -> EnrollAnswer {
+    match try_redeem(dir, trust, token, peer, asked_name) {
+        Ok(answer) => answer,
+        Err(err) => {
+            tracing::warn!(peer, error = %format!("{err:#}"), "an invite could not be redeemed");
+            EnrollAnswer::Refused {
+                reason: format!("the inviting device could not admit this one: {err:#}"),
+            }
+        }
+    }
+}
+
+fn try_redeem(
+    dir: &Path,
+    trust: &Trust,
+    token: &[u8],
+    peer: &str,
+    asked_name: &str,
+) -> Result<EnrollAnswer> {
+    let refused = |reason: &str| {
+        Ok(EnrollAnswer::Refused {
+            reason: reason.to_owned(),
+        })
+    };
+    let Some(owner) = &trust.owner else {
+        return refused(
+            "the device that made this invite is no longer an admin device; ask for a new invite",
+        );
+    };
+    if token.len() != 32 {
+        return refused("this invite is damaged; ask for a new one");
+    }
+    let invites = dir.join(INVITES_DIR);
+    let hash = token_hash(token);
+    let pending_path = invites.join(&hash);
+    let used_path = invites.join(format!("{hash}.used"));
+    // The rename is the single use: of two devices racing for one invite, one rename
+    // succeeds and the other finds nothing.
+    match std::fs::rename(&pending_path, &used_path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return if used_path.exists() {
+                refused(
+                    "this invite has already been used; an invite admits one device: ask for a new one",
+                )
+            } else {
+                refused(
+                    "this invite is unknown to the device that made it (made for another mesh, or withdrawn); ask for a new one",
+                )
+            };
+        }
+        Err(err) => return Err(anyhow!("cannot mark the invite used: {err}")),
+    }
+    if let Ok(d) = std::fs::File::open(&invites) {
+        let _ = d.sync_all();
+    }
+    let text = std::fs::read_to_string(&used_path)
+        .with_context(|| format!("cannot read {}", used_path.display()))?;
+    let value: Value = serde_json::from_str(&text).context("the kept invite is damaged")?;
+    let pending: PendingInvite =
+        serde_json::from_value(value.clone()).context("the kept invite is damaged")?;
+    let now = now_ms();
+    if pending.expires_at <= now {
+        return refused("this invite has expired; ask for a new one");
+    }
+    let name = pending
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| asked_name.chars().take(80).collect());
+    let mut cert = DeviceCert::new(peer, &name, pending.kind, now);
+    cert.clinics = pending.clinics;
+    cert.expires_at = value
+        .get("cert_valid_ms")
+        .and_then(Value::as_i64)
+        .map(|ms| now.saturating_add(ms));
+    let cert = owner.issue(cert)?;
+    tracing::info!(
+        peer,
+        name,
+        kind = pending.kind.as_str(),
+        "a device joined the mesh with an invite"
+    );
+    Ok(EnrollAnswer::Admitted {
+        cert,
+        owner_key: (pending.kind == DeviceKind::Admin)
+            .then(|| serde_bytes::ByteBuf::from(owner.seed().to_vec())),
+    })
+}
+
+/// Reads a duration like `24h`, `30m`, `7d`, `90s`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| anyhow!("`{text}` is not a duration; write it like 24h, 30m, 7d or 90s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" | "" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => bail!("`{text}` is not a duration; write it like 24h, 30m, 7d or 90s"),
+    };
+    if secs == 0 {
+        bail!("a duration of zero admits nobody; write it like 24h");
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn author(peer: &str) -> ChangeAuthor {
+    ChangeAuthor {
+        device: peer.to_owned(),
+        user: None,
+    }
+}
+
+fn as_fields(value: Value) -> Fields {
+    match value {
+        Value::Object(map) => map,
+        _ => Fields::new(),
+    }
+}
+
+fn upsert(store: &Store, collection: &str, id: DocId, fields: Fields, peer: &str) -> Result<()> {
+    let kind = match store.get(collection, &id) {
+        Ok(view) => {
+            if !view.deleted && fields.iter().all(|(k, v)| view.record.get(k) == Some(v)) {
+                return Ok(());
+            }
+            WriteKind::Patch(fields)
+        }
+        Err(StoreError::NotFound { .. }) => {
+            let mut fields = fields;
+            fields.insert("id".into(), Value::from(id.to_string()));
+            WriteKind::Create(fields)
+        }
+        Err(err) => return Err(err.into()),
+    };
+    store
+        .write_blocking(WriteBatch::one(WriteOp::new(
+            collection,
+            Some(id),
+            kind,
+            author(peer),
+        )))?
+        .into_iter()
+        .next()
+        .transpose()?;
+    Ok(())
+}
+
+/// Publishes this device's certificate in the replicated device list (when it changed).
+pub fn publish_self(store: &Store, trust: &Trust) -> Result<()> {
+    let d = &trust.device;
+    let fields = as_fields(json!({
+        "peer_id": d.peer_id,
+        "name": d.name,
+        "kind": d.kind.as_str(),
+        "certificate": trust.cert.to_text(),
+    }));
+    upsert(
+        store,
+        DEVICES_COLLECTION,
+        DocId::derived("device", &[&d.peer_id]),
+        fields,
+        &d.peer_id,
+    )
+}
+
+/// Signs and writes the revocation of `peer` (admin devices). Answers the revocation.
+pub fn revoke(store: &Store, trust: &Trust, peer: &str, reason: &str) -> Result<SignedRevocation> {
+    let owner = trust.owner().context("cannot revoke a device")?;
+    if peer == trust.device.peer_id {
+        bail!("a device cannot revoke itself; revoke it from another admin device");
+    }
+    let revocation = owner.revoke(peer, reason, now_ms())?;
+    let fields = as_fields(json!({
+        "peer_id": peer,
+        "reason": reason,
+        "revocation": revocation.to_text(),
+    }));
+    upsert(
+        store,
+        REVOCATIONS_COLLECTION,
+        DocId::derived("revocation", &[peer]),
+        fields,
+        &trust.device.peer_id,
+    )?;
+    Ok(revocation)
+}
+
+/// The revoked peer id a revocation record proves, if its signature is the owner's.
+fn revoked_by_record(root: &MeshRoot, record: &Fields) -> Option<(String, String, i64)> {
+    let text = record.get("revocation")?.as_str()?;
+    let signed = SignedRevocation::from_text(text).ok()?;
+    match root.open_revocation(&signed) {
+        Ok(body) => Some((body.peer_id, body.reason, body.revoked_at)),
+        Err(err) => {
+            tracing::warn!(error = %err, "a revocation record is not signed by the mesh's owner; it is ignored");
+            None
+        }
+    }
+}
+
+/// Reads every revocation the store holds into `revoked`; answers the peers newly revoked.
+pub fn load_revocations(
+    store: &Store,
+    root: &MeshRoot,
+    revoked: &RevokedSet,
+) -> Result<Vec<String>> {
+    Ok(list_all(store, REVOCATIONS_COLLECTION)?
+        .iter()
+        .filter_map(|r| revoked_by_record(root, r))
+        .filter(|(peer, _, _)| revoked.insert(peer))
+        .map(|(peer, _, _)| peer)
+        .collect())
+}
+
+/// Every record of a (small) collection, deleted ones included.
+fn list_all(store: &Store, collection: &str) -> Result<Vec<Fields>> {
+    let mut out = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list(&Query {
+            collection: collection.to_owned(),
+            limit: 500,
+            cursor: cursor.take(),
+            include_deleted: true,
+            ..Query::default()
+        })?;
+        out.extend(page.records.into_iter().map(|v| v.record));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// One device of the mesh, as `GET /v1/devices` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its name.
+    pub name: String,
+    /// tablet, gateway or admin.
+    pub kind: String,
+    /// The clinics it serves (none: all).
+    pub clinics: Vec<String>,
+    /// When it was admitted (RFC 3339).
+    pub issued_at: String,
+    /// When its certificate expires (RFC 3339), if ever.
+    pub expires_at: Option<String>,
+    /// Revoked, and why.
+    pub revoked: Option<String>,
+    /// This device.
+    pub this_device: bool,
+}
+
+/// Every device with a valid certificate in the replicated list, and every revoked one.
+pub fn devices(store: &Store, trust: &Trust) -> Result<Vec<DeviceView>> {
+    let revocations: std::collections::HashMap<String, String> =
+        list_all(store, REVOCATIONS_COLLECTION)?
+            .iter()
+            .filter_map(|r| revoked_by_record(&trust.root, r))
+            .map(|(peer, reason, at)| {
+                let when = record::format_timestamp(at);
+                let why = if reason.is_empty() {
+                    format!("revoked {when}")
+                } else {
+                    format!("revoked {when}: {reason}")
+                };
+                (peer, why)
+            })
+            .collect();
+    let mut out = Vec::new();
+    for record in list_all(store, DEVICES_COLLECTION)? {
+        let Some(cert) = record
+            .get("certificate")
+            .and_then(Value::as_str)
+            .and_then(|t| SignedCert::from_text(t).ok())
+        else {
+            continue;
+        };
+        let Ok(d) = trust.root.open_cert(&cert) else {
+            tracing::warn!(
+                "a device record's certificate is not signed by the mesh's owner; it is not listed"
+            );
+            continue;
+        };
+        out.push(DeviceView {
+            revoked: revocations.get(&d.peer_id).cloned(),
+            this_device: d.peer_id == trust.device.peer_id,
+            peer_id: d.peer_id,
+            name: d.name,
+            kind: d.kind.as_str().to_owned(),
+            clinics: d.clinics,
+            issued_at: record::format_timestamp(d.issued_at),
+            expires_at: d.expires_at.map(record::format_timestamp),
+        });
+    }
+    for (peer, why) in &revocations {
+        if !out.iter().any(|d| &d.peer_id == peer) {
+            out.push(DeviceView {
+                peer_id: peer.clone(),
+                name: String::new(),
+                kind: String::new(),
+                clinics: Vec::new(),
+                issued_at: String::new(),
+                expires_at: None,
+                revoked: Some(why.clone()),
+                this_device: false,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name).then(a.peer_id.cmp(&b.peer_id)));
+    Ok(out)
+}
+
+/// Watches the store's feed for revocations (from any peer or this node) and sends each
+/// newly revoked peer id to `revoked_tx`, until `shutdown`, or the store or the receiver
+/// closes.
+pub async fn watch_revocations(
+    store: Store,
+    trust: Trust,
+    revoked_tx: tokio::sync::mpsc::Sender<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut feed = store.subscribe_feed();
+    let mut after = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.last_seq())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0)
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = feed.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let head = *feed.borrow_and_update();
+        while after < head {
+            let store_c = store.clone();
+            let trust_c = trust.clone();
+            let from = after;
+            let step = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<String>)> {
+                let (items, last) = store_c.feed_page(from, 1000)?;
+                let mut new = Vec::new();
+                for item in items
+                    .iter()
+                    .filter(|i| i.collection == REVOCATIONS_COLLECTION)
+                {
+                    if let Ok(view) = store_c.get(REVOCATIONS_COLLECTION, &item.id)
+                        && let Some((peer, _, _)) = revoked_by_record(&trust_c.root, &view.record)
+                        && trust_c.revoked.insert(&peer)
+                    {
+                        new.push(peer);
+                    }
+                }
+                Ok((last, new))
+            })
+            .await;
+            match step {
+                Ok(Ok((last, new))) => {
+                    for peer in new {
+                        tracing::warn!(
+                            peer,
+                            "a device was revoked: disconnecting it and refusing it from now on"
+                        );
+                        if revoked_tx.send(peer).await.is_err() {
+                            return;
+                        }
+                    }
+                    if last <= after {
+                        break;
+                    }
+                    after = last;
+                }
+                _ => {
+                    tracing::warn!(
+                        "reading the change feed for revocations failed; trying again at the next change"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The path of a data directory's pending invites.
+pub fn invites_dir(dir: &Path) -> PathBuf {
+    dir.join(INVITES_DIR)
+}
