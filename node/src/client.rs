@@ -144,6 +144,23 @@ pub async fn status(api: &ApiArgs) -> Result<()> {
     }
     if status["mesh"].is_object() {
         let mesh = &status["mesh"];
+        let device = &mesh["device"];
+        if device.is_object() {
+            println!(
+                "Device:   {} ({}{}){}",
+                device["name"].as_str().unwrap_or("?"),
+                device["kind"].as_str().unwrap_or("?"),
+                if device["admin"] == json!(true) {
+                    ", holds the owner key: can invite and revoke"
+                } else {
+                    ""
+                },
+                device["expires_at"]
+                    .as_str()
+                    .map(|at| format!("; certificate valid until {at}"))
+                    .unwrap_or_default()
+            );
+        }
         println!(
             "Mesh:     {}  {} peer(s) connected of {} known; waiting: {} in, {} out; oldest sync {}",
             mesh["fingerprint"].as_str().unwrap_or("?"),

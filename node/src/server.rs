@@ -213,6 +213,14 @@ pub async fn start(args: StartArgs) -> Result<()> {
     if let Some(note) = opened.founding_note() {
         println!("{note}");
     }
+    if let Some(at) = opened.trust.device.expires_at
+        && at <= chrono::Utc::now().timestamp_millis()
+    {
+        println!(
+            "This device's certificate expired at {}: the other devices refuse it. Ask an admin for a new invite and join again in a new data directory.",
+            medmesh_protocol::record::format_timestamp(at)
+        );
+    }
     let (mesh, mesh_task) = mesh::start(
         opened.store.clone(),
         opened.keypair.clone(),
@@ -282,6 +290,16 @@ pub async fn start(args: StartArgs) -> Result<()> {
         "  mesh:    {} (listening on {})",
         mesh.fingerprint(),
         args.listen.join(", ")
+    );
+    println!(
+        "  device:  {} ({}{})",
+        opened.trust.device.name,
+        opened.trust.device.kind.as_str(),
+        if opened.trust.owner.is_some() {
+            ", admin: `medmesh invite` admits devices"
+        } else {
+            ""
+        }
     );
     if let Some(line) = &gateway_line {
         println!("  gateway: {line}");

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use medmesh_tests::{Api, NodeProcess, eventually, join_mesh, medmesh_bin, patient};
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn medmesh(args: &[&str]) -> Output {
     Command::new(medmesh_bin())
@@ -137,14 +137,6 @@ async fn an_invite_admits_one_device_once_even_when_two_race_for_it() {
     );
 
     // The admitted tablet is listed with its name and kind, and cannot invite or revoke.
-    let (_, devices) = admin_api.get("/v1/devices").await.expect("devices");
-    let tablet = devices["devices"]
-        .as_array()
-        .expect("devices")
-        .iter()
-        .find(|d| d["name"] == json!("joiner"))
-        .cloned()
-        .unwrap_or(Value::Null);
     eventually(
         Duration::from_secs(20),
         "the tablet in the device list",
@@ -161,7 +153,6 @@ async fn an_invite_admits_one_device_once_even_when_two_race_for_it() {
     )
     .await
     .expect("listed");
-    let _ = tablet;
     let out = medmesh(&["invite", "--data", &admitted[0].0.display().to_string()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an admin device"));
@@ -174,6 +165,71 @@ async fn an_invite_admits_one_device_once_even_when_two_race_for_it() {
         .await
         .expect("revoke");
     assert_eq!(code, 403, "{answer}");
+
+    // A second admin device: it gets the owner key, its certificate expires, and it
+    // revokes the tablet from the command line.
+    let text = invite(
+        &da,
+        &[
+            "--kind",
+            "admin",
+            "--name",
+            "laptop 2",
+            "--valid-for",
+            "30d",
+        ],
+    );
+    let de = dir.path().join("e");
+    let out = join(&de, &text);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        de.join("owner.key").exists(),
+        "an admin device holds the owner key"
+    );
+    assert!(
+        !admitted[0].0.join("owner.key").exists(),
+        "a tablet does not"
+    );
+    let second = NodeProcess::start_peered(&de, std::slice::from_ref(&admin.listen), None)
+        .expect("the second admin");
+    let (_, status) = Api::new(&second.api)
+        .get("/v1/status")
+        .await
+        .expect("status");
+    assert_eq!(status["mesh"]["device"]["kind"], json!("admin"));
+    assert!(status["mesh"]["device"]["expires_at"].is_string());
+    let tablet_id = peer_id(&joined_api).await;
+    let out = medmesh(&[
+        "devices",
+        "revoke",
+        &tablet_id,
+        "--reason",
+        "lost on the road",
+        "--api",
+        &second.api,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the revocation on the first admin",
+        || async {
+            let out = medmesh(&["devices", "list", "--api", &admin.api]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines().any(|l| {
+                l.contains(&tablet_id) && l.contains("REVOKED") && l.contains("lost on the road")
+            })
+        },
+    )
+    .await
+    .expect("listed as revoked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

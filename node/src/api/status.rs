@@ -31,8 +31,16 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     let mesh = state.mesh().map(|mesh| {
         let peers = mesh.peers();
         let connected: Vec<_> = peers.iter().filter(|p| p.connected).collect();
+        let device = &mesh.trust().device;
         json!({
             "fingerprint": mesh.fingerprint(),
+            "device": {
+                "name": device.name,
+                "kind": device.kind.as_str(),
+                "admin": mesh.trust().owner.is_some(),
+                "clinics": device.clinics,
+                "expires_at": device.expires_at.map(medmesh_protocol::record::format_timestamp),
+            },
             "peers_known": peers.len(),
             "peers_connected": connected.len(),
             "pending_in": connected.iter().map(|p| p.pending_in).sum::<usize>(),

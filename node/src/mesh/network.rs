@@ -117,6 +117,8 @@ struct Network {
     pinned_peer: HashMap<Multiaddr, PeerId>,
     /// The data directory (where the listen addresses are kept for `medmesh invite`).
     data_dir: Option<std::path::PathBuf>,
+    /// Revoked devices refused so far (each is logged once).
+    refused_revoked: HashSet<PeerId>,
 }
 
 fn now_ms() -> i64 {
@@ -258,6 +260,7 @@ pub async fn start(
         reopen_delay: HashMap::new(),
         pinned_peer: HashMap::new(),
         data_dir: config.data_dir.clone(),
+        refused_revoked: HashSet::new(),
     };
     network.load_remembered(&config.peers).await?;
     let (discovery_tx, discovery_rx) = mpsc::channel(DISCOVERY_CAPACITY);
@@ -529,6 +532,11 @@ impl Network {
             Command::Forget { peer, reply } => {
                 let _ = reply.send(self.forget(&peer).await);
             }
+            Command::Revoked { peer } if peer == self.local.to_string() => {
+                tracing::error!(
+                    "this device was revoked by an admin of the mesh: the other devices refuse it from now on; ask an admin for a new invite (in a new data directory) if that was a mistake"
+                );
+            }
             Command::Revoked { peer } => {
                 let _ = self.forget(&peer).await;
                 update_status(&self.status, &peer, |v| {
@@ -646,7 +654,11 @@ impl Network {
                     .revoked
                     .contains(&peer_id.to_string())
                 {
-                    tracing::warn!(peer = %peer_id, %addr, "a revoked device connected; closing the connection");
+                    if self.refused_revoked.insert(peer_id) {
+                        tracing::warn!(peer = %peer_id, %addr, "a revoked device connected; closing the connection (and every later one)");
+                    } else {
+                        tracing::debug!(peer = %peer_id, %addr, "a revoked device connected again; closing the connection");
+                    }
                     self.swarm.close_connection(connection_id);
                     return;
                 }
