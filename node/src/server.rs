@@ -296,7 +296,7 @@ pub async fn start(args: StartArgs) -> Result<()> {
         opened.trust.device.name,
         opened.trust.device.kind.as_str(),
         if opened.trust.owner.is_some() {
-            ", admin: `medmesh invite` admits devices"
+            " device: `medmesh invite` admits others"
         } else {
             ""
         }

@@ -489,18 +489,24 @@ impl SignedRevocation {
     }
 }
 
-/// An invite: admits one device until it expires.
+/// An invite: admits one device until it expires. One-letter field names keep its text
+/// (and its QR code) short.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invite {
     /// The mesh root (32 bytes).
+    #[serde(rename = "r")]
     pub root: ByteBuf,
     /// The single-use token (32 random bytes); the inviter keeps only its hash.
+    #[serde(rename = "t")]
     pub token: ByteBuf,
     /// The inviting device's peer id (it redeems the token).
+    #[serde(rename = "i")]
     pub inviter: String,
     /// Where the inviter can be reached (libp2p addresses).
+    #[serde(rename = "a")]
     pub addrs: Vec<String>,
     /// When it stops being accepted (ms since 1970).
+    #[serde(rename = "e")]
     pub expires_at: i64,
 }
 
