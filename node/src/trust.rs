@@ -14,6 +14,7 @@
 //! The files are written by the CLI (`init`, `invite`) and read by the node; the node
 //! writes only the `invites/` renames (redeeming) and its replicated records.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -549,12 +550,31 @@ pub fn load_revocations(
     root: &MeshRoot,
     revoked: &RevokedSet,
 ) -> Result<Vec<String>> {
-    Ok(list_all(store, REVOCATIONS_COLLECTION)?
-        .iter()
-        .filter_map(|r| revoked_by_record(root, r))
-        .filter(|(peer, _, _)| revoked.insert(peer))
-        .map(|(peer, _, _)| peer)
-        .collect())
+    new_revocations(store, root, revoked, &mut HashSet::new())
+}
+
+/// The peers newly revoked by records not in `seen` (their texts, each verified once).
+fn new_revocations(
+    store: &Store,
+    root: &MeshRoot,
+    revoked: &RevokedSet,
+    seen: &mut HashSet<String>,
+) -> Result<Vec<String>> {
+    let mut new = Vec::new();
+    for record in list_all(store, REVOCATIONS_COLLECTION)? {
+        let Some(text) = record.get("revocation").and_then(Value::as_str) else {
+            continue;
+        };
+        if !seen.insert(text.to_owned()) {
+            continue;
+        }
+        if let Some((peer, _, _)) = revoked_by_record(root, &record)
+            && revoked.insert(&peer)
+        {
+            new.push(peer);
+        }
+    }
+    Ok(new)
 }
 
 /// Every record of a (small) collection, deleted ones included.
@@ -659,9 +679,13 @@ pub fn devices(store: &Store, trust: &Trust) -> Result<Vec<DeviceView>> {
     Ok(out)
 }
 
-/// Watches the store's feed for revocations (from any peer or this node) and sends each
-/// newly revoked peer id to `revoked_tx`, until `shutdown`, or the store or the receiver
-/// closes.
+/// How often, at most, the watcher looks at the revocations while changes arrive.
+const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Watches the store for revocations (from any peer or this node) and sends each newly
+/// revoked peer id to `revoked_tx`, until `shutdown`, or the store or the receiver
+/// closes. Changes come in bursts (a sync stores thousands a second), so it looks at the
+/// (small) revocations collection at most every [`REVOCATION_CHECK`], not at every change.
 pub async fn watch_revocations(
     store: Store,
     trust: Trust,
@@ -669,14 +693,7 @@ pub async fn watch_revocations(
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut feed = store.subscribe_feed();
-    let mut after = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.last_seq())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(0)
-    };
+    let mut seen = HashSet::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -686,51 +703,40 @@ pub async fn watch_revocations(
                 }
             }
         }
-        let head = *feed.borrow_and_update();
-        while after < head {
-            let store_c = store.clone();
-            let trust_c = trust.clone();
-            let from = after;
-            let step = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<String>)> {
-                let (items, last) = store_c.feed_page(from, 1000)?;
-                let mut new = Vec::new();
-                for item in items
-                    .iter()
-                    .filter(|i| i.collection == REVOCATIONS_COLLECTION)
-                {
-                    if let Ok(view) = store_c.get(REVOCATIONS_COLLECTION, &item.id)
-                        && let Some((peer, _, _)) = revoked_by_record(&trust_c.root, &view.record)
-                        && trust_c.revoked.insert(&peer)
-                    {
-                        new.push(peer);
-                    }
-                }
-                Ok((last, new))
-            })
-            .await;
-            match step {
-                Ok(Ok((last, new))) => {
-                    for peer in new {
-                        tracing::warn!(
-                            peer,
-                            "a device was revoked: disconnecting it and refusing it from now on"
-                        );
-                        if revoked_tx.send(peer).await.is_err() {
-                            return;
-                        }
-                    }
-                    if last <= after {
-                        break;
-                    }
-                    after = last;
-                }
-                _ => {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(REVOCATION_CHECK) => {}
+        }
+        feed.borrow_and_update();
+        let store_c = store.clone();
+        let root = trust.root;
+        let revoked = trust.revoked.clone();
+        let mut seen_c = std::mem::take(&mut seen);
+        let step = tokio::task::spawn_blocking(move || {
+            let new = new_revocations(&store_c, &root, &revoked, &mut seen_c);
+            (seen_c, new)
+        })
+        .await;
+        let Ok((kept, new)) = step else {
+            return;
+        };
+        seen = kept;
+        match new {
+            Ok(new) => {
+                for peer in new {
                     tracing::warn!(
-                        "reading the change feed for revocations failed; trying again at the next change"
+                        peer,
+                        "a device was revoked: disconnecting it and refusing it from now on"
                     );
-                    break;
+                    if revoked_tx.send(peer).await.is_err() {
+                        return;
+                    }
                 }
             }
+            Err(err) => tracing::warn!(
+                error = %format!("{err:#}"),
+                "reading the revocations failed; trying again at the next change"
+            ),
         }
     }
 }
