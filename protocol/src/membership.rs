@@ -46,6 +46,9 @@ const CERT_LABEL: &[u8] = b"medmesh/device-cert/1";
 const REVOCATION_LABEL: &[u8] = b"medmesh/revocation/1";
 const FINGERPRINT_LABEL: &[u8] = b"medmesh/mesh-fingerprint/2";
 const DISCOVERY_LABEL: &[u8] = b"medmesh/discovery/1";
+const PEER_SEAL_LABEL: &[u8] = b"medmesh/discovery-peer/1";
+/// Longest peer id a discovery advert seals.
+const MAX_SEALED_PEER: usize = 96;
 const LEGACY_OWNER_LABEL: &[u8] = b"medmesh/owner-from-mesh-secret/1";
 
 /// Largest encoded certificate, revocation or invite accepted (bytes before base64).
@@ -201,13 +204,65 @@ impl MeshRoot {
     /// Whether `tag` is this mesh's tag for the period of `now_ms` or a neighbouring one
     /// (clocks of tablets differ).
     pub fn recognises(&self, tag: &str, now_ms: u64) -> bool {
+        self.tag_period(tag, now_ms).is_some()
+    }
+
+    /// The period whose tag `tag` is, of those around `now_ms`.
+    pub fn tag_period(&self, tag: &str, now_ms: u64) -> Option<u64> {
         [
             now_ms.saturating_sub(DISCOVERY_PERIOD_MS),
             now_ms,
             now_ms.saturating_add(DISCOVERY_PERIOD_MS),
         ]
-        .iter()
-        .any(|t| self.discovery_tag(*t) == tag)
+        .into_iter()
+        .find(|t| self.discovery_tag(*t) == tag)
+        .map(|t| t / DISCOVERY_PERIOD_MS)
+    }
+
+    fn peer_keystream(&self, period: u64, nonce: &[u8], len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 32);
+        let mut block = 0u32;
+        while out.len() < len {
+            let mut hash = Sha256::new();
+            hash.update(PEER_SEAL_LABEL);
+            hash.update(self.0.as_bytes());
+            hash.update(period.to_be_bytes());
+            hash.update(nonce);
+            hash.update(block.to_be_bytes());
+            out.extend_from_slice(&hash.finalize());
+            block += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Seals a peer id for the discovery advert of the period of `now_ms` (hex): only
+    /// members can open it, and with a fresh `nonce` per advert two adverts, of one
+    /// device or of two, share nothing an observer could link. `None` for an id longer
+    /// than any libp2p peer id.
+    pub fn seal_peer(&self, peer_id: &str, now_ms: u64, nonce: [u8; 8]) -> Option<String> {
+        let plain = peer_id.as_bytes();
+        if plain.is_empty() || plain.len() > MAX_SEALED_PEER {
+            return None;
+        }
+        let stream = self.peer_keystream(now_ms / DISCOVERY_PERIOD_MS, &nonce, plain.len());
+        let sealed: Vec<u8> = plain.iter().zip(stream).map(|(p, k)| p ^ k).collect();
+        Some(format!("{}{}", hex::encode(nonce), hex::encode(sealed)))
+    }
+
+    /// Opens a peer id sealed by [`MeshRoot::seal_peer`] for `period` (see
+    /// [`MeshRoot::tag_period`]); `None` when it is not one.
+    pub fn open_peer(&self, sealed: &str, period: u64) -> Option<String> {
+        let bytes = hex::decode(sealed).ok()?;
+        if bytes.len() <= 8 || bytes.len() > 8 + MAX_SEALED_PEER {
+            return None;
+        }
+        let (nonce, body) = bytes.split_at(8);
+        let stream = self.peer_keystream(period, nonce, body.len());
+        let plain: Vec<u8> = body.iter().zip(stream).map(|(c, k)| c ^ k).collect();
+        String::from_utf8(plain)
+            .ok()
+            .filter(|p| p.chars().all(|c| c.is_ascii_alphanumeric()))
     }
 
     fn verify(

@@ -193,6 +193,13 @@ fn nodes_find_each_other_by_mdns_and_ignore_another_mesh() {
             in_ns(ns, &["status", "--api", "127.0.0.1:7400"]).0
         });
     }
+    // The invite left node 1's address with node 2; forget it, so that only mDNS can
+    // bring them together again.
+    let (forgot, out) = in_ns(
+        &nodes[1],
+        &["peers", "forget", &id1, "--api", "127.0.0.1:7400"],
+    );
+    assert!(forgot, "forget the invite's address: {out}");
     let (ok, _) = in_ns(
         &nodes[0],
         &[

@@ -1,13 +1,13 @@
 //! LAN discovery over mDNS (DNS-SD), with the `mdns-sd` crate.
 //!
 //! Every node advertises one service instance of type [`SERVICE_TYPE`]
-//! (`_medmesh._udp.local.`). The instance name is the node's libp2p peer id, the port
-//! is its libp2p TCP port, the addresses follow the interfaces (`enable_addr_auto`),
-//! and the TXT record carries three keys:
+//! (`_medmesh._udp.local.`). The instance and host names are random, new with every
+//! advert (at least hourly); the port is its libp2p TCP port; the addresses follow the
+//! interfaces (`enable_addr_auto`); and the TXT record carries three keys:
 //!
 //! | key    | value                                            |
 //! |--------|--------------------------------------------------|
-//! | `peer` | the peer id (the same as the instance name)      |
+//! | `peer` | the peer id, sealed for this hour (members only) |
 //! | `mesh` | the mesh's discovery tag for this hour           |
 //! | `pv`   | the mesh protocol version, a decimal `u16`       |
 //!
@@ -92,11 +92,21 @@ pub enum DiscoveryEvent {
     },
 }
 
+/// Reads the peer id out of another node's `peer` TXT value, given its `mesh` TXT value
+/// (the node's tag tells which hour's key sealed it); `None` when it is not one of ours.
+pub type Reveal = Arc<dyn Fn(&str, &str) -> Option<String> + Send + Sync>;
+
 /// How this node advertises itself and which nodes it reports.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DiscoveryConfig {
-    /// Our libp2p peer id; also the mDNS instance name (at most 63 bytes).
+    /// Our libp2p peer id (never advertised in the clear).
     pub peer_id: String,
+    /// The mDNS instance name (and host name): random, a new one with every advert.
+    pub instance: String,
+    /// Our `peer` TXT value: the peer id sealed for this hour (see `MeshRoot::seal_peer`).
+    pub sealed_peer: String,
+    /// Opens the `peer` TXT values of other nodes.
+    pub reveal: Reveal,
     /// The mesh tag this node advertises; nodes advertising it are reported.
     pub fingerprint: String,
     /// Other tags of our mesh (neighbouring hours) whose nodes are reported too.
@@ -136,6 +146,9 @@ impl Discovery {
         validate(&config)?;
         let DiscoveryConfig {
             peer_id,
+            instance,
+            sealed_peer,
+            reveal,
             fingerprint,
             also_accept,
             protocol_version,
@@ -149,7 +162,8 @@ impl Discovery {
         )?;
         let started = Self::advertise_and_browse(
             &daemon,
-            &peer_id,
+            &instance,
+            &sealed_peer,
             &fingerprint,
             protocol_version,
             port,
@@ -166,6 +180,7 @@ impl Discovery {
         let stop = Arc::new(AtomicBool::new(false));
         let mut table = PeerTable::new(peer_id.clone(), fingerprint);
         table.also_accept = also_accept;
+        table.reveal = reveal;
         let browse = BrowseLoop {
             table,
             service_events,
@@ -208,7 +223,8 @@ impl Discovery {
     /// the daemon's event receivers.
     fn advertise_and_browse(
         daemon: &ServiceDaemon,
-        peer_id: &str,
+        instance: &str,
+        sealed_peer: &str,
         fingerprint: &str,
         protocol_version: u16,
         port: u16,
@@ -232,21 +248,19 @@ impl Discovery {
 
         let pv = protocol_version.to_string();
         let txt = [
-            (TXT_PEER, peer_id),
+            (TXT_PEER, sealed_peer),
             (TXT_MESH, fingerprint),
             (TXT_PROTOCOL_VERSION, pv.as_str()),
         ];
         let mut info = ServiceInfo::new(
             SERVICE_TYPE,
-            peer_id,
-            &hostname_for(peer_id),
+            instance,
+            &hostname_for(instance),
             (),
             port,
             &txt[..],
         )
-        .with_context(|| {
-            format!("could not build the mDNS advert for peer {peer_id}; check the peer id")
-        })?
+        .with_context(|| format!("could not build the mDNS advert {instance}"))?
         .enable_addr_auto();
         if !interfaces.is_empty() {
             info.set_interfaces(interfaces.iter().map(IfKind::from).collect());
@@ -340,18 +354,21 @@ fn stop_daemon(daemon: &ServiceDaemon, peer_id: &str) {
 
 /// Checks what goes on the wire before handing it to the daemon.
 fn validate(config: &DiscoveryConfig) -> anyhow::Result<()> {
-    let peer = &config.peer_id;
+    let peer = &config.instance;
     if peer.is_empty() || peer.len() > MAX_LABEL_LEN {
         bail!(
-            "peer id {peer:?} cannot be an mDNS instance name: it must be 1 to \
-             {MAX_LABEL_LEN} bytes; check the node identity"
+            "{peer:?} cannot be an mDNS instance name: it must be 1 to \
+             {MAX_LABEL_LEN} bytes"
         );
     }
     if peer.contains(['.', '\\']) || peer.chars().any(char::is_control) {
         bail!(
-            "peer id {peer:?} cannot be an mDNS instance name: it contains '.', '\\' or a \
-             control character; check the node identity"
+            "{peer:?} cannot be an mDNS instance name: it contains '.', '\\' or a \
+             control character"
         );
+    }
+    if TXT_PEER.len() + 1 + config.sealed_peer.len() > usize::from(u8::MAX) {
+        bail!("the sealed peer id is too long for an mDNS TXT record");
     }
     // Each TXT string is one length byte plus `key=value`.
     if TXT_MESH.len() + 1 + config.fingerprint.len() > usize::from(u8::MAX) {
@@ -464,11 +481,11 @@ enum Ignored {
 
 /// The peers of our mesh reported so far, keyed by lowercased instance full name.
 /// Pure logic: decides which daemon events become [`DiscoveryEvent`]s.
-#[derive(Debug)]
 struct PeerTable {
     own_peer_id: String,
     fingerprint: String,
     also_accept: Vec<String>,
+    reveal: Reveal,
     reported: HashMap<String, Reported>,
 }
 
@@ -484,23 +501,34 @@ impl PeerTable {
             own_peer_id,
             fingerprint,
             also_accept: Vec::new(),
+            reveal: Arc::new(|_, peer| Some(peer.to_owned())),
             reported: HashMap::new(),
         }
     }
 
     /// A service was resolved (or resolved again).
     fn resolved(&mut self, advert: Advert) -> Result<DiscoveryEvent, Ignored> {
-        let Some(peer_id) = advert.peer_id else {
+        let Some(sealed) = advert.peer_id else {
             return Err(Ignored::NoPeerTxt);
         };
-        if peer_id == self.own_peer_id {
-            return Err(Ignored::Ourselves);
-        }
         let ours = advert
             .mesh
             .as_deref()
             .is_some_and(|m| m == self.fingerprint || self.also_accept.iter().any(|a| a == m));
-        if !ours {
+        let peer_id = if ours {
+            advert
+                .mesh
+                .as_deref()
+                .and_then(|m| (self.reveal)(m, &sealed))
+        } else {
+            None
+        };
+        if let Some(peer_id) = &peer_id
+            && *peer_id == self.own_peer_id
+        {
+            return Err(Ignored::Ourselves);
+        }
+        let Some(peer_id) = peer_id else {
             // A node we reported may have moved to another mesh: it is lost to us.
             return match self.reported.remove(&advert.fullname) {
                 Some(gone) => Ok(DiscoveryEvent::Lost {
@@ -508,7 +536,7 @@ impl PeerTable {
                 }),
                 None => Err(Ignored::OtherMesh),
             };
-        }
+        };
         if advert.addrs.is_empty() {
             return Err(Ignored::NoAddresses);
         }
@@ -534,6 +562,11 @@ impl PeerTable {
     /// A service said goodbye or expired.
     fn removed(&mut self, fullname: &str) -> Result<DiscoveryEvent, Ignored> {
         match self.reported.remove(&fullname.to_ascii_lowercase()) {
+            // A node renames its advert every hour: it is lost only when no advert of
+            // it is left.
+            Some(gone) if self.reported.values().any(|r| r.peer_id == gone.peer_id) => {
+                Err(Ignored::Unchanged)
+            }
             Some(gone) => Ok(DiscoveryEvent::Lost {
                 peer_id: gone.peer_id,
             }),
@@ -779,10 +812,35 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_peer_id_is_revealed_only_with_our_tag() {
+        let mut t = table();
+        t.reveal = Arc::new(|tag, sealed| (tag == "meshA").then(|| sealed.replace("sealed-", "")));
+        let found = t.resolved(advert(Some("sealed-peerB"), Some("meshA"), &["10.0.0.2:1"]));
+        assert!(
+            matches!(found, Ok(DiscoveryEvent::Found { ref peer_id, .. }) if peer_id == "peerB"),
+            "{found:?}"
+        );
+        // Our own advert, seen sealed, is recognised once opened.
+        let own = t.resolved(advert(
+            Some(&format!("sealed-{ME}")),
+            Some("meshA"),
+            &["10.0.0.3:1"],
+        ));
+        assert_eq!(own, Err(Ignored::Ourselves));
+        // An advert whose peer does not open is another mesh's.
+        t.reveal = Arc::new(|_, _| None);
+        let other = t.resolved(advert(Some("x"), Some("meshA"), &["10.0.0.4:1"]));
+        assert_eq!(other, Err(Ignored::OtherMesh));
+    }
+
+    #[test]
     fn config_is_checked_before_it_goes_on_the_wire() {
         let check = |peer: &str, mesh: &str| {
             validate(&DiscoveryConfig {
                 peer_id: peer.into(),
+                instance: peer.into(),
+                sealed_peer: "00".repeat(60),
+                reveal: Arc::new(|_, p| Some(p.to_owned())),
                 fingerprint: mesh.into(),
                 also_accept: Vec::new(),
                 protocol_version: 1,

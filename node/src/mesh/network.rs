@@ -429,8 +429,20 @@ impl Network {
             if mdns && discovery.is_none() && listen_port != 0 {
                 tag_period = period;
                 let step = medmesh_protocol::membership::DISCOVERY_PERIOD_MS;
+                let reveal_root = root;
                 let config = DiscoveryConfig {
                     peer_id: self.local.to_string(),
+                    instance: hex::encode(rand::random::<[u8; 8]>()),
+                    sealed_peer: root
+                        .seal_peer(&self.local.to_string(), now, rand::random())
+                        .unwrap_or_default(),
+                    reveal: std::sync::Arc::new(move |tag, sealed| {
+                        let now = u64::try_from(now_ms()).unwrap_or(0);
+                        let period = reveal_root.tag_period(tag, now)?;
+                        reveal_root
+                            .open_peer(sealed, period)
+                            .filter(|p| p.parse::<PeerId>().is_ok())
+                    }),
                     fingerprint: root.discovery_tag(now),
                     also_accept: vec![
                         root.discovery_tag(now.saturating_sub(step)),

@@ -147,6 +147,33 @@ fn discovery_tags_change_every_period_and_only_members_recognise_them() {
 }
 
 #[test]
+fn a_sealed_peer_id_opens_only_for_members_and_adverts_share_nothing() {
+    let root = key(1).root();
+    let now = 1_780_000_000_000u64;
+    let peer = "12D3KooWQYhTNQdmr3ArTeUHRYzFg94BKyTkoWBDWez9kSCVe2Xo";
+    let a = root.seal_peer(peer, now, [1; 8]).expect("seal");
+    let b = root.seal_peer(peer, now, [2; 8]).expect("seal");
+    assert!(!a.contains(peer) && a != b, "fresh per advert");
+    let period = root
+        .tag_period(&root.discovery_tag(now), now)
+        .expect("our tag");
+    assert_eq!(root.open_peer(&a, period).as_deref(), Some(peer));
+    assert_eq!(root.open_peer(&b, period).as_deref(), Some(peer));
+    assert_eq!(key(2).root().open_peer(&a, period), None, "another mesh");
+    assert_eq!(root.open_peer("zz", period), None);
+    assert_eq!(root.open_peer(&a[..10], period), None);
+    // Two devices' sealed ids XORed give nothing stable: their nonces differ.
+    let other = "12D3KooWRuHvS6Fh2hU5nHd3fWm7uxJ9Gz9rP1ByqUoZJ1ywX8kv";
+    let c = root
+        .seal_peer(other, now + DISCOVERY_PERIOD_MS, [3; 8])
+        .expect("seal");
+    let d = root
+        .seal_peer(other, now + DISCOVERY_PERIOD_MS, [4; 8])
+        .expect("seal");
+    assert_ne!(c[16..], d[16..]);
+}
+
+#[test]
 fn an_upgraded_mesh_derives_the_same_owner_on_every_device() {
     let a = MeshSecret::from_bytes([5; 32]).owner_key();
     let b = MeshSecret::from_bytes([5; 32]).owner_key();
