@@ -274,6 +274,41 @@ struct PendingInvite {
     kind: DeviceKind,
     name: Option<String>,
     clinics: Vec<String>,
+    /// How long the certificate it gives is valid, if not for ever.
+    #[serde(default)]
+    cert_valid_ms: Option<u64>,
+}
+
+/// Used invites are kept this long (a late attempt is told "already used"), expired
+/// ones this long after they expired (told "expired"); then they are removed.
+const KEEP_USED: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+const KEEP_EXPIRED_MS: i64 = 7 * 86_400 * 1000;
+
+/// Removes invites used or expired long ago.
+fn prune_invites(invites: &Path, now: i64) {
+    let Ok(entries) = std::fs::read_dir(invites) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = if name.ends_with(".used") {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > KEEP_USED)
+        } else {
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<PendingInvite>(&text).ok())
+                .is_some_and(|p| p.expires_at.saturating_add(KEEP_EXPIRED_MS) < now)
+        };
+        if stale {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// What `medmesh invite` asks for.
@@ -305,20 +340,18 @@ pub fn make_invite(
     let invites = dir.join(INVITES_DIR);
     std::fs::create_dir_all(&invites)
         .with_context(|| format!("cannot create {}", invites.display()))?;
+    prune_invites(&invites, now_ms());
     let pending = PendingInvite {
         expires_at,
         kind: options.kind,
         name: options.name.clone(),
         clinics: options.clinics.clone(),
+        cert_valid_ms: options.cert_valid_for.map(|d| d.as_millis() as u64),
     };
-    let mut text = serde_json::to_string(&pending)?;
-    if let Some(valid) = options.cert_valid_for {
-        // Kept as a field the older reader ignores.
-        let mut value: Value = serde_json::from_str(&text)?;
-        value["cert_valid_ms"] = json!(valid.as_millis() as u64);
-        text = value.to_string();
-    }
-    write_secret_file(&invites.join(token_hash(&token)), &text)?;
+    write_secret_file(
+        &invites.join(token_hash(&token)),
+        &serde_json::to_string(&pending)?,
+    )?;
     Ok(Invite {
         root: serde_bytes::ByteBuf::from(trust.root.to_bytes().to_vec()),
         token: serde_bytes::ByteBuf::from(token.to_vec()),
@@ -394,9 +427,8 @@ fn try_redeem(
     }
     let text = std::fs::read_to_string(&used_path)
         .with_context(|| format!("cannot read {}", used_path.display()))?;
-    let value: Value = serde_json::from_str(&text).context("the kept invite is damaged")?;
     let pending: PendingInvite =
-        serde_json::from_value(value.clone()).context("the kept invite is damaged")?;
+        serde_json::from_str(&text).context("the kept invite is damaged")?;
     let now = now_ms();
     if pending.expires_at <= now {
         return refused("this invite has expired; ask for a new one");
@@ -408,10 +440,9 @@ fn try_redeem(
         .unwrap_or_else(|| asked_name.chars().take(80).collect());
     let mut cert = DeviceCert::new(peer, &name, pending.kind, now);
     cert.clinics = pending.clinics;
-    cert.expires_at = value
-        .get("cert_valid_ms")
-        .and_then(Value::as_i64)
-        .map(|ms| now.saturating_add(ms));
+    cert.expires_at = pending
+        .cert_valid_ms
+        .map(|ms| now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX)));
     let cert = owner.issue(cert)?;
     tracing::info!(
         peer,
@@ -744,4 +775,140 @@ pub async fn watch_revocations(
 /// The path of a data directory's pending invites.
 pub fn invites_dir(dir: &Path) -> PathBuf {
     dir.join(INVITES_DIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(dir: &Path) -> Trust {
+        let (trust, founding) = load_or_found(dir, "12D3KooWAdmin").expect("found");
+        assert_eq!(founding, Founding::Founded);
+        trust
+    }
+
+    fn options(valid_for: std::time::Duration) -> InviteOptions {
+        InviteOptions {
+            valid_for,
+            kind: DeviceKind::Tablet,
+            name: None,
+            clinics: vec!["clinic-1".into()],
+            cert_valid_for: Some(std::time::Duration::from_secs(3600)),
+        }
+    }
+
+    #[test]
+    fn an_invite_is_redeemed_once_and_its_certificate_checks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trust = admin(dir.path());
+        let invite = make_invite(
+            dir.path(),
+            &trust,
+            "12D3KooWAdmin",
+            vec![],
+            &options(std::time::Duration::from_secs(60)),
+        )
+        .expect("invite");
+        let EnrollAnswer::Admitted { cert, owner_key } =
+            redeem(dir.path(), &trust, &invite.token, "12D3KooWTablet", "tab")
+        else {
+            panic!("the first use is admitted");
+        };
+        assert!(owner_key.is_none(), "a tablet gets no owner key");
+        let body = trust
+            .root
+            .check_cert(&cert, "12D3KooWTablet", now_ms(), |_| false)
+            .expect("valid");
+        assert_eq!(body.name, "tab");
+        assert_eq!(body.clinics, vec!["clinic-1".to_owned()]);
+        assert!(body.expires_at.is_some());
+        let again = redeem(dir.path(), &trust, &invite.token, "12D3KooWOther", "x");
+        assert!(
+            matches!(&again, EnrollAnswer::Refused { reason } if reason.contains("already been used")),
+            "{again:?}"
+        );
+        let unknown = redeem(dir.path(), &trust, &[9; 32], "12D3KooWOther", "x");
+        assert!(
+            matches!(&unknown, EnrollAnswer::Refused { reason } if reason.contains("unknown")),
+            "{unknown:?}"
+        );
+    }
+
+    #[test]
+    fn expired_invites_are_refused_and_pruned_later() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trust = admin(dir.path());
+        let invite = make_invite(
+            dir.path(),
+            &trust,
+            "12D3KooWAdmin",
+            vec![],
+            &options(std::time::Duration::from_millis(1)),
+        )
+        .expect("invite");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let answer = redeem(dir.path(), &trust, &invite.token, "12D3KooWTablet", "t");
+        assert!(
+            matches!(&answer, EnrollAnswer::Refused { reason } if reason.contains("expired")),
+            "{answer:?}"
+        );
+        let pending = make_invite(
+            dir.path(),
+            &trust,
+            "12D3KooWAdmin",
+            vec![],
+            &options(std::time::Duration::from_secs(60)),
+        )
+        .expect("invite");
+        let invites = invites_dir(dir.path());
+        prune_invites(&invites, now_ms() + KEEP_EXPIRED_MS * 2 + 60_000);
+        assert!(
+            !invites.join(pending.token_hash()).exists(),
+            "expired long ago: removed"
+        );
+        assert!(
+            invites
+                .join(format!("{}.used", invite.token_hash()))
+                .exists(),
+            "a used invite stays a month"
+        );
+    }
+
+    #[test]
+    fn a_non_admin_device_cannot_invite_or_revoke() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut trust = admin(dir.path());
+        trust.owner = None;
+        let err = make_invite(
+            dir.path(),
+            &trust,
+            "12D3KooWAdmin",
+            vec![],
+            &options(std::time::Duration::from_secs(60)),
+        )
+        .expect_err("refused");
+        assert!(format!("{err:#}").contains("not an admin device"));
+        let store = Store::memory(medmesh_protocol::Schema::hikma()).expect("store");
+        let err = revoke(&store, &trust, "12D3KooWOther", "x").expect_err("refused");
+        assert!(format!("{err:#}").contains("not an admin device"));
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(
+            parse_duration("24h").expect("h"),
+            std::time::Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            parse_duration("30m").expect("m"),
+            std::time::Duration::from_secs(1800)
+        );
+        assert_eq!(
+            parse_duration("7d").expect("d"),
+            std::time::Duration::from_secs(604_800)
+        );
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
 }
