@@ -238,7 +238,24 @@ async fn an_expired_invite_admits_nobody() {
     let da = dir.path().join("admin");
     init(&da);
     let _admin = NodeProcess::start(&da).expect("admin node");
-    let text = invite(&da, &["--expires", "1s"]);
+    // The invite as a QR code in the terminal, the invite itself still the last line.
+    let out = medmesh(&[
+        "invite",
+        "--data",
+        &da.display().to_string(),
+        "--expires",
+        "1s",
+        "--qr",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(shown.contains('█') && shown.contains('▀'), "{shown}");
+    let text = shown.lines().last().expect("the invite").trim().to_owned();
+    assert!(text.starts_with("medmesh-invite-2:"), "{text}");
     std::thread::sleep(Duration::from_millis(1500));
     let out = join(&dir.path().join("late"), &text);
     assert!(!out.status.success());
