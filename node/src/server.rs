@@ -58,15 +58,34 @@ impl OpenedData {
     }
 }
 
-/// Opens (creating when new) the data directory: the store and the node identity.
-/// `extra_schema` is a schema file to use and keep for later starts.
-pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> {
+/// Creates the data directory when new, and makes it readable by its owner only: it holds
+/// patient records and the device's keys.
+pub fn create_data_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| {
         format!(
             "cannot create the data directory {}; choose another with --data",
             dir.display()
         )
     })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(
+            || {
+                format!(
+                    "cannot make the data directory {} private to its owner; check who owns it",
+                    dir.display()
+                )
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Opens (creating when new) the data directory: the store and the node identity.
+/// `extra_schema` is a schema file to use and keep for later starts.
+pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> {
+    create_data_dir(dir)?;
     // Extra collections are mesh state: a schema file given now (or kept by an older
     // medmesh in the data directory) is declared into the mesh's schema document once
     // the store is open, and reaches every node from there.
@@ -133,12 +152,7 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
 
 /// Opens a data directory's store and identity only (for a device about to join).
 pub fn open_identity(dir: &Path) -> Result<(Store, Keypair)> {
-    std::fs::create_dir_all(dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}; choose another with --data",
-            dir.display()
-        )
-    })?;
+    create_data_dir(dir)?;
     let store = Store::open(
         &dir.join(STORE_FILE),
         Schema::hikma(),
@@ -453,8 +467,7 @@ pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<
             dir.display()
         );
     }
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    create_data_dir(&dir)?;
     std::fs::write(dir.join(trust::JOINING_FILE), invite.inviter.as_bytes())
         .with_context(|| format!("cannot write in the data directory {}", dir.display()))?;
     let open_dir = dir.clone();

@@ -171,8 +171,7 @@ pub fn write_membership(
     cert: &SignedCert,
     owner: Option<&OwnerKey>,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    crate::server::create_data_dir(dir)?;
     if let Some(owner) = owner {
         write_secret_file(&dir.join(OWNER_FILE), &hex::encode(owner.seed()))?;
     }

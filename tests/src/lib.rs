@@ -82,6 +82,31 @@ impl NodeProcess {
         listen: Option<String>,
         extra: &[&str],
     ) -> Result<Self> {
+        // A free port found here can be taken by another test's node before this one
+        // binds it: such a node exits at once, and a second try takes other ports.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(bin, data, peers, listen.clone(), extra) {
+                Err(err)
+                    if tries < 3
+                        && listen.is_none()
+                        && format!("{err:#}").contains("exited before it was ready") =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(
+        bin: &Path,
+        data: &Path,
+        peers: &[String],
+        listen: Option<String>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let api = format!("127.0.0.1:{}", free_port());
         let listen = listen.unwrap_or_else(|| format!("/ip4/127.0.0.1/tcp/{}", free_port()));
         let mut command = Command::new(bin);

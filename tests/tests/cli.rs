@@ -152,6 +152,21 @@ fn init_then_start_keep_the_same_identity() {
         let (ok, out, _) = medmesh(&node.api, &["status"]);
         assert!(ok && out.contains(&peer), "{out}");
     }
+    // The records and the device's keys are readable by the directory's owner only.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&data)
+            .expect("data dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "data directory mode {mode:o}");
+        let mode = std::fs::metadata(data.join("owner.key"))
+            .expect("owner key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "owner key mode {mode:o}");
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Enrollment: a joining device presents an invite's token to the admin device that made
 //! it, over the mesh's encrypted transport (`/medmesh/enroll/1`), and gets its
 //! certificate. One request and one answer, each a length-prefixed CBOR message of
-//! bounded size; the inviter answers one joining device at a time.
+//! bounded size; the inviter answers a few joining devices at a time (single use is kept
+//! by the redeeming itself, see `trust::redeem`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +26,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Largest enrollment message.
 const MAX_MESSAGE: usize = 2 * MAX_ENCODED;
+/// Joining devices answered at once; more are told to retry.
+const AT_ONCE: usize = 8;
 
 async fn write_message(stream: &mut libp2p::Stream, bytes: &[u8]) -> Result<()> {
     let len = u32::try_from(bytes.len()).context("message too large")?;
@@ -46,13 +49,15 @@ async fn read_message(stream: &mut libp2p::Stream) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Answers joining devices, one at a time, until the streams end.
+/// Answers joining devices, each on its own task (libp2p drops a stream that is not
+/// taken at once) and at most [`AT_ONCE`] at a time, until the streams end.
 pub(super) async fn serve(
     mut incoming: libp2p_stream::IncomingStreams,
     dir: PathBuf,
     trust: Trust,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(AT_ONCE));
     loop {
         let next = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -61,36 +66,57 @@ pub(super) async fn serve(
         let Some((peer, mut stream)) = next else {
             return;
         };
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, read_message(&mut stream)).await {
-            Ok(Ok(bytes)) => match decode_enroll::<EnrollRequest>(&bytes) {
-                Ok(request) => {
-                    let dir = dir.clone();
-                    let trust = trust.clone();
-                    let peer = peer.to_string();
-                    tokio::task::spawn_blocking(move || {
-                        trust::redeem(&dir, &trust, &request.token, &peer, &request.name)
-                    })
-                    .await
-                    .unwrap_or_else(|_| EnrollAnswer::Refused {
-                        reason: "the inviting device was interrupted; try again".into(),
-                    })
-                }
-                Err(err) => EnrollAnswer::Refused {
-                    reason: format!("the request was not understood: {err}"),
-                },
-            },
-            Ok(Err(err)) => {
-                tracing::debug!(%peer, error = %err, "an enrollment request could not be read");
-                continue;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "an enrollment request did not arrive in time");
-                continue;
-            }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many joining devices at once; this one is told to retry");
+            tokio::spawn(async move {
+                let busy = EnrollAnswer::Refused {
+                    reason:
+                        "the inviting device is busy admitting other devices; try again in a moment"
+                            .into(),
+                };
+                let _ = write_message(&mut stream, &encode_enroll(&busy)).await;
+                let _ = stream.close().await;
+            });
+            continue;
         };
-        let _ = write_message(&mut stream, &encode_enroll(&answer)).await;
-        let _ = stream.close().await;
+        let dir = dir.clone();
+        let trust = trust.clone();
+        tokio::spawn(async move {
+            answer(peer, stream, dir, trust).await;
+            drop(slot);
+        });
     }
+}
+
+/// Reads one joining device's request and answers it.
+async fn answer(peer: PeerId, mut stream: libp2p::Stream, dir: PathBuf, trust: Trust) {
+    let answer = match tokio::time::timeout(REQUEST_TIMEOUT, read_message(&mut stream)).await {
+        Ok(Ok(bytes)) => match decode_enroll::<EnrollRequest>(&bytes) {
+            Ok(request) => {
+                let peer = peer.to_string();
+                tokio::task::spawn_blocking(move || {
+                    trust::redeem(&dir, &trust, &request.token, &peer, &request.name)
+                })
+                .await
+                .unwrap_or_else(|_| EnrollAnswer::Refused {
+                    reason: "the inviting device was interrupted; try again".into(),
+                })
+            }
+            Err(err) => EnrollAnswer::Refused {
+                reason: format!("the request was not understood: {err}"),
+            },
+        },
+        Ok(Err(err)) => {
+            tracing::debug!(%peer, error = %err, "an enrollment request could not be read");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "an enrollment request did not arrive in time");
+            return;
+        }
+    };
+    let _ = write_message(&mut stream, &encode_enroll(&answer)).await;
+    let _ = stream.close().await;
 }
 
 /// Presents `invite` to the device that made it, as `keypair`'s device asking for the
