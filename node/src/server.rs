@@ -131,13 +131,9 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     let peer_id = identity::peer_id(&keypair).to_string();
     // A node started without an invite founds a new mesh.
     let (trust, founding) = trust::load_or_found(dir, &peer_id)?;
-    {
-        let store = store.clone();
-        let trust = trust.clone();
-        // Best effort here: the device list is refreshed at every start.
-        if let Err(err) = trust::publish_self(&store, &trust) {
-            tracing::warn!(error = %format!("{err:#}"), "this device's certificate could not be published to the mesh's device list");
-        }
+    // Best effort here: the device list is refreshed at every start.
+    if let Err(err) = trust::publish_self(&store, &trust) {
+        tracing::warn!(error = %format!("{err:#}"), "this device's certificate could not be published to the mesh's device list");
     }
     Ok(OpenedData {
         dir: dir.to_path_buf(),
@@ -553,11 +549,7 @@ pub fn invite(args: &crate::config::InviteArgs) -> Result<()> {
         );
     }
     let me = trust::load(&dir, None)?;
-    if me.owner.is_none() {
-        bail!(
-            "this device is not an admin device of its mesh, so it cannot admit others; make the invite on an admin device"
-        );
-    }
+    me.owner().context("this device cannot admit others")?;
     let kind: DeviceKind = args.kind.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let options = trust::InviteOptions {
         valid_for: trust::parse_duration(&args.expires)?,

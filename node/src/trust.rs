@@ -276,6 +276,9 @@ struct PendingInvite {
     /// How long the certificate it gives is valid, if not for ever.
     #[serde(default)]
     cert_valid_ms: Option<u64>,
+    /// The device that used it.
+    #[serde(default)]
+    used_by: Option<String>,
 }
 
 /// Used invites are kept this long (a late attempt is told "already used"), expired
@@ -336,7 +339,7 @@ pub fn make_invite(
     trust.owner().context("cannot make an invite")?;
     let token: [u8; 32] = rand::random();
     let expires_at = now_ms().saturating_add(options.valid_for.as_millis() as i64);
-    let invites = dir.join(INVITES_DIR);
+    let invites = invites_dir(dir);
     std::fs::create_dir_all(&invites)
         .with_context(|| format!("cannot create {}", invites.display()))?;
     prune_invites(&invites, now_ms());
@@ -346,6 +349,7 @@ pub fn make_invite(
         name: options.name.clone(),
         clinics: options.clinics.clone(),
         cert_valid_ms: options.cert_valid_for.map(|d| d.as_millis() as u64),
+        used_by: None,
     };
     write_secret_file(
         &invites.join(token_hash(&token)),
@@ -400,34 +404,46 @@ fn try_redeem(
     if token.len() != 32 {
         return refused("this invite is damaged; ask for a new one");
     }
-    let invites = dir.join(INVITES_DIR);
+    let invites = invites_dir(dir);
     let hash = token_hash(token);
     let pending_path = invites.join(&hash);
     let used_path = invites.join(format!("{hash}.used"));
+    let read_used = || -> Result<PendingInvite> {
+        let text = std::fs::read_to_string(&used_path)
+            .with_context(|| format!("cannot read {}", used_path.display()))?;
+        serde_json::from_str(&text).context("the kept invite is damaged")
+    };
     // The rename is the single use: of two devices racing for one invite, one rename
-    // succeeds and the other finds nothing.
-    match std::fs::rename(&pending_path, &used_path) {
-        Ok(()) => {}
+    // succeeds and the other finds nothing. The winner is noted in the used invite, so
+    // that the same device asking again (its answer was lost with the connection) gets
+    // its certificate again rather than being locked out.
+    let pending = match std::fs::rename(&pending_path, &used_path) {
+        Ok(()) => {
+            if let Ok(d) = std::fs::File::open(&invites) {
+                let _ = d.sync_all();
+            }
+            let mut pending = read_used()?;
+            pending.used_by = Some(peer.to_owned());
+            write_secret_file(&used_path, &serde_json::to_string(&pending)?)?;
+            pending
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return if used_path.exists() {
-                refused(
-                    "this invite has already been used; an invite admits one device: ask for a new one",
-                )
-            } else {
-                refused(
+            if !used_path.exists() {
+                return refused(
                     "this invite is unknown to the device that made it (made for another mesh, or withdrawn); ask for a new one",
-                )
-            };
+                );
+            }
+            match read_used() {
+                Ok(pending) if pending.used_by.as_deref() == Some(peer) => pending,
+                _ => {
+                    return refused(
+                        "this invite has already been used; an invite admits one device: ask for a new one",
+                    );
+                }
+            }
         }
         Err(err) => return Err(anyhow!("cannot mark the invite used: {err}")),
-    }
-    if let Ok(d) = std::fs::File::open(&invites) {
-        let _ = d.sync_all();
-    }
-    let text = std::fs::read_to_string(&used_path)
-        .with_context(|| format!("cannot read {}", used_path.display()))?;
-    let pending: PendingInvite =
-        serde_json::from_str(&text).context("the kept invite is damaged")?;
+    };
     let now = now_ms();
     if pending.expires_at <= now {
         return refused("this invite has expired; ask for a new one");
@@ -772,7 +788,7 @@ pub async fn watch_revocations(
 }
 
 /// The path of a data directory's pending invites.
-pub fn invites_dir(dir: &Path) -> PathBuf {
+fn invites_dir(dir: &Path) -> PathBuf {
     dir.join(INVITES_DIR)
 }
 
@@ -786,28 +802,24 @@ mod tests {
         trust
     }
 
-    fn options(valid_for: std::time::Duration) -> InviteOptions {
-        InviteOptions {
+    /// A tablet invite for clinic-1, valid for `valid_for`, its certificate for an hour.
+    fn invite_for(dir: &Path, trust: &Trust, valid_for: std::time::Duration) -> Result<Invite> {
+        let options = InviteOptions {
             valid_for,
             kind: DeviceKind::Tablet,
             name: None,
             clinics: vec!["clinic-1".into()],
             cert_valid_for: Some(std::time::Duration::from_secs(3600)),
-        }
+        };
+        make_invite(dir, trust, "12D3KooWAdmin", vec![], &options)
     }
 
     #[test]
     fn an_invite_is_redeemed_once_and_its_certificate_checks() {
         let dir = tempfile::tempdir().expect("tempdir");
         let trust = admin(dir.path());
-        let invite = make_invite(
-            dir.path(),
-            &trust,
-            "12D3KooWAdmin",
-            vec![],
-            &options(std::time::Duration::from_secs(60)),
-        )
-        .expect("invite");
+        let invite =
+            invite_for(dir.path(), &trust, std::time::Duration::from_secs(60)).expect("invite");
         let EnrollAnswer::Admitted { cert, owner_key } =
             redeem(dir.path(), &trust, &invite.token, "12D3KooWTablet", "tab")
         else {
@@ -821,6 +833,11 @@ mod tests {
         assert_eq!(body.name, "tab");
         assert_eq!(body.clinics, vec!["clinic-1".to_owned()]);
         assert!(body.expires_at.is_some());
+        let repeat = redeem(dir.path(), &trust, &invite.token, "12D3KooWTablet", "tab");
+        assert!(
+            matches!(repeat, EnrollAnswer::Admitted { .. }),
+            "the same device asking again (its answer lost) is admitted again"
+        );
         let again = redeem(dir.path(), &trust, &invite.token, "12D3KooWOther", "x");
         assert!(
             matches!(&again, EnrollAnswer::Refused { reason } if reason.contains("already been used")),
@@ -837,28 +854,16 @@ mod tests {
     fn expired_invites_are_refused_and_pruned_later() {
         let dir = tempfile::tempdir().expect("tempdir");
         let trust = admin(dir.path());
-        let invite = make_invite(
-            dir.path(),
-            &trust,
-            "12D3KooWAdmin",
-            vec![],
-            &options(std::time::Duration::from_millis(1)),
-        )
-        .expect("invite");
+        let invite =
+            invite_for(dir.path(), &trust, std::time::Duration::from_millis(1)).expect("invite");
         std::thread::sleep(std::time::Duration::from_millis(5));
         let answer = redeem(dir.path(), &trust, &invite.token, "12D3KooWTablet", "t");
         assert!(
             matches!(&answer, EnrollAnswer::Refused { reason } if reason.contains("expired")),
             "{answer:?}"
         );
-        let pending = make_invite(
-            dir.path(),
-            &trust,
-            "12D3KooWAdmin",
-            vec![],
-            &options(std::time::Duration::from_secs(60)),
-        )
-        .expect("invite");
+        let pending =
+            invite_for(dir.path(), &trust, std::time::Duration::from_secs(60)).expect("invite");
         let invites = invites_dir(dir.path());
         prune_invites(&invites, now_ms() + KEEP_EXPIRED_MS * 2 + 60_000);
         assert!(
@@ -878,14 +883,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut trust = admin(dir.path());
         trust.owner = None;
-        let err = make_invite(
-            dir.path(),
-            &trust,
-            "12D3KooWAdmin",
-            vec![],
-            &options(std::time::Duration::from_secs(60)),
-        )
-        .expect_err("refused");
+        let err = invite_for(dir.path(), &trust, std::time::Duration::from_secs(60))
+            .expect_err("refused");
         assert!(format!("{err:#}").contains("not an admin device"));
         let store = Store::memory(medmesh_protocol::Schema::hikma()).expect("store");
         let err = revoke(&store, &trust, "12D3KooWOther", "x").expect_err("refused");

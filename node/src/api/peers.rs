@@ -7,7 +7,18 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, blocking};
+
+/// A request's JSON body, or the error that names what is wrong with it.
+fn json_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.to_string()))?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "bad_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })
+}
 
 fn no_mesh() -> ApiError {
     ApiError::new(
@@ -65,13 +76,7 @@ pub async fn add(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mesh = state.mesh().ok_or_else(no_mesh)?;
-    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.to_string()))?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "bad_json",
-            format!("the request body is not valid JSON: {e}"),
-        )
-    })?;
+    let value = json_body(body)?;
     let addr = value["addr"].as_str().ok_or_else(|| {
         ApiError::bad_request(
             "bad_json",
@@ -99,16 +104,12 @@ pub async fn devices(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     let trust = mesh.trust().clone();
     let store = state.store().clone();
-    let list = tokio::task::spawn_blocking(move || crate::trust::devices(&store, &trust))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "interrupted",
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}")))?;
+    let list = blocking(move || {
+        crate::trust::devices(&store, &trust).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store", format!("{e:#}"))
+        })
+    })
+    .await?;
     let connected: std::collections::HashSet<String> = mesh
         .peers()
         .into_iter()
@@ -152,29 +153,19 @@ pub async fn revoke(
             format!("`{peer}` is not a peer id; `medmesh devices list` shows them"),
         ));
     }
-    let body = body.map_err(|e| ApiError::bad_request("bad_body", e.to_string()))?;
-    let reason = if body.is_empty() {
-        String::new()
-    } else {
-        let value: Value = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request(
-                "bad_json",
-                format!("the request body is not valid JSON: {e}"),
-            )
-        })?;
-        value["reason"].as_str().unwrap_or_default().to_owned()
+    let reason = match body {
+        Ok(bytes) if bytes.is_empty() => String::new(),
+        body => json_body(body)?["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
     };
     let store = state.store().clone();
     let target = peer.clone();
-    tokio::task::spawn_blocking(move || crate::trust::revoke(&store, &trust, &target, &reason))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "interrupted",
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| ApiError::bad_request("cannot_revoke", format!("{e:#}")))?;
+    blocking(move || {
+        crate::trust::revoke(&store, &trust, &target, &reason)
+            .map_err(|e| ApiError::bad_request("cannot_revoke", format!("{e:#}")))
+    })
+    .await?;
     Ok(Json(json!({"peer_id": peer, "revoked": true})))
 }

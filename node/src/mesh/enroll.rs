@@ -154,16 +154,26 @@ pub async fn join(keypair: Keypair, invite: &Invite, name: &str) -> Result<Enrol
         let mut last_err = None;
         let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
         while tokio::time::Instant::now() < deadline {
-            match control.open_stream(inviter, ENROLL_PROTOCOL).await {
-                Ok(mut stream) => {
-                    write_message(&mut stream, &request).await?;
-                    let bytes = read_message(&mut stream).await?;
+            // A connection that breaks before the answer (the inviter keeps one connection
+            // per pair of devices and may close a second one) is tried again: the
+            // inviter admits the same device again if its answer was lost.
+            let exchanged = async {
+                let mut stream = control
+                    .open_stream(inviter, ENROLL_PROTOCOL)
+                    .await
+                    .map_err(|e| anyhow!(e.to_string()))?;
+                write_message(&mut stream, &request).await?;
+                read_message(&mut stream).await
+            }
+            .await;
+            match exchanged {
+                Ok(bytes) => {
                     return decode_enroll::<EnrollAnswer>(&bytes).map_err(|err| {
                         anyhow!("the inviting device answered something unreadable: {err}")
                     });
                 }
                 Err(err) => {
-                    last_err = Some(err.to_string());
+                    last_err = Some(format!("{err:#}"));
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
             }
