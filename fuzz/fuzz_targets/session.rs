@@ -73,6 +73,7 @@ fn item(u: &mut Unstructured, seq: u64) -> Result<FeedItem> {
         } else {
             None
         },
+        payload_sigs: bytes(u, 100)?,
     })
 }
 
@@ -93,6 +94,7 @@ fn payload(u: &mut Unstructured) -> Result<DocPayload> {
         collection: collection(u)?,
         bytes: bytes(u, 64)?,
         heads: heads(u)?,
+        sigs: bytes(u, 200)?,
     })
 }
 
@@ -160,6 +162,7 @@ fn message(u: &mut Unstructured, req: u64) -> Result<Option<Message>> {
             total: u.int_in_range(0..=200)?,
             bytes: bytes(u, 100)?,
             heads: heads(u)?,
+            sigs: bytes(u, 100)?,
         },
         5 => Message::Ack {
             upto: u.int_in_range(0..=40)?,
@@ -241,6 +244,7 @@ fn answer(u: &mut Unstructured, request: Output, feed_head: u64) -> Result<Optio
                     collection: "patients".into(),
                     bytes: ByteBuf::from(vec![1, 2, 3]),
                     heads: ByteBuf::from(vec![1; 32]),
+                    sigs: ByteBuf::new(),
                 })
                 .collect(),
             diverged: Vec::new(),

@@ -1,6 +1,7 @@
 //! Certificates, revocations, invites and enrollment messages as they arrive from other
 //! devices or are pasted by people: any bytes or text give a value or an error, never a
-//! panic, and nothing but the owner's signature opens.
+//! panic, and nothing but the owner's signature opens. Change signatures as a peer sends
+//! them decode to entries or an error.
 
 #![no_main]
 
@@ -24,6 +25,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(invite) = Invite::from_text(&text) {
         let _ = invite.root();
         let _ = invite.token_hash();
+    }
+    if let Ok(entries) = medmesh_protocol::authorship::decode(data) {
+        assert_eq!(medmesh_protocol::authorship::encode(&entries), data);
     }
     let _ = decode_enroll::<EnrollRequest>(data);
     let _ = decode_enroll::<EnrollAnswer>(data);

@@ -282,13 +282,15 @@ pub async fn history(api: &ApiArgs, collection: &str, id: &str) -> Result<()> {
             .flatten()
             .filter_map(Value::as_str)
             .collect();
+        let device = match (change["device"].as_str(), change["signature"].as_str()) {
+            (Some(device), Some("vouched")) => format!("{device} (vouched for it)"),
+            (Some(device), _) => device.to_owned(),
+            (None, _) => "? (not signed: made here before signed changes)".to_owned(),
+        };
         println!(
             "{}  device {}  user {}  changed: {}",
             change["time"].as_str().unwrap_or("?"),
-            change["device"]
-                .as_str()
-                .filter(|d| !d.is_empty())
-                .unwrap_or("?"),
+            device,
             change["user"].as_str().unwrap_or("-"),
             fields.join(", ")
         );

@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use medmesh_protocol::Schema;
+use medmesh_protocol::authorship::Authority;
 use medmesh_storage::{Store, StoreOptions};
 use tokio::net::TcpListener;
 
@@ -113,9 +115,23 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     let schema = Schema::hikma();
     let path = dir.join(STORE_FILE);
     let created = !path.exists();
-    let store = Store::open(&path, schema, StoreOptions::default())
+    let authority = trust::ChangeAuthority::default();
+    let unsigned = std::env::var_os(UNSIGNED_FOR_BENCHMARK).is_some();
+    if unsigned {
+        tracing::warn!(
+            "{UNSIGNED_FOR_BENCHMARK} is set: this node neither signs its changes nor checks the signatures of what it receives, and other nodes will refuse its changes. It is for benchmarks only: unset it"
+        );
+    }
+    let options = StoreOptions {
+        authority: (!unsigned).then(|| Arc::new(authority.clone()) as Arc<dyn Authority>),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&path, schema, options)
         .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let keypair = identity::load_or_create(&store)?;
+    if !unsigned {
+        sign_as(&store, &keypair)?;
+    }
     if !declarations.is_empty() {
         let author = medmesh_protocol::ChangeAuthor {
             device: identity::peer_id(&keypair).to_string(),
@@ -130,7 +146,9 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     }
     let peer_id = identity::peer_id(&keypair).to_string();
     // A node started without an invite founds a new mesh.
-    let (trust, founding) = trust::load_or_found(dir, &peer_id)?;
+    let (mut trust, founding) = trust::load_or_found(dir, &peer_id)?;
+    // One set of revoked devices, for the sessions and for the store's checks.
+    trust.revoked = authority.revoked;
     // Best effort here: the device list is refreshed at every start.
     if let Err(err) = trust::publish_self(&store, &trust) {
         tracing::warn!(error = %format!("{err:#}"), "this device's certificate could not be published to the mesh's device list");
@@ -156,7 +174,28 @@ pub fn open_identity(dir: &Path) -> Result<(Store, Keypair)> {
     )
     .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let keypair = identity::load_or_create(&store)?;
+    sign_as(&store, &keypair)?;
     Ok((store, keypair))
+}
+
+/// With this environment variable set, a node neither signs nor checks changes: only
+/// `mesh-bench` sets it, to measure what signatures cost side by side.
+pub const UNSIGNED_FOR_BENCHMARK: &str = "MEDMESH_BENCHMARK_UNSIGNED";
+
+/// Has the store sign this device's changes with its identity key.
+fn sign_as(store: &Store, keypair: &Keypair) -> Result<()> {
+    let ed25519 = keypair
+        .clone()
+        .try_into_ed25519()
+        .context("this device's identity is not an Ed25519 key; start with a new data directory")?;
+    let secret: [u8; 32] = ed25519
+        .secret()
+        .as_ref()
+        .try_into()
+        .context("this device's identity key has an unexpected length")?;
+    store
+        .sign_as_blocking(&secret)
+        .context("cannot set up the signing of this device's changes")
 }
 
 /// [`open_data`] on a blocking thread, for async callers.

@@ -14,11 +14,13 @@
 //! The files are written by the CLI (`init`, `invite`) and read by the node; the node
 //! writes only the `invites/` renames (redeeming) and its replicated records.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::Utc;
+use medmesh_protocol::authorship::Authority;
 use medmesh_protocol::membership::{
     Credential, DeviceCert, DeviceKind, EnrollAnswer, Invite, MeshRoot, MeshSecret, OwnerKey,
     RevokedSet, SignedCert, SignedRevocation, token_hash,
@@ -590,6 +592,61 @@ fn revoked_by_record(root: &MeshRoot, record: &Fields) -> Option<(String, String
     }
 }
 
+/// Who may have made the changes peers send, for the store: any device of the mesh,
+/// except that a revoked device's changes dated after its revocation are refused. (A
+/// device's certificate may arrive after its changes, so an unknown signer is not refused;
+/// history shows it as a device without a certificate here.)
+#[derive(Debug, Clone, Default)]
+pub struct ChangeAuthority {
+    /// The node's revoked devices (the same set as [`Trust::revoked`]).
+    pub revoked: RevokedSet,
+    /// Peer ids of the keys seen, as text.
+    names: Arc<Mutex<HashMap<[u8; 32], String>>>,
+}
+
+impl ChangeAuthority {
+    fn peer_of(&self, key: &[u8; 32]) -> Result<String, String> {
+        if let Ok(names) = self.names.lock()
+            && let Some(name) = names.get(key)
+        {
+            return Ok(name.clone());
+        }
+        let name =
+            peer_of_key(key).ok_or_else(|| "it names a device key that is not valid".to_owned())?;
+        if let Ok(mut names) = self.names.lock()
+            && names.len() < 4096
+        {
+            names.insert(*key, name.clone());
+        }
+        Ok(name)
+    }
+}
+
+impl Authority for ChangeAuthority {
+    fn check_signer(&self, signer: &[u8; 32], time_ms: i64) -> Result<(), String> {
+        if self.revoked.is_empty() {
+            return Ok(());
+        }
+        let peer = self.peer_of(signer)?;
+        match self.revoked.revoked_at(&peer) {
+            Some(at) if time_ms >= at => Err(format!(
+                "it was made by device {peer} after that device was revoked; ask an admin whether this device should be trusted again"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The peer id (as text) of a device's Ed25519 public key.
+pub fn peer_of_key(key: &[u8; 32]) -> Option<String> {
+    let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(key).ok()?;
+    Some(
+        libp2p::identity::PublicKey::from(public)
+            .to_peer_id()
+            .to_string(),
+    )
+}
+
 /// Reads every revocation the store holds into `revoked`; answers the peers newly revoked.
 pub fn load_revocations(
     store: &Store,
@@ -614,8 +671,8 @@ fn new_revocations(
         if !seen.insert(text.to_owned()) {
             continue;
         }
-        if let Some((peer, _, _)) = revoked_by_record(root, &record)
-            && revoked.insert(&peer)
+        if let Some((peer, _, at)) = revoked_by_record(root, &record)
+            && revoked.insert(&peer, at)
         {
             new.push(peer);
         }

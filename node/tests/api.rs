@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use medmesh::api::AppState;
 use medmesh::server::{RunningApi, open_data_async, serve_api};
 use medmesh_protocol::{DocId, Schema};
-use medmesh_storage::{Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
+use medmesh_storage::{Store, StoreOptions, WriteBatch, WriteOp};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -352,8 +352,7 @@ async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
         .await;
     let id: DocId = created["id"].as_str().expect("id").parse().expect("uuid");
     // B receives A's document, then both edit while apart.
-    let doc = a.store.document("patients", &id).expect("doc").save();
-    merge(&b.store, id, doc).await;
+    merge(&b.store, id, &a.store).await;
     a.send(
         reqwest::Method::PATCH,
         &format!("/v1/patients/{id}"),
@@ -367,10 +366,8 @@ async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
     )
     .await;
     // They meet: each merges the other's document.
-    let from_a = a.store.document("patients", &id).expect("doc").save();
-    let from_b = b.store.document("patients", &id).expect("doc").save();
-    merge(&a.store, id, from_b).await;
-    merge(&b.store, id, from_a).await;
+    merge(&a.store, id, &b.store).await;
+    merge(&b.store, id, &a.store).await;
 
     let (_, on_a) = a.get(&format!("/v1/patients/{id}")).await;
     let (_, on_b) = b.get(&format!("/v1/patients/{id}")).await;
@@ -397,15 +394,18 @@ async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
     assert_eq!(phone["value"], on_a["phone"]);
 }
 
-async fn merge(store: &Store, id: DocId, bytes: Vec<u8>) {
-    let op = WriteOp::new(
-        "patients",
-        Some(id),
-        WriteKind::Merge(bytes.into()),
-        Default::default(),
-    );
-    let out = store.write(WriteBatch::one(op)).await.expect("merge");
-    out.into_iter().next().expect("one").expect("merged");
+/// Sends `from`'s document `id` to `to` as a peer would (its bytes with their
+/// signatures) and checks that it merged.
+async fn merge(to: &Store, id: DocId, from: &Store) {
+    let payload = from
+        .load_for_peer(&[id], &[])
+        .expect("load")
+        .pop()
+        .expect("the document");
+    let op = WriteOp::received(payload, Some("peer".into()), false);
+    let out = to.write(WriteBatch::one(op)).await.expect("merge");
+    let outcome = out.into_iter().next().expect("one").expect("merged");
+    assert_eq!(outcome.held, None, "the peer's document merges");
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@
 //!   field, with nothing lost (nested objects, arrays, ints vs floats, unknown fields), and
 //!   how a write becomes the minimal set of field changes.
 //!
+//! - [`authorship`]: change signatures — who made a change, checkable by any receiver.
 //! - [`membership`]: mesh secrets, invites, fingerprints, proofs of membership.
 //! - [`wire`]: the sync protocol's messages and their length-prefixed, versioned,
 //!   compressed CBOR frames, decoded without trusting the peer.
@@ -20,6 +21,7 @@
 //! [`record`] turns it into Automerge operations inside a transaction the storage crate
 //! owns, and turns documents back into JSON for answers.
 
+pub mod authorship;
 pub mod ids;
 pub mod membership;
 pub mod pharmacy;

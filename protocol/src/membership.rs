@@ -698,30 +698,57 @@ impl Credential {
     }
 }
 
-/// The set of revoked peer ids, shared between the node (which learns revocations) and
-/// its sessions (which refuse those peers).
+/// The revoked peer ids, each with when it was revoked, shared between the node (which
+/// learns revocations), its sessions (which refuse those peers) and its store (which
+/// refuses their changes dated after).
 #[derive(Debug, Clone, Default)]
-pub struct RevokedSet(std::sync::Arc<std::sync::RwLock<std::collections::HashSet<String>>>);
+pub struct RevokedSet(std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, i64>>>);
 
 impl RevokedSet {
     /// Whether `peer` is revoked.
     pub fn contains(&self, peer: &str) -> bool {
-        self.0.read().map(|set| set.contains(peer)).unwrap_or(true)
+        self.0
+            .read()
+            .map(|set| set.contains_key(peer))
+            .unwrap_or(true)
     }
 
-    /// Adds `peer`; answers whether it was new.
-    pub fn insert(&self, peer: &str) -> bool {
+    /// When `peer` was revoked (ms since 1970), if it was.
+    pub fn revoked_at(&self, peer: &str) -> Option<i64> {
+        match self.0.read() {
+            Ok(set) => set.get(peer).copied(),
+            Err(_) => Some(i64::MIN),
+        }
+    }
+
+    /// Adds `peer`, revoked at `at`; answers whether it was new. Of two revocations of
+    /// one device, the earlier counts.
+    pub fn insert(&self, peer: &str, at: i64) -> bool {
         self.0
             .write()
-            .map(|mut set| set.insert(peer.to_owned()))
+            .map(|mut set| match set.get_mut(peer) {
+                Some(known) => {
+                    *known = (*known).min(at);
+                    false
+                }
+                None => {
+                    set.insert(peer.to_owned(), at);
+                    true
+                }
+            })
             .unwrap_or(false)
+    }
+
+    /// Whether no device is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.0.read().map(|set| set.is_empty()).unwrap_or(false)
     }
 
     /// Every revoked peer id.
     pub fn all(&self) -> Vec<String> {
         self.0
             .read()
-            .map(|set| set.iter().cloned().collect())
+            .map(|set| set.keys().cloned().collect())
             .unwrap_or_default()
     }
 }

@@ -51,8 +51,9 @@ use entropy::Entropy;
 use puller::{Page, PartialDoc};
 
 /// The sync protocol version. Version 2 added anti-entropy summaries, the `diverged`
-/// answer with its Bloom-filter follow-up, and the senders' heads on documents.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// answer with its Bloom-filter follow-up, and the senders' heads on documents; version 3
+/// device certificates; version 4 the signatures of changes.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Feed entries per page.
 pub const PAGE: usize = 512;
 /// Pages a feeder sends ahead of the acknowledgements.
@@ -620,6 +621,7 @@ impl Session {
                     total,
                     bytes,
                     heads,
+                    sigs,
                 },
             ) => self.on_doc_part(
                 PartialDoc {
@@ -627,6 +629,7 @@ impl Session {
                     id,
                     collection,
                     total,
+                    sigs: sigs.into_vec(),
                     bytes: bytes.into_vec(),
                     heads,
                 },

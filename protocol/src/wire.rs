@@ -71,6 +71,9 @@ pub struct FeedItem {
     /// once, saving a request; any other receiver ignores it and asks as usual.
     #[serde(default, rename = "p", skip_serializing_if = "Option::is_none")]
     pub payload: Option<ByteBuf>,
+    /// The signatures of the changes in `payload` ([`crate::authorship`] entries).
+    #[serde(default, rename = "g", skip_serializing_if = "<[u8]>::is_empty")]
+    pub payload_sigs: ByteBuf,
 }
 
 /// A document the asker has, with its heads, for which it wants the changes it lacks.
@@ -229,6 +232,9 @@ pub struct DocPayload {
     /// that cannot merge the bytes still relays them under these heads.
     #[serde(default, rename = "h")]
     pub heads: ByteBuf,
+    /// The signatures of the changes in `bytes` ([`crate::authorship`] entries).
+    #[serde(default, rename = "g")]
+    pub sigs: ByteBuf,
 }
 
 /// A message of the sync protocol. The messages sent for every change (`Feed`, `Want`,
@@ -313,6 +319,10 @@ pub enum Message {
         /// The sender's heads of the document (see [`DocPayload::heads`]).
         #[serde(default)]
         heads: ByteBuf,
+        /// This part's piece of the document's change signatures
+        /// ([`DocPayload::sigs`], split over the parts as its bytes are).
+        #[serde(default)]
+        sigs: ByteBuf,
     },
     /// The asker has durably stored everything of the feed up to `upto`.
     #[serde(rename = "A")]
@@ -594,6 +604,7 @@ mod tests {
                         collection: "patients".into(),
                         heads: ByteBuf::from(vec![3; 32]),
                         payload: (i == 0).then(|| ByteBuf::from(vec![1, 2])),
+                        payload_sigs: ByteBuf::from(if i == 0 { vec![0; 97] } else { Vec::new() }),
                     })
                     .collect(),
                 upto: 299,
@@ -616,6 +627,7 @@ mod tests {
                     collection: "visits".into(),
                     bytes: ByteBuf::from(vec![5; 1000]),
                     heads: ByteBuf::from(vec![7; 32]),
+                    sigs: ByteBuf::from(vec![0; 97]),
                 }],
                 done: true,
             },
@@ -626,6 +638,7 @@ mod tests {
                 total: 10,
                 bytes: ByteBuf::from(vec![6; 5]),
                 heads: ByteBuf::new(),
+                sigs: ByteBuf::from(vec![0; 48]),
             },
             Message::Ack { upto: 299 },
             Message::Neighbors {

@@ -41,6 +41,10 @@ pub struct HeldDoc {
     pub heads: ByteBuf,
     /// The bytes as received, oldest first.
     pub payloads: Vec<ByteBuf>,
+    /// The signatures that came with them ([`medmesh_protocol::authorship`] entries,
+    /// concatenated).
+    #[serde(default)]
+    pub sigs: ByteBuf,
 }
 
 impl HeldDoc {

@@ -34,6 +34,7 @@ pub mod meta;
 mod peer;
 mod prepare;
 mod receive;
+mod signing;
 mod slot;
 mod store;
 pub mod tables;
@@ -46,7 +47,7 @@ pub use held::{HeldDoc, HeldSummary, MAX_HELD_BYTES};
 pub use medmesh_protocol::record::MAX_RECORD_DEPTH;
 pub use merge::escape;
 pub use store::{
-    FeedEntry, Filter, MemoryDisk, Page, Query, RecordView, Store, StoreInfo, StoreOptions,
+    FeedEntry, Filter, MemoryDisk, Page, Query, RecordView, Signers, Store, StoreInfo, StoreOptions,
 };
 pub use write::{
     MAX_PEER_ADDRS, PeerRecord, PeerUpdate, Received, WriteBatch, WriteKind, WriteOp, WriteOutcome,

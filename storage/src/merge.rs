@@ -97,7 +97,7 @@ fn check_chunks_with(bytes: &[u8], load_documents: bool) -> Result<(), String> {
 }
 
 /// The next chunk of `bytes`: its type, the whole chunk, and its data.
-fn next_chunk(bytes: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
+pub(crate) fn next_chunk(bytes: &[u8]) -> Result<(u8, &[u8], &[u8]), String> {
     let damaged = || "the bytes received are not Automerge data (damaged or cut short)".to_owned();
     if bytes.len() < 10 || bytes[..4] != MAGIC {
         return Err(damaged());

@@ -15,8 +15,9 @@ use tokio::sync::oneshot;
 use crate::error::{Result, StoreError};
 use crate::merge::{escape, guarded};
 use crate::meta::{DocMeta, doc_key, key_doc};
+use crate::signing;
 use crate::store::{Store, load_document, read_meta};
-use crate::tables::{DOC_META, DOCS, FEED, PEERS};
+use crate::tables::{DOC_META, DOCS, FEED, PEERS, SIGS};
 use crate::write::{PeerRecord, PeerUpdate};
 use crate::writer::Command;
 
@@ -49,6 +50,7 @@ impl Store {
                     collection: meta.collection,
                     heads: heads_bytes(&meta.heads),
                     payload: None,
+                    payload_sigs: Default::default(),
                 });
             }
         }
@@ -117,11 +119,21 @@ impl Store {
         let txn = self.read_txn()?;
         let docs = txn.open_table(DOCS)?;
         let held = txn.open_table(HELD)?;
-        let held_bytes = |id: &DocId| -> Result<Option<Vec<u8>>> {
+        let sigs = txn.open_table(SIGS)?;
+        let author = signing::current(&self.inner.author);
+        let held_bytes = |id: &DocId| -> Result<Option<(Vec<u8>, ByteBuf)>> {
             Ok(held
                 .get(doc_key(id))?
                 .and_then(|v| HeldDoc::decode(v.value()))
-                .map(|h| h.joined()))
+                .map(|h| (h.joined(), h.sigs)))
+        };
+        let sigs_for = |id: &DocId, bytes: &[u8]| -> Result<ByteBuf> {
+            Ok(ByteBuf::from(signing::for_payload(
+                &sigs,
+                id,
+                bytes,
+                author.as_deref(),
+            )?))
         };
         let mut out = Vec::with_capacity(whole.len() + changes.len());
         let mut diverged = Vec::new();
@@ -132,29 +144,37 @@ impl Store {
             let bytes = if meta.held {
                 // Relayed as it arrived.
                 match held_bytes(id)? {
-                    Some(bytes) => bytes,
+                    Some(held) => Err(held),
                     None => continue,
                 }
             } else if meta.chunks == 0 {
                 // The compacted snapshot is exactly the saved document.
                 match docs.get(doc_key(id))? {
-                    Some(bytes) => bytes.value().to_vec(),
+                    Some(bytes) => Ok(bytes.value().to_vec()),
                     None => continue,
                 }
             } else {
                 match load_document(&txn, id, &meta) {
-                    Ok(doc) => doc.save(),
+                    Ok(doc) => Ok(doc.save()),
                     Err(err) => {
                         tracing::warn!(doc = %id, error = %err, "cannot send a damaged document");
                         continue;
                     }
                 }
             };
+            let (bytes, sigs) = match bytes {
+                Ok(bytes) => {
+                    let sigs = sigs_for(id, &bytes)?;
+                    (bytes, sigs)
+                }
+                Err(held) => held,
+            };
             out.push(DocPayload {
                 id: *id,
                 heads: heads_bytes(&meta.heads),
                 collection: meta.collection,
                 bytes: ByteBuf::from(bytes),
+                sigs,
             });
         }
         for want in changes {
@@ -162,12 +182,13 @@ impl Store {
                 continue;
             };
             if meta.held {
-                if let Some(bytes) = held_bytes(&want.id)? {
+                if let Some((bytes, sigs)) = held_bytes(&want.id)? {
                     out.push(DocPayload {
                         id: want.id,
                         heads: heads_bytes(&meta.heads),
                         collection: meta.collection,
                         bytes: ByteBuf::from(bytes),
+                        sigs,
                     });
                 }
                 continue;
@@ -206,11 +227,13 @@ impl Store {
             if bytes.is_empty() {
                 continue;
             }
+            let sigs = sigs_for(&want.id, &bytes)?;
             out.push(DocPayload {
                 id: want.id,
                 heads: heads_bytes(&meta.heads),
                 collection: meta.collection,
                 bytes: ByteBuf::from(bytes),
+                sigs,
             });
         }
         Ok((out, diverged))
@@ -302,6 +325,7 @@ impl Store {
                     collection: meta.collection,
                     heads: heads_bytes(&meta.heads),
                     payload: None,
+                    payload_sigs: Default::default(),
                 });
             }
         }

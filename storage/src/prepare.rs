@@ -10,8 +10,10 @@ use medmesh_protocol::{CollectionSpec, DocId, RecordError, Schema};
 use serde_json::Value;
 
 use crate::error::{Result, StoreError};
+use crate::signing::{Author, SIGNATURES_DO_NOT_HOLD};
 use crate::write::{WriteBatch, WriteKind, WriteOp};
 use crate::writer::{bad_id, refused};
+use medmesh_protocol::authorship::{self, Authority, Check, KeyCache, SignedChange};
 
 /// Work done before the writer sees a write.
 pub(crate) enum Prepared {
@@ -29,6 +31,9 @@ pub(crate) struct PreparedCreate {
     pub(crate) heads: Vec<ChangeHash>,
     pub(crate) record: Fields,
     pub(crate) raw: Vec<u8>,
+    /// The signatures to keep with its changes; for a received document whose
+    /// signatures were checked and refused, why.
+    pub(crate) sigs: std::result::Result<Vec<SignedChange>, String>,
 }
 
 pub(crate) fn commit_options(op: &WriteOp) -> CommitOptions {
@@ -43,6 +48,7 @@ pub(crate) fn commit_options(op: &WriteOp) -> CommitOptions {
 pub(crate) fn prepare_create(
     spec: &CollectionSpec,
     actor: &ActorId,
+    author: Option<&Author>,
     id: Option<DocId>,
     mut fields: Fields,
     time_ms: i64,
@@ -88,11 +94,20 @@ pub(crate) fn prepare_create(
     }
     // The document holds exactly these fields (Automerge orders keys).
     fields.sort_keys();
+    let heads = doc.get_heads();
+    let sigs = match author {
+        Some(author) => heads
+            .iter()
+            .map(|hash| author.sign_own(*hash, actor.to_bytes()))
+            .collect(),
+        None => Vec::new(),
+    };
     Ok(PreparedCreate {
         id,
-        heads: doc.get_heads(),
+        heads,
         raw: doc.save(),
         record: fields,
+        sigs: Ok(sigs),
     })
 }
 
@@ -100,12 +115,18 @@ pub(crate) fn prepare_create(
 pub(crate) fn prepare_creates(
     schema: &Schema,
     actor: &ActorId,
+    author: Option<&Author>,
+    authority: Option<&dyn Authority>,
     batch: &mut WriteBatch,
 ) -> Vec<Option<Prepared>> {
-    batch
+    let mut keys = KeyCache::default();
+    // Signatures of received documents are checked together, at the end.
+    let mut checks: Vec<(usize, Vec<Check>)> = Vec::new();
+    let mut prepared: Vec<Option<Prepared>> = batch
         .ops
         .iter_mut()
-        .map(|op| {
+        .enumerate()
+        .map(|(n, op)| {
             if let (WriteKind::Merge(received), Some(id)) = (&mut op.kind, op.id) {
                 // Only a whole saved document loads on its own; changes are merged by
                 // the writer into the document they belong to.
@@ -115,15 +136,31 @@ pub(crate) fn prepare_creates(
                 let bytes = std::mem::take(&mut received.bytes);
                 let loaded = crate::merge::load_received(&bytes).and_then(|doc| {
                     let record = crate::merge::check_record(&doc, &id)?;
-                    Ok((doc.get_heads(), record))
+                    Ok((doc, record))
                 });
                 return Some(Prepared::Received(match loaded {
-                    Ok((heads, record)) => Ok(PreparedCreate {
-                        id,
-                        record,
-                        heads,
-                        raw: bytes,
-                    }),
+                    Ok((doc, record)) => {
+                        let sigs = match authority {
+                            None => Ok(authorship::decode(&received.sigs).unwrap_or_default()),
+                            Some(authority) => authorship::decode(&received.sigs)
+                                .and_then(|entries| {
+                                    let facts = authorship::facts_of_doc(&doc, &[]);
+                                    let (more, kept) = authorship::prepare_checks(
+                                        &facts, &entries, authority, &mut keys,
+                                    )?;
+                                    checks.push((n, more));
+                                    Ok(kept)
+                                })
+                                .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}")),
+                        };
+                        Ok(PreparedCreate {
+                            id,
+                            record,
+                            heads: doc.get_heads(),
+                            raw: bytes,
+                            sigs,
+                        })
+                    }
                     Err(reason) => Err((bytes, reason)),
                 }));
             }
@@ -142,13 +179,26 @@ pub(crate) fn prepare_creates(
             Some(Prepared::Create(prepare_create(
                 spec,
                 actor,
+                author,
                 op.id,
                 fields,
                 op.time_ms,
                 commit_options(op),
             )))
         })
-        .collect()
+        .collect();
+    let all: Vec<Check> = checks.iter().flat_map(|(_, c)| c.iter().cloned()).collect();
+    if authorship::verify_checks(&all).is_err() {
+        // Some signature is wrong: find whose.
+        for (n, checks) in &checks {
+            if let Err(reason) = authorship::verify_checks(checks)
+                && let Some(Some(Prepared::Received(Ok(p)))) = prepared.get_mut(*n)
+            {
+                p.sigs = Err(format!("{SIGNATURES_DO_NOT_HOLD}{reason}"));
+            }
+        }
+    }
+    prepared
 }
 
 /// Automerge's chunk header: magic bytes, checksum, then the chunk type (0: document).

@@ -22,6 +22,7 @@ use crate::tables::HELD;
 use crate::working::Staged;
 use crate::write::{Received, WriteBatch, WriteKind, WriteOp, WriteOutcome};
 use crate::writer::{Command, Tables, Writer, index_entries};
+use medmesh_protocol::authorship::{self, SignedChange};
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -35,6 +36,8 @@ struct Arrival {
     fresh: Option<Vec<u8>>,
     heads: Vec<[u8; 32]>,
     from: Option<String>,
+    /// The signatures that came with `fresh`, as they came.
+    sigs: Vec<u8>,
 }
 
 impl Writer {
@@ -63,6 +66,7 @@ impl Writer {
             heads,
             from,
             tentative,
+            sigs,
         } = received;
         if let Some(from) = &from
             && !heads.is_empty()
@@ -75,13 +79,119 @@ impl Writer {
             Some(Err((bytes, reason))) => (Some(bytes), None, Some(reason)),
             None => ((!bytes.is_empty()).then_some(bytes), None, None),
         };
+        // Every change that arrived must be signed by the device that made it.
+        let signed = match (&loaded, &fresh) {
+            (Some(p), _) => p.sigs.clone(),
+            (None, Some(bytes)) => self.check_sigs(bytes, &sigs),
+            (None, None) => Ok(Vec::new()),
+        };
         let arrival = Arrival {
             id,
             collection,
             fresh,
             heads,
             from,
+            sigs,
         };
+        let kept = match signed {
+            Ok(kept) => kept,
+            Err(reason) => {
+                return self.refuse_unsigned(tables, staged, batch, arrival, tentative, reason);
+            }
+        };
+        let result = self.merge_signed(
+            tables,
+            staged,
+            batch,
+            arrival,
+            tentative,
+            loaded,
+            early_refusal,
+        );
+        if let Ok(outcome) = &result
+            && outcome.held.is_none()
+        {
+            batch.sign(&id, kept);
+        }
+        result
+    }
+
+    /// The signatures of `bytes` from a peer: checked when this store has an authority,
+    /// else taken as they came.
+    fn check_sigs(
+        &mut self,
+        bytes: &[u8],
+        sigs: &[u8],
+    ) -> std::result::Result<Vec<SignedChange>, String> {
+        match &self.authority {
+            None => Ok(authorship::decode(sigs).unwrap_or_default()),
+            Some(authority) => {
+                crate::signing::verify_bytes(bytes, sigs, authority.as_ref(), &mut self.keys)
+            }
+        }
+    }
+
+    /// What arrived carries a change not signed by the device that made it (or by a
+    /// device refused here): held with the reason, unless it brings nothing new.
+    fn refuse_unsigned(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        arrival: Arrival,
+        tentative: bool,
+        reason: String,
+    ) -> Result<WriteOutcome> {
+        let id = arrival.id;
+        let meta = tables.meta_of(&id)?;
+        let unchanged = WriteOutcome {
+            id,
+            record: Fields::new(),
+            changed: false,
+            seq: meta.as_ref().map_or(0, |m| m.seq),
+            held: None,
+        };
+        if tentative {
+            // Dropped: the announcement is checked and the document asked for as usual.
+            return Ok(unchanged);
+        }
+        let exists = meta.as_ref().is_some_and(|m| !m.held);
+        if exists
+            && !arrival.heads.is_empty()
+            && self.load_working(tables, staged, batch, &id)?
+            && let Some(working) = batch.docs.get_mut(&id)
+        {
+            let hashes: Vec<automerge::ChangeHash> = arrival
+                .heads
+                .iter()
+                .copied()
+                .map(automerge::ChangeHash)
+                .collect();
+            if automerge::ReadDoc::get_missing_deps(working.doc_mut(&id)?, &hashes).is_empty() {
+                tracing::debug!(doc = %id, reason = %escape(&reason), "badly signed bytes from a peer brought nothing new; the document already has them");
+                return Ok(unchanged);
+            }
+        }
+        let held = match tables.held.get(doc_key(&id))? {
+            Some(bytes) => HeldDoc::decode(bytes.value()),
+            None => None,
+        };
+        self.hold(tables, arrival, held, meta, reason)
+    }
+
+    /// [`Writer::apply_merge`] once what arrived is known to be signed.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_signed(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        arrival: Arrival,
+        tentative: bool,
+        loaded: Option<PreparedCreate>,
+        early_refusal: Option<String>,
+    ) -> Result<WriteOutcome> {
+        let id = arrival.id;
         let key = doc_key(&id);
         if tentative {
             return self.merge_tentative(
@@ -93,11 +203,23 @@ impl Writer {
                 early_refusal.is_some(),
             );
         }
-        let held = match tables.held.get(key)? {
+        let mut held = match tables.held.get(key)? {
             Some(bytes) => HeldDoc::decode(bytes.value()),
             None => None,
         };
         let meta = tables.meta_of(&id)?;
+        let mut set_aside = None;
+        if let Some(entry) = &held {
+            match self.check_sigs(&entry.joined(), &entry.sigs) {
+                Ok(kept) => batch.sign(&id, kept),
+                Err(reason) if arrival.fresh.is_none() => {
+                    return self.hold(tables, arrival, held, meta, reason);
+                }
+                // What is held stays held (and shown) unless what arrived makes it
+                // unneeded; what arrived is merged alone.
+                Err(_) => set_aside = held.take(),
+            }
+        }
         if arrival.fresh.is_none() && held.is_none() {
             // Nothing to merge and nothing held (a retry of something resolved since).
             return Ok(WriteOutcome {
@@ -131,11 +253,21 @@ impl Writer {
             let reason = "merging it made Automerge fail before; it is kept aside".to_owned();
             return self.hold(tables, arrival, held, meta, reason);
         }
-        if exists {
+        let result = if exists {
             self.merge_existing(tables, staged, batch, arrival, held, meta)
         } else {
             self.merge_new(tables, batch, arrival, held, meta, loaded)
+        };
+        if let (Some(entry), Ok(outcome)) = (&set_aside, &result)
+            && outcome.held.is_none()
+            && let Some(working) = batch.docs.get_mut(&id)
+            && superseded(working.doc_mut(&id)?, entry)
+        {
+            // The document now has every change the held copy announced.
+            tables.held.remove(key)?;
+            tracing::info!(doc = %id, "a good copy of a held document arrived; it is no longer held");
         }
+        result
     }
 
     /// Merges bytes sent ahead of a request: applied if they can be, else dropped (the
@@ -349,7 +481,13 @@ impl Writer {
             && let Some(p) = loaded
         {
             // The common case: a whole document, loaded and checked off the writer.
-            return Ok(batch.add_new(id, arrival.collection, None, p.heads, p.record, Some(p.raw)));
+            let outcome =
+                batch.add_new(id, arrival.collection, None, p.heads, p.record, Some(p.raw));
+            if let Some(working) = batch.docs.get_mut(&id) {
+                // (A held placeholder's feed entry is replaced by the document's.)
+                working.old_meta = meta;
+            }
+            return Ok(outcome);
         }
         let loaded_doc = |bytes: &[u8]| {
             load_received(bytes).and_then(|doc| {
@@ -441,6 +579,7 @@ impl Writer {
             attempts: 0,
             heads: ByteBuf::new(),
             payloads: Vec::new(),
+            sigs: ByteBuf::new(),
         });
         entry.reason = reason.clone();
         entry.attempts = entry.attempts.saturating_add(1);
@@ -460,6 +599,7 @@ impl Writer {
                 )));
             }
             entry.payloads.push(ByteBuf::from(fresh));
+            entry.sigs.extend_from_slice(&arrival.sigs);
             if !arrival.heads.is_empty() {
                 entry.heads = ByteBuf::from(arrival.heads.concat());
             }

@@ -1,6 +1,6 @@
 //! The store: opening, reading, and handing writes to the writer thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,12 +16,14 @@ use tokio::sync::oneshot;
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
 use crate::prepare::{Prepared, actor_from_hex, prepare_creates};
+use crate::signing::{self, Author, AuthorCell};
 use crate::slot::DbSlot;
 use crate::tables::{
-    CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, HELD, INDEX, INFO, LOCAL, PEERS,
+    CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, HELD, INDEX, INFO, LOCAL, PEERS, SIGS,
 };
 use crate::write::{WriteBatch, WriteOutcome};
 use crate::writer::{Command, PREPARE_OFF_WRITER, SchemaCell, WRITE_QUEUE_CAPACITY, Writer};
+use medmesh_protocol::authorship::Authority;
 
 /// Largest latest change announced with its feed entry.
 pub const PUSH_ENTRY_BYTES: usize = 16 * 1024;
@@ -32,13 +34,31 @@ pub const PUSH_PAGE_BYTES: usize = 256 * 1024;
 /// with the number of records.
 const PAGE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
+/// Who signed each change of a document: change hash → (signer's public key, whether
+/// the signature is a vouch rather than the author's own).
+pub type Signers = HashMap<[u8; 32], ([u8; 32], bool)>;
+
 /// How the store is opened.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Documents the writer keeps loaded (least recently used are dropped).
     pub doc_cache: usize,
     /// Compact a document once it has this many change chunks.
     pub compact_after_chunks: u32,
+    /// Who may have made the changes peers send: with one, every change received must be
+    /// signed by a device it accepts (else the document is held); without one, changes
+    /// are taken as they come, with whatever signatures they carry.
+    pub authority: Option<Arc<dyn Authority>>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("doc_cache", &self.doc_cache)
+            .field("compact_after_chunks", &self.compact_after_chunks)
+            .field("authority", &self.authority.is_some())
+            .finish()
+    }
 }
 
 impl Default for StoreOptions {
@@ -46,6 +66,7 @@ impl Default for StoreOptions {
         Self {
             doc_cache: 512,
             compact_after_chunks: 8,
+            authority: None,
         }
     }
 }
@@ -150,6 +171,10 @@ pub(crate) struct Inner {
     /// anyone may compute and replace it).
     pub(crate) summary: Mutex<Option<(u64, medmesh_protocol::wire::Summary)>>,
     origins: Arc<crate::writer::Origins>,
+    /// The device key changes are signed with (written by the writer only).
+    pub(crate) author: Arc<AuthorCell>,
+    /// Who may have made the changes peers send.
+    pub(crate) authority: Option<Arc<dyn Authority>>,
 }
 
 impl Drop for Inner {
@@ -187,6 +212,12 @@ impl Store {
     /// A store that lives in memory only, for tests.
     pub fn memory(schema: Schema) -> Result<Self> {
         Self::on_memory(&MemoryDisk::new(), schema)
+    }
+
+    /// [`Store::memory`] with options (an authority, say).
+    pub fn memory_with(schema: Schema, options: StoreOptions) -> Result<Self> {
+        let disk = MemoryDisk::new();
+        Self::with_backend(move || disk.clone(), schema, options)
     }
 
     /// A store on a [`MemoryDisk`] (reopened on the same disk, it finds its data again).
@@ -251,12 +282,15 @@ impl Store {
             std::num::NonZeroUsize::new(crate::writer::ORIGINS_CAPACITY)
                 .unwrap_or(std::num::NonZeroUsize::MIN),
         )));
+        let author: Arc<AuthorCell> = Arc::default();
+        let authority = options.authority.clone();
         let mut writer = Writer::new(
             feed_tx,
             db.clone(),
             schema.clone(),
             base,
             origins.clone(),
+            author.clone(),
             &info,
             options,
         )?;
@@ -275,6 +309,8 @@ impl Store {
                 writer_thread: Mutex::new(Some(handle)),
                 summary: Mutex::new(None),
                 origins,
+                author,
+                authority,
             }),
         })
     }
@@ -354,11 +390,65 @@ impl Store {
     }
 
     fn prepare(&self, batch: &mut WriteBatch) -> Vec<Option<Prepared>> {
+        let author = signing::current(&self.inner.author);
+        let actor = match &author {
+            Some(author) => author.actor.clone(),
+            None => actor_from_hex(&self.inner.info.actor),
+        };
         prepare_creates(
             &self.schema(),
-            &actor_from_hex(&self.inner.info.actor),
+            &actor,
+            author.as_deref(),
+            self.inner.authority.as_deref(),
             batch,
         )
+    }
+
+    /// Signs every change this store makes from now on with the device key `secret`
+    /// (the node's Ed25519 identity), writing as that device's actor
+    /// ([`medmesh_protocol::authorship`]). Set once, when the node knows its key.
+    pub fn sign_as_blocking(&self, secret: &[u8; 32]) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::SignAs {
+            author: Arc::new(Author::new(secret)),
+            reply,
+        })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Who made or vouched for each change of a document, as the signatures kept here
+    /// say: change hash → (signer's public key, whether it is a vouch). Only verified
+    /// signatures are kept (in a store with an authority).
+    pub fn signers(&self, id: &DocId) -> Result<Signers> {
+        let txn = self.read_txn()?;
+        let doc = self.document_any(&txn, id)?;
+        let table = txn.open_table(SIGS)?;
+        let actors: HashMap<[u8; 32], Vec<u8>> = doc
+            .map(|doc| {
+                medmesh_protocol::authorship::facts_of_doc(&doc, &[])
+                    .into_iter()
+                    .map(|f| (f.hash, f.actor))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = HashMap::new();
+        for entry in signing::of_doc(&table, id)? {
+            let actor = actors
+                .get(&entry.hash)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if let Some(signer) = medmesh_protocol::authorship::signer_of(actor, &entry) {
+                out.insert(entry.hash, (signer, entry.voucher.is_some()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn document_any(&self, txn: &redb::ReadTransaction, id: &DocId) -> Result<Option<Automerge>> {
+        match read_meta(txn, id)?.filter(|m| !m.held) {
+            Some(meta) => Ok(Some(load_document(txn, id, &meta)?)),
+            None => Ok(None),
+        }
     }
 
     /// Writes one store-wide value (such as the node's identity) durably.
@@ -412,6 +502,8 @@ impl Store {
         let txn = self.read_txn()?;
         let docs = txn.open_table(DOCS)?;
         let chunks = txn.open_table(CHUNKS)?;
+        let sigs = txn.open_table(SIGS)?;
+        let author = signing::current(&self.inner.author);
         let mut budget = PUSH_PAGE_BYTES;
         let mut out = Vec::with_capacity(entries.len());
         for mut item in entries {
@@ -429,6 +521,12 @@ impl Store {
                 };
                 if let Some(bytes) = latest.filter(|b| b.len() <= PUSH_ENTRY_BYTES.min(budget)) {
                     budget -= bytes.len();
+                    item.payload_sigs = serde_bytes::ByteBuf::from(signing::for_payload(
+                        &sigs,
+                        &item.id,
+                        &bytes,
+                        author.as_deref(),
+                    )?);
                     item.payload = Some(serde_bytes::ByteBuf::from(bytes));
                 }
             }
@@ -891,6 +989,7 @@ fn for_each_table(txn: &redb::WriteTransaction) -> Result<()> {
     txn.open_table(PEERS)?;
     txn.open_table(HELD)?;
     txn.open_table(LOCAL)?;
+    txn.open_table(SIGS)?;
     Ok(())
 }
 

@@ -41,5 +41,9 @@ pub const HELD: TableDefinition<u128, &[u8]> = TableDefinition::new("held-1");
 /// last exchanged with the cloud): key → bytes. Never replicated, never in the feed.
 pub const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local-1");
 
+/// (Document id, change hash) → the change's signature (64 bytes), followed for a vouch
+/// by the voucher's public key ([`medmesh_protocol::authorship`]). Sent with the change.
+pub const SIGS: TableDefinition<(u128, [u8; 32]), &[u8]> = TableDefinition::new("sigs-1");
+
 /// The format version written in [`INFO`] under `format`.
 pub const FORMAT_VERSION: u32 = 1;

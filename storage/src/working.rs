@@ -4,6 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use automerge::{Automerge, ChangeHash};
 use medmesh_protocol::DocId;
+use medmesh_protocol::authorship::SignedChange;
 use medmesh_protocol::record::{self, Fields};
 use serde_json::Value;
 
@@ -31,6 +32,8 @@ pub(crate) struct Working {
     /// For a new document: its saved bytes, stored as they are (cleared when the
     /// document is changed again).
     pub(crate) raw: Option<Vec<u8>>,
+    /// Signatures of the changes made or received in this batch, stored with it.
+    pub(crate) sigs: Vec<SignedChange>,
 }
 
 impl Working {
@@ -72,6 +75,13 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
+    /// Adds signatures to be stored with a document of this batch.
+    pub(crate) fn sign(&mut self, id: &DocId, sigs: Vec<SignedChange>) {
+        if let Some(working) = self.docs.get_mut(id) {
+            working.sigs.extend(sigs);
+        }
+    }
+
     /// Adds a document new to the store; answers the write's outcome.
     pub(crate) fn add_new(
         &mut self,
@@ -94,6 +104,7 @@ impl Staged {
                 old_heads: Vec::new(),
                 record: Some(record.clone()),
                 raw,
+                sigs: Vec::new(),
             },
         );
         WriteOutcome {

@@ -57,6 +57,9 @@ pub struct Received {
     /// what it builds on: if it cannot be merged it is dropped, not held — the
     /// announcement is then checked and what is missing asked for as usual.
     pub tentative: bool,
+    /// The signatures of the changes in `bytes` ([`medmesh_protocol::authorship`]
+    /// entries, as they came).
+    pub sigs: Vec<u8>,
 }
 
 impl From<Vec<u8>> for Received {
@@ -106,6 +109,7 @@ impl WriteOp {
                 bytes: doc.bytes.into_vec(),
                 from,
                 tentative,
+                sigs: doc.sigs.into_vec(),
             }),
             ChangeAuthor::default(),
         )

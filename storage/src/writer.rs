@@ -31,11 +31,13 @@ use tokio::sync::oneshot;
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
 use crate::prepare::{Prepared, actor_from_hex, commit_options, prepare_create};
+use crate::signing::{self, Author, AuthorCell};
 use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
-use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, LOCAL, PEERS};
+use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, LOCAL, PEERS, SIGS};
 use crate::working::{CACHEABLE_BATCH, Staged, Working};
 use crate::write::{PeerRecord, PeerUpdate, WriteBatch, WriteKind, WriteOp, WriteOutcome};
+use medmesh_protocol::authorship::{Authority, KeyCache};
 
 /// The schema in force: the built-in collections and the mesh's declarations. Written
 /// only by the writer (when the schema document changes), read by everyone.
@@ -88,6 +90,10 @@ pub(crate) enum Command {
     Evict {
         id: DocId,
     },
+    SignAs {
+        author: Arc<Author>,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Shutdown,
 }
 
@@ -117,6 +123,12 @@ pub(crate) struct Writer {
     /// heads (published to [`Origins`] when it commits).
     pub(crate) arrivals: Vec<(DocId, Vec<[u8; 32]>, String)>,
     origins: Arc<Origins>,
+    /// The device key this store signs its changes with (this writer is its only writer).
+    pub(crate) author: Arc<AuthorCell>,
+    /// Who may have made the changes peers send.
+    pub(crate) authority: Option<Arc<dyn Authority>>,
+    /// Device keys decompressed for verification.
+    pub(crate) keys: KeyCache,
 }
 
 /// Which peer each document's current version came from, when it came whole from one
@@ -137,6 +149,7 @@ pub(crate) struct Tables<'txn> {
     peers: Table<'txn, &'static str, &'static [u8]>,
     pub(crate) held: Table<'txn, u128, &'static [u8]>,
     local: Table<'txn, &'static str, &'static [u8]>,
+    pub(crate) sigs: Table<'txn, (u128, [u8; 32]), &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -152,6 +165,7 @@ impl<'txn> Tables<'txn> {
             peers: txn.open_table(PEERS)?,
             held: txn.open_table(HELD)?,
             local: txn.open_table(LOCAL)?,
+            sigs: txn.open_table(SIGS)?,
         })
     }
 
@@ -170,12 +184,14 @@ impl<'txn> Tables<'txn> {
 }
 
 impl Writer {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         feed: tokio::sync::watch::Sender<u64>,
         db: Arc<DbSlot>,
         schema: Arc<SchemaCell>,
         base_schema: Arc<Schema>,
         origins: Arc<Origins>,
+        author: Arc<AuthorCell>,
         info: &StoreInfo,
         options: StoreOptions,
     ) -> Result<Self> {
@@ -205,6 +221,9 @@ impl Writer {
             retry_due: true,
             arrivals: Vec::new(),
             origins,
+            author,
+            authority: options.authority,
+            keys: KeyCache::default(),
         })
     }
 
@@ -295,6 +314,17 @@ impl Writer {
                 }
                 Command::RetryHeld { reply } => {
                     let _ = reply.send(self.retry_held());
+                }
+                Command::SignAs { author, reply } => {
+                    self.actor = author.actor.clone();
+                    for doc in self.cache.iter_mut() {
+                        doc.1.set_actor(self.actor.clone());
+                    }
+                    match self.author.write() {
+                        Ok(mut cell) => *cell = Some(author),
+                        Err(poisoned) => *poisoned.into_inner() = Some(author),
+                    }
+                    let _ = reply.send(Ok(()));
                 }
                 other => writes.push(other),
             }
@@ -475,7 +505,9 @@ impl Writer {
                 }
             }
         }
-        for (id, working) in batch_docs.docs {
+        for (id, mut working) in batch_docs.docs {
+            // Stored with the document above.
+            working.sigs.clear();
             if !staged.docs.contains_key(&id) {
                 staged.order.push(id);
             }
@@ -547,6 +579,7 @@ impl Writer {
                 collection: old_meta.collection.clone(),
                 old_meta: Some(old_meta),
                 doc: Some(doc),
+                sigs: Vec::new(),
             },
         );
         Ok(true)
@@ -589,7 +622,15 @@ impl Writer {
             WriteKind::Create(fields) => {
                 let created = match prepared {
                     Some(result) => result?,
-                    None => prepare_create(spec, &self.actor, op.id, fields, op.time_ms, options)?,
+                    None => prepare_create(
+                        spec,
+                        &self.actor,
+                        signing::current(&self.author).as_deref(),
+                        op.id,
+                        fields,
+                        op.time_ms,
+                        options,
+                    )?,
                 };
                 let id = created.id;
                 if self.load_working(tables, staged, batch, &id)?
@@ -600,14 +641,16 @@ impl Writer {
                         id,
                     });
                 }
-                Ok(batch.add_new(
+                let outcome = batch.add_new(
                     id,
                     op.collection,
                     None,
                     created.heads,
                     created.record,
                     Some(created.raw),
-                ))
+                );
+                batch.sign(&id, created.sigs.unwrap_or_default());
+                Ok(outcome)
             }
             WriteKind::Ensure {
                 mut fields,
@@ -658,9 +701,16 @@ impl Writer {
                     },
                 )
                 .map_err(|f| refused(&f.error))?;
+                // Every node makes this same first change; each vouches for it.
+                let vouches = match signing::current(&self.author) {
+                    Some(author) => signing::vouch_unsigned(&doc, &author),
+                    None => Vec::new(),
+                };
                 doc.set_actor(self.actor.clone());
                 let record = record::read_record(&doc);
-                Ok(batch.add_new(id, op.collection, Some(doc), Vec::new(), record, None))
+                let outcome = batch.add_new(id, op.collection, Some(doc), Vec::new(), record, None);
+                batch.sign(&id, vouches);
+                Ok(outcome)
             }
             kind => {
                 let id = op.id.ok_or_else(|| {
@@ -744,7 +794,17 @@ impl Writer {
                     },
                 );
                 let changed = match result {
-                    Ok(success) => success.hash.is_some(),
+                    Ok(success) => match success.hash {
+                        Some(hash) => {
+                            if let Some(author) = signing::current(&self.author) {
+                                working
+                                    .sigs
+                                    .push(author.sign_own(hash, self.actor.to_bytes()));
+                            }
+                            true
+                        }
+                        None => false,
+                    },
                     Err(failure) => return Err(refused(&failure.error)),
                 };
                 let record = record::read_record(working.doc_mut(&id)?);
@@ -873,6 +933,16 @@ impl Writer {
             heads: heads.iter().map(|h| h.0).collect(),
         };
         tables.meta.insert(key, meta.encode().as_slice())?;
+        if let (Some(_), Some(doc), Some(author)) =
+            (old_meta, &working.doc, signing::current(&self.author))
+            && !signing::any_for(&tables.sigs, id)?
+        {
+            // A document stored before signatures existed, written with them for the
+            // first time: vouch for its earlier changes, so that its signatures here
+            // are complete.
+            signing::store(&mut tables.sigs, id, &signing::vouch_unsigned(doc, &author))?;
+        }
+        signing::store(&mut tables.sigs, id, &working.sigs)?;
         Ok(Some(seq))
     }
 

@@ -61,6 +61,7 @@ fn received(bytes: Vec<u8>, heads: Vec<[u8; 32]>) -> Received {
         heads,
         from: Some("peer-b".into()),
         tentative: false,
+        sigs: Vec::new(),
     }
 }
 

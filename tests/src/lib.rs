@@ -75,6 +75,11 @@ impl NodeProcess {
         Self::start_full(medmesh_bin().as_path(), data, peers, None, extra)
     }
 
+    /// Starts a node connecting to `peers` with more environment variables.
+    pub fn start_peered_env(data: &Path, peers: &[String], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_full_env(medmesh_bin().as_path(), data, peers, None, &[], env)
+    }
+
     fn start_full(
         bin: &Path,
         data: &Path,
@@ -82,12 +87,23 @@ impl NodeProcess {
         listen: Option<String>,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_full_env(bin, data, peers, listen, extra, &[])
+    }
+
+    fn start_full_env(
+        bin: &Path,
+        data: &Path,
+        peers: &[String],
+        listen: Option<String>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         // A free port found here can be taken by another test's node before this one
         // binds it: such a node exits at once, and a second try takes other ports.
         let mut tries = 0;
         loop {
             tries += 1;
-            match Self::start_once(bin, data, peers, listen.clone(), extra) {
+            match Self::start_once(bin, data, peers, listen.clone(), extra, env) {
                 Err(err)
                     if tries < 3
                         && listen.is_none()
@@ -106,6 +122,7 @@ impl NodeProcess {
         peers: &[String],
         listen: Option<String>,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Result<Self> {
         let api = format!("127.0.0.1:{}", free_port());
         let listen = listen.unwrap_or_else(|| format!("/ip4/127.0.0.1/tcp/{}", free_port()));
@@ -121,6 +138,7 @@ impl NodeProcess {
             command.args(["--peer", peer]);
         }
         command.args(extra);
+        command.envs(env.iter().copied());
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -373,7 +391,16 @@ pub async fn open_sync_stream(
     target: &libp2p::Multiaddr,
     peer: libp2p::PeerId,
 ) -> Result<(libp2p::Stream, libp2p::PeerId, tokio::task::JoinHandle<()>)> {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+    open_sync_stream_as(target, peer, libp2p::identity::Keypair::generate_ed25519()).await
+}
+
+/// [`open_sync_stream`] as the device of `identity`.
+pub async fn open_sync_stream_as(
+    target: &libp2p::Multiaddr,
+    peer: libp2p::PeerId,
+    identity: libp2p::identity::Keypair,
+) -> Result<(libp2p::Stream, libp2p::PeerId, tokio::task::JoinHandle<()>)> {
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(identity)
         .with_tokio()
         .with_tcp(
             libp2p::tcp::Config::default(),

@@ -31,9 +31,29 @@ pub const LAB: &str = r#"{"collections": [{"name": "lab_reports", "fields": [
 
 pub use medmesh_storage::MemoryDisk;
 
-/// A store on `disk`, with the simulator's schema.
-pub fn open_disk(disk: &MemoryDisk) -> Store {
-    Store::on_memory(disk, Schema::hikma()).expect("a store on the memory disk")
+/// Every device of the simulated mesh may write (none is revoked).
+struct Members;
+
+impl medmesh_protocol::authorship::Authority for Members {
+    fn check_signer(&self, _: &[u8; 32], _: i64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A store on `disk`, with the simulator's schema, signing as device `n` and checking the
+/// signatures of what it receives, as a node's store does.
+pub fn open_disk(disk: &MemoryDisk, n: usize) -> Store {
+    let disk = disk.clone();
+    let options = medmesh_storage::StoreOptions {
+        authority: Some(std::sync::Arc::new(Members)),
+        ..Default::default()
+    };
+    let store = Store::with_backend(move || disk.clone(), Schema::hikma(), options)
+        .expect("a store on the memory disk");
+    let mut key = [0; 32];
+    key[..8].copy_from_slice(&(n as u64 + 1).to_le_bytes());
+    store.sign_as_blocking(&key).expect("signing");
+    store
 }
 
 /// One simulated device.
@@ -53,7 +73,7 @@ impl SimPeer {
         let disk = MemoryDisk::new();
         Self {
             name: format!("peer-{i:02}"),
-            store: open_disk(&disk),
+            store: open_disk(&disk, i),
             disk,
             cursors: HashMap::new(),
         }

@@ -110,6 +110,12 @@ fn put_get_list_delete_history_and_status() {
         out.contains("user registrar-1") && out.contains("changed: surname, updated_at"),
         "{out}"
     );
+    // The device is the one whose signature the change carries.
+    assert!(
+        out.lines()
+            .all(|l| l.contains("device 12D3KooW") && !l.contains("vouched")),
+        "{out}"
+    );
     let (ok, _, _) = medmesh(&node.api, &["delete", "patients", &id]);
     assert!(ok);
     let (ok, out, _) = medmesh(&node.api, &["list", "patients"]);

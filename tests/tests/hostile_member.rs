@@ -5,23 +5,30 @@
 //! than allowed, answers to questions never asked. The node, a separate process, keeps
 //! every honest record, holds the bad documents with their reasons, closes the sessions
 //! that break the protocol, and keeps serving the API and an honest peer throughout.
+//! A member that writes as another device (a change naming the node's own key, signed
+//! with the member's) is held too: history shows each change's real device.
 
 use std::time::Duration;
 
 use automerge::transaction::Transactable;
-use automerge::{AutoCommit, Automerge, ROOT};
+use automerge::{ActorId, AutoCommit, Automerge, ROOT};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{Multiaddr, PeerId};
 use medmesh_protocol::DocId;
+use medmesh_protocol::authorship::{self, SigningKey};
 use medmesh_protocol::membership::{Credential, OwnerKey};
 use medmesh_protocol::sync::{Input, Output, Session, SessionConfig};
 use medmesh_protocol::wire::{self, DocPayload, FeedItem, FrameDecoder, Message};
-use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, open_sync_stream};
+use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, open_sync_stream_as};
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
 
 /// The hostile side of one sync session, past the handshake.
 struct Member {
+    /// The member's device key (it signs, or vouches for, what it sends).
+    key: SigningKey,
+    /// Its peer id.
+    peer: PeerId,
     stream: libp2p::Stream,
     decoder: FrameDecoder,
     driver: tokio::task::JoinHandle<()>,
@@ -37,10 +44,21 @@ impl Member {
     /// Dials the node and proves membership with a certificate, as an honest node
     /// would.
     async fn join(target: &Multiaddr, peer: PeerId, owner: &OwnerKey) -> Self {
-        let (stream, local, driver) = open_sync_stream(target, peer)
+        let identity = libp2p::identity::Keypair::generate_ed25519();
+        let secret: [u8; 32] = identity
+            .clone()
+            .try_into_ed25519()
+            .expect("ed25519")
+            .secret()
+            .as_ref()
+            .try_into()
+            .expect("32 bytes");
+        let (stream, local, driver) = open_sync_stream_as(target, peer, identity)
             .await
             .expect("open the sync stream");
         let mut member = Self {
+            key: SigningKey::from_bytes(&secret),
+            peer: local,
             stream,
             decoder: FrameDecoder::new(),
             driver,
@@ -168,10 +186,15 @@ impl Member {
     }
 }
 
-/// A feed entry and the document it announces.
-fn offer(seq: u64, id: DocId, doc: &mut Automerge) -> (FeedItem, DocPayload) {
+/// A feed entry and the document it announces, its changes vouched for by `key` (they
+/// name no device: the documents are made with random actors).
+fn offer(key: &SigningKey, seq: u64, id: DocId, doc: &mut Automerge) -> (FeedItem, DocPayload) {
     let heads = wire::join_heads(&doc.get_heads().iter().map(|h| h.0).collect::<Vec<_>>());
     let bytes = ByteBuf::from(doc.save());
+    let sigs: Vec<_> = authorship::facts_of_doc(doc, &[])
+        .iter()
+        .map(|f| authorship::vouch(key, f.hash))
+        .collect();
     (
         FeedItem {
             seq,
@@ -179,12 +202,14 @@ fn offer(seq: u64, id: DocId, doc: &mut Automerge) -> (FeedItem, DocPayload) {
             collection: "patients".into(),
             heads: heads.clone(),
             payload: None,
+            payload_sigs: Default::default(),
         },
         DocPayload {
             id,
             collection: "patients".into(),
             bytes,
             heads,
+            sigs: ByteBuf::from(authorship::encode(&sigs)),
         },
     )
 }
@@ -273,13 +298,19 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
 
     // Session 1: documents an honest node never sends, among honest ones.
     let mut member = Member::join(&target, peer, &owner).await;
+    let key = member.key.clone();
     let honest = DocId::new_v7();
     let rewritten = DocId::new_v7();
     let deep = DocId::new_v7();
     let mismatched = DocId::new_v7();
     let damaged = DocId::new_v7();
     let mut rewritten_doc = patient_doc(&rewritten.to_string(), "Amina");
-    let mut damaged_offer = offer(5, damaged, &mut patient_doc(&damaged.to_string(), "x"));
+    let mut damaged_offer = offer(
+        &key,
+        5,
+        damaged,
+        &mut patient_doc(&damaged.to_string(), "x"),
+    );
     let mut bytes = damaged_offer.1.bytes.to_vec();
     let middle = bytes.len() / 2;
     for byte in &mut bytes[middle..] {
@@ -290,10 +321,16 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
         .deliver(
             5,
             vec![
-                offer(1, honest, &mut patient_doc(&honest.to_string(), "Honest")),
-                offer(2, rewritten, &mut rewritten_doc),
-                offer(3, deep, &mut deep_doc(deep, 5_000)),
                 offer(
+                    &key,
+                    1,
+                    honest,
+                    &mut patient_doc(&honest.to_string(), "Honest"),
+                ),
+                offer(&key, 2, rewritten, &mut rewritten_doc),
+                offer(&key, 3, deep, &mut deep_doc(deep, 5_000)),
+                offer(
+                    &key,
                     4,
                     mismatched,
                     &mut patient_doc(&DocId::new_v7().to_string(), "Someone else"),
@@ -327,12 +364,60 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
         tx.commit();
     }
     member
-        .deliver(6, vec![offer(6, rewritten, &mut forked)])
+        .deliver(6, vec![offer(&key, 6, rewritten, &mut forked)])
         .await;
     let (code, record) = get(&http, &node, rewritten).await;
     assert_eq!(code, 200);
     assert_eq!(record["id"], json!(rewritten.to_string()), "{record}");
     assert_eq!(record["given_name"], json!("Amina"), "{record}");
+
+    // A change that names the node's own device, signed with the member's key.
+    let victim: [u8; 32] = libp2p::identity::PublicKey::try_decode_protobuf(peer.as_ref().digest())
+        .expect("the node's public key")
+        .try_into_ed25519()
+        .expect("an ed25519 key")
+        .to_bytes();
+    let forged = DocId::new_v7();
+    let mut forged_doc = {
+        let mut actor = victim.to_vec();
+        actor.extend_from_slice(&[9; 8]);
+        let mut doc = AutoCommit::new().with_actor(ActorId::from(actor));
+        doc.put(ROOT, "id", forged.to_string()).expect("put");
+        doc.put(ROOT, "given_name", "Forged").expect("put");
+        doc.commit();
+        doc.document().clone()
+    };
+    let (item, mut payload) = offer(&key, 7, forged, &mut forged_doc);
+    let as_victim: Vec<_> = authorship::facts_of_doc(&forged_doc, &[])
+        .iter()
+        .map(|f| authorship::sign(&key, f.hash))
+        .collect();
+    payload.sigs = ByteBuf::from(authorship::encode(&as_victim));
+    member.deliver(7, vec![(item, payload)]).await;
+    assert_ne!(
+        get(&http, &node, forged).await.0,
+        200,
+        "a change forged in the node's name is not served"
+    );
+    // History names the device that signed: the member vouched for its honest record.
+    let history: Value = http
+        .get(node.url(&format!("/v1/patients/{honest}/history")))
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        history["changes"][0]["device"],
+        json!(member.peer.to_string()),
+        "{history}"
+    );
+    assert_eq!(
+        history["changes"][0]["signature"],
+        json!("vouched"),
+        "{history}"
+    );
 
     let held = status(&http, &node).await["held"].clone();
     let reason = |id: DocId| {
@@ -359,13 +444,17 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
         reason(rewritten).is_some_and(|r| r.contains("`id` field")),
         "the rewrite is held with its reason: {held}"
     );
+    assert!(
+        reason(forged).is_some_and(|r| r.contains("not signed by the device it names")),
+        "the forged change is held with its reason: {held}"
+    );
     drop(member);
 
     // Session 2 onwards: breaking the protocol ends the session, nothing else.
     let unasked = {
         let mut doc = patient_doc(&DocId::new_v7().to_string(), "Unasked");
         let id = DocId::new_v7();
-        offer(1, id, &mut doc).1
+        offer(&SigningKey::from_bytes(&[3; 32]), 1, id, &mut doc).1
     };
     let floods: Vec<(&str, Vec<Message>)> = vec![
         (
@@ -378,6 +467,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
                         collection: "patients".into(),
                         heads: ByteBuf::from(vec![7u8; 32]),
                         payload: None,
+                        payload_sigs: Default::default(),
                     })
                     .collect(),
                 upto: 5_000,
@@ -411,7 +501,15 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
     let huge = DocId::new_v7();
     member
         .send(&Message::Feed {
-            entries: vec![offer(1, huge, &mut patient_doc(&huge.to_string(), "h")).0],
+            entries: vec![
+                offer(
+                    &SigningKey::from_bytes(&[3; 32]),
+                    1,
+                    huge,
+                    &mut patient_doc(&huge.to_string(), "h"),
+                )
+                .0,
+            ],
             upto: 1,
             more: false,
         })
@@ -431,6 +529,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
             total: 1 << 40,
             bytes: ByteBuf::from(vec![0u8; 1024]),
             heads: ByteBuf::new(),
+            sigs: ByteBuf::new(),
         })
         .await;
     assert!(

@@ -131,7 +131,7 @@ fn a_store_restored_from_an_older_backup_is_not_skipped() {
     for l in 0..sim.links.len() {
         sim.cut(l);
     }
-    sim.peers[0].store = medmesh_tests::sim::open_disk(&backup);
+    sim.peers[0].store = medmesh_tests::sim::open_disk(&backup, 0);
     sim.peers[0].disk = backup;
     for _ in 0..5 {
         sim.edit(0);
@@ -185,7 +185,7 @@ impl SimPeerFactory {
         let disk = medmesh_tests::sim::MemoryDisk::new();
         SimPeer {
             name: format!("peer-{i:02}"),
-            store: medmesh_tests::sim::open_disk(&disk),
+            store: medmesh_tests::sim::open_disk(&disk, i),
             disk,
             cursors: Default::default(),
         }

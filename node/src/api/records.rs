@@ -385,20 +385,40 @@ pub async fn list(
     Ok(Json(answer))
 }
 
-/// `GET /v1/{collection}/{id}/history`: who changed what, when; oldest first.
+/// `GET /v1/{collection}/{id}/history`: who changed what, when; oldest first. The device
+/// is the one whose signature the change carries (checked when it arrived), never what
+/// the change's author wrote: `signature` says `author` (the device made it), `vouched`
+/// (made before signed authorship, or a record's shared first change: the device named
+/// vouched for it) or `none` (a change of this device from before signed authorship).
 pub async fn history(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
     let id = parse_id(&id)?;
-    let doc = blocking(move || Ok(state.store().document(&collection, &id)?)).await?;
+    let (doc, signers) = blocking(move || {
+        let store = state.store();
+        Ok((store.document(&collection, &id)?, store.signers(&id)?))
+    })
+    .await?;
     let changes: Vec<Value> = record::history(&doc)
         .into_iter()
         .map(|entry| {
+            let hash: Option<[u8; 32]> = hex::decode(&entry.hash)
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok());
+            let signer = hash.and_then(|h| signers.get(&h));
+            let (device, signature) = match signer {
+                Some((key, vouched)) => (
+                    crate::trust::peer_of_key(key),
+                    if *vouched { "vouched" } else { "author" },
+                ),
+                None => (None, "none"),
+            };
             json!({
                 "time": record::format_timestamp(entry.time_ms),
-                "device": entry.author.device,
+                "device": device,
+                "signature": signature,
                 "user": entry.author.user,
                 "fields": entry.fields,
                 "hash": entry.hash,

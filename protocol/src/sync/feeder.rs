@@ -212,7 +212,7 @@ impl Session {
         let mut batch = Vec::new();
         let mut size = 0;
         for doc in docs {
-            if doc.bytes.len() > PART_BYTES {
+            if doc.bytes.len() + doc.sigs.len() > PART_BYTES {
                 if !batch.is_empty() {
                     out.push(Output::Send(Message::Docs {
                         req,
@@ -223,19 +223,28 @@ impl Session {
                     size = 0;
                 }
                 let total = doc.bytes.len() as u64;
-                for part in doc.bytes.chunks(PART_BYTES) {
+                // Bytes and signatures are split into the same number of parts, each
+                // part holding some of the bytes (the last one completes them).
+                let parts = (doc.bytes.len() + doc.sigs.len())
+                    .div_ceil(PART_BYTES)
+                    .clamp(1, doc.bytes.len().max(1));
+                let piece = |all: &[u8], n: usize| {
+                    ByteBuf::from(all[n * all.len() / parts..(n + 1) * all.len() / parts].to_vec())
+                };
+                for n in 0..parts {
                     out.push(Output::Send(Message::DocPart {
                         req,
                         id: doc.id,
                         collection: doc.collection.clone(),
                         total,
-                        bytes: ByteBuf::from(part.to_vec()),
+                        bytes: piece(&doc.bytes, n),
                         heads: doc.heads.clone(),
+                        sigs: piece(&doc.sigs, n),
                     }));
                 }
                 continue;
             }
-            if size + doc.bytes.len() > DOCS_MESSAGE_BYTES && !batch.is_empty() {
+            if size + doc.bytes.len() + doc.sigs.len() > DOCS_MESSAGE_BYTES && !batch.is_empty() {
                 out.push(Output::Send(Message::Docs {
                     req,
                     docs: std::mem::take(&mut batch),
@@ -244,7 +253,7 @@ impl Session {
                 }));
                 size = 0;
             }
-            size += doc.bytes.len() + doc.collection.len() + doc.heads.len() + 24;
+            size += doc.bytes.len() + doc.sigs.len() + doc.collection.len() + doc.heads.len() + 24;
             batch.push(doc);
         }
         out.push(Output::Send(Message::Docs {

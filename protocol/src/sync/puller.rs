@@ -85,6 +85,7 @@ pub(super) struct PartialDoc {
     pub(super) total: u64,
     pub(super) bytes: Vec<u8>,
     pub(super) heads: ByteBuf,
+    pub(super) sigs: Vec<u8>,
 }
 
 /// A collection name a peer may send: a valid name, or an internal one.
@@ -181,6 +182,7 @@ impl Session {
                     collection: entry.collection.clone(),
                     bytes,
                     heads: entry.heads.clone(),
+                    sigs: std::mem::take(&mut entry.payload_sigs),
                 })
             })
             .collect();
@@ -382,11 +384,16 @@ impl Session {
                 if partial.bytes.len() as u64 + part.bytes.len() as u64 > total {
                     return Err("sent more parts than the document has".into());
                 }
+                if (partial.sigs.len() + part.sigs.len()) as u64 > super::MAX_DOC_BYTES {
+                    return Err("sent more change signatures than a document may have".into());
+                }
                 partial.bytes.extend_from_slice(&part.bytes);
+                partial.sigs.extend_from_slice(&part.sigs);
                 partial
             }
             None => {
-                if part.bytes.len() as u64 > total {
+                if part.bytes.len() as u64 > total || part.sigs.len() as u64 > super::MAX_DOC_BYTES
+                {
                     return Err("sent more parts than the document has".into());
                 }
                 if self.page_of_req(part.req).is_none() {
@@ -407,6 +414,7 @@ impl Session {
                 collection: done.collection,
                 bytes: ByteBuf::from(done.bytes),
                 heads: done.heads,
+                sigs: ByteBuf::from(done.sigs),
             }];
             if let Some(page) = self.page_of_req(req) {
                 let page_id = page.id;

@@ -108,7 +108,7 @@ fn the_handshake_admits_only_a_valid_unrevoked_certificate_of_the_peer_itself() 
     assert!(reason.contains("expired"), "{reason}");
     // Revoked (A learned the revocation of B).
     let checker = credential(3, "A", None);
-    checker.revoked.insert("B");
+    checker.revoked.insert("B", 0);
     let reason =
         handshake(session_with("A", "B", checker), session("B", "A"), now).expect("refused");
     assert!(reason.contains("revoked"), "{reason}");
@@ -210,6 +210,7 @@ fn a_feeder_never_runs_more_than_a_window_ahead() {
                 collection: "patients".into(),
                 heads: ByteBuf::from(vec![1; 32]),
                 payload: None,
+                payload_sigs: Default::default(),
             })
             .collect();
         out = a.handle(
@@ -259,6 +260,7 @@ fn message() -> impl Strategy<Value = Message> {
                         collection: "patients".into(),
                         heads,
                         payload: None,
+                        payload_sigs: Default::default(),
                     })
                     .collect(),
                 upto,
@@ -296,6 +298,7 @@ fn message() -> impl Strategy<Value = Message> {
                         collection: "visits".into(),
                         bytes,
                         heads: ByteBuf::new(),
+                        sigs: ByteBuf::from(vec![0; 97]),
                     })
                     .collect(),
                 done
@@ -308,6 +311,7 @@ fn message() -> impl Strategy<Value = Message> {
                 total,
                 bytes,
                 heads: ByteBuf::new(),
+                sigs: ByteBuf::new(),
             }
         }),
         any::<u64>().prop_map(|upto| Message::Ack { upto }),
@@ -343,6 +347,7 @@ fn a_diverged_document_is_asked_again_with_a_summary_then_whole() {
         collection: "patients".into(),
         heads: ByteBuf::from(vec![9; 32]),
         payload: None,
+        payload_sigs: Default::default(),
     };
     let out = a.handle(
         Input::Message(Message::Feed {
@@ -431,6 +436,7 @@ fn a_diverged_document_is_asked_again_with_a_summary_then_whole() {
         collection: "patients".into(),
         bytes: ByteBuf::from(vec![1]),
         heads: ByteBuf::new(),
+        sigs: ByteBuf::new(),
     };
     let out = a.handle(
         Input::Message(Message::Docs {

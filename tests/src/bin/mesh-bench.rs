@@ -327,6 +327,48 @@ async fn main() -> Result<()> {
         "  saved {saved_bytes} bytes, load {reference_load_s:.3} s, Automerge sync {reference_sync_s:.3} s"
     );
 
+    println!("signature cost of {records} changes, in-process...");
+    let (sign_us, verify_us, batch_us) =
+        tokio::task::spawn_blocking(move || signature_cost(records)).await?;
+    out.insert("sign_us_per_change".into(), json!(sign_us));
+    out.insert("verify_us_per_change".into(), json!(verify_us));
+    out.insert("batch_verify_us_per_change".into(), json!(batch_us));
+    println!(
+        "  sign {sign_us:.1} µs, verify {verify_us:.1} µs, batch verify {batch_us:.1} µs per change"
+    );
+
+    // The same initial sync with nodes that neither sign nor check (side by side).
+    let (dua, dub) = (dir.path().join("ua"), dir.path().join("ub"));
+    init(&dua)?;
+    join_mesh(&dua, &dub)?;
+    let unsigned = [(medmesh::server::UNSIGNED_FOR_BENCHMARK, "1")];
+    let ua = NodeProcess::start_peered_env(&dua, &[], &unsigned)?;
+    import(&http, &ua, 0, records).await?;
+    let ua_port: u16 = ua.listen.rsplit('/').next().context("port")?.parse()?;
+    let unsigned_proxy = CountingProxy::start(([127, 0, 0, 1], ua_port).into()).await?;
+    let via = format!("/ip4/127.0.0.1/tcp/{}", unsigned_proxy.addr.port());
+    println!("initial sync of {records} records, unsigned...");
+    let started = Instant::now();
+    let ub = NodeProcess::start_peered_env(&dub, std::slice::from_ref(&via), &unsigned)?;
+    wait_until(
+        Duration::from_secs(600),
+        "the unsigned initial sync",
+        async || count(&http, &ub).await as usize == records,
+    )
+    .await?;
+    let unsigned_s = started.elapsed().as_secs_f64();
+    unsigned_proxy
+        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
+    let unsigned_bytes = unsigned_proxy.total();
+    out.insert("unsigned_initial_sync_s".into(), json!(unsigned_s));
+    out.insert(
+        "unsigned_initial_sync_wire_bytes".into(),
+        json!(unsigned_bytes),
+    );
+    println!("  {unsigned_s:.2} s, {unsigned_bytes} bytes on the wire");
+    drop((ua, ub));
+
     // Sender A with every record; receiver B dials A through the counting proxy.
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
     init(&da)?;
@@ -744,7 +786,25 @@ async fn main() -> Result<()> {
     drop(nodes);
 
     let rate = records as f64 / initial_s;
+    let signed_ratio = initial_s / unsigned_s;
     let targets = vec![
+        Target {
+            name: "initial sync, changes signed and checked vs neither (side by side)",
+            figure: format!(
+                "{initial_s:.2} s vs {unsigned_s:.2} s = +{:.0}% ({initial_bytes} vs {unsigned_bytes} bytes)",
+                (signed_ratio - 1.0) * 100.0
+            ),
+            target: "≤ +25%".into(),
+            holds: signed_ratio <= 1.25,
+        },
+        Target {
+            name: "signature cost per change (one core)",
+            figure: format!(
+                "sign {sign_us:.1} µs; verify {verify_us:.1} µs alone, {batch_us:.1} µs in batches"
+            ),
+            target: String::new(),
+            holds: true,
+        },
         Target {
             name: "initial sync rate",
             figure: format!("{rate:.0} records/s"),
@@ -882,4 +942,53 @@ async fn main() -> Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(out))?)?;
     }
     Ok(())
+}
+
+/// Microseconds per change to sign, to verify one by one, and to verify in batches of
+/// 256 (as a receiver does for a page of documents), on one core.
+fn signature_cost(changes: usize) -> (f64, f64, f64) {
+    use medmesh_protocol::authorship::{self, ChangeFacts, KeyCache, SigningKey};
+    struct Anyone;
+    impl authorship::Authority for Anyone {
+        fn check_signer(&self, _: &[u8; 32], _: i64) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let actor = authorship::author_actor(&key, [1; 8]);
+    let facts: Vec<ChangeFacts> = (0..changes)
+        .map(|n| {
+            let mut hash = [0; 32];
+            hash[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            ChangeFacts {
+                hash,
+                actor: actor.clone(),
+                time_ms: 0,
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    let entries: Vec<_> = facts
+        .iter()
+        .map(|f| authorship::sign(&key, f.hash))
+        .collect();
+    let sign_us = started.elapsed().as_secs_f64() * 1e6 / changes as f64;
+    let mut keys = KeyCache::default();
+    let started = Instant::now();
+    for (f, e) in facts.iter().zip(&entries) {
+        let ok = authorship::verify(
+            std::slice::from_ref(f),
+            std::slice::from_ref(e),
+            &Anyone,
+            &mut keys,
+        );
+        assert!(ok.is_ok());
+    }
+    let verify_us = started.elapsed().as_secs_f64() * 1e6 / changes as f64;
+    let started = Instant::now();
+    for (f, e) in facts.chunks(256).zip(entries.chunks(256)) {
+        assert!(authorship::verify(f, e, &Anyone, &mut keys).is_ok());
+    }
+    let batch_us = started.elapsed().as_secs_f64() * 1e6 / changes as f64;
+    (sign_us, verify_us, batch_us)
 }

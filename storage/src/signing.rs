@@ -1,0 +1,217 @@
+//! The signatures of changes ([`medmesh_protocol::authorship`]): made for this node's
+//! own changes when they are written, checked for a peer's when they arrive, kept per
+//! change beside the document, and sent with the changes wherever they go.
+//!
+//! The node gives the store its device key once it is known ([`crate::Store::sign_as`]);
+//! from then on the store writes with a device actor and signs every change it makes.
+//! A store opened with an [`Authority`] refuses (holds) what a peer sends unless every
+//! change in it is signed by the device that made it (or vouched for, when it names no
+//! device) and the authority accepts that device. Documents stored before signatures
+//! existed have none; the node vouches for their changes when it sends them.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use automerge::{ActorId, Automerge, ChangeHash};
+use medmesh_protocol::DocId;
+use medmesh_protocol::authorship::{
+    self, Authority, ChangeFacts, KeyCache, SignedChange, actor_key, author_actor,
+};
+use redb::{ReadableTable, Table};
+
+use crate::error::Result;
+use crate::merge::{guarded, load_received, next_chunk};
+use crate::meta::doc_key;
+
+pub(crate) use medmesh_protocol::authorship::SigningKey;
+
+/// The device key this store signs with, and the actor it writes as.
+pub(crate) struct Author {
+    pub(crate) key: SigningKey,
+    pub(crate) actor: ActorId,
+}
+
+impl Author {
+    pub(crate) fn new(secret: &[u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(secret);
+        let actor = ActorId::from(author_actor(&key, rand::random()));
+        Self { key, actor }
+    }
+
+    /// This node's signature of a change it made now: its own, or (for a change with
+    /// no device actor, such as a record's shared genesis) a vouch.
+    pub(crate) fn sign_own(&self, hash: ChangeHash, actor: &[u8]) -> SignedChange {
+        if actor_key(actor).is_some() {
+            authorship::sign(&self.key, hash.0)
+        } else {
+            authorship::vouch(&self.key, hash.0)
+        }
+    }
+}
+
+/// The author, set once the node knows its key (the writer is its only writer).
+pub(crate) type AuthorCell = RwLock<Option<Arc<Author>>>;
+
+pub(crate) fn current(cell: &AuthorCell) -> Option<Arc<Author>> {
+    cell.read().ok().and_then(|a| a.clone())
+}
+
+/// What is checked of every change in a peer's bytes: a saved document's changes and
+/// each change chunk's.
+pub(crate) fn facts_of_bytes(bytes: &[u8]) -> std::result::Result<Vec<ChangeFacts>, String> {
+    let mut facts = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (kind, chunk, _) = next_chunk(rest)?;
+        rest = &rest[chunk.len()..];
+        if kind == 0 {
+            let doc = load_received(chunk)?;
+            facts.extend(authorship::facts_of_doc(&doc, &[]));
+        } else {
+            let change = guarded(|| {
+                automerge::Change::try_from(chunk)
+                    .map_err(|e| format!("a change received is damaged: {e}"))
+            })?;
+            facts.push(authorship::facts_of_change(&change));
+        }
+    }
+    Ok(facts)
+}
+
+/// Checks a peer's bytes against their signatures; the entries to keep.
+pub(crate) fn verify_bytes(
+    bytes: &[u8],
+    sigs: &[u8],
+    authority: &dyn Authority,
+    keys: &mut KeyCache,
+) -> std::result::Result<Vec<SignedChange>, String> {
+    let facts = facts_of_bytes(bytes)?;
+    authorship::decode(sigs)
+        .and_then(|entries| authorship::verify(&facts, &entries, authority, keys))
+        .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))
+}
+
+/// How a refusal for signatures begins.
+pub(crate) const SIGNATURES_DO_NOT_HOLD: &str = "its signatures do not hold: ";
+
+/// Keeps signatures (a change's first signature stays: an author's is never replaced).
+pub(crate) fn store(
+    table: &mut Table<'_, (u128, [u8; 32]), &'static [u8]>,
+    id: &DocId,
+    entries: &[SignedChange],
+) -> Result<()> {
+    let key = doc_key(id);
+    for entry in entries {
+        if table.get((key, entry.hash))?.is_none() {
+            table.insert((key, entry.hash), encode_value(entry).as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+/// A signature as kept: the signature, and the voucher's key for a vouch.
+fn encode_value(entry: &SignedChange) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.extend_from_slice(&entry.sig);
+    if let Some(voucher) = &entry.voucher {
+        out.extend_from_slice(voucher);
+    }
+    out
+}
+
+fn decode_value(hash: [u8; 32], value: &[u8]) -> Option<SignedChange> {
+    let sig: [u8; 64] = value.get(..64)?.try_into().ok()?;
+    let voucher = match value.len() {
+        64 => None,
+        96 => Some(value[64..].try_into().ok()?),
+        _ => return None,
+    };
+    Some(SignedChange { hash, sig, voucher })
+}
+
+/// Every signature kept for a document.
+pub(crate) fn of_doc(
+    table: &impl ReadableTable<(u128, [u8; 32]), &'static [u8]>,
+    id: &DocId,
+) -> Result<Vec<SignedChange>> {
+    let key = doc_key(id);
+    let mut out = Vec::new();
+    for entry in table.range((key, [0; 32])..=(key, [0xff; 32]))? {
+        let (k, v) = entry?;
+        if let Some(signed) = decode_value(k.value().1, v.value()) {
+            out.push(signed);
+        }
+    }
+    Ok(out)
+}
+
+/// The signatures to send with `bytes` of document `id`: those of the changes in them.
+/// Changes with no signature here (stored before signatures existed) are vouched for by
+/// this node when they name no device.
+pub(crate) fn for_payload(
+    table: &impl ReadableTable<(u128, [u8; 32]), &'static [u8]>,
+    id: &DocId,
+    bytes: &[u8],
+    author: Option<&Author>,
+) -> Result<Vec<u8>> {
+    let whole = bytes.len() > 8 && bytes[8] == 0;
+    let mut entries = if whole {
+        of_doc(table, id)?
+    } else {
+        let key = doc_key(id);
+        let mut out = Vec::new();
+        for facts in facts_of_bytes(bytes).unwrap_or_default() {
+            if let Some(value) = table.get((key, facts.hash))?
+                && let Some(signed) = decode_value(facts.hash, value.value())
+            {
+                out.push(signed);
+            }
+        }
+        out
+    };
+    if let Some(author) = author
+        && (!whole || entries.is_empty())
+    {
+        // (A document with signatures here has them for every change: see
+        // `vouch_unsigned`.)
+        let facts = facts_of_bytes(bytes).unwrap_or_default();
+        vouch_missing(&mut entries, &facts, author);
+    }
+    Ok(authorship::encode(&entries))
+}
+
+/// Adds this node's vouch for each change of `facts` that has no signature and names no
+/// device.
+pub(crate) fn vouch_missing(
+    entries: &mut Vec<SignedChange>,
+    facts: &[ChangeFacts],
+    author: &Author,
+) {
+    let have: HashSet<[u8; 32]> = entries.iter().map(|e| e.hash).collect();
+    for change in facts {
+        if !have.contains(&change.hash) && actor_key(&change.actor).is_none() {
+            entries.push(authorship::vouch(&author.key, change.hash));
+        }
+    }
+}
+
+/// Whether any signature is kept for a document.
+pub(crate) fn any_for(
+    table: &impl ReadableTable<(u128, [u8; 32]), &'static [u8]>,
+    id: &DocId,
+) -> Result<bool> {
+    let key = doc_key(id);
+    Ok(table
+        .range((key, [0; 32])..=(key, [0xff; 32]))?
+        .next()
+        .is_some())
+}
+
+/// The vouches a document stored before signatures existed needs when it is first
+/// written with them: one for every change it has that names no device, so that its
+/// signatures here stay complete.
+pub(crate) fn vouch_unsigned(doc: &Automerge, author: &Author) -> Vec<SignedChange> {
+    let mut entries = Vec::new();
+    vouch_missing(&mut entries, &authorship::facts_of_doc(doc, &[]), author);
+    entries
+}
