@@ -255,9 +255,18 @@ pub fn prepare_checks(
     Ok((checks, kept))
 }
 
+/// Signatures verified in one batch at most: batches cost about 40% of a signature
+/// checked alone from 16 on, and larger ones gain little while their working memory
+/// grows with them.
+const BATCH: usize = 64;
+
 /// Verifies signatures, many at once (batch verification costs about half as much per
-/// signature); when the batch fails, one by one to name the change that is wrong.
+/// signature); when a batch fails, one by one to name the change that is wrong.
 pub fn verify_checks(checks: &[Check]) -> Result<(), String> {
+    checks.chunks(BATCH).try_for_each(verify_batch)
+}
+
+fn verify_batch(checks: &[Check]) -> Result<(), String> {
     if checks.is_empty() {
         return Ok(());
     }

@@ -22,6 +22,9 @@ pub(crate) enum Prepared {
     /// A whole document received from a peer: loaded and checked, or why it cannot be
     /// (with its bytes, so that they can be held).
     Received(std::result::Result<PreparedCreate, (Vec<u8>, String)>),
+    /// Changes received from a peer, their signatures checked: the entries to keep, or
+    /// why they are refused.
+    Checked(std::result::Result<Vec<SignedChange>, String>),
 }
 
 /// A new record, or a received document, worked out in memory: its id, document and
@@ -120,8 +123,10 @@ pub(crate) fn prepare_creates(
     batch: &mut WriteBatch,
 ) -> Vec<Option<Prepared>> {
     let mut keys = KeyCache::default();
-    // Signatures of received documents are checked together, at the end.
-    let mut checks: Vec<(usize, Vec<Check>)> = Vec::new();
+    // Signatures of what was received are checked together, at the end: each check with
+    // the write it belongs to.
+    let mut checks: Vec<Check> = Vec::new();
+    let mut owners: Vec<usize> = Vec::new();
     let mut prepared: Vec<Option<Prepared>> = batch
         .ops
         .iter_mut()
@@ -129,9 +134,22 @@ pub(crate) fn prepare_creates(
         .map(|(n, op)| {
             if let (WriteKind::Merge(received), Some(id)) = (&mut op.kind, op.id) {
                 // Only a whole saved document loads on its own; changes are merged by
-                // the writer into the document they belong to.
+                // the writer into the document they belong to (their signatures are
+                // checked here all the same).
                 if !is_document_chunk(&received.bytes) {
-                    return None;
+                    let authority = authority?;
+                    let checked =
+                        crate::signing::facts_of_bytes(&received.bytes).and_then(|facts| {
+                            let entries = authorship::decode(&received.sigs)
+                                .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))?;
+                            let (more, kept) =
+                                authorship::prepare_checks(&facts, &entries, authority, &mut keys)
+                                    .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))?;
+                            owners.extend(std::iter::repeat_n(n, more.len()));
+                            checks.extend(more);
+                            Ok(kept)
+                        });
+                    return Some(Prepared::Checked(checked));
                 }
                 let bytes = std::mem::take(&mut received.bytes);
                 let loaded = crate::merge::load_received(&bytes).and_then(|doc| {
@@ -148,7 +166,8 @@ pub(crate) fn prepare_creates(
                                     let (more, kept) = authorship::prepare_checks(
                                         &facts, &entries, authority, &mut keys,
                                     )?;
-                                    checks.push((n, more));
+                                    owners.extend(std::iter::repeat_n(n, more.len()));
+                                    checks.extend(more);
                                     Ok(kept)
                                 })
                                 .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}")),
@@ -187,14 +206,16 @@ pub(crate) fn prepare_creates(
             )))
         })
         .collect();
-    let all: Vec<Check> = checks.iter().flat_map(|(_, c)| c.iter().cloned()).collect();
-    if authorship::verify_checks(&all).is_err() {
+    if authorship::verify_checks(&checks).is_err() {
         // Some signature is wrong: find whose.
-        for (n, checks) in &checks {
-            if let Err(reason) = authorship::verify_checks(checks)
-                && let Some(Some(Prepared::Received(Ok(p)))) = prepared.get_mut(*n)
-            {
-                p.sigs = Err(format!("{SIGNATURES_DO_NOT_HOLD}{reason}"));
+        for (check, n) in checks.iter().zip(&owners) {
+            if let Err(reason) = authorship::verify_checks(std::slice::from_ref(check)) {
+                let refused = Err(format!("{SIGNATURES_DO_NOT_HOLD}{reason}"));
+                match prepared.get_mut(*n) {
+                    Some(Some(Prepared::Received(Ok(p)))) => p.sigs = refused,
+                    Some(Some(Prepared::Checked(checked))) => *checked = refused,
+                    _ => {}
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use crate::error::{Result, StoreError};
 use crate::held::{HeldDoc, MAX_HELD_BYTES, MAX_HELD_PAYLOADS};
 use crate::merge::{acceptable_collection, check_record, escape, load_received, merge_into};
 use crate::meta::{DocMeta, doc_key, index_prefix, key_doc};
-use crate::prepare::PreparedCreate;
+use crate::prepare::{Prepared, PreparedCreate};
 use crate::store::load_from_tables;
 use crate::tables::HELD;
 use crate::working::Staged;
@@ -52,7 +52,7 @@ impl Writer {
         collection: String,
         id: Option<DocId>,
         received: Received,
-        prepared: Option<std::result::Result<PreparedCreate, (Vec<u8>, String)>>,
+        prepared: Option<Prepared>,
     ) -> Result<WriteOutcome> {
         let id = id.ok_or_else(|| StoreError::BadQuery("a merge needs the record's id".into()))?;
         if !acceptable_collection(&collection) {
@@ -73,6 +73,11 @@ impl Writer {
         {
             self.arrivals.push((id, heads.clone(), from.clone()));
         }
+        let (prepared, checked) = match prepared {
+            Some(Prepared::Received(result)) => (Some(result), None),
+            Some(Prepared::Checked(result)) => (None, Some(result)),
+            _ => (None, None),
+        };
         // Whole documents may have been loaded (and their bytes taken) off the writer.
         let (fresh, loaded, early_refusal) = match prepared {
             Some(Ok(p)) => (Some(p.raw.clone()), Some(p), None),
@@ -80,10 +85,11 @@ impl Writer {
             None => ((!bytes.is_empty()).then_some(bytes), None, None),
         };
         // Every change that arrived must be signed by the device that made it.
-        let signed = match (&loaded, &fresh) {
-            (Some(p), _) => p.sigs.clone(),
-            (None, Some(bytes)) => self.check_sigs(bytes, &sigs),
-            (None, None) => Ok(Vec::new()),
+        let signed = match (&loaded, checked, &fresh) {
+            (Some(p), _, _) => p.sigs.clone(),
+            (None, Some(checked), _) => checked,
+            (None, None, Some(bytes)) => self.check_sigs(bytes, &sigs),
+            (None, None, None) => Ok(Vec::new()),
         };
         let arrival = Arrival {
             id,

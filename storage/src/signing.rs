@@ -95,14 +95,16 @@ pub(crate) fn verify_bytes(
 pub(crate) const SIGNATURES_DO_NOT_HOLD: &str = "its signatures do not hold: ";
 
 /// Keeps signatures (a change's first signature stays: an author's is never replaced).
+/// For a document new here (`new`), nothing is kept yet and nothing is looked up.
 pub(crate) fn store(
     table: &mut Table<'_, (u128, [u8; 32]), &'static [u8]>,
     id: &DocId,
     entries: &[SignedChange],
+    new: bool,
 ) -> Result<()> {
     let key = doc_key(id);
     for entry in entries {
-        if table.get((key, entry.hash))?.is_none() {
+        if new || table.get((key, entry.hash))?.is_none() {
             table.insert((key, entry.hash), encode_value(entry).as_slice())?;
         }
     }

@@ -594,10 +594,6 @@ impl Writer {
         prepared: Option<Prepared>,
     ) -> Result<WriteOutcome> {
         if let WriteKind::Merge(received) = op.kind {
-            let prepared = match prepared {
-                Some(Prepared::Received(result)) => Some(result),
-                _ => None,
-            };
             return self.apply_merge(
                 tables,
                 staged,
@@ -940,9 +936,14 @@ impl Writer {
             // A document stored before signatures existed, written with them for the
             // first time: vouch for its earlier changes, so that its signatures here
             // are complete.
-            signing::store(&mut tables.sigs, id, &signing::vouch_unsigned(doc, &author))?;
+            signing::store(
+                &mut tables.sigs,
+                id,
+                &signing::vouch_unsigned(doc, &author),
+                false,
+            )?;
         }
-        signing::store(&mut tables.sigs, id, &working.sigs)?;
+        signing::store(&mut tables.sigs, id, &working.sigs, old_meta.is_none())?;
         Ok(Some(seq))
     }
 
