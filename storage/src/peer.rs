@@ -116,6 +116,7 @@ impl Store {
         whole: &[DocId],
         changes: &[WantChanges],
     ) -> Result<(Vec<DocPayload>, Vec<DocId>)> {
+        let own = self.inner.own_pending.all();
         let txn = self.read_txn()?;
         let docs = txn.open_table(DOCS)?;
         let held = txn.open_table(HELD)?;
@@ -133,6 +134,7 @@ impl Store {
                 id,
                 bytes,
                 author.as_deref(),
+                own.get(id).cloned().unwrap_or_default(),
             )?))
         };
         let mut out = Vec::with_capacity(whole.len() + changes.len());

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{Result, StoreError};
 use crate::signing::{Author, SIGNATURES_DO_NOT_HOLD};
-use crate::write::{WriteBatch, WriteKind, WriteOp};
+use crate::write::{WriteKind, WriteOp};
 use crate::writer::{bad_id, refused};
 use medmesh_protocol::authorship::{self, Authority, Check, KeyCache, SignedChange};
 
@@ -120,15 +120,14 @@ pub(crate) fn prepare_creates(
     actor: &ActorId,
     author: Option<&Author>,
     authority: Option<&dyn Authority>,
-    batch: &mut WriteBatch,
+    ops: &mut [WriteOp],
 ) -> Vec<Option<Prepared>> {
     let mut keys = KeyCache::default();
     // Signatures of what was received are checked together, at the end: each check with
     // the write it belongs to.
     let mut checks: Vec<Check> = Vec::new();
     let mut owners: Vec<usize> = Vec::new();
-    let mut prepared: Vec<Option<Prepared>> = batch
-        .ops
+    let mut prepared: Vec<Option<Prepared>> = ops
         .iter_mut()
         .enumerate()
         .map(|(n, op)| {

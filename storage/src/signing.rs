@@ -9,8 +9,8 @@
 //! device) and the authority accepts that device. Documents stored before signatures
 //! existed have none; the node vouches for their changes when it sends them.
 
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 
 use automerge::{ActorId, Automerge, ChangeHash};
 use medmesh_protocol::DocId;
@@ -22,6 +22,9 @@ use redb::{ReadableTable, Table};
 use crate::error::Result;
 use crate::merge::{guarded, load_received, next_chunk};
 use crate::meta::doc_key;
+use crate::tables::{FEED, INFO, SIGS};
+use crate::writer::Writer;
+use redb::ReadableDatabase;
 
 pub(crate) use medmesh_protocol::authorship::SigningKey;
 
@@ -155,10 +158,13 @@ pub(crate) fn for_payload(
     id: &DocId,
     bytes: &[u8],
     author: Option<&Author>,
+    own: Vec<SignedChange>,
 ) -> Result<Vec<u8>> {
     let whole = bytes.len() > 8 && bytes[8] == 0;
     let mut entries = if whole {
-        of_doc(table, id)?
+        let mut all = of_doc(table, id)?;
+        all.extend(own);
+        all
     } else {
         let key = doc_key(id);
         let mut out = Vec::new();
@@ -167,6 +173,8 @@ pub(crate) fn for_payload(
                 && let Some(signed) = decode_value(facts.hash, value.value())
             {
                 out.push(signed);
+            } else if let Some(signed) = own.iter().find(|e| e.hash == facts.hash) {
+                out.push(*signed);
             }
         }
         out
@@ -216,4 +224,140 @@ pub(crate) fn vouch_unsigned(doc: &Automerge, author: &Author) -> Vec<SignedChan
     let mut entries = Vec::new();
     vouch_missing(&mut entries, &authorship::facts_of_doc(doc, &[]), author);
     entries
+}
+
+/// This node's own signatures wait here, out of the commits, until there are
+/// [`OWN_FLUSH`] of them or the writer is idle: a durable single write then writes no
+/// more pages than before signatures. Losing them in a crash loses nothing: a signature
+/// is deterministic, and at the next start the writer signs again every own change of
+/// the documents written after the last flush (their feed positions are above the mark
+/// kept in `info`).
+#[derive(Default)]
+pub(crate) struct OwnPending(Mutex<HashMap<DocId, Vec<SignedChange>>>);
+
+/// Own signatures kept in memory at most before they are written.
+pub(crate) const OWN_FLUSH: usize = 256;
+/// The `info` key of the feed position up to which own signatures are in the table.
+const OWN_UPTO: &str = "own_sigs_upto";
+
+impl OwnPending {
+    pub(crate) fn add(&self, id: &DocId, entries: &[SignedChange]) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Ok(mut map) = self.0.lock() {
+            map.entry(*id).or_default().extend_from_slice(entries);
+        }
+    }
+
+    pub(crate) fn has(&self, id: &DocId) -> bool {
+        self.0.lock().map(|m| m.contains_key(id)).unwrap_or(false)
+    }
+
+    /// Everything waiting. Read it before opening the read transaction that reads the
+    /// table: a flush writes the table before it empties this.
+    pub(crate) fn all(&self) -> HashMap<DocId, Vec<SignedChange>> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn snapshot(&self) -> Vec<(DocId, Vec<SignedChange>)> {
+        self.0
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    fn clear(&self) {
+        if let Ok(mut map) = self.0.lock() {
+            map.clear();
+        }
+    }
+}
+
+impl Writer {
+    /// Writes the own signatures waiting in memory, and the mark that they are written.
+    pub(crate) fn flush_own_sigs(&mut self) -> Result<()> {
+        let upto = self.next_seq.saturating_sub(1);
+        if current(&self.author).is_none() {
+            self.own_upto = upto;
+            return Ok(());
+        }
+        let waiting = self.own_pending.snapshot();
+        let txn = self.db.get()?.begin_write()?;
+        {
+            let mut table = txn.open_table(SIGS)?;
+            for (id, entries) in &waiting {
+                store(&mut table, id, entries, false)?;
+            }
+            let mut info = txn.open_table(INFO)?;
+            info.insert(OWN_UPTO, upto.to_be_bytes().as_slice())?;
+        }
+        txn.commit()?;
+        self.own_pending.clear();
+        self.own_upto = upto;
+        Ok(())
+    }
+
+    /// At start, once the key is known: signs again the own changes whose signatures
+    /// were still in memory when the node stopped.
+    pub(crate) fn recover_own_sigs(&mut self, author: &Author) -> Result<()> {
+        let upto = self.next_seq.saturating_sub(1);
+        let mine = author.key.verifying_key().to_bytes();
+        let mut missing = Vec::new();
+        let mark = {
+            let txn = self.db.get()?.begin_read()?;
+            let info = txn.open_table(INFO)?;
+            let mark = info
+                .get(OWN_UPTO)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_be_bytes);
+            if let Some(mark) = mark.filter(|m| *m < upto) {
+                let feed = txn.open_table(FEED)?;
+                let sigs = txn.open_table(SIGS)?;
+                for entry in feed.range(mark + 1..)? {
+                    let id = crate::meta::key_doc(entry?.1.value());
+                    let Some(meta) = crate::store::read_meta(&txn, &id)?.filter(|m| !m.held) else {
+                        continue;
+                    };
+                    let Ok(doc) = crate::store::load_document(&txn, &id, &meta) else {
+                        continue;
+                    };
+                    for change in authorship::facts_of_doc(&doc, &[]) {
+                        if actor_key(&change.actor) == Some(mine)
+                            && sigs.get((doc_key(&id), change.hash))?.is_none()
+                        {
+                            missing.push((id, authorship::sign(&author.key, change.hash)));
+                        }
+                    }
+                }
+            }
+            mark
+        };
+        if mark == Some(upto) {
+            self.own_upto = upto;
+            return Ok(());
+        }
+        let txn = self.db.get()?.begin_write()?;
+        {
+            let mut table = txn.open_table(SIGS)?;
+            for (id, entry) in &missing {
+                store(&mut table, id, std::slice::from_ref(entry), false)?;
+            }
+            let mut info = txn.open_table(INFO)?;
+            info.insert(OWN_UPTO, upto.to_be_bytes().as_slice())?;
+        }
+        txn.commit()?;
+        if !missing.is_empty() {
+            tracing::info!(
+                changes = missing.len(),
+                "signed again this device's changes whose signatures were not saved before it stopped"
+            );
+        }
+        self.own_upto = upto;
+        Ok(())
+    }
 }

@@ -38,6 +38,9 @@ const PAGE_CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// the signature is a vouch rather than the author's own).
 pub type Signers = HashMap<[u8; 32], ([u8; 32], bool)>;
 
+/// Writes in a batch from which two threads prepare it.
+const PREPARE_IN_TWO: usize = 128;
+
 /// How the store is opened.
 #[derive(Clone)]
 pub struct StoreOptions {
@@ -175,6 +178,8 @@ pub(crate) struct Inner {
     pub(crate) author: Arc<AuthorCell>,
     /// Who may have made the changes peers send.
     pub(crate) authority: Option<Arc<dyn Authority>>,
+    /// This node's signatures not yet in the table (written by the writer only).
+    pub(crate) own_pending: Arc<signing::OwnPending>,
 }
 
 impl Drop for Inner {
@@ -283,6 +288,7 @@ impl Store {
                 .unwrap_or(std::num::NonZeroUsize::MIN),
         )));
         let author: Arc<AuthorCell> = Arc::default();
+        let own_pending: Arc<signing::OwnPending> = Arc::default();
         let authority = options.authority.clone();
         let mut writer = Writer::new(
             feed_tx,
@@ -291,6 +297,7 @@ impl Store {
             base,
             origins.clone(),
             author.clone(),
+            own_pending.clone(),
             &info,
             options,
         )?;
@@ -311,6 +318,7 @@ impl Store {
                 origins,
                 author,
                 authority,
+                own_pending,
             }),
         })
     }
@@ -395,13 +403,28 @@ impl Store {
             Some(author) => author.actor.clone(),
             None => actor_from_hex(&self.inner.info.actor),
         };
-        prepare_creates(
-            &self.schema(),
-            &actor,
-            author.as_deref(),
-            self.inner.authority.as_deref(),
-            batch,
-        )
+        let schema = self.schema();
+        let authority = self.inner.authority.as_deref();
+        let work = |ops: &mut [crate::write::WriteOp]| {
+            prepare_creates(&schema, &actor, author.as_deref(), authority, ops)
+        };
+        if batch.ops.len() < PREPARE_IN_TWO {
+            return work(&mut batch.ops);
+        }
+        // Two threads share a large batch (an import, a page of an initial sync): loading,
+        // signing and checking are most of the work, and the writer waits for them.
+        let half = batch.ops.len() / 2;
+        let (first, second) = batch.ops.split_at_mut(half);
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| work(second));
+            let mut prepared = work(first);
+            match other.join() {
+                Ok(more) => prepared.extend(more),
+                // As if it had happened on this thread.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+            prepared
+        })
     }
 
     /// Signs every change this store makes from now on with the device key `secret`
@@ -420,6 +443,7 @@ impl Store {
     /// say: change hash → (signer's public key, whether it is a vouch). Only verified
     /// signatures are kept (in a store with an authority).
     pub fn signers(&self, id: &DocId) -> Result<Signers> {
+        let own = self.inner.own_pending.all().remove(id).unwrap_or_default();
         let txn = self.read_txn()?;
         let doc = self.document_any(&txn, id)?;
         let table = txn.open_table(SIGS)?;
@@ -432,7 +456,7 @@ impl Store {
             })
             .unwrap_or_default();
         let mut out = HashMap::new();
-        for entry in signing::of_doc(&table, id)? {
+        for entry in signing::of_doc(&table, id)?.into_iter().chain(own) {
             let actor = actors
                 .get(&entry.hash)
                 .map(Vec::as_slice)
@@ -499,6 +523,7 @@ impl Store {
         limit: usize,
     ) -> Result<(Vec<medmesh_protocol::sync::LocalEntry>, u64)> {
         let (entries, last) = self.feed_page(after, limit)?;
+        let own = self.inner.own_pending.all();
         let txn = self.read_txn()?;
         let docs = txn.open_table(DOCS)?;
         let chunks = txn.open_table(CHUNKS)?;
@@ -526,6 +551,7 @@ impl Store {
                         &item.id,
                         &bytes,
                         author.as_deref(),
+                        own.get(&item.id).cloned().unwrap_or_default(),
                     )?);
                     item.payload = Some(serde_bytes::ByteBuf::from(bytes));
                 }

@@ -32,8 +32,11 @@ pub(crate) struct Working {
     /// For a new document: its saved bytes, stored as they are (cleared when the
     /// document is changed again).
     pub(crate) raw: Option<Vec<u8>>,
-    /// Signatures of the changes made or received in this batch, stored with it.
+    /// Signatures of the changes received (or vouched for) in this batch, stored with it.
     pub(crate) sigs: Vec<SignedChange>,
+    /// This node's signatures of the changes it made in this batch (kept out of the
+    /// commit: see [`crate::signing::OwnPending`]).
+    pub(crate) own: Vec<SignedChange>,
 }
 
 impl Working {
@@ -82,6 +85,13 @@ impl Staged {
         }
     }
 
+    /// Adds this node's signatures of its own changes to a document of this batch.
+    pub(crate) fn sign_own(&mut self, id: &DocId, sigs: Vec<SignedChange>) {
+        if let Some(working) = self.docs.get_mut(id) {
+            working.own.extend(sigs);
+        }
+    }
+
     /// Adds a document new to the store; answers the write's outcome.
     pub(crate) fn add_new(
         &mut self,
@@ -105,6 +115,7 @@ impl Staged {
                 record: Some(record.clone()),
                 raw,
                 sigs: Vec::new(),
+                own: Vec::new(),
             },
         );
         WriteOutcome {

@@ -129,6 +129,11 @@ pub(crate) struct Writer {
     pub(crate) authority: Option<Arc<dyn Authority>>,
     /// Device keys decompressed for verification.
     pub(crate) keys: KeyCache,
+    /// This node's signatures not yet in the `sigs` table (this writer is their only
+    /// writer; readers add them to what they send).
+    pub(crate) own_pending: Arc<signing::OwnPending>,
+    /// The feed position up to which every own signature is in the table, as stored.
+    pub(crate) own_upto: u64,
 }
 
 /// Which peer each document's current version came from, when it came whole from one
@@ -192,6 +197,7 @@ impl Writer {
         base_schema: Arc<Schema>,
         origins: Arc<Origins>,
         author: Arc<AuthorCell>,
+        own_pending: Arc<signing::OwnPending>,
         info: &StoreInfo,
         options: StoreOptions,
     ) -> Result<Self> {
@@ -224,6 +230,8 @@ impl Writer {
             author,
             authority: options.authority,
             keys: KeyCache::default(),
+            own_pending,
+            own_upto: 0,
         })
     }
 
@@ -263,7 +271,8 @@ impl Writer {
 
     fn serve(&mut self, rx: &Receiver<Command>) {
         loop {
-            let idle_work = !self.to_compact.is_empty() || self.retry_due;
+            let idle_work =
+                !self.to_compact.is_empty() || self.retry_due || self.own_upto + 1 < self.next_seq;
             let first = if !idle_work {
                 match rx.recv() {
                     Ok(command) => command,
@@ -273,7 +282,11 @@ impl Writer {
                 match rx.recv_timeout(IDLE_BEFORE_COMPACTION) {
                     Ok(command) => command,
                     Err(RecvTimeoutError::Timeout) => {
-                        if self.retry_due {
+                        if self.own_upto + 1 < self.next_seq {
+                            if let Err(err) = self.flush_own_sigs() {
+                                tracing::warn!(error = %err, "this node's signatures could not be saved; will retry");
+                            }
+                        } else if self.retry_due {
                             self.retry_due = false;
                             if let Err(err) = self.retry_held() {
                                 tracing::warn!(error = %err, "retrying held documents failed; will retry at the next start or schema change");
@@ -321,10 +334,10 @@ impl Writer {
                         doc.1.set_actor(self.actor.clone());
                     }
                     match self.author.write() {
-                        Ok(mut cell) => *cell = Some(author),
-                        Err(poisoned) => *poisoned.into_inner() = Some(author),
+                        Ok(mut cell) => *cell = Some(author.clone()),
+                        Err(poisoned) => *poisoned.into_inner() = Some(author.clone()),
                     }
-                    let _ = reply.send(Ok(()));
+                    let _ = reply.send(self.recover_own_sigs(&author));
                 }
                 other => writes.push(other),
             }
@@ -390,6 +403,12 @@ impl Writer {
                 }
                 for reply in replies {
                     reply.send_ok();
+                }
+                // Enough own signatures wait: written now, after the answers.
+                if self.own_pending.len() >= signing::OWN_FLUSH
+                    && let Err(err) = self.flush_own_sigs()
+                {
+                    tracing::warn!(error = %err, "this node's signatures could not be saved; will retry");
                 }
             }
             Err(err) => {
@@ -508,6 +527,7 @@ impl Writer {
         for (id, mut working) in batch_docs.docs {
             // Stored with the document above.
             working.sigs.clear();
+            working.own.clear();
             if !staged.docs.contains_key(&id) {
                 staged.order.push(id);
             }
@@ -580,6 +600,7 @@ impl Writer {
                 old_meta: Some(old_meta),
                 doc: Some(doc),
                 sigs: Vec::new(),
+                own: Vec::new(),
             },
         );
         Ok(true)
@@ -645,7 +666,7 @@ impl Writer {
                     created.record,
                     Some(created.raw),
                 );
-                batch.sign(&id, created.sigs.unwrap_or_default());
+                batch.sign_own(&id, created.sigs.unwrap_or_default());
                 Ok(outcome)
             }
             WriteKind::Ensure {
@@ -794,7 +815,7 @@ impl Writer {
                         Some(hash) => {
                             if let Some(author) = signing::current(&self.author) {
                                 working
-                                    .sigs
+                                    .own
                                     .push(author.sign_own(hash, self.actor.to_bytes()));
                             }
                             true
@@ -931,6 +952,7 @@ impl Writer {
         tables.meta.insert(key, meta.encode().as_slice())?;
         if let (Some(_), Some(doc), Some(author)) =
             (old_meta, &working.doc, signing::current(&self.author))
+            && !self.own_pending.has(id)
             && !signing::any_for(&tables.sigs, id)?
         {
             // A document stored before signatures existed, written with them for the
@@ -944,6 +966,7 @@ impl Writer {
             )?;
         }
         signing::store(&mut tables.sigs, id, &working.sigs, old_meta.is_none())?;
+        self.own_pending.add(id, &working.own);
         Ok(Some(seq))
     }
 

@@ -267,3 +267,45 @@ fn records_from_before_signatures_are_vouched_for_by_the_node_that_sends_them() 
     signers.sort();
     assert_eq!(signers, vec![(public(1), false), (public(1), true)]);
 }
+
+#[test]
+fn own_signatures_not_yet_saved_when_the_node_stops_are_made_again_at_the_next_start() {
+    let disk = medmesh_storage::MemoryDisk::new();
+    let open = || {
+        let disk = disk.clone();
+        let store = Store::with_backend(
+            move || disk.clone(),
+            Schema::hikma(),
+            StoreOptions {
+                authority: Some(Arc::new(Mesh { revoked: None })),
+                ..StoreOptions::default()
+            },
+        )
+        .expect("store");
+        store.sign_as_blocking(&[1; 32]).expect("sign as");
+        store
+    };
+    let a = open();
+    let ids: Vec<DocId> = (0..5)
+        .map(|n| {
+            create(
+                &a,
+                json!({"given_name": format!("P{n}"), "surname": "Stop"}),
+            )
+        })
+        .collect();
+    patch(&a, ids[0], json!({"surname": "Stopped"}));
+    // Stopped at once: the signatures were still waiting in memory.
+    drop(a);
+    let a = open();
+    let b = node(2);
+    let payloads: Vec<DocPayload> = ids.iter().flat_map(|id| whole(&a, *id)).collect();
+    assert_eq!(receive(&b, payloads), vec![None; 5]);
+    let signers = b.signers(&ids[0]).expect("signers");
+    assert_eq!(signers.len(), 2);
+    assert!(
+        signers
+            .values()
+            .all(|(key, vouched)| *key == public(1) && !vouched)
+    );
+}
