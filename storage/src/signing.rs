@@ -237,6 +237,8 @@ pub(crate) struct OwnPending(Mutex<HashMap<DocId, Vec<SignedChange>>>);
 
 /// Own signatures kept in memory at most before they are written.
 pub(crate) const OWN_FLUSH: usize = 256;
+/// Feed positions the mark may lag at most (what a restart may have to look at again).
+pub(crate) const MARK_EVERY: u64 = 4096;
 /// The `info` key of the feed position up to which own signatures are in the table.
 const OWN_UPTO: &str = "own_sigs_upto";
 

@@ -404,8 +404,10 @@ impl Writer {
                 for reply in replies {
                     reply.send_ok();
                 }
-                // Enough own signatures wait: written now, after the answers.
-                if self.own_pending.len() >= signing::OWN_FLUSH
+                // Enough own signatures wait, or the mark is far behind (a long sync
+                // that never leaves the writer idle): written now, after the answers.
+                if (self.own_pending.len() >= signing::OWN_FLUSH
+                    || self.next_seq.saturating_sub(self.own_upto) > signing::MARK_EVERY)
                     && let Err(err) = self.flush_own_sigs()
                 {
                     tracing::warn!(error = %err, "this node's signatures could not be saved; will retry");
