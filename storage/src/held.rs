@@ -59,9 +59,9 @@ impl HeldDoc {
         ciborium::from_reader(bytes).ok()
     }
 
-    /// Total bytes of the payloads.
+    /// Total bytes of the payloads and their signatures.
     pub fn size(&self) -> usize {
-        self.payloads.iter().map(|p| p.len()).sum()
+        self.payloads.iter().map(|p| p.len()).sum::<usize>() + self.sigs.len()
     }
 
     /// The payloads as one byte string that Automerge loads in one go.

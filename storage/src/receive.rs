@@ -166,17 +166,10 @@ impl Writer {
             && !arrival.heads.is_empty()
             && self.load_working(tables, staged, batch, &id)?
             && let Some(working) = batch.docs.get_mut(&id)
+            && has_every(working.doc_mut(&id)?, &arrival.heads)
         {
-            let hashes: Vec<automerge::ChangeHash> = arrival
-                .heads
-                .iter()
-                .copied()
-                .map(automerge::ChangeHash)
-                .collect();
-            if automerge::ReadDoc::get_missing_deps(working.doc_mut(&id)?, &hashes).is_empty() {
-                tracing::debug!(doc = %id, reason = %escape(&reason), "badly signed bytes from a peer brought nothing new; the document already has them");
-                return Ok(unchanged);
-            }
+            tracing::debug!(doc = %id, reason = %escape(&reason), "badly signed bytes from a peer brought nothing new; the document already has them");
+            return Ok(unchanged);
         }
         let held = match tables.held.get(doc_key(&id))? {
             Some(bytes) => HeldDoc::decode(bytes.value()),
@@ -446,13 +439,7 @@ impl Writer {
             None => {
                 // Bytes that cannot be merged but bring nothing this document lacks (a
                 // damaged copy of changes that arrived intact another way) lose nothing.
-                let have_all = |heads: &[[u8; 32]]| {
-                    let hashes: Vec<automerge::ChangeHash> =
-                        heads.iter().copied().map(automerge::ChangeHash).collect();
-                    !hashes.is_empty()
-                        && automerge::ReadDoc::get_missing_deps(doc, &hashes).is_empty()
-                };
-                let redundant = have_all(&arrival.heads);
+                let redundant = has_every(doc, &arrival.heads);
                 let held_superseded = held.as_ref().is_some_and(|h| superseded(doc, h));
                 if redundant && (held.is_none() || held_superseded) {
                     if held.is_some() {
@@ -597,7 +584,7 @@ impl Writer {
             .fresh
             .filter(|f| !entry.payloads.iter().any(|p| p.as_slice() == f.as_slice()))
         {
-            if entry.size() + fresh.len() > MAX_HELD_BYTES
+            if entry.size() + fresh.len() + arrival.sigs.len() > MAX_HELD_BYTES
                 || entry.payloads.len() >= MAX_HELD_PAYLOADS
             {
                 return Err(StoreError::BadQuery(format!(
@@ -824,13 +811,18 @@ impl Writer {
 
 /// Whether a document already has every change a held copy of it announced.
 fn superseded(doc: &automerge::Automerge, held: &HeldDoc) -> bool {
-    use automerge::ReadDoc;
-    let claimed: Vec<automerge::ChangeHash> = medmesh_protocol::wire::split_heads(&held.heads)
-        .unwrap_or_default()
-        .into_iter()
-        .map(automerge::ChangeHash)
-        .collect();
-    !claimed.is_empty() && doc.get_missing_deps(&claimed).is_empty()
+    has_every(
+        doc,
+        &medmesh_protocol::wire::split_heads(&held.heads).unwrap_or_default(),
+    )
+}
+
+/// Whether a document has every one of `heads` (and so everything before them); false
+/// for no heads.
+fn has_every(doc: &automerge::Automerge, heads: &[[u8; 32]]) -> bool {
+    let hashes: Vec<automerge::ChangeHash> =
+        heads.iter().copied().map(automerge::ChangeHash).collect();
+    !hashes.is_empty() && automerge::ReadDoc::get_missing_deps(doc, &hashes).is_empty()
 }
 
 /// The schema in force for a schema document's record: the base collections with the

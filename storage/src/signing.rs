@@ -160,7 +160,7 @@ pub(crate) fn for_payload(
     author: Option<&Author>,
     own: Vec<SignedChange>,
 ) -> Result<Vec<u8>> {
-    let whole = bytes.len() > 8 && bytes[8] == 0;
+    let whole = crate::prepare::is_document_chunk(bytes);
     let mut entries = if whole {
         let mut all = of_doc(table, id)?;
         all.extend(own);
@@ -288,18 +288,23 @@ impl Writer {
             self.own_upto = upto;
             return Ok(());
         }
-        let waiting = self.own_pending.snapshot();
+        self.save_own(&self.own_pending.snapshot(), upto)?;
+        self.own_pending.clear();
+        Ok(())
+    }
+
+    /// Writes own signatures and the mark that every one up to `upto` is written.
+    fn save_own(&mut self, entries: &[(DocId, Vec<SignedChange>)], upto: u64) -> Result<()> {
         let txn = self.db.get()?.begin_write()?;
         {
             let mut table = txn.open_table(SIGS)?;
-            for (id, entries) in &waiting {
+            for (id, entries) in entries {
                 store(&mut table, id, entries, false)?;
             }
             let mut info = txn.open_table(INFO)?;
             info.insert(OWN_UPTO, upto.to_be_bytes().as_slice())?;
         }
         txn.commit()?;
-        self.own_pending.clear();
         self.own_upto = upto;
         Ok(())
     }
@@ -332,7 +337,7 @@ impl Writer {
                         if actor_key(&change.actor) == Some(mine)
                             && sigs.get((doc_key(&id), change.hash))?.is_none()
                         {
-                            missing.push((id, authorship::sign(&author.key, change.hash)));
+                            missing.push((id, vec![authorship::sign(&author.key, change.hash)]));
                         }
                     }
                 }
@@ -343,23 +348,13 @@ impl Writer {
             self.own_upto = upto;
             return Ok(());
         }
-        let txn = self.db.get()?.begin_write()?;
-        {
-            let mut table = txn.open_table(SIGS)?;
-            for (id, entry) in &missing {
-                store(&mut table, id, std::slice::from_ref(entry), false)?;
-            }
-            let mut info = txn.open_table(INFO)?;
-            info.insert(OWN_UPTO, upto.to_be_bytes().as_slice())?;
-        }
-        txn.commit()?;
+        self.save_own(&missing, upto)?;
         if !missing.is_empty() {
             tracing::info!(
                 changes = missing.len(),
                 "signed again this device's changes whose signatures were not saved before it stopped"
             );
         }
-        self.own_upto = upto;
         Ok(())
     }
 }
