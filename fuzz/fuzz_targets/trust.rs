@@ -26,8 +26,15 @@ fuzz_target!(|data: &[u8]| {
         let _ = invite.root();
         let _ = invite.token_hash();
     }
-    if let Ok(entries) = medmesh_protocol::authorship::decode(data) {
-        assert_eq!(medmesh_protocol::authorship::encode(&entries), data);
+    if let Ok(decoded) = medmesh_protocol::authorship::decode(data) {
+        // Entries and seals may come in any order; encoded again (entries first), they
+        // decode to the same.
+        let mut again = medmesh_protocol::authorship::encode(&decoded.entries);
+        for seal in &decoded.seals {
+            medmesh_protocol::authorship::encode_seal_into(seal, &mut again);
+        }
+        assert_eq!(again.len(), data.len());
+        assert_eq!(medmesh_protocol::authorship::decode(&again), Ok(decoded));
     }
     let _ = decode_enroll::<EnrollRequest>(data);
     let _ = decode_enroll::<EnrollAnswer>(data);

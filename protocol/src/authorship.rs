@@ -610,7 +610,11 @@ pub fn verify_seals(seals: Vec<Seal>, keys: &mut KeyCache) -> Vec<Result<KnownSe
             })
         })
         .collect();
-    let valid: Vec<Check> = checks.iter().filter_map(|c| c.as_ref().ok()).cloned().collect();
+    let valid: Vec<Check> = checks
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .cloned()
+        .collect();
     let all_hold = verify_checks(&valid).is_ok();
     seals
         .into_iter()

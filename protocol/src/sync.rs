@@ -52,8 +52,9 @@ use puller::{Page, PartialDoc};
 
 /// The sync protocol version. Version 2 added anti-entropy summaries, the `diverged`
 /// answer with its Bloom-filter follow-up, and the senders' heads on documents; version 3
-/// device certificates; version 4 the signatures of changes.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// device certificates; version 4 the signatures of changes; version 5 seals (one
+/// signature over many changes).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Feed entries per page.
 pub const PAGE: usize = 512;
 /// Pages a feeder sends ahead of the acknowledgements.

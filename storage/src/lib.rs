@@ -46,6 +46,7 @@ pub use error::{Result, StoreError};
 pub use held::{HeldDoc, HeldSummary, MAX_HELD_BYTES};
 pub use medmesh_protocol::record::MAX_RECORD_DEPTH;
 pub use merge::escape;
+pub use signing::SealsSent;
 pub use store::{
     FeedEntry, Filter, MemoryDisk, Page, Query, RecordView, Signers, Store, StoreInfo, StoreOptions,
 };

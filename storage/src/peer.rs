@@ -15,11 +15,12 @@ use tokio::sync::oneshot;
 use crate::error::{Result, StoreError};
 use crate::merge::{escape, guarded};
 use crate::meta::{DocMeta, doc_key, key_doc};
-use crate::signing;
+use crate::signing::{self, SealsSent};
 use crate::store::{Store, load_document, read_meta};
-use crate::tables::{DOC_META, DOCS, FEED, PEERS, SIGS};
+use crate::tables::{DOC_META, DOCS, FEED, PEERS, SEALS, SIGS};
 use crate::write::{PeerRecord, PeerUpdate};
 use crate::writer::Command;
+use medmesh_protocol::authorship::SealId;
 
 fn heads_bytes(heads: &[[u8; 32]]) -> ByteBuf {
     wire::join_heads(heads)
@@ -105,7 +106,9 @@ impl Store {
         whole: &[DocId],
         changes: &[WantChanges],
     ) -> Result<Vec<DocPayload>> {
-        Ok(self.load_for_peer_diverged(whole, changes)?.0)
+        Ok(self
+            .load_for_peer_diverged(whole, changes, &mut SealsSent::new())?
+            .0)
     }
 
     /// [`Store::load_for_peer`], also answering the documents whose changes cannot be
@@ -115,18 +118,30 @@ impl Store {
         &self,
         whole: &[DocId],
         changes: &[WantChanges],
+        sent: &mut SealsSent,
     ) -> Result<(Vec<DocPayload>, Vec<DocId>)> {
         let own = self.inner.own_pending.all();
         let txn = self.read_txn()?;
         let docs = txn.open_table(DOCS)?;
         let held = txn.open_table(HELD)?;
         let sigs = txn.open_table(SIGS)?;
+        let seals = txn.open_table(SEALS)?;
         let author = signing::current(&self.inner.author);
+        let find = |id: &SealId| {
+            self.inner
+                .seals
+                .find(id, |id| signing::read_seal(&seals, id))
+        };
+        let sent = std::cell::RefCell::new(sent);
         let held_bytes = |id: &DocId| -> Result<Option<(Vec<u8>, ByteBuf)>> {
             Ok(held
                 .get(doc_key(id))?
                 .and_then(|v| HeldDoc::decode(v.value()))
-                .map(|h| (h.joined(), h.sigs)))
+                .map(|h| {
+                    let bytes = h.joined();
+                    let sigs = signing::with_seals(h.sigs.into_vec(), &mut sent.borrow_mut(), find);
+                    (bytes, ByteBuf::from(sigs))
+                }))
         };
         let sigs_for = |id: &DocId, bytes: &[u8]| -> Result<ByteBuf> {
             Ok(ByteBuf::from(signing::for_payload(
@@ -135,6 +150,8 @@ impl Store {
                 bytes,
                 author.as_deref(),
                 own.get(id).cloned().unwrap_or_default(),
+                &mut sent.borrow_mut(),
+                &find,
             )?))
         };
         let mut out = Vec::with_capacity(whole.len() + changes.len());

@@ -13,7 +13,7 @@ use crate::error::{Result, StoreError};
 use crate::signing::{Author, SIGNATURES_DO_NOT_HOLD};
 use crate::write::{WriteKind, WriteOp};
 use crate::writer::{bad_id, refused};
-use medmesh_protocol::authorship::{self, Authority, Check, KeyCache, SignedChange};
+use medmesh_protocol::authorship::{self, Authority, Check, KeyCache, SealLookup, SignedChange};
 
 /// Work done before the writer sees a write.
 pub(crate) enum Prepared {
@@ -37,6 +37,9 @@ pub(crate) struct PreparedCreate {
     /// The signatures to keep with its changes; for a received document whose
     /// signatures were checked and refused, why.
     pub(crate) sigs: std::result::Result<Vec<SignedChange>, String>,
+    /// For a new record made by this node: its changes, to be signed when written
+    /// (`true`: made with the device actor).
+    pub(crate) own: Vec<(ChangeHash, bool)>,
 }
 
 pub(crate) fn commit_options(op: &WriteOp) -> CommitOptions {
@@ -98,11 +101,9 @@ pub(crate) fn prepare_create(
     // The document holds exactly these fields (Automerge orders keys).
     fields.sort_keys();
     let heads = doc.get_heads();
-    let sigs = match author {
-        Some(author) => heads
-            .iter()
-            .map(|hash| author.sign_own(*hash, actor.to_bytes()))
-            .collect(),
+    let device = authorship::actor_key(actor.to_bytes()).is_some();
+    let own = match author {
+        Some(_) => heads.iter().map(|hash| (*hash, device)).collect(),
         None => Vec::new(),
     };
     Ok(PreparedCreate {
@@ -110,7 +111,8 @@ pub(crate) fn prepare_create(
         heads,
         raw: doc.save(),
         record: fields,
-        sigs: Ok(sigs),
+        sigs: Ok(Vec::new()),
+        own,
     })
 }
 
@@ -120,6 +122,7 @@ pub(crate) fn prepare_creates(
     actor: &ActorId,
     author: Option<&Author>,
     authority: Option<&dyn Authority>,
+    seals: &dyn SealLookup,
     ops: &mut [WriteOp],
 ) -> Vec<Option<Prepared>> {
     let mut keys = KeyCache::default();
@@ -139,11 +142,11 @@ pub(crate) fn prepare_creates(
                     let authority = authority?;
                     let checked =
                         crate::signing::facts_of_bytes(&received.bytes).and_then(|facts| {
-                            let entries = authorship::decode(&received.sigs)
-                                .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))?;
-                            let (more, kept) =
-                                authorship::prepare_checks(&facts, &entries, authority, &mut keys)
-                                    .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))?;
+                            let entries = crate::signing::decode(&received.sigs)?.entries;
+                            let (more, kept) = authorship::prepare_checks(
+                                &facts, &entries, seals, authority, &mut keys,
+                            )
+                            .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))?;
                             owners.extend(std::iter::repeat_n(n, more.len()));
                             checks.extend(more);
                             Ok(kept)
@@ -158,12 +161,18 @@ pub(crate) fn prepare_creates(
                 return Some(Prepared::Received(match loaded {
                     Ok((doc, record)) => {
                         let sigs = match authority {
-                            None => Ok(authorship::decode(&received.sigs).unwrap_or_default()),
+                            None => Ok(authorship::decode(&received.sigs)
+                                .unwrap_or_default()
+                                .entries),
                             Some(authority) => authorship::decode(&received.sigs)
-                                .and_then(|entries| {
+                                .and_then(|decoded| {
                                     let facts = authorship::facts_of_doc(&doc, &[]);
                                     let (more, kept) = authorship::prepare_checks(
-                                        &facts, &entries, authority, &mut keys,
+                                        &facts,
+                                        &decoded.entries,
+                                        seals,
+                                        authority,
+                                        &mut keys,
                                     )?;
                                     owners.extend(std::iter::repeat_n(n, more.len()));
                                     checks.extend(more);
@@ -177,6 +186,7 @@ pub(crate) fn prepare_creates(
                             heads: doc.get_heads(),
                             raw: bytes,
                             sigs,
+                            own: Vec::new(),
                         })
                     }
                     Err(reason) => Err((bytes, reason)),

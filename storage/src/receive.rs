@@ -88,7 +88,7 @@ impl Writer {
         let signed = match (&loaded, checked, &fresh) {
             (Some(p), _, _) => p.sigs.clone(),
             (None, Some(checked), _) => checked,
-            (None, None, Some(bytes)) => self.check_sigs(bytes, &sigs),
+            (None, None, Some(bytes)) => self.check_sigs(tables, bytes, &sigs),
             (None, None, None) => Ok(Vec::new()),
         };
         let arrival = Arrival {
@@ -126,13 +126,37 @@ impl Writer {
     /// else taken as they came.
     fn check_sigs(
         &mut self,
+        tables: &mut Tables<'_>,
         bytes: &[u8],
         sigs: &[u8],
     ) -> std::result::Result<Vec<SignedChange>, String> {
+        let decoded = match (&self.authority, crate::signing::decode(sigs)) {
+            (_, Ok(decoded)) => decoded,
+            (None, Err(_)) => return Ok(Vec::new()),
+            (Some(_), Err(why)) => return Err(why),
+        };
+        if !decoded.seals.is_empty() {
+            // Kept in this same commit, with what refers to them.
+            self.seals.admit(decoded.seals, &mut self.keys);
+            let unsaved = self.seals.take_unsaved();
+            crate::signing::store_seals(&mut tables.seals, unsaved.iter().map(|s| s.seal()))
+                .map_err(|e| format!("its signatures could not be kept here: {e}"))?;
+            self.retry_due |= !unsaved.is_empty();
+        }
         match &self.authority {
-            None => Ok(authorship::decode(sigs).unwrap_or_default()),
+            None => Ok(decoded.entries),
             Some(authority) => {
-                crate::signing::verify_bytes(bytes, sigs, authority.as_ref(), &mut self.keys)
+                let seals = crate::signing::Lookup {
+                    book: &self.seals,
+                    load: |id: &authorship::SealId| crate::signing::read_seal(&tables.seals, id),
+                };
+                crate::signing::verify_bytes(
+                    bytes,
+                    &decoded.entries,
+                    &seals,
+                    authority.as_ref(),
+                    &mut self.keys,
+                )
             }
         }
     }
@@ -209,7 +233,7 @@ impl Writer {
         let meta = tables.meta_of(&id)?;
         let mut set_aside = None;
         if let Some(entry) = &held {
-            match self.check_sigs(&entry.joined(), &entry.sigs) {
+            match self.check_sigs(tables, &entry.joined(), &entry.sigs) {
                 Ok(kept) => batch.sign(&id, kept),
                 Err(reason) if arrival.fresh.is_none() => {
                     return self.hold(tables, arrival, held, meta, reason);

@@ -15,14 +15,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use automerge::{ActorId, Automerge, ChangeHash};
 use medmesh_protocol::DocId;
 use medmesh_protocol::authorship::{
-    self, Authority, ChangeFacts, KeyCache, SignedChange, actor_key, author_actor,
+    self, Authority, ChangeFacts, KeyCache, KnownSeal, Proof, SEAL_MAX, Seal, SealId, SealLookup,
+    SignedChange, actor_key, author_actor,
 };
 use redb::{ReadableTable, Table};
 
 use crate::error::Result;
 use crate::merge::{guarded, load_received, next_chunk};
 use crate::meta::doc_key;
-use crate::tables::{FEED, INFO, SIGS};
+use crate::tables::{FEED, INFO, SEALS, SIGS};
 use crate::writer::Writer;
 use redb::ReadableDatabase;
 
@@ -41,14 +42,37 @@ impl Author {
         Self { key, actor }
     }
 
-    /// This node's signature of a change it made now: its own, or (for a change with
-    /// no device actor, such as a record's shared genesis) a vouch.
-    pub(crate) fn sign_own(&self, hash: ChangeHash, actor: &[u8]) -> SignedChange {
-        if actor_key(actor).is_some() {
-            authorship::sign(&self.key, hash.0)
-        } else {
-            authorship::vouch(&self.key, hash.0)
+    /// This node's signatures of changes it made (`true`: made with its device actor;
+    /// else, such as a record's shared genesis, vouched for), by document: one seal
+    /// for many changes, a signature of its own for a change alone. Answers the seals
+    /// made, to be kept.
+    pub(crate) fn sign_own(
+        &self,
+        changes: Vec<(DocId, ChangeHash, bool)>,
+    ) -> (HashMap<DocId, Vec<SignedChange>>, Vec<Seal>) {
+        let mut out: HashMap<DocId, Vec<SignedChange>> = HashMap::new();
+        let mut seals = Vec::new();
+        let (device, other): (Vec<_>, Vec<_>) = changes.into_iter().partition(|c| c.2);
+        for (id, hash, _) in other {
+            out.entry(id)
+                .or_default()
+                .push(authorship::vouch(&self.key, hash.0));
         }
+        if let [(id, hash, _)] = device.as_slice() {
+            out.entry(*id)
+                .or_default()
+                .push(authorship::sign(&self.key, hash.0));
+            return (out, seals);
+        }
+        for chunk in device.chunks(SEAL_MAX) {
+            let (seal, entries) =
+                authorship::seal(&self.key, chunk.iter().map(|c| c.1.0).collect());
+            for ((id, _, _), entry) in chunk.iter().zip(entries) {
+                out.entry(*id).or_default().push(entry);
+            }
+            seals.push(seal);
+        }
+        (out, seals)
     }
 }
 
@@ -81,17 +105,178 @@ pub(crate) fn facts_of_bytes(bytes: &[u8]) -> std::result::Result<Vec<ChangeFact
     Ok(facts)
 }
 
-/// Checks a peer's bytes against their signatures; the entries to keep.
+/// Checks a peer's bytes against their signatures (and the seals they refer to, found
+/// by `seals`); the entries to keep.
 pub(crate) fn verify_bytes(
     bytes: &[u8],
-    sigs: &[u8],
+    entries: &[SignedChange],
+    seals: &dyn SealLookup,
     authority: &dyn Authority,
     keys: &mut KeyCache,
 ) -> std::result::Result<Vec<SignedChange>, String> {
     let facts = facts_of_bytes(bytes)?;
-    authorship::decode(sigs)
-        .and_then(|entries| authorship::verify(&facts, &entries, authority, keys))
+    authorship::verify(&facts, entries, seals, authority, keys)
         .map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))
+}
+
+/// Signatures as a peer sent them, decoded; an error says they are damaged.
+pub(crate) fn decode(sigs: &[u8]) -> std::result::Result<authorship::Decoded, String> {
+    authorship::decode(sigs).map_err(|why| format!("{SIGNATURES_DO_NOT_HOLD}{why}"))
+}
+
+/// Seals known here: those this node made and those from peers whose signature held.
+/// The ones used lately stay in memory (checked once); the ones from peers not yet in
+/// the table wait for the writer, which keeps them ([`SealBook::take_unsaved`]).
+#[derive(Default)]
+pub(crate) struct SealBook(Mutex<Book>);
+
+#[derive(Default)]
+struct Book {
+    known: HashMap<SealId, Arc<KnownSeal>>,
+    unsaved: HashMap<SealId, Arc<KnownSeal>>,
+}
+
+/// Seals kept in memory at most (each up to [`SEAL_MAX`] hashes).
+const SEALS_IN_MEMORY: usize = 64;
+
+impl Book {
+    fn remember(&mut self, seal: Arc<KnownSeal>) {
+        if self.known.len() >= SEALS_IN_MEMORY {
+            self.known.clear();
+        }
+        self.known.insert(seal.seal().id(), seal);
+    }
+
+    fn find(&self, id: &SealId) -> Option<Arc<KnownSeal>> {
+        self.known.get(id).or_else(|| self.unsaved.get(id)).cloned()
+    }
+}
+
+impl SealBook {
+    /// Checks the seals a peer sent that are not known here yet; those that hold become
+    /// known (and are kept by the writer). One that does not hold is left out: the
+    /// changes that refer to it are refused for it.
+    pub(crate) fn admit(&self, seals: Vec<Seal>, keys: &mut KeyCache) {
+        let new: Vec<Seal> = match self.0.lock() {
+            Ok(book) => seals
+                .into_iter()
+                .filter(|s| book.find(&s.id()).is_none())
+                .collect(),
+            Err(_) => return,
+        };
+        if new.is_empty() {
+            return;
+        }
+        let checked = authorship::verify_seals(new, keys);
+        if let Ok(mut book) = self.0.lock() {
+            for seal in checked {
+                match seal {
+                    Ok(seal) => {
+                        let seal = Arc::new(seal);
+                        book.unsaved.insert(seal.seal().id(), seal.clone());
+                        book.remember(seal);
+                    }
+                    Err(why) => {
+                        tracing::warn!(reason = %why, "a peer sent signatures that do not hold; the changes that refer to them are held")
+                    }
+                }
+            }
+        }
+    }
+
+    /// A seal this node made (kept in the table by the writer in the same commit).
+    pub(crate) fn remember_own(&self, seal: Seal) {
+        if let Ok(mut book) = self.0.lock() {
+            book.remember(Arc::new(KnownSeal::trusted(seal)));
+        }
+    }
+
+    /// The seals from peers still to be written to the table.
+    pub(crate) fn take_unsaved(&self) -> Vec<Arc<KnownSeal>> {
+        self.0
+            .lock()
+            .map(|mut b| b.unsaved.drain().map(|(_, s)| s).collect())
+            .unwrap_or_default()
+    }
+
+    /// A seal known here: in memory, else read with `load` from the table.
+    pub(crate) fn find(
+        &self,
+        id: &SealId,
+        load: impl FnOnce(&SealId) -> Option<Seal>,
+    ) -> Option<Arc<KnownSeal>> {
+        if let Some(seal) = self.0.lock().ok()?.find(id) {
+            return Some(seal);
+        }
+        let seal = Arc::new(KnownSeal::trusted(load(id)?));
+        if let Ok(mut book) = self.0.lock() {
+            book.remember(seal.clone());
+        }
+        Some(seal)
+    }
+}
+
+/// The seals of a [`SealBook`], read from the table through `load` when not in memory.
+pub(crate) struct Lookup<'a, F> {
+    pub(crate) book: &'a SealBook,
+    pub(crate) load: F,
+}
+
+impl<F: Fn(&SealId) -> Option<Seal> + Sync> SealLookup for Lookup<'_, F> {
+    fn seal(&self, id: &SealId) -> Option<Arc<KnownSeal>> {
+        self.book.find(id, &self.load)
+    }
+}
+
+/// A seal as the table keeps it; `None` when absent or unreadable.
+pub(crate) fn read_seal(
+    table: &impl ReadableTable<[u8; 32], &'static [u8]>,
+    id: &SealId,
+) -> Option<Seal> {
+    let value = table.get(id).ok()??;
+    Seal::decode(value.value()).ok().map(|(seal, _)| seal)
+}
+
+/// Keeps seals in the table (a seal already there is left as it is).
+pub(crate) fn store_seals<'s>(
+    table: &mut Table<'_, [u8; 32], &'static [u8]>,
+    seals: impl IntoIterator<Item = &'s Seal>,
+) -> Result<()> {
+    for seal in seals {
+        if table.get(seal.id())?.is_none() {
+            let mut bytes = Vec::with_capacity(100 + seal.hashes().len() * 32);
+            seal.encode_into(&mut bytes);
+            table.insert(seal.id(), bytes.as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+/// The seals this connection has sent already (a seal travels once per connection).
+pub type SealsSent = HashSet<SealId>;
+
+/// Adds to `sigs` (encoded entries, perhaps with seals) the seals its entries refer to
+/// that this connection has not sent yet and that are known here.
+pub(crate) fn with_seals(
+    sigs: Vec<u8>,
+    sent: &mut SealsSent,
+    find: impl Fn(&SealId) -> Option<Arc<KnownSeal>>,
+) -> Vec<u8> {
+    let Ok(decoded) = authorship::decode(&sigs) else {
+        return sigs;
+    };
+    sent.extend(decoded.seals.iter().map(Seal::id));
+    let mut out = sigs;
+    for entry in &decoded.entries {
+        if let Proof::Sealed(id) = entry.proof
+            && !sent.contains(&id)
+            && let Some(seal) = find(&id)
+        {
+            authorship::encode_seal_into(seal.seal(), &mut out);
+            sent.insert(id);
+        }
+    }
+    out
 }
 
 /// How a refusal for signatures begins.
@@ -114,24 +299,32 @@ pub(crate) fn store(
     Ok(())
 }
 
-/// A signature as kept: the signature, and the voucher's key for a vouch.
+/// A signature as kept: the signature, and the voucher's key for a vouch; or the id
+/// of the seal.
 fn encode_value(entry: &SignedChange) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
-    out.extend_from_slice(&entry.sig);
-    if let Some(voucher) = &entry.voucher {
-        out.extend_from_slice(voucher);
+    match &entry.proof {
+        Proof::Author(sig) => out.extend_from_slice(sig),
+        Proof::Vouch { sig, voucher } => {
+            out.extend_from_slice(sig);
+            out.extend_from_slice(voucher);
+        }
+        Proof::Sealed(id) => out.extend_from_slice(id),
     }
     out
 }
 
 fn decode_value(hash: [u8; 32], value: &[u8]) -> Option<SignedChange> {
-    let sig: [u8; 64] = value.get(..64)?.try_into().ok()?;
-    let voucher = match value.len() {
-        64 => None,
-        96 => Some(value[64..].try_into().ok()?),
+    let proof = match value.len() {
+        32 => Proof::Sealed(value.try_into().ok()?),
+        64 => Proof::Author(value.try_into().ok()?),
+        96 => Proof::Vouch {
+            sig: value[..64].try_into().ok()?,
+            voucher: value[64..].try_into().ok()?,
+        },
         _ => return None,
     };
-    Some(SignedChange { hash, sig, voucher })
+    Some(SignedChange { hash, proof })
 }
 
 /// Every signature kept for a document.
@@ -159,6 +352,8 @@ pub(crate) fn for_payload(
     bytes: &[u8],
     author: Option<&Author>,
     own: Vec<SignedChange>,
+    sent: &mut SealsSent,
+    find: &dyn Fn(&SealId) -> Option<Arc<KnownSeal>>,
 ) -> Result<Vec<u8>> {
     let whole = crate::prepare::is_document_chunk(bytes);
     let mut entries = if whole {
@@ -187,7 +382,7 @@ pub(crate) fn for_payload(
         let facts = facts_of_bytes(bytes).unwrap_or_default();
         vouch_missing(&mut entries, &facts, author);
     }
-    Ok(authorship::encode(&entries))
+    Ok(with_seals(authorship::encode(&entries), sent, find))
 }
 
 /// Adds this node's vouch for each change of `facts` that has no signature and names no
@@ -288,19 +483,26 @@ impl Writer {
             self.own_upto = upto;
             return Ok(());
         }
-        self.save_own(&self.own_pending.snapshot(), upto)?;
+        self.save_own(&self.own_pending.snapshot(), &[], upto)?;
         self.own_pending.clear();
         Ok(())
     }
 
-    /// Writes own signatures and the mark that every one up to `upto` is written.
-    fn save_own(&mut self, entries: &[(DocId, Vec<SignedChange>)], upto: u64) -> Result<()> {
+    /// Writes own signatures (and seals) and the mark that every one up to `upto` is
+    /// written.
+    fn save_own(
+        &mut self,
+        entries: &[(DocId, Vec<SignedChange>)],
+        seals: &[Seal],
+        upto: u64,
+    ) -> Result<()> {
         let txn = self.db.get()?.begin_write()?;
         {
             let mut table = txn.open_table(SIGS)?;
             for (id, entries) in entries {
                 store(&mut table, id, entries, false)?;
             }
+            store_seals(&mut txn.open_table(SEALS)?, seals)?;
             let mut info = txn.open_table(INFO)?;
             info.insert(OWN_UPTO, upto.to_be_bytes().as_slice())?;
         }
@@ -337,7 +539,7 @@ impl Writer {
                         if actor_key(&change.actor) == Some(mine)
                             && sigs.get((doc_key(&id), change.hash))?.is_none()
                         {
-                            missing.push((id, vec![authorship::sign(&author.key, change.hash)]));
+                            missing.push((id, ChangeHash(change.hash), true));
                         }
                     }
                 }
@@ -348,10 +550,13 @@ impl Writer {
             self.own_upto = upto;
             return Ok(());
         }
-        self.save_own(&missing, upto)?;
-        if !missing.is_empty() {
+        let changes = missing.len();
+        let (entries, seals) = author.sign_own(missing);
+        let entries: Vec<_> = entries.into_iter().collect();
+        self.save_own(&entries, &seals, upto)?;
+        if changes > 0 {
             tracing::info!(
-                changes = missing.len(),
+                changes,
                 "signed again this device's changes whose signatures were not saved before it stopped"
             );
         }

@@ -16,14 +16,15 @@ use tokio::sync::oneshot;
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
 use crate::prepare::{Prepared, actor_from_hex, prepare_creates};
-use crate::signing::{self, Author, AuthorCell};
+use crate::signing::{self, Author, AuthorCell, SealsSent};
 use crate::slot::DbSlot;
 use crate::tables::{
-    CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, HELD, INDEX, INFO, LOCAL, PEERS, SIGS,
+    CHUNKS, COUNTS, DOC_META, DOCS, FEED, FORMAT_VERSION, HELD, INDEX, INFO, LOCAL, PEERS, SEALS,
+    SIGS,
 };
-use crate::write::{WriteBatch, WriteOutcome};
+use crate::write::{WriteBatch, WriteKind, WriteOutcome};
 use crate::writer::{Command, PREPARE_OFF_WRITER, SchemaCell, WRITE_QUEUE_CAPACITY, Writer};
-use medmesh_protocol::authorship::Authority;
+use medmesh_protocol::authorship::{Authority, Seal, SealId};
 
 /// Largest latest change announced with its feed entry.
 pub const PUSH_ENTRY_BYTES: usize = 16 * 1024;
@@ -180,6 +181,8 @@ pub(crate) struct Inner {
     pub(crate) authority: Option<Arc<dyn Authority>>,
     /// This node's signatures not yet in the table (written by the writer only).
     pub(crate) own_pending: Arc<signing::OwnPending>,
+    /// Seals known here (checked once, kept by the writer).
+    pub(crate) seals: Arc<signing::SealBook>,
 }
 
 impl Drop for Inner {
@@ -289,6 +292,7 @@ impl Store {
         )));
         let author: Arc<AuthorCell> = Arc::default();
         let own_pending: Arc<signing::OwnPending> = Arc::default();
+        let seals: Arc<signing::SealBook> = Arc::default();
         let authority = options.authority.clone();
         let mut writer = Writer::new(
             feed_tx,
@@ -298,6 +302,7 @@ impl Store {
             origins.clone(),
             author.clone(),
             own_pending.clone(),
+            seals.clone(),
             &info,
             options,
         )?;
@@ -319,6 +324,7 @@ impl Store {
                 author,
                 authority,
                 own_pending,
+                seals,
             }),
         })
     }
@@ -397,6 +403,19 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
+    /// The seals known here, read from the table when not in memory.
+    pub(crate) fn seal_lookup(
+        &self,
+    ) -> signing::Lookup<'_, impl Fn(&SealId) -> Option<Seal> + Sync + '_> {
+        signing::Lookup {
+            book: &self.inner.seals,
+            load: move |id: &SealId| {
+                let txn = self.read_txn().ok()?;
+                signing::read_seal(&txn.open_table(SEALS).ok()?, id)
+            },
+        }
+    }
+
     fn prepare(&self, batch: &mut WriteBatch) -> Vec<Option<Prepared>> {
         let author = signing::current(&self.inner.author);
         let actor = match &author {
@@ -405,8 +424,20 @@ impl Store {
         };
         let schema = self.schema();
         let authority = self.inner.authority.as_deref();
+        // Seals that came with what arrived are checked first, once, for every write
+        // of the batch that refers to them.
+        let mut keys = medmesh_protocol::authorship::KeyCache::default();
+        for op in &batch.ops {
+            if let WriteKind::Merge(received) = &op.kind
+                && let Ok(decoded) = medmesh_protocol::authorship::decode(&received.sigs)
+                && !decoded.seals.is_empty()
+            {
+                self.inner.seals.admit(decoded.seals, &mut keys);
+            }
+        }
+        let seals = self.seal_lookup();
         let work = |ops: &mut [crate::write::WriteOp]| {
-            prepare_creates(&schema, &actor, author.as_deref(), authority, ops)
+            prepare_creates(&schema, &actor, author.as_deref(), authority, &seals, ops)
         };
         if batch.ops.len() < PREPARE_IN_TWO {
             return work(&mut batch.ops);
@@ -462,7 +493,7 @@ impl Store {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             if let Some(signer) = medmesh_protocol::authorship::signer_of(actor, &entry) {
-                out.insert(entry.hash, (signer, entry.voucher.is_some()));
+                out.insert(entry.hash, (signer, entry.voucher().is_some()));
             }
         }
         Ok(out)
@@ -521,6 +552,7 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
+        sent: &mut SealsSent,
     ) -> Result<(Vec<medmesh_protocol::sync::LocalEntry>, u64)> {
         let (entries, last) = self.feed_page(after, limit)?;
         let own = self.inner.own_pending.all();
@@ -528,6 +560,12 @@ impl Store {
         let docs = txn.open_table(DOCS)?;
         let chunks = txn.open_table(CHUNKS)?;
         let sigs = txn.open_table(SIGS)?;
+        let seals = txn.open_table(SEALS)?;
+        let find = |id: &SealId| {
+            self.inner
+                .seals
+                .find(id, |id| signing::read_seal(&seals, id))
+        };
         let author = signing::current(&self.inner.author);
         let mut budget = PUSH_PAGE_BYTES;
         let mut out = Vec::with_capacity(entries.len());
@@ -552,6 +590,8 @@ impl Store {
                         &bytes,
                         author.as_deref(),
                         own.get(&item.id).cloned().unwrap_or_default(),
+                        sent,
+                        &find,
                     )?);
                     item.payload = Some(serde_bytes::ByteBuf::from(bytes));
                 }
@@ -1016,6 +1056,7 @@ fn for_each_table(txn: &redb::WriteTransaction) -> Result<()> {
     txn.open_table(HELD)?;
     txn.open_table(LOCAL)?;
     txn.open_table(SIGS)?;
+    txn.open_table(SEALS)?;
     Ok(())
 }
 

@@ -42,8 +42,13 @@ pub const HELD: TableDefinition<u128, &[u8]> = TableDefinition::new("held-1");
 pub const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local-1");
 
 /// (Document id, change hash) → the change's signature (64 bytes), followed for a vouch
-/// by the voucher's public key ([`medmesh_protocol::authorship`]). Sent with the change.
+/// by the voucher's public key; or (32 bytes) the id of the seal that signs it
+/// ([`medmesh_protocol::authorship`]). Sent with the change.
 pub const SIGS: TableDefinition<(u128, [u8; 32]), &[u8]> = TableDefinition::new("sigs-1");
+
+/// Seal id → a seal ([`medmesh_protocol::authorship::Seal`], encoded): one device's
+/// signature over many of its changes. Only seals made here or whose signature held.
+pub const SEALS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("seals-1");
 
 /// The format version written in [`INFO`] under `format`.
 pub const FORMAT_VERSION: u32 = 1;

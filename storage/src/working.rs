@@ -34,9 +34,9 @@ pub(crate) struct Working {
     pub(crate) raw: Option<Vec<u8>>,
     /// Signatures of the changes received (or vouched for) in this batch, stored with it.
     pub(crate) sigs: Vec<SignedChange>,
-    /// This node's signatures of the changes it made in this batch (kept out of the
-    /// commit: see [`crate::signing::OwnPending`]).
-    pub(crate) own: Vec<SignedChange>,
+    /// The changes this node made in this batch, to be signed at its end (`true`: made
+    /// with its device actor).
+    pub(crate) own: Vec<(ChangeHash, bool)>,
 }
 
 impl Working {
@@ -85,10 +85,10 @@ impl Staged {
         }
     }
 
-    /// Adds this node's signatures of its own changes to a document of this batch.
-    pub(crate) fn sign_own(&mut self, id: &DocId, sigs: Vec<SignedChange>) {
+    /// Adds changes this node made to a document of this batch, to be signed.
+    pub(crate) fn sign_own(&mut self, id: &DocId, own: Vec<(ChangeHash, bool)>) {
         if let Some(working) = self.docs.get_mut(id) {
-            working.own.extend(sigs);
+            working.own.extend(own);
         }
     }
 

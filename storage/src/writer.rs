@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, ROOT, ReadDoc};
+use automerge::{ActorId, Automerge, ChangeHash, ROOT, ReadDoc};
 use lru::LruCache;
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::schema::{index_value, schema_doc_id};
@@ -34,10 +34,12 @@ use crate::prepare::{Prepared, actor_from_hex, commit_options, prepare_create};
 use crate::signing::{self, Author, AuthorCell};
 use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
-use crate::tables::{CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, LOCAL, PEERS, SIGS};
+use crate::tables::{
+    CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, LOCAL, PEERS, SEALS, SIGS,
+};
 use crate::working::{CACHEABLE_BATCH, Staged, Working};
 use crate::write::{PeerRecord, PeerUpdate, WriteBatch, WriteKind, WriteOp, WriteOutcome};
-use medmesh_protocol::authorship::{Authority, KeyCache};
+use medmesh_protocol::authorship::{Authority, KeyCache, actor_key};
 
 /// The schema in force: the built-in collections and the mesh's declarations. Written
 /// only by the writer (when the schema document changes), read by everyone.
@@ -134,6 +136,8 @@ pub(crate) struct Writer {
     pub(crate) own_pending: Arc<signing::OwnPending>,
     /// The feed position up to which every own signature is in the table, as stored.
     pub(crate) own_upto: u64,
+    /// Seals known here; the writer keeps those from peers in the table.
+    pub(crate) seals: Arc<signing::SealBook>,
 }
 
 /// Which peer each document's current version came from, when it came whole from one
@@ -155,6 +159,7 @@ pub(crate) struct Tables<'txn> {
     pub(crate) held: Table<'txn, u128, &'static [u8]>,
     local: Table<'txn, &'static str, &'static [u8]>,
     pub(crate) sigs: Table<'txn, (u128, [u8; 32]), &'static [u8]>,
+    pub(crate) seals: Table<'txn, [u8; 32], &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -171,6 +176,7 @@ impl<'txn> Tables<'txn> {
             held: txn.open_table(HELD)?,
             local: txn.open_table(LOCAL)?,
             sigs: txn.open_table(SIGS)?,
+            seals: txn.open_table(SEALS)?,
         })
     }
 
@@ -198,6 +204,7 @@ impl Writer {
         origins: Arc<Origins>,
         author: Arc<AuthorCell>,
         own_pending: Arc<signing::OwnPending>,
+        seals: Arc<signing::SealBook>,
         info: &StoreInfo,
         options: StoreOptions,
     ) -> Result<Self> {
@@ -232,6 +239,7 @@ impl Writer {
             keys: KeyCache::default(),
             own_pending,
             own_upto: 0,
+            seals,
         })
     }
 
@@ -442,6 +450,13 @@ impl Writer {
         let txn = self.db.get()?.begin_write()?;
         {
             let mut tables = Tables::open(&txn)?;
+            // Seals from peers checked since the last commit (before what refers to them).
+            let unsaved = self.seals.take_unsaved();
+            if !unsaved.is_empty() {
+                signing::store_seals(&mut tables.seals, unsaved.iter().map(|s| s.seal()))?;
+                // A document held because its seal had not come yet may merge now.
+                self.retry_due = true;
+            }
             for (index, work) in pending.into_iter().enumerate() {
                 match work {
                     Pending::Write(batch, prepared) => {
@@ -516,6 +531,7 @@ impl Writer {
             }
         }
         let mut seqs = HashMap::new();
+        let mut own = Vec::new();
         for id in &batch_docs.order {
             if let Some(working) = batch_docs.docs.get(id)
                 && let Some(seq) = self.store_doc(tables, id, working)?
@@ -524,8 +540,15 @@ impl Writer {
                 if *id == schema_doc_id() {
                     self.schema_touched = true;
                 }
+                own.extend(
+                    working
+                        .own
+                        .iter()
+                        .map(|(hash, device)| (*id, *hash, *device)),
+                );
             }
         }
+        self.sign_own(tables, own)?;
         for (id, mut working) in batch_docs.docs {
             // Stored with the document above.
             working.sigs.clear();
@@ -668,7 +691,7 @@ impl Writer {
                     created.record,
                     Some(created.raw),
                 );
-                batch.sign_own(&id, created.sigs.unwrap_or_default());
+                batch.sign_own(&id, created.own);
                 Ok(outcome)
             }
             WriteKind::Ensure {
@@ -815,11 +838,9 @@ impl Writer {
                 let changed = match result {
                     Ok(success) => match success.hash {
                         Some(hash) => {
-                            if let Some(author) = signing::current(&self.author) {
-                                working
-                                    .own
-                                    .push(author.sign_own(hash, self.actor.to_bytes()));
-                            }
+                            working
+                                .own
+                                .push((hash, actor_key(self.actor.to_bytes()).is_some()));
                             true
                         }
                         None => false,
@@ -968,8 +989,28 @@ impl Writer {
             )?;
         }
         signing::store(&mut tables.sigs, id, &working.sigs, old_meta.is_none())?;
-        self.own_pending.add(id, &working.own);
         Ok(Some(seq))
+    }
+
+    /// Signs the changes this node made in a batch (one seal for many): the seals are
+    /// kept now, the signatures wait in memory ([`signing::OwnPending`]).
+    fn sign_own(
+        &mut self,
+        tables: &mut Tables<'_>,
+        own: Vec<(DocId, ChangeHash, bool)>,
+    ) -> Result<()> {
+        let Some(author) = signing::current(&self.author).filter(|_| !own.is_empty()) else {
+            return Ok(());
+        };
+        let (entries, seals) = author.sign_own(own);
+        signing::store_seals(&mut tables.seals, &seals)?;
+        for seal in seals {
+            self.seals.remember_own(seal);
+        }
+        for (id, entries) in entries {
+            self.own_pending.add(&id, &entries);
+        }
+        Ok(())
     }
 
     pub(crate) fn read_next_seq(&self) -> Result<u64> {

@@ -309,3 +309,119 @@ fn own_signatures_not_yet_saved_when_the_node_stops_are_made_again_at_the_next_s
             .all(|(key, vouched)| *key == public(1) && !vouched)
     );
 }
+
+/// Creates `n` patients in one batch (as an import does).
+fn create_batch(store: &Store, n: usize) -> Vec<DocId> {
+    let ops = (0..n)
+        .map(|i| {
+            WriteOp::new(
+                "patients",
+                None,
+                WriteKind::Create(fields(
+                    json!({"given_name": format!("B{i}"), "surname": "Batch"}),
+                )),
+                ChangeAuthor::default(),
+            )
+        })
+        .collect();
+    store
+        .write_blocking(WriteBatch { ops, atomic: false })
+        .expect("batch")
+        .into_iter()
+        .map(|o| o.expect("created").id)
+        .collect()
+}
+
+/// Whether signatures as sent carry a seal (a list of change hashes: 32 bytes each).
+fn carries_seal(payload: &DocPayload) -> bool {
+    authorship::decode(&payload.sigs)
+        .map(|d| !d.seals.is_empty())
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_batch_is_signed_once_its_seal_travels_once_per_connection_and_relays_carry_it() {
+    let (a, b, c) = (node(1), node(2), node(3));
+    let ids = create_batch(&a, 40);
+    let mut sent = medmesh_storage::SealsSent::new();
+    let payloads: Vec<DocPayload> = ids
+        .iter()
+        .flat_map(|id| {
+            a.load_for_peer_diverged(&[*id], &[], &mut sent)
+                .expect("load")
+                .0
+        })
+        .collect();
+    assert_eq!(payloads.len(), 40);
+    assert_eq!(
+        payloads.iter().filter(|p| carries_seal(p)).count(),
+        1,
+        "the seal is sent with the first document only"
+    );
+    assert!(carries_seal(&payloads[0]));
+    // Each of the others carries one entry naming the seal: tag, hash, seal id.
+    assert!(payloads[1..].iter().all(|p| p.sigs.len() == 65));
+    assert_eq!(receive(&b, payloads), vec![None; 40]);
+    for id in &ids {
+        let signers = b.signers(id).expect("signers");
+        assert_eq!(signers.len(), 1);
+        assert!(signers.values().all(|(k, v)| *k == public(1) && !v));
+    }
+    // B relays to C on a new connection: it kept the seal and sends it along.
+    let relayed: Vec<DocPayload> = b.load_for_peer(&ids, &[]).expect("load");
+    assert_eq!(relayed.iter().filter(|p| carries_seal(p)).count(), 1);
+    assert_eq!(receive(&c, relayed), vec![None; 40]);
+    assert_eq!(name(&c, ids[39]), Some(json!("B39")));
+}
+
+#[test]
+fn a_document_whose_seal_has_not_come_is_held_then_merged_when_it_comes() {
+    let (a, d) = (node(1), node(4));
+    let ids = create_batch(&a, 3);
+    let mut sent = medmesh_storage::SealsSent::new();
+    let first = a
+        .load_for_peer_diverged(&[ids[0]], &[], &mut sent)
+        .expect("load")
+        .0;
+    let second = a
+        .load_for_peer_diverged(&[ids[1]], &[], &mut sent)
+        .expect("load")
+        .0;
+    assert!(carries_seal(&first[0]) && !carries_seal(&second[0]));
+    // The second arrives first (another stream, a reordered batch): held, saying why.
+    let held = receive(&d, second).pop().flatten().expect("held");
+    assert!(held.contains("did not come"), "{held}");
+    assert_eq!(name(&d, ids[1]), None, "a held document is never read");
+    // The seal comes with the first: the held one merges at the next retry.
+    assert_eq!(receive(&d, first), vec![None]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while name(&d, ids[1]).is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(name(&d, ids[1]), Some(json!("B1")));
+}
+
+#[test]
+fn a_seal_made_by_a_forger_over_another_devices_changes_is_refused() {
+    let (forger, victim) = (key(5), node(1));
+    let b = node(2);
+    let ids = create_batch(&victim, 2);
+    // The forger takes the victim's documents and signs their changes in its own seal.
+    let mut payloads = victim.load_for_peer(&ids, &[]).expect("load");
+    let hashes: Vec<[u8; 32]> = ids
+        .iter()
+        .flat_map(|id| victim.document("patients", id).expect("doc").get_heads())
+        .map(|h| h.0)
+        .collect();
+    let (seal, entries) = authorship::seal(&forger, hashes);
+    for (payload, entry) in payloads.iter_mut().zip(&entries) {
+        let mut sigs = authorship::encode(std::slice::from_ref(entry));
+        authorship::encode_seal_into(&seal, &mut sigs);
+        payload.sigs = ByteBuf::from(sigs);
+    }
+    for reason in receive(&b, payloads) {
+        let reason = reason.expect("held");
+        assert!(reason.contains("signed by another device"), "{reason}");
+    }
+    assert_eq!(name(&b, ids[0]), None);
+}

@@ -112,6 +112,8 @@ pub struct Link {
     decoders: [FrameDecoder; 2],
     /// Stored answers not yet given to the session: [a's, b's].
     late: [Vec<u64>; 2],
+    /// The seals each side's session has sent.
+    seals_sent: [medmesh_storage::SealsSent; 2],
     /// Down (a partition): no connection.
     pub blocked: bool,
 }
@@ -199,6 +201,7 @@ impl Sim {
                 queues: [VecDeque::new(), VecDeque::new()],
                 decoders: [FrameDecoder::new(), FrameDecoder::new()],
                 late: [Vec::new(), Vec::new()],
+                seals_sent: Default::default(),
                 blocked: false,
             })
             .collect();
@@ -273,6 +276,7 @@ impl Sim {
         link.queues = [VecDeque::new(), VecDeque::new()];
         link.decoders = [FrameDecoder::new(), FrameDecoder::new()];
         link.late = [Vec::new(), Vec::new()];
+        link.seals_sent = Default::default();
         self.connects += 1;
         self.run_outputs(l, 0, out_a);
         self.run_outputs(l, 1, out_b);
@@ -310,6 +314,7 @@ impl Sim {
         let was_open = link.sessions.take().is_some();
         link.queues = [VecDeque::new(), VecDeque::new()];
         link.late = [Vec::new(), Vec::new()];
+        link.seals_sent = Default::default();
         if was_open {
             self.closes += 1;
             let (a, b) = (link.a, link.b);
@@ -339,7 +344,9 @@ impl Sim {
                     None
                 }
                 Output::ReadFeed { after, limit } => {
-                    let (entries, last_seq) = store.local_feed_page(after, limit).expect("feed");
+                    let (entries, last_seq) = store
+                        .local_feed_page(after, limit, &mut self.links[l].seals_sent[side])
+                        .expect("feed");
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -360,7 +367,11 @@ impl Sim {
                     changes,
                 } => {
                     let (docs, diverged) = store
-                        .load_for_peer_diverged(&whole, &changes)
+                        .load_for_peer_diverged(
+                            &whole,
+                            &changes,
+                            &mut self.links[l].seals_sent[side],
+                        )
                         .expect("load");
                     Some(Input::Loaded {
                         req,

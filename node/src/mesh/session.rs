@@ -130,6 +130,7 @@ async fn drive(
         storing: tokio::task::JoinSet::new(),
         verifies: HashMap::new(),
         next_token: 1,
+        seals_sent: std::sync::Arc::default(),
     };
     let first = session.start();
     let mut ended = driver.execute(&mut session, first).await?;
@@ -244,6 +245,8 @@ struct Driver<'a> {
     /// Verify requests waiting for their round.
     verifies: HashMap<u64, oneshot::Sender<RoundReport>>,
     next_token: u64,
+    /// The seals this connection has sent (each travels once per connection).
+    seals_sent: std::sync::Arc<std::sync::Mutex<medmesh_storage::SealsSent>>,
 }
 
 impl Driver<'_> {
@@ -268,8 +271,12 @@ impl Driver<'_> {
                 }
                 Output::ReadFeed { after, limit } => {
                     let head = *store.subscribe_feed().borrow();
-                    let (entries, last_seq) =
-                        blocking(move || store.local_feed_page(after, limit)).await?;
+                    let sent = self.seals_sent.clone();
+                    let (entries, last_seq) = blocking(move || {
+                        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                        store.local_feed_page(after, limit, &mut sent)
+                    })
+                    .await?;
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -289,8 +296,12 @@ impl Driver<'_> {
                     whole,
                     changes,
                 } => {
-                    let (docs, diverged) =
-                        blocking(move || store.load_for_peer_diverged(&whole, &changes)).await?;
+                    let sent = self.seals_sent.clone();
+                    let (docs, diverged) = blocking(move || {
+                        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
+                        store.load_for_peer_diverged(&whole, &changes, &mut sent)
+                    })
+                    .await?;
                     Some(Input::Loaded {
                         req,
                         docs,

@@ -55,7 +55,13 @@ fn a_change_signed_by_its_device_is_accepted_and_kept() {
     let doc = doc_by(author_actor(&device, [7; 8]), 1_000);
     let entries = signed(&doc, &device);
     let facts = facts_of_doc(&doc, &[]);
-    let kept = verify(&facts, &entries, &NoSeals, &Anyone, &mut KeyCache::default());
+    let kept = verify(
+        &facts,
+        &entries,
+        &NoSeals,
+        &Anyone,
+        &mut KeyCache::default(),
+    );
     assert_eq!(kept, Ok(entries.clone()));
     assert_eq!(
         signer_of(&facts[0].actor, &entries[0]),
@@ -119,7 +125,13 @@ fn a_change_from_before_signatures_is_accepted_only_when_vouched_for() {
     let doc = doc_by(vec![9; 16], 1_000);
     let facts = facts_of_doc(&doc, &[]);
     let vouched: Vec<SignedChange> = facts.iter().map(|f| vouch(&node, f.hash)).collect();
-    let kept = verify(&facts, &vouched, &NoSeals, &Anyone, &mut KeyCache::default());
+    let kept = verify(
+        &facts,
+        &vouched,
+        &NoSeals,
+        &Anyone,
+        &mut KeyCache::default(),
+    );
     assert_eq!(kept, Ok(vouched.clone()));
     assert_eq!(
         signer_of(&facts[0].actor, &vouched[0]),
@@ -271,8 +283,14 @@ fn changes_in_a_seal_of_their_device_are_accepted() {
     assert!(checks.is_empty(), "no signature of its own is checked");
     assert_eq!(kept, entries);
     // One change's facts with no seal known: refused, saying what is missing.
-    let reason = verify(&facts, &entries, &NoSeals, &Anyone, &mut KeyCache::default())
-        .expect_err("a seal that did not come is refused");
+    let reason = verify(
+        &facts,
+        &entries,
+        &NoSeals,
+        &Anyone,
+        &mut KeyCache::default(),
+    )
+    .expect_err("a seal that did not come is refused");
     assert!(reason.contains("did not come"), "{reason}");
 }
 

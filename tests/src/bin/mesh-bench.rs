@@ -328,13 +328,19 @@ async fn main() -> Result<()> {
     );
 
     println!("signature cost of {records} changes, in-process...");
-    let (sign_us, verify_us, batch_us) =
-        tokio::task::spawn_blocking(move || signature_cost(records)).await?;
+    let cost = tokio::task::spawn_blocking(move || signature_cost(records)).await?;
+    let (sign_us, verify_us, batch_us) = (cost.sign_us, cost.verify_us, cost.batch_us);
+    let (seal_us, sealed_verify_us) = (cost.seal_us, cost.sealed_verify_us);
     out.insert("sign_us_per_change".into(), json!(sign_us));
     out.insert("verify_us_per_change".into(), json!(verify_us));
     out.insert("batch_verify_us_per_change".into(), json!(batch_us));
+    out.insert("seal_us_per_change".into(), json!(seal_us));
+    out.insert(
+        "sealed_verify_us_per_change".into(),
+        json!(sealed_verify_us),
+    );
     println!(
-        "  sign {sign_us:.1} µs, verify {verify_us:.1} µs, batch verify {batch_us:.1} µs per change"
+        "  sign {sign_us:.1} µs, verify {verify_us:.1} µs, batch verify {batch_us:.1} µs per change; in seals of 1,000: sign {seal_us:.2} µs, check {sealed_verify_us:.2} µs"
     );
 
     // The same initial sync with nodes that neither sign nor check (side by side).
@@ -814,7 +820,7 @@ async fn main() -> Result<()> {
         Target {
             name: "signature cost per change (one core)",
             figure: format!(
-                "sign {sign_us:.1} µs; verify {verify_us:.1} µs alone, {batch_us:.1} µs in batches"
+                "alone: sign {sign_us:.1} µs, verify {verify_us:.1} µs ({batch_us:.1} µs in batches); in seals of 1,000 changes (what an import or a batch of writes makes): sign {seal_us:.2} µs, check {sealed_verify_us:.2} µs"
             ),
             target: String::new(),
             holds: true,
@@ -962,10 +968,29 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Microseconds per change to sign, to verify one by one, and to verify in batches of
-/// 256 (as a receiver does for a page of documents), on one core.
-fn signature_cost(changes: usize) -> (f64, f64, f64) {
+/// Microseconds per change, on one core.
+struct SignatureCost {
+    /// To sign one change alone.
+    sign_us: f64,
+    /// To verify one change's signature alone.
+    verify_us: f64,
+    /// To verify signatures in batches of 256 (a page of documents).
+    batch_us: f64,
+    /// To seal changes in seals of 1,000 (an import batch).
+    seal_us: f64,
+    /// To check a seal of 1,000 and each change's place in it.
+    sealed_verify_us: f64,
+}
+
+fn signature_cost(changes: usize) -> SignatureCost {
     use medmesh_protocol::authorship::{self, ChangeFacts, KeyCache, SigningKey};
+    use std::sync::Arc;
+    struct Seals(Vec<Arc<authorship::KnownSeal>>);
+    impl authorship::SealLookup for Seals {
+        fn seal(&self, id: &authorship::SealId) -> Option<Arc<authorship::KnownSeal>> {
+            self.0.iter().find(|s| s.seal().id() == *id).cloned()
+        }
+    }
     struct Anyone;
     impl authorship::Authority for Anyone {
         fn check_signer(&self, _: &[u8; 32], _: i64) -> Result<(), String> {
@@ -997,6 +1022,7 @@ fn signature_cost(changes: usize) -> (f64, f64, f64) {
         let ok = authorship::verify(
             std::slice::from_ref(f),
             std::slice::from_ref(e),
+            &authorship::NoSeals,
             &Anyone,
             &mut keys,
         );
@@ -1005,10 +1031,29 @@ fn signature_cost(changes: usize) -> (f64, f64, f64) {
     let verify_us = started.elapsed().as_secs_f64() * 1e6 / changes as f64;
     let started = Instant::now();
     for (f, e) in facts.chunks(256).zip(entries.chunks(256)) {
-        assert!(authorship::verify(f, e, &Anyone, &mut keys).is_ok());
+        assert!(authorship::verify(f, e, &authorship::NoSeals, &Anyone, &mut keys).is_ok());
     }
     let batch_us = started.elapsed().as_secs_f64() * 1e6 / changes as f64;
-    (sign_us, verify_us, batch_us)
+    let started = Instant::now();
+    let sealed: Vec<_> = facts
+        .chunks(1000)
+        .map(|chunk| authorship::seal(&key, chunk.iter().map(|f| f.hash).collect()))
+        .collect();
+    let seal_us = started.elapsed().as_secs_f64() * 1e6 / changes as f64;
+    let started = Instant::now();
+    for (f, (seal, e)) in facts.chunks(1000).zip(sealed) {
+        let known = authorship::verify_seals(vec![seal], &mut keys);
+        let seals = Seals(known.into_iter().flatten().map(Arc::new).collect());
+        assert!(authorship::verify(f, &e, &seals, &Anyone, &mut keys).is_ok());
+    }
+    let sealed_verify_us = started.elapsed().as_secs_f64() * 1e6 / changes as f64;
+    SignatureCost {
+        sign_us,
+        verify_us,
+        batch_us,
+        seal_us,
+        sealed_verify_us,
+    }
 }
 
 /// Writes what the page cache holds to disk and waits a moment, so that a timed run does
