@@ -403,6 +403,20 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
+    /// Checks the seals carried by signatures a peer sent (those not known yet) and
+    /// keeps those that hold, so that what refers to them is accepted, whichever batch it
+    /// comes in. A receiver calls this in the order things arrived; writes do it too.
+    pub fn admit_seals<'a>(&self, sigs: impl Iterator<Item = &'a [u8]>) {
+        let mut keys = medmesh_protocol::authorship::KeyCache::default();
+        for sigs in sigs {
+            if let Ok(decoded) = medmesh_protocol::authorship::decode(sigs)
+                && !decoded.seals.is_empty()
+            {
+                self.inner.seals.admit(decoded.seals, &mut keys);
+            }
+        }
+    }
+
     /// The seals known here, read from the table when not in memory.
     pub(crate) fn seal_lookup(
         &self,
@@ -426,15 +440,10 @@ impl Store {
         let authority = self.inner.authority.as_deref();
         // Seals that came with what arrived are checked first, once, for every write
         // of the batch that refers to them.
-        let mut keys = medmesh_protocol::authorship::KeyCache::default();
-        for op in &batch.ops {
-            if let WriteKind::Merge(received) = &op.kind
-                && let Ok(decoded) = medmesh_protocol::authorship::decode(&received.sigs)
-                && !decoded.seals.is_empty()
-            {
-                self.inner.seals.admit(decoded.seals, &mut keys);
-            }
-        }
+        self.admit_seals(batch.ops.iter().filter_map(|op| match &op.kind {
+            WriteKind::Merge(received) => Some(received.sigs.as_slice()),
+            _ => None,
+        }));
         let seals = self.seal_lookup();
         let work = |ops: &mut [crate::write::WriteOp]| {
             prepare_creates(&schema, &actor, author.as_deref(), authority, &seals, ops)

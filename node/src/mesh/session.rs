@@ -329,6 +329,9 @@ impl Driver<'_> {
                             queue.extend(session.handle(Input::Stored { req }, now_ms()));
                         }
                     }
+                    // Seals that came with these documents are known before a later
+                    // batch (stored alongside) can refer to them.
+                    store.admit_seals(docs.iter().map(|d| d.sigs.as_slice()));
                     self.storing.spawn(store_docs(
                         store,
                         req,
