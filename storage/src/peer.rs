@@ -106,9 +106,7 @@ impl Store {
         whole: &[DocId],
         changes: &[WantChanges],
     ) -> Result<Vec<DocPayload>> {
-        Ok(self
-            .load_for_peer_diverged(whole, changes, &mut SealsSent::new())?
-            .0)
+        Ok(self.load_for_peer_diverged(whole, changes)?.0)
     }
 
     /// [`Store::load_for_peer`], also answering the documents whose changes cannot be
@@ -118,7 +116,6 @@ impl Store {
         &self,
         whole: &[DocId],
         changes: &[WantChanges],
-        sent: &mut SealsSent,
     ) -> Result<(Vec<DocPayload>, Vec<DocId>)> {
         let own = self.inner.own_pending.all();
         let txn = self.read_txn()?;
@@ -132,7 +129,8 @@ impl Store {
                 .seals
                 .find(id, |id| signing::read_seal(&seals, id))
         };
-        let sent = std::cell::RefCell::new(sent);
+        // Each seal once in this answer (the session sends each once per connection).
+        let sent = std::cell::RefCell::new(SealsSent::new());
         let held_bytes = |id: &DocId| -> Result<Option<(Vec<u8>, ByteBuf)>> {
             Ok(held
                 .get(doc_key(id))?

@@ -255,6 +255,34 @@ pub(crate) fn store_seals<'s>(
 /// The seals this connection has sent already (a seal travels once per connection).
 pub type SealsSent = HashSet<SealId>;
 
+/// `sigs` as they are to go on a connection that has sent `sent`: the seals it carries
+/// that went already are left out, and the seals its entries refer to that have not gone
+/// are added (and counted as sent).
+pub(crate) fn seals_once(
+    sigs: Vec<u8>,
+    sent: &mut SealsSent,
+    find: impl Fn(&SealId) -> Option<Arc<KnownSeal>>,
+) -> Vec<u8> {
+    let Ok(decoded) = authorship::decode(&sigs) else {
+        return sigs;
+    };
+    let needs_work = decoded.entries.iter().any(|e| match e.proof {
+        Proof::Sealed(id) => !sent.contains(&id),
+        _ => false,
+    }) || decoded.seals.iter().any(|s| sent.contains(&s.id()));
+    if !needs_work {
+        sent.extend(decoded.seals.iter().map(Seal::id));
+        return sigs;
+    }
+    let mut out = authorship::encode(&decoded.entries);
+    for seal in &decoded.seals {
+        if sent.insert(seal.id()) {
+            authorship::encode_seal_into(seal, &mut out);
+        }
+    }
+    with_seals(out, sent, find)
+}
+
 /// Adds to `sigs` (encoded entries, perhaps with seals) the seals its entries refer to
 /// that this connection has not sent yet and that are known here.
 pub(crate) fn with_seals(

@@ -403,6 +403,38 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
+    /// Readies a message for this connection: every seal its documents' signatures
+    /// refer to goes once per connection (`sent`), in the first message that needs it,
+    /// and not again. (What is read for a peer carries the seals it needs, but the
+    /// session may leave some of it out; this is done as the message goes.) Parts of a
+    /// large document are left as they are.
+    pub fn seals_for_send(
+        &self,
+        message: &mut medmesh_protocol::wire::Message,
+        sent: &mut SealsSent,
+    ) {
+        use medmesh_protocol::authorship::SealLookup;
+        use medmesh_protocol::wire::Message;
+        let lookup = self.seal_lookup();
+        let sigs: Vec<&mut serde_bytes::ByteBuf> = match message {
+            Message::Feed { entries, .. } => entries
+                .iter_mut()
+                .filter(|e| e.payload.is_some())
+                .map(|e| &mut e.payload_sigs)
+                .collect(),
+            Message::Docs { docs, .. } => docs.iter_mut().map(|d| &mut d.sigs).collect(),
+            _ => return,
+        };
+        for sigs in sigs {
+            if sigs.is_empty() {
+                continue;
+            }
+            let once =
+                signing::seals_once(std::mem::take(sigs).into_vec(), sent, |id| lookup.seal(id));
+            *sigs = serde_bytes::ByteBuf::from(once);
+        }
+    }
+
     /// Checks the seals carried by signatures a peer sent (those not known yet) and
     /// keeps those that hold, so that what refers to them is accepted, whichever batch it
     /// comes in. A receiver calls this in the order things arrived; writes do it too.
@@ -561,7 +593,6 @@ impl Store {
         &self,
         after: u64,
         limit: usize,
-        sent: &mut SealsSent,
     ) -> Result<(Vec<medmesh_protocol::sync::LocalEntry>, u64)> {
         let (entries, last) = self.feed_page(after, limit)?;
         let own = self.inner.own_pending.all();
@@ -576,6 +607,8 @@ impl Store {
                 .find(id, |id| signing::read_seal(&seals, id))
         };
         let author = signing::current(&self.inner.author);
+        // Each seal once in this page (the session sends each once per connection).
+        let mut sent = SealsSent::new();
         let mut budget = PUSH_PAGE_BYTES;
         let mut out = Vec::with_capacity(entries.len());
         for mut item in entries {
@@ -599,7 +632,7 @@ impl Store {
                         &bytes,
                         author.as_deref(),
                         own.get(&item.id).cloned().unwrap_or_default(),
-                        sent,
+                        &mut sent,
                         &find,
                     )?);
                     item.payload = Some(serde_bytes::ByteBuf::from(bytes));

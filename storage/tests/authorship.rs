@@ -8,7 +8,7 @@ use automerge::transaction::CommitOptions;
 use automerge::{ActorId, Automerge};
 use medmesh_protocol::authorship::{self, Authority, SigningKey};
 use medmesh_protocol::record::{self, Fields};
-use medmesh_protocol::wire::{DocPayload, WantChanges};
+use medmesh_protocol::wire::{DocPayload, Message, WantChanges};
 use medmesh_protocol::{ChangeAuthor, DocId, Schema};
 use medmesh_storage::{Store, StoreError, StoreOptions, WriteBatch, WriteKind, WriteOp};
 use serde_bytes::ByteBuf;
@@ -339,18 +339,35 @@ fn carries_seal(payload: &DocPayload) -> bool {
         .unwrap_or(false)
 }
 
+/// What goes on one connection (whose seals sent so far are `sent`) when `from` sends
+/// the documents `ids` in one message.
+fn send(from: &Store, ids: &[DocId], sent: &mut medmesh_storage::SealsSent) -> Vec<DocPayload> {
+    let docs = from.load_for_peer(ids, &[]).expect("load");
+    let mut message = Message::Docs {
+        req: 1,
+        docs,
+        done: true,
+        diverged: Vec::new(),
+    };
+    from.seals_for_send(&mut message, sent);
+    match message {
+        Message::Docs { docs, .. } => docs,
+        _ => unreachable!("a Docs message stays one"),
+    }
+}
+
 #[test]
 fn a_batch_is_signed_once_its_seal_travels_once_per_connection_and_relays_carry_it() {
     let (a, b, c) = (node(1), node(2), node(3));
     let ids = create_batch(&a, 40);
     let mut sent = medmesh_storage::SealsSent::new();
+    // What is read for a peer carries the seal; the session leaves the first document
+    // out (the peer has it): the next message that needs the seal carries it.
+    let read = a.load_for_peer(&ids[..2], &[]).expect("load");
+    assert!(carries_seal(&read[0]) && !carries_seal(&read[1]));
     let payloads: Vec<DocPayload> = ids
         .iter()
-        .flat_map(|id| {
-            a.load_for_peer_diverged(&[*id], &[], &mut sent)
-                .expect("load")
-                .0
-        })
+        .flat_map(|id| send(&a, std::slice::from_ref(id), &mut sent))
         .collect();
     assert_eq!(payloads.len(), 40);
     assert_eq!(
@@ -379,14 +396,8 @@ fn a_document_whose_seal_has_not_come_is_held_then_merged_when_it_comes() {
     let (a, d) = (node(1), node(4));
     let ids = create_batch(&a, 3);
     let mut sent = medmesh_storage::SealsSent::new();
-    let first = a
-        .load_for_peer_diverged(&[ids[0]], &[], &mut sent)
-        .expect("load")
-        .0;
-    let second = a
-        .load_for_peer_diverged(&[ids[1]], &[], &mut sent)
-        .expect("load")
-        .0;
+    let first = send(&a, &ids[..1], &mut sent);
+    let second = send(&a, &ids[1..2], &mut sent);
     assert!(carries_seal(&first[0]) && !carries_seal(&second[0]));
     // The second arrives first (another stream, a reordered batch): held, saying why.
     let held = receive(&d, second).pop().flatten().expect("held");

@@ -338,15 +338,14 @@ impl Sim {
             let peer = self.peer_of(l, side);
             let store = self.peers[peer].store.clone();
             let input = match output {
-                Output::Send(message) => {
+                Output::Send(mut message) => {
+                    store.seals_for_send(&mut message, &mut self.links[l].seals_sent[side]);
                     let frame = wire::encode(&message).expect("encode");
                     self.links[l].queues[1 - side].push_back(frame);
                     None
                 }
                 Output::ReadFeed { after, limit } => {
-                    let (entries, last_seq) = store
-                        .local_feed_page(after, limit, &mut self.links[l].seals_sent[side])
-                        .expect("feed");
+                    let (entries, last_seq) = store.local_feed_page(after, limit).expect("feed");
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -367,11 +366,7 @@ impl Sim {
                     changes,
                 } => {
                     let (docs, diverged) = store
-                        .load_for_peer_diverged(
-                            &whole,
-                            &changes,
-                            &mut self.links[l].seals_sent[side],
-                        )
+                        .load_for_peer_diverged(&whole, &changes)
                         .expect("load");
                     Some(Input::Loaded {
                         req,

@@ -130,7 +130,7 @@ async fn drive(
         storing: tokio::task::JoinSet::new(),
         verifies: HashMap::new(),
         next_token: 1,
-        seals_sent: std::sync::Arc::default(),
+        seals_sent: Default::default(),
     };
     let first = session.start();
     let mut ended = driver.execute(&mut session, first).await?;
@@ -246,7 +246,7 @@ struct Driver<'a> {
     verifies: HashMap<u64, oneshot::Sender<RoundReport>>,
     next_token: u64,
     /// The seals this connection has sent (each travels once per connection).
-    seals_sent: std::sync::Arc<std::sync::Mutex<medmesh_storage::SealsSent>>,
+    seals_sent: medmesh_storage::SealsSent,
 }
 
 impl Driver<'_> {
@@ -261,7 +261,8 @@ impl Driver<'_> {
         while let Some(output) = queue.pop_front() {
             let store = self.context.store.clone();
             let input = match output {
-                Output::Send(message) => {
+                Output::Send(mut message) => {
+                    store.seals_for_send(&mut message, &mut self.seals_sent);
                     let frame = wire::encode(&message)?;
                     self.frames
                         .send(frame)
@@ -271,12 +272,8 @@ impl Driver<'_> {
                 }
                 Output::ReadFeed { after, limit } => {
                     let head = *store.subscribe_feed().borrow();
-                    let sent = self.seals_sent.clone();
-                    let (entries, last_seq) = blocking(move || {
-                        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
-                        store.local_feed_page(after, limit, &mut sent)
-                    })
-                    .await?;
+                    let (entries, last_seq) =
+                        blocking(move || store.local_feed_page(after, limit)).await?;
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -296,12 +293,8 @@ impl Driver<'_> {
                     whole,
                     changes,
                 } => {
-                    let sent = self.seals_sent.clone();
-                    let (docs, diverged) = blocking(move || {
-                        let mut sent = sent.lock().unwrap_or_else(|p| p.into_inner());
-                        store.load_for_peer_diverged(&whole, &changes, &mut sent)
-                    })
-                    .await?;
+                    let (docs, diverged) =
+                        blocking(move || store.load_for_peer_diverged(&whole, &changes)).await?;
                     Some(Input::Loaded {
                         req,
                         docs,
