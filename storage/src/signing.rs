@@ -133,7 +133,11 @@ pub(crate) struct SealBook(Mutex<Book>);
 #[derive(Default)]
 struct Book {
     known: HashMap<SealId, Arc<KnownSeal>>,
+    /// From peers, not yet handed to the writer.
     unsaved: HashMap<SealId, Arc<KnownSeal>>,
+    /// Handed to the writer, in a commit not yet done (readers cannot see them in the
+    /// table yet).
+    saving: HashMap<SealId, Arc<KnownSeal>>,
 }
 
 /// Seals kept in memory at most (each up to [`SEAL_MAX`] hashes).
@@ -148,7 +152,11 @@ impl Book {
     }
 
     fn find(&self, id: &SealId) -> Option<Arc<KnownSeal>> {
-        self.known.get(id).or_else(|| self.unsaved.get(id)).cloned()
+        self.known
+            .get(id)
+            .or_else(|| self.unsaved.get(id))
+            .or_else(|| self.saving.get(id))
+            .cloned()
     }
 }
 
@@ -191,12 +199,26 @@ impl SealBook {
         }
     }
 
-    /// The seals from peers still to be written to the table.
+    /// The seals from peers still to be written to the table (they stay known here until
+    /// the commit that writes them is done: [`SealBook::committed`]).
     pub(crate) fn take_unsaved(&self) -> Vec<Arc<KnownSeal>> {
-        self.0
-            .lock()
-            .map(|mut b| b.unsaved.drain().map(|(_, s)| s).collect())
-            .unwrap_or_default()
+        let Ok(mut book) = self.0.lock() else {
+            return Vec::new();
+        };
+        let taken: Vec<(SealId, Arc<KnownSeal>)> = book.unsaved.drain().collect();
+        book.saving.extend(taken.iter().cloned());
+        taken.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The writer's commit is done (`true`) or failed (`false`): the seals it was writing
+    /// are in the table, or are to be written again.
+    pub(crate) fn committed(&self, done: bool) {
+        if let Ok(mut book) = self.0.lock() {
+            let saving = std::mem::take(&mut book.saving);
+            if !done {
+                book.unsaved.extend(saving);
+            }
+        }
     }
 
     /// A seal known here: in memory, else read with `load` from the table.

@@ -386,7 +386,9 @@ impl Writer {
             }
         }
         let mut staged = Staged::default();
-        match self.transaction(pending, &mut staged, &mut replies) {
+        let result = self.transaction(pending, &mut staged, &mut replies);
+        self.seals.committed(result.is_ok());
+        match result {
             Ok(()) => {
                 if self.next_seq != first_seq {
                     self.feed.send_replace(self.next_seq - 1);
