@@ -302,7 +302,8 @@ pub(crate) fn seals_once(
             authorship::encode_seal_into(seal, &mut out);
         }
     }
-    with_seals(out, sent, find)
+    attach_seals(&mut out, &decoded.entries, sent, find);
+    out
 }
 
 /// Adds to `sigs` (encoded entries, perhaps with seals) the seals its entries refer to
@@ -317,16 +318,27 @@ pub(crate) fn with_seals(
     };
     sent.extend(decoded.seals.iter().map(Seal::id));
     let mut out = sigs;
-    for entry in &decoded.entries {
+    attach_seals(&mut out, &decoded.entries, sent, find);
+    out
+}
+
+/// Appends to `out` the seals that `entries` refer to and `sent` does not have (and
+/// counts them as sent); a seal not known here is left out.
+fn attach_seals(
+    out: &mut Vec<u8>,
+    entries: &[SignedChange],
+    sent: &mut SealsSent,
+    find: impl Fn(&SealId) -> Option<Arc<KnownSeal>>,
+) {
+    for entry in entries {
         if let Proof::Sealed(id) = entry.proof
             && !sent.contains(&id)
             && let Some(seal) = find(&id)
         {
-            authorship::encode_seal_into(seal.seal(), &mut out);
+            authorship::encode_seal_into(seal.seal(), out);
             sent.insert(id);
         }
     }
-    out
 }
 
 /// How a refusal for signatures begins.
@@ -432,7 +444,9 @@ pub(crate) fn for_payload(
         let facts = facts_of_bytes(bytes).unwrap_or_default();
         vouch_missing(&mut entries, &facts, author);
     }
-    Ok(with_seals(authorship::encode(&entries), sent, find))
+    let mut out = authorship::encode(&entries);
+    attach_seals(&mut out, &entries, sent, find);
+    Ok(out)
 }
 
 /// Adds this node's vouch for each change of `facts` that has no signature and names no

@@ -1004,13 +1004,21 @@ impl Writer {
         let Some(author) = signing::current(&self.author).filter(|_| !own.is_empty()) else {
             return Ok(());
         };
+        // A large batch (an import) writes its signatures in its own commit: they add
+        // little to it, while a commit of their own later would cost a sync to disk.
+        let inline = own.len() >= signing::OWN_FLUSH;
         let (entries, seals) = author.sign_own(own);
         signing::store_seals(&mut tables.seals, &seals)?;
         for seal in seals {
             self.seals.remember_own(seal);
         }
         for (id, entries) in entries {
-            self.own_pending.add(&id, &entries);
+            if inline {
+                // Changes just made: no signature of them is kept yet.
+                signing::store(&mut tables.sigs, &id, &entries, true)?;
+            } else {
+                self.own_pending.add(&id, &entries);
+            }
         }
         Ok(())
     }
