@@ -627,3 +627,55 @@ impl Writer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer_seal(n: u8) -> Seal {
+        authorship::seal(&SigningKey::from_bytes(&[9; 32]), vec![[n; 32]]).0
+    }
+
+    #[test]
+    fn a_seal_from_a_peer_stays_known_until_the_commit_that_keeps_it_is_done() {
+        let book = SealBook::default();
+        let mut keys = KeyCache::default();
+        // Enough seals that the first has left the recent ones in memory.
+        for n in 0..=SEALS_IN_MEMORY as u8 {
+            book.admit(vec![peer_seal(n)], &mut keys);
+        }
+        let first = peer_seal(0).id();
+        let not_in_table = |_: &SealId| None;
+        assert!(
+            book.find(&first, not_in_table).is_some(),
+            "waiting to be written"
+        );
+        let taken = book.take_unsaved();
+        assert_eq!(taken.len(), SEALS_IN_MEMORY + 1);
+        assert!(
+            book.find(&first, not_in_table).is_some(),
+            "known while the commit that writes it runs"
+        );
+        book.committed(false);
+        assert_eq!(
+            book.take_unsaved().len(),
+            SEALS_IN_MEMORY + 1,
+            "a failed commit writes them again"
+        );
+        book.committed(true);
+        assert!(book.take_unsaved().is_empty());
+    }
+
+    #[test]
+    fn a_seal_whose_signature_does_not_hold_is_not_admitted() {
+        let book = SealBook::default();
+        let genuine = peer_seal(1);
+        let mut bytes = Vec::new();
+        authorship::encode_seal_into(&genuine, &mut bytes);
+        bytes[40] ^= 1; // in the signature
+        let forged = authorship::decode(&bytes).expect("decodes").seals;
+        book.admit(forged, &mut KeyCache::default());
+        assert!(book.find(&genuine.id(), |_| None).is_none());
+        assert!(book.take_unsaved().is_empty());
+    }
+}
