@@ -1,4 +1,8 @@
-//! The single-node benchmark: import, durable single writes, reads, memory, store open.
+//! The single-node benchmark: import, durable single writes, reads, memory, store open;
+//! beside them, in the same run and on the same disk, the anchors the write path is
+//! measured against: SQLite's durable single-row transactions and bulk insert of the
+//! same records, and the in-process floor of the import (the same records made and saved
+//! as Automerge documents on all cores, with no storage).
 //!
 //! `cargo run --release -p medmesh-tests --bin node-bench -- [--records N]`
 //! (build the node first: `cargo build --release -p medmesh`). Prints each figure with its
@@ -93,6 +97,45 @@ fn main() -> Result<()> {
         unit: "writes/s",
         target: "≥ 1,000".into(),
         holds: single_rate >= 1_000.0,
+    });
+
+    // Eight clients writing at once: each write still durable when answered.
+    let started = Instant::now();
+    runtime.block_on(async {
+        let mut clients = tokio::task::JoinSet::new();
+        for client in 0..8 {
+            let (http, url) = (http.clone(), url.clone());
+            clients.spawn(async move {
+                for i in 0..single_writes / 8 {
+                    let response = http
+                        .post(&url)
+                        .json(&json!({"patient_id": format!("c{client}-{i}"), "clinic_id": "c1"}))
+                        .send()
+                        .await?;
+                    anyhow::ensure!(
+                        response.status() == reqwest::StatusCode::CREATED,
+                        "write failed: {}",
+                        response.status()
+                    );
+                }
+                Ok(())
+            });
+        }
+        while let Some(done) = clients.join_next().await {
+            done??;
+        }
+        anyhow::Ok(())
+    })?;
+    let concurrent_rate = (single_writes / 8 * 8) as f64 / started.elapsed().as_secs_f64();
+    println!("eight clients writing at once: {concurrent_rate:.0}/s");
+    figures.push(Figure {
+        name: format!(
+            "eight clients writing at once ({concurrent_rate:.0} writes/s) vs sequential writes"
+        ),
+        value: concurrent_rate / single_rate,
+        unit: "×",
+        target: "≥ 4".into(),
+        holds: concurrent_rate >= 4.0 * single_rate,
     });
 
     // Serve reads for a while, then read the node's memory.
@@ -205,6 +248,64 @@ fn main() -> Result<()> {
         target: String::new(),
         holds: true,
     });
+    let size_ratio = db_size as f64 / bytes.max(1) as f64;
+    figures.push(Figure {
+        name: "database file after the import (and 4,000 writes) vs the records' JSON".into(),
+        value: size_ratio,
+        unit: "×",
+        target: "≤ 1.5".into(),
+        holds: size_ratio <= 1.5,
+    });
+
+    // The anchors, in the same run and on the same disk, after medmesh's figures (so
+    // that what they leave in memory and on disk does not weigh on medmesh's).
+    let lines: Vec<String> = std::fs::read_to_string(&file)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let floor_rate = automerge_floor(&lines)?;
+    println!("anchor: Automerge in-process floor {floor_rate:.0} records/s");
+    let (sqlite_single, sqlite_bulk) = sqlite_anchors(dir.path(), &lines, single_writes)?;
+    println!(
+        "anchor: SQLite {sqlite_single:.0} durable single-row transactions/s, bulk insert {sqlite_bulk:.0} records/s"
+    );
+    figures.push(Figure {
+        name: "anchor: the same records made and saved as Automerge documents in-process (all cores, no storage)".into(),
+        value: floor_rate,
+        unit: "records/s",
+        target: String::new(),
+        holds: true,
+    });
+    let import_ratio = rate / floor_rate;
+    figures.push(Figure {
+        name: "import vs that in-process floor".into(),
+        value: import_ratio,
+        unit: "×",
+        target: "≥ 0.6".into(),
+        holds: import_ratio >= 0.6,
+    });
+    figures.push(Figure {
+        name: "anchor: SQLite bulk insert of the same records (one transaction)".into(),
+        value: sqlite_bulk,
+        unit: "records/s",
+        target: String::new(),
+        holds: true,
+    });
+    figures.push(Figure {
+        name: "anchor: SQLite durable single-row transactions (WAL, synchronous=FULL, index on surname)".into(),
+        value: sqlite_single,
+        unit: "transactions/s",
+        target: String::new(),
+        holds: true,
+    });
+    let write_ratio = single_rate / sqlite_single;
+    figures.push(Figure {
+        name: "sequential durable writes vs SQLite's single-row transactions".into(),
+        value: write_ratio,
+        unit: "×",
+        target: "≥ 0.5".into(),
+        holds: write_ratio >= 0.5,
+    });
 
     write_report(records, bytes / records.max(1), &figures)?;
     let targets: Vec<&Figure> = figures.iter().filter(|f| !f.target.is_empty()).collect();
@@ -216,6 +317,71 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(10));
     Ok(())
+}
+
+/// Records per second to make each record an Automerge document and save it, on all
+/// cores, with no storage: the floor an import cannot go below.
+fn automerge_floor(lines: &[String]) -> Result<f64> {
+    let records: Vec<medmesh_protocol::record::Fields> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l))
+        .collect::<Result<_, _>>()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for chunk in records.chunks(records.len().div_ceil(cores).max(1)) {
+            scope.spawn(move || {
+                for fields in chunk {
+                    let mut doc = automerge::Automerge::new();
+                    let made = doc.transact::<_, _, medmesh_protocol::RecordError>(|tx| {
+                        medmesh_protocol::record::init_record(tx, fields)
+                    });
+                    assert!(made.is_ok(), "a generated record is a valid document");
+                    std::hint::black_box(doc.save());
+                }
+            });
+        }
+    });
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// SQLite in WAL mode with `synchronous=FULL` and an index on surname, in `dir`: durable
+/// single-row transactions per second (`single` of them), then records per second of a
+/// bulk insert of every record in one transaction.
+fn sqlite_anchors(dir: &Path, lines: &[String], single: usize) -> Result<(f64, f64)> {
+    let mut db = rusqlite::Connection::open(dir.join("anchor.sqlite"))?;
+    let mode: String = db.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))?;
+    anyhow::ensure!(mode == "wal", "SQLite did not take WAL mode ({mode})");
+    db.pragma_update(None, "synchronous", "FULL")?;
+    db.execute_batch(
+        "CREATE TABLE patients (id TEXT PRIMARY KEY, surname TEXT, body TEXT NOT NULL);
+         CREATE INDEX patients_surname ON patients (surname);",
+    )?;
+    let surname = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["surname"].as_str().map(str::to_owned))
+    };
+    let started = Instant::now();
+    for (i, line) in lines.iter().cycle().take(single).enumerate() {
+        db.execute(
+            "INSERT INTO patients (id, surname, body) VALUES (?1, ?2, ?3)",
+            (format!("single-{i}"), surname(line), line),
+        )?;
+    }
+    let single_rate = single as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let tx = db.transaction()?;
+    {
+        let mut insert =
+            tx.prepare("INSERT INTO patients (id, surname, body) VALUES (?1, ?2, ?3)")?;
+        for (i, line) in lines.iter().enumerate() {
+            insert.execute((format!("bulk-{i}"), surname(line), line))?;
+        }
+    }
+    tx.commit()?;
+    let bulk_rate = lines.len() as f64 / started.elapsed().as_secs_f64();
+    Ok((single_rate, bulk_rate))
 }
 
 /// Seconds to open the store and read its first record.
