@@ -352,9 +352,14 @@ impl Store {
     pub async fn write(&self, mut batch: WriteBatch) -> Result<Vec<Result<WriteOutcome>>> {
         let mut prepared = Vec::new();
         let new_records = creates(&batch);
-        if (1..PREPARE_OFF_WRITER).contains(&new_records) {
-            // A few new records: worked out here (about 0.1 ms each), so that the writer
-            // only stores them and writers at once share the cores.
+        let only_local = batch
+            .ops
+            .iter()
+            .all(|op| !matches!(op.kind, WriteKind::Merge(_)));
+        if (1..PREPARE_OFF_WRITER).contains(&new_records) && only_local {
+            // A few new records made here: worked out on this task (about 0.1 ms each),
+            // so that the writer only stores them and writers at once share the cores.
+            // (What a peer sent may be large: it is loaded off the async runtime.)
             prepared = self.prepare(&mut batch);
         } else if new_records >= PREPARE_OFF_WRITER {
             // Work the new documents out on a blocking thread, beside the writer.
