@@ -336,7 +336,15 @@ pub fn encode_into(entries: &[SignedChange], out: &mut Vec<u8>) {
         };
         out.push(tag);
         out.extend_from_slice(&entry.hash);
-        match &entry.proof {
+        entry.proof.encode_into(out);
+    }
+}
+
+impl Proof {
+    /// Appends the proof's bytes (without its kind, which the caller records): the
+    /// signature, then for a vouch the voucher's key; or the seal's id.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
             Proof::Author(sig) => out.extend_from_slice(sig),
             Proof::Vouch { sig, voucher } => {
                 out.extend_from_slice(sig);

@@ -137,7 +137,7 @@ impl Store {
                 .and_then(|v| HeldDoc::decode(v.value()))
                 .map(|h| {
                     let bytes = h.joined();
-                    let sigs = signing::with_seals(h.sigs.into_vec(), &mut sent.borrow_mut(), find);
+                    let sigs = signing::seals_once(h.sigs.into_vec(), &mut sent.borrow_mut(), find);
                     (bytes, ByteBuf::from(sigs))
                 }))
         };

@@ -306,22 +306,6 @@ pub(crate) fn seals_once(
     out
 }
 
-/// Adds to `sigs` (encoded entries, perhaps with seals) the seals its entries refer to
-/// that this connection has not sent yet and that are known here.
-pub(crate) fn with_seals(
-    sigs: Vec<u8>,
-    sent: &mut SealsSent,
-    find: impl Fn(&SealId) -> Option<Arc<KnownSeal>>,
-) -> Vec<u8> {
-    let Ok(decoded) = authorship::decode(&sigs) else {
-        return sigs;
-    };
-    sent.extend(decoded.seals.iter().map(Seal::id));
-    let mut out = sigs;
-    attach_seals(&mut out, &decoded.entries, sent, find);
-    out
-}
-
 /// Appends to `out` the seals that `entries` refer to and `sent` does not have (and
 /// counts them as sent); a seal not known here is left out.
 fn attach_seals(
@@ -365,14 +349,7 @@ pub(crate) fn store(
 /// of the seal.
 fn encode_value(entry: &SignedChange) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
-    match &entry.proof {
-        Proof::Author(sig) => out.extend_from_slice(sig),
-        Proof::Vouch { sig, voucher } => {
-            out.extend_from_slice(sig);
-            out.extend_from_slice(voucher);
-        }
-        Proof::Sealed(id) => out.extend_from_slice(id),
-    }
+    entry.proof.encode_into(&mut out);
     out
 }
 

@@ -323,8 +323,14 @@ impl Driver<'_> {
                         }
                     }
                     // Seals that came with these documents are known before a later
-                    // batch (stored alongside) can refer to them.
-                    store.admit_seals(docs.iter().map(|d| d.sigs.as_slice()));
+                    // batch (stored alongside) can refer to them: checked here, in order,
+                    // off the async runtime (a peer decides how many it sends).
+                    let admitting = store.clone();
+                    let docs = blocking(move || {
+                        admitting.admit_seals(docs.iter().map(|d| d.sigs.as_slice()));
+                        Ok(docs)
+                    })
+                    .await?;
                     self.storing.spawn(store_docs(
                         store,
                         req,
