@@ -24,7 +24,7 @@ const IMPORT_REASONS_SHOWN: usize = 20;
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    user: Option<String>,
+    token: Option<String>,
 }
 
 impl Client {
@@ -39,11 +39,17 @@ impl Client {
             .timeout(Duration::from_secs(300))
             .build()
             .context("cannot set up the HTTP client")?;
-        Ok(Self {
-            http,
-            base,
-            user: api.user.clone(),
-        })
+        let token = match &api.token {
+            Some(token) => Some(token.trim().to_owned()),
+            None => {
+                let dir = api
+                    .data
+                    .clone()
+                    .unwrap_or_else(crate::config::default_data_dir);
+                crate::access::tokens::read_api_token(&dir)?
+            }
+        };
+        Ok(Self { http, base, token })
     }
 
     /// Sends a request; answers the JSON body of a success, or an error that says what
@@ -55,8 +61,8 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value)> {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(user) = &self.user {
-            request = request.header("x-medmesh-user", user);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
         }
         if let Some(body) = body {
             request = request.json(body);
@@ -79,6 +85,10 @@ impl Client {
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_success() {
             Ok((status, value))
+        } else if status == StatusCode::UNAUTHORIZED && self.token.is_none() {
+            bail!(
+                "the node asks for a credential and none was found: run this on the node's device as the user that runs the node (the token is in its data directory; give that directory with --data), or give a token with --token or MEDMESH_TOKEN"
+            )
         } else {
             let message = value["error"]["message"]
                 .as_str()
@@ -880,10 +890,10 @@ pub async fn users(action: crate::config::UsersAction) -> Result<()> {
             role,
             clinic,
         } => {
-            if !crate::users::ROLES.contains(&role.as_str()) {
+            if crate::access::Role::parse(&role).is_none() {
                 bail!(
                     "unknown role `{role}`: use one of {}",
-                    crate::users::ROLES.join(", ")
+                    crate::access::Role::ASSIGNABLE.join(", ")
                 );
             }
             let client = Client::new(&api)?;
@@ -900,16 +910,7 @@ pub async fn users(action: crate::config::UsersAction) -> Result<()> {
             {
                 bail!("a user with the email {email} exists already");
             }
-            eprintln!("Password for {email} (read from standard input):");
-            let mut password = String::new();
-            std::io::stdin()
-                .read_line(&mut password)
-                .context("could not read the password from standard input")?;
-            let password = password.trim_end_matches(['\r', '\n']);
-            if password.chars().count() < 8 {
-                bail!("the password must have at least 8 characters");
-            }
-            let hashed = crate::users::hash_password(password)?;
+            let hashed = crate::users::hash_password(&read_password(&email)?)?;
             let mut user = json!({
                 "email": email,
                 "name": name,
@@ -920,6 +921,20 @@ pub async fn users(action: crate::config::UsersAction) -> Result<()> {
                 user["clinic_id"] = json!(clinic);
             }
             let (_, created) = client.call(Method::POST, "/v1/users", Some(&user)).await?;
+            if let (Some(clinic), Some(id)) = (user.get("clinic_id"), created["id"].as_str()) {
+                // What the Hikma cloud does for a new user: the role's permissions at
+                // their clinic (the app enforces them too).
+                let mut permissions = crate::users::default_permissions(&role);
+                permissions["user_id"] = json!(id);
+                permissions["clinic_id"] = clinic.clone();
+                client
+                    .call(
+                        Method::POST,
+                        "/v1/user_clinic_permissions",
+                        Some(&permissions),
+                    )
+                    .await?;
+            }
             println!(
                 "User {email} ({role}) created: {}. They sign in to the Hikma app with this node's address.",
                 created["id"].as_str().unwrap_or("?")
@@ -951,5 +966,82 @@ pub async fn users(action: crate::config::UsersAction) -> Result<()> {
             }
             Ok(())
         }
+        UsersAction::Disable { api, email } => {
+            let client = Client::new(&api)?;
+            let id = user_id(&client, &email).await?;
+            let now =
+                medmesh_protocol::record::format_timestamp(chrono::Utc::now().timestamp_millis());
+            client
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/users/{id}"),
+                    Some(&json!({"disabled_at": now})),
+                )
+                .await?;
+            println!(
+                "User {email} is disabled: they can no longer sign in or use a token, on any node once this change has synced."
+            );
+            Ok(())
+        }
+        UsersAction::Enable { api, email } => {
+            let client = Client::new(&api)?;
+            let id = user_id(&client, &email).await?;
+            client
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/users/{id}"),
+                    Some(&json!({"disabled_at": null})),
+                )
+                .await?;
+            println!("User {email} can sign in again.");
+            Ok(())
+        }
+        UsersAction::Passwd { api, email } => {
+            let client = Client::new(&api)?;
+            let id = user_id(&client, &email).await?;
+            let hashed = crate::users::hash_password(&read_password(&email)?)?;
+            client
+                .call(
+                    Method::PATCH,
+                    &format!("/v1/users/{id}"),
+                    Some(&json!({"hashed_password": hashed})),
+                )
+                .await?;
+            println!(
+                "The password of {email} is changed (on every node once this change has synced)."
+            );
+            Ok(())
+        }
     }
+}
+
+/// A password from standard input (never from the command line), at least 8 characters.
+fn read_password(email: &str) -> Result<String> {
+    eprintln!("Password for {email} (read from standard input):");
+    let mut password = String::new();
+    std::io::stdin()
+        .read_line(&mut password)
+        .context("could not read the password from standard input")?;
+    let password = password.trim_end_matches(['\r', '\n']).to_owned();
+    if password.chars().count() < 8 {
+        bail!("the password must have at least 8 characters");
+    }
+    Ok(password)
+}
+
+/// The id of the user with this email.
+async fn user_id(client: &Client, email: &str) -> Result<String> {
+    let (_, found) = client
+        .call(
+            Method::GET,
+            &format!("/v1/users?email={}", encode(email)),
+            None,
+        )
+        .await?;
+    found["records"]
+        .as_array()
+        .and_then(|r| r.first())
+        .and_then(|u| u["id"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("there is no user with the email {email}; see `medmesh users list`"))
 }

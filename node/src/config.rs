@@ -48,9 +48,15 @@ pub struct ApiArgs {
     /// The node's HTTP API address.
     #[arg(long, env = "MEDMESH_API", default_value = DEFAULT_API)]
     pub api: String,
-    /// Who is making this change (recorded in the record's history).
-    #[arg(long, env = "MEDMESH_USER")]
-    pub user: Option<String>,
+    /// The node's data directory, where the command finds the node's token (default: the
+    /// platform's data directory).
+    #[arg(long, env = "MEDMESH_DATA")]
+    pub data: Option<PathBuf>,
+    /// A token for the API (the node's own, or one from `POST /v1/sessions`), instead of
+    /// the one in the data directory. Better given in MEDMESH_TOKEN than on the command
+    /// line.
+    #[arg(long, env = "MEDMESH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// Flags of `medmesh start`.
@@ -89,6 +95,18 @@ pub struct StartArgs {
     /// Seconds between the gateway's rounds when nothing changes.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub gateway_interval: u64,
+    /// A name the API is reached by, e.g. clinic-laptop.local (repeatable); IP addresses
+    /// and `localhost` always work. Requests naming another host are refused.
+    #[arg(long = "api-host", value_name = "NAME")]
+    pub api_hosts: Vec<String>,
+    /// A web origin allowed to call the API from a browser, e.g. https://console.example
+    /// (repeatable; none by default).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+    /// Serve the API over plain HTTP on a non-loopback --api address (passwords and
+    /// records then cross the network readable by anyone on it).
+    #[arg(long)]
+    pub insecure_http: bool,
 }
 
 /// `medmesh invite`.
@@ -367,10 +385,10 @@ pub enum UsersAction {
         /// The user's name, as the app shows it.
         #[arg(long)]
         name: String,
-        /// registrar, provider, admin or super_admin.
+        /// registrar, provider, pharmacist, admin or super_admin.
         #[arg(long)]
         role: String,
-        /// The user's clinic.
+        /// The user's clinic (their permissions there are the role's defaults).
         #[arg(long = "clinic")]
         clinic: Option<String>,
     },
@@ -379,5 +397,29 @@ pub enum UsersAction {
         #[command(flatten)]
         /// Node.
         api: ApiArgs,
+    },
+    /// Stop a user from signing in (on every node, once the change has synced).
+    Disable {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The user's email.
+        email: String,
+    },
+    /// Let a disabled user sign in again.
+    Enable {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The user's email.
+        email: String,
+    },
+    /// Set a user's password; the new one is read from standard input.
+    Passwd {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// The user's email.
+        email: String,
     },
 }

@@ -13,6 +13,7 @@
 //!   other nodes ◀──libp2p (noise, yamux)──▶ mesh::network ──▶ mesh::session ──▶ Store
 //! ```
 
+pub mod access;
 pub mod api;
 pub mod client;
 pub mod config;

@@ -245,9 +245,17 @@ pub async fn start(args: StartArgs) -> Result<()> {
         }
     }
     let gateway_config = gateway_config(&args)?;
+    let off_loopback = !args.api.ip().is_loopback();
+    if off_loopback && !args.insecure_http {
+        bail!(
+            "--api {} serves the local network: medmesh serves it only over HTTPS, which this version cannot do yet. Keep the API on loopback (the default, 127.0.0.1:7400), or add --insecure-http if this network is private and you accept that passwords and records cross it readable",
+            args.api
+        );
+    }
     let opened = open_data_async(dir, args.schema.clone()).await?;
     if opened.created {
         println!("Created a new medmesh node in {}", opened.dir.display());
+        first_admin(&opened, None).await?;
     }
     let counts = opened.store.counts().unwrap_or_default();
     let total: u64 = counts.values().sum();
@@ -278,11 +286,15 @@ pub async fn start(args: StartArgs) -> Result<()> {
         mesh_shutdown.clone(),
     )
     .await?;
-    let mut state = AppState::new(
+    let mut state = AppState::with_access(
         opened.store.clone(),
         opened.peer_id.clone(),
         Some(opened.dir.clone()),
-    )
+        crate::access::AccessConfig {
+            hosts: args.api_hosts.clone(),
+            cors_origins: args.cors_origins.clone(),
+        },
+    )?
     .with_mesh(mesh.clone());
     let gateway_shutdown = tokio_util::sync::CancellationToken::new();
     let mut gateway_task = None;
@@ -334,7 +346,20 @@ pub async fn start(args: StartArgs) -> Result<()> {
     let api = serve_api(state, args.api).await?;
     println!("medmesh node {} is running", opened.peer_id);
     println!("  data:    {} ({total} records)", opened.dir.display());
-    println!("  API:     http://{}", api.addr);
+    println!(
+        "  API:     http://{} (every request needs a user's credentials or a token; the command line uses {})",
+        api.addr,
+        opened
+            .dir
+            .join(crate::access::tokens::API_TOKEN_FILE)
+            .display()
+    );
+    if off_loopback {
+        println!(
+            "  WARNING: the API is served over plain HTTP on the network (--insecure-http): anyone on it can read passwords and records that cross it."
+        );
+        tracing::warn!(api = %api.addr, "the API is served over plain HTTP on the network (--insecure-http)");
+    }
     println!(
         "  mesh:    {} (listening on {})",
         mesh.fingerprint(),
@@ -448,6 +473,94 @@ fn parse_addrs(addrs: &[String], flag: &str) -> Result<Vec<libp2p::Multiaddr>> {
         .collect()
 }
 
+/// The email of the first admin a new node makes.
+pub const FIRST_ADMIN_EMAIL: &str = "admin@medmesh.local";
+
+/// Makes the first admin user of a new mesh when it has no admin yet: the password is
+/// `password` or, when `None`, generated and printed once.
+pub async fn first_admin(opened: &OpenedData, password: Option<String>) -> Result<()> {
+    let store = opened.store.clone();
+    let device = opened.peer_id.clone();
+    let made = tokio::task::spawn_blocking(move || -> Result<Option<String>> {
+        let users = store.list(&medmesh_storage::Query {
+            collection: "users".into(),
+            limit: 1000,
+            ..medmesh_storage::Query::default()
+        })?;
+        let has_admin = users.records.iter().any(|u| {
+            u.record
+                .get("role")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|r| r == "admin" || r == "super_admin")
+        });
+        if has_admin {
+            return Ok(None);
+        }
+        let password = password.unwrap_or_else(|| {
+            crate::access::tokens::new_token()
+                .trim_start_matches("mm_")
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(16)
+                .collect()
+        });
+        let mut fields = medmesh_protocol::record::Fields::new();
+        fields.insert("email".into(), FIRST_ADMIN_EMAIL.into());
+        fields.insert("name".into(), "Administrator".into());
+        fields.insert("role".into(), "super_admin".into());
+        fields.insert(
+            "hashed_password".into(),
+            crate::users::hash_password(&password)?.into(),
+        );
+        let author = medmesh_protocol::ChangeAuthor { device, user: None };
+        store
+            .write_blocking(medmesh_storage::WriteBatch::one(
+                medmesh_storage::WriteOp::new(
+                    "users",
+                    None,
+                    medmesh_storage::WriteKind::Create(fields),
+                    author,
+                ),
+            ))?
+            .into_iter()
+            .next()
+            .context("the store gave no answer for the first admin")??;
+        Ok(Some(password))
+    })
+    .await
+    .context("making the first admin was interrupted")??;
+    if let Some(password) = made {
+        println!(
+            "The first admin of this mesh is {FIRST_ADMIN_EMAIL}, password: {password}\n  Write it down now: it is not shown again. Add people with `medmesh users add`; change it with `medmesh users passwd {FIRST_ADMIN_EMAIL}`."
+        );
+    }
+    Ok(())
+}
+
+/// The first admin's password typed at a terminal; `None` (generate one) when standard
+/// input is not a terminal or the answer is empty.
+fn prompted_password() -> Result<Option<String>> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    println!(
+        "Password for the first admin, {FIRST_ADMIN_EMAIL} (at least 8 characters; press Enter to have one made):"
+    );
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("could not read the password")?;
+    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    if password.is_empty() {
+        return Ok(None);
+    }
+    if password.chars().count() < 8 {
+        bail!("the password must have at least 8 characters; run `medmesh init` again");
+    }
+    Ok(Some(password))
+}
+
 /// `medmesh init`: creates the identity and store, in a new mesh or, with an invite,
 /// admitted by the admin device that made it; says what to do next.
 pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<()> {
@@ -456,6 +569,7 @@ pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<
         let opened = open_data_async(dir, None).await?;
         if opened.created {
             println!("Created a new medmesh node in {}", opened.dir.display());
+            first_admin(&opened, prompted_password()?).await?;
         } else {
             println!(
                 "{} already holds a medmesh node; nothing changed.",

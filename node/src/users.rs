@@ -17,8 +17,6 @@ use sha2::{Digest, Sha256};
 const REMEMBERED: Duration = Duration::from_secs(600);
 /// Sign-ins remembered at most.
 const REMEMBERED_MAX: usize = 1024;
-/// Roles a user may have.
-pub const ROLES: [&str; 4] = ["registrar", "provider", "admin", "super_admin"];
 
 /// Checks credentials against the `users` collection.
 pub struct Users {
@@ -81,6 +79,9 @@ impl Users {
         let Some(user) = self.find(email)? else {
             return Ok(None);
         };
+        if crate::access::is_disabled(&user) {
+            return Ok(None);
+        }
         let Some(hash) = user.get("hashed_password").and_then(Value::as_str) else {
             return Ok(None);
         };
@@ -112,6 +113,40 @@ impl Users {
 /// A bcrypt hash of `password`, as the Hikma cloud stores them.
 pub fn hash_password(password: &str) -> Result<String> {
     Ok(bcrypt::hash(password, bcrypt::DEFAULT_COST)?)
+}
+
+/// The `user_clinic_permissions` flags the Hikma cloud gives a new user of `role` at
+/// their clinic (a pharmacist, medmesh's own role, dispenses).
+pub fn default_permissions(role: &str) -> Value {
+    use crate::access::roles::Flag;
+    let role = crate::access::Role::parse(role).unwrap_or(crate::access::Role::Registrar);
+    let mut row = serde_json::Map::new();
+    for flag in [
+        Flag::RegisterPatients,
+        Flag::ViewHistory,
+        Flag::EditRecords,
+        Flag::DeleteRecords,
+        Flag::PrescribeMedications,
+        Flag::DispenseMedications,
+        Flag::DeletePatientRecords,
+        Flag::ClinicAdmin,
+    ] {
+        row.insert(flag.column().into(), Value::Bool(role.default_flag(flag)));
+    }
+    for column in [
+        "can_edit_other_provider_event",
+        "can_download_patient_reports",
+        "can_delete_patient_visits",
+    ] {
+        let admin = matches!(
+            role,
+            crate::access::Role::Admin | crate::access::Role::SuperAdmin
+        );
+        let provider_reports =
+            role == crate::access::Role::Provider && column == "can_download_patient_reports";
+        row.insert(column.into(), Value::Bool(admin || provider_reports));
+    }
+    Value::Object(row)
 }
 
 /// The user as the app is shown it: the password hash masked.

@@ -1,5 +1,7 @@
 //! The HTTP API, served for real on 127.0.0.1:0 by an in-process node.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -27,17 +29,18 @@ impl Node {
     }
 
     async fn serve(store: Store, peer_id: String, dir: Option<tempfile::TempDir>) -> Self {
-        let state = AppState::new(
-            store.clone(),
-            peer_id,
-            dir.as_ref().map(|d| d.path().to_path_buf()),
-        );
+        // A node on a memory store still keeps its token in a directory.
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        common::give_token(dir.path());
+        let state =
+            AppState::new(store.clone(), peer_id, Some(dir.path().to_path_buf())).expect("state");
+        let dir = Some(dir);
         let api = serve_api(state, "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("serve");
         Self {
             api,
-            http: reqwest::Client::new(),
+            http: common::http(),
             store,
             _dir: dir,
         }
@@ -53,10 +56,7 @@ impl Node {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut request = self
-            .http
-            .request(method, self.url(path))
-            .header("x-medmesh-user", "nurse-amy");
+        let mut request = self.http.request(method, self.url(path));
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -158,7 +158,7 @@ async fn health_status_and_the_create_read_update_delete_cycle() {
     assert_eq!(status, StatusCode::OK);
     let changes = history["changes"].as_array().expect("changes");
     assert_eq!(changes.len(), 4);
-    assert_eq!(changes[0]["user"], json!("nurse-amy"));
+    assert_eq!(changes[0]["user"], json!("this device's command line"));
     assert_eq!(changes[1]["fields"], json!(["phone", "updated_at"]));
     assert!(
         changes

@@ -23,7 +23,7 @@ impl Node {
         let (api, dir) = common::serve_fresh_node().await;
         let node = Self {
             api,
-            http: reqwest::Client::new(),
+            http: common::http(),
             _dir: dir,
         };
         let hashed = medmesh::users::hash_password(PASSWORD).expect("hash");

@@ -18,7 +18,7 @@ impl Node {
         let (api, dir) = common::serve_fresh_node().await;
         Self {
             api,
-            http: reqwest::Client::new(),
+            http: common::http(),
             _dir: dir,
         }
     }
@@ -27,7 +27,6 @@ impl Node {
         let r = self
             .http
             .post(format!("http://{}{path}", self.api.addr))
-            .header("x-medmesh-user", "pharmacist-1")
             .json(&body)
             .send()
             .await

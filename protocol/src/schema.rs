@@ -396,6 +396,24 @@ impl Schema {
                 true,
             ),
         );
+        collections.insert(
+            ACCESS_LOG_COLLECTION.to_owned(),
+            CollectionSpec::with_common_fields(
+                ACCESS_LOG_COLLECTION,
+                vec![
+                    FieldSpec::new("user", FieldType::String, true, None),
+                    FieldSpec::new("user_id", FieldType::Id, false, Some(IndexKind::Exact)),
+                    FieldSpec::new("device", FieldType::String, true, None),
+                    FieldSpec::new("at", FieldType::Timestamp, true, None),
+                    FieldSpec::new("action", FieldType::String, true, None),
+                    FieldSpec::new("collection", FieldType::String, true, None),
+                    FieldSpec::new("record_id", FieldType::Id, false, Some(IndexKind::Exact)),
+                    FieldSpec::new("patient_id", FieldType::Id, false, Some(IndexKind::Exact)),
+                    FieldSpec::new("count", FieldType::Int, false, None),
+                ],
+                true,
+            ),
+        );
         Schema { collections }
     }
 
@@ -790,6 +808,9 @@ pub const DEVICES_COLLECTION: &str = "_devices";
 
 /// Revocations of devices, each signed by the mesh's owner key.
 pub const REVOCATIONS_COLLECTION: &str = "_revocations";
+/// Who read which patient's record, when, on which device: append-only, replicated so
+/// that every node can answer who looked at whom.
+pub const ACCESS_LOG_COLLECTION: &str = "_access_log";
 
 mod hikma;
 mod mesh;

@@ -124,6 +124,7 @@ impl NodeProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        give_test_token(data)?;
         let api = format!("127.0.0.1:{}", free_port());
         let listen = listen.unwrap_or_else(|| format!("/ip4/127.0.0.1/tcp/{}", free_port()));
         let mut command = Command::new(bin);
@@ -276,6 +277,7 @@ impl InProcessNode {
         // A node of this directory that was just stopped in this process may still be
         // letting go of its database (connections and tasks end after `stop` returns),
         // as a restarted process waits for the old one to exit.
+        give_test_token(dir)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let opened = loop {
             match medmesh::server::open_data_async(dir.to_path_buf(), None).await {
@@ -308,7 +310,7 @@ impl InProcessNode {
             opened.store.clone(),
             opened.peer_id.clone(),
             Some(dir.to_path_buf()),
-        )
+        )?
         .with_mesh(mesh.clone());
         let api = medmesh::server::serve_api(state, "127.0.0.1:0".parse()?).await?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -504,6 +506,42 @@ pub fn update_benchmarks(path: &Path, name: &str, section: &str) -> Result<()> {
     std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// The API token every node of the tests is given (written into its data directory
+/// before it starts, where a node keeps its token across starts), so that one HTTP
+/// client of the tests can call every node.
+pub const TEST_TOKEN: &str = "mm_the-token-of-every-node-in-the-tests-0000";
+
+/// Gives the node of data directory `dir` the tests' token.
+pub fn give_test_token(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    medmesh::access::tokens::write_private(
+        &dir.join(medmesh::access::tokens::API_TOKEN_FILE),
+        TEST_TOKEN,
+    )
+}
+
+/// The HTTP client of the tests: every request carries the tests' token. Every test
+/// calls the API through this client (or [`Api`]), so what a request must carry is set
+/// in one place.
+pub fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = format!("Bearer {TEST_TOKEN}");
+    if let Ok(value) = reqwest::header::HeaderValue::from_str(&value) {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap_or_default()
+}
+
+/// A `medmesh` command with the tests' token (for the commands that call a node).
+pub fn medmesh_command() -> Command {
+    let mut command = Command::new(medmesh_bin());
+    command.env("MEDMESH_TOKEN", TEST_TOKEN);
+    command
+}
+
 /// A node's HTTP API, as the tests call it: every request of the tests goes through here,
 /// so what every request must carry is added in one place.
 #[derive(Clone)]
@@ -516,7 +554,15 @@ impl Api {
     /// The API at `addr` (`127.0.0.1:port`).
     pub fn new(addr: &str) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            http: http(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// The API at `addr` with another client (other credentials, or none).
+    pub fn with_client(addr: &str, http: reqwest::Client) -> Self {
+        Self {
+            http,
             base: format!("http://{addr}"),
         }
     }

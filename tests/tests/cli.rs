@@ -1,15 +1,13 @@
 //! The `medmesh` command line against a running node.
 
 use std::io::Write;
-use std::process::Command;
 
-use medmesh_tests::{NodeProcess, medmesh_bin, patient};
+use medmesh_tests::{NodeProcess, patient};
 
 fn medmesh(api: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(args)
         .args(["--api", api])
-        .env("MEDMESH_USER", "registrar-1")
         .output()
         .expect("run medmesh");
     (
@@ -141,7 +139,7 @@ fn a_client_without_a_node_says_what_to_do() {
 fn init_then_start_keep_the_same_identity() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("node");
-    let out = Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(["init", "--data"])
         .arg(&data)
         .output()

@@ -106,7 +106,7 @@ async fn node_keeps_every_answered_write_across_kill_9() {
             let url = node.url("/v1/patients");
             let stop = stop.clone();
             writers.push(tokio::spawn(async move {
-                let http = reqwest::Client::new();
+                let http = medmesh_tests::http();
                 let mut answered = Vec::new();
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 20_000 {
@@ -138,7 +138,7 @@ async fn node_keeps_every_answered_write_across_kill_9() {
             acked.extend(writer.await.expect("writer"));
         }
         let node = NodeProcess::start(dir.path()).expect("restart node");
-        let http = reqwest::Client::new();
+        let http = medmesh_tests::http();
         for (id, name) in &acked {
             let response = http
                 .get(node.url(&format!("/v1/patients/{id}")))

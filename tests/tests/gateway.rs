@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use medmesh_tests::cloud::Cloud;
-use medmesh_tests::{Api, NodeProcess, join_mesh, medmesh_bin, patient};
+use medmesh_tests::{Api, NodeProcess, join_mesh, patient};
 use serde_json::{Value, json};
 
 /// The clinic of `medmesh_tests::patient`.
@@ -258,7 +258,7 @@ async fn edits_on_both_sides_merge_field_by_field_and_deletes_cross_both_ways() 
     assert!(deleted_in_mesh(&api, &in_cloud_id).await);
 
     // `medmesh status` shows the gateway in words.
-    let out = std::process::Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(["status", "--api", &node.api])
         .output()
         .expect("status");
@@ -507,7 +507,7 @@ async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
     );
 
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let init = std::process::Command::new(medmesh_bin())
+    let init = medmesh_tests::medmesh_command()
         .args(["init", "--data"])
         .arg(&da)
         .output()
@@ -646,7 +646,7 @@ fn a_hub_key_the_cloud_refuses_stops_the_start_with_a_clear_message() {
     let (_cloud, url, _) = runtime.block_on(cloud_with_clinic(dir.path()));
     let key_file = dir.path().join("wrong.key");
     std::fs::write(&key_file, format!("hh_{}", "ab".repeat(32))).expect("key");
-    let out = std::process::Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(["start", "--no-mdns", "--data"])
         .arg(dir.path().join("n"))
         .args(["--api", "127.0.0.1:0", "--gateway", &url, "--hub-key-file"])
@@ -661,7 +661,7 @@ fn a_hub_key_the_cloud_refuses_stops_the_start_with_a_clear_message() {
     );
     // A key that is not a key at all is named as such before anything starts.
     std::fs::write(&key_file, "my-password").expect("key");
-    let out = std::process::Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(["start", "--no-mdns", "--data"])
         .arg(dir.path().join("n"))
         .args(["--api", "127.0.0.1:0", "--gateway", &url, "--hub-key-file"])

@@ -19,7 +19,7 @@ use medmesh_protocol::authorship::{self, SigningKey};
 use medmesh_protocol::membership::{Credential, OwnerKey};
 use medmesh_protocol::sync::{Input, Output, Session, SessionConfig};
 use medmesh_protocol::wire::{self, DocPayload, FeedItem, FrameDecoder, Message};
-use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, open_sync_stream_as};
+use medmesh_tests::{NodeProcess, join_mesh, open_sync_stream_as};
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
 
@@ -275,7 +275,7 @@ async fn get(http: &reqwest::Client, node: &NodeProcess, id: DocId) -> (u16, Val
 async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let out = std::process::Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(["init", "--data"])
         .arg(&da)
         .output()
@@ -286,7 +286,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
         .expect("read the owner key")
         .expect("an owner key");
     let node = NodeProcess::start(&da).expect("the node");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let peer: PeerId = status(&http, &node).await["peer_id"]
         .as_str()
         .expect("peer id")

@@ -83,7 +83,7 @@ async fn garbage_on_the_sync_stream_closes_it_and_nothing_else() {
     let b = InProcessNode::start(&db, vec![a.addr.clone()])
         .await
         .expect("b");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let created: serde_json::Value = http
         .post(a.url("/v1/patients"))
         .json(&serde_json::json!({"given_name": "After the garbage"}))

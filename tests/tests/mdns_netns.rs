@@ -37,6 +37,7 @@ fn in_ns(ns: &str, args: &[&str]) -> (bool, String) {
         .args(["netns", "exec", ns])
         .arg(medmesh_bin())
         .args(args)
+        .env("MEDMESH_TOKEN", medmesh_tests::TEST_TOKEN)
         .output()
         .expect("run medmesh in a namespace");
     (
@@ -138,7 +139,7 @@ fn nodes_find_each_other_by_mdns_and_ignore_another_mesh() {
         .map(|i| dir.path().join(format!("n{i}")).display().to_string())
         .collect();
     let run = |args: &[&str]| {
-        let out = Command::new(medmesh_bin())
+        let out = medmesh_tests::medmesh_command()
             .args(args)
             .output()
             .expect("medmesh");
@@ -152,6 +153,7 @@ fn nodes_find_each_other_by_mdns_and_ignore_another_mesh() {
     let id1 = node_id(&run(&["init", "--data", &data[0]]));
     let id3 = node_id(&run(&["init", "--data", &data[2]]));
     let start = |ns: &str, data: &str| {
+        medmesh_tests::give_test_token(std::path::Path::new(data)).expect("token");
         Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(medmesh_bin())

@@ -58,7 +58,7 @@ async fn a_write_at_one_end_of_a_chain_reaches_the_other_end() {
     let c = InProcessNode::start(&dc, vec![b.addr.clone()])
         .await
         .expect("c");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let from_a = post(&http, &a, "patients", json!({"given_name": "From A"})).await;
     let from_c = post(&http, &c, "visits", json!({"patient_id": from_a["id"]})).await;
     let a_path = format!("/v1/patients/{}", from_a["id"].as_str().expect("id"));
@@ -115,7 +115,7 @@ async fn a_write_at_one_end_of_a_chain_reaches_the_other_end() {
 async fn edits_made_apart_merge_field_by_field_and_conflicts_agree() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     join_mesh(&da, &db).expect("join");
     let b = InProcessNode::start(&db, vec![a.addr.clone()])
@@ -181,7 +181,7 @@ async fn edits_made_apart_merge_field_by_field_and_conflicts_agree() {
 async fn a_node_of_another_mesh_gets_nothing_and_gives_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, dx) = (dir.path().join("a"), dir.path().join("x"));
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     // X founds its own mesh and is pointed at A.
     let x = InProcessNode::start(&dx, vec![a.addr.clone()])
@@ -288,7 +288,7 @@ async fn a_document_larger_than_a_frame_arrives_in_parts() {
 async fn two_nodes_that_stock_the_same_batch_offline_end_with_one_item_and_the_right_quantity() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     // The clinic exists on both before they part.
     let a = InProcessNode::start(&da, vec![]).await.expect("a");
     join_mesh(&da, &db).expect("join");
@@ -383,7 +383,7 @@ async fn two_nodes_and_an_app_user(
         .expect("b");
     let hashed = medmesh::users::hash_password("a long password").expect("hash");
     post(
-        &reqwest::Client::new(),
+        &medmesh_tests::http(),
         &a,
         "users",
         json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "provider", "hashed_password": hashed}),
@@ -403,7 +403,7 @@ async fn two_nodes_and_an_app_user(
 async fn the_app_moves_between_nodes_and_misses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b, auth) = two_nodes_and_an_app_user(dir.path()).await;
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let pull = async |node: &InProcessNode, since: Option<i64>| -> Option<Value> {
         let url = match since {
             Some(t) => node.url(&format!("/api/v2/sync?last_pulled_at={t}")),
@@ -474,7 +474,7 @@ async fn the_app_moves_between_nodes_and_misses_nothing() {
 async fn a_dispense_pushed_to_two_nodes_moves_the_stock_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b, auth) = two_nodes_and_an_app_user(dir.path()).await;
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let clinic = post(&http, &a, "clinics", json!({"name": "Kano"})).await;
     let clinic = clinic["id"].as_str().expect("clinic").to_owned();
     let restocked: Value = http

@@ -2,11 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, patient};
+use medmesh_tests::{NodeProcess, join_mesh, patient};
 use serde_json::{Value, json};
 
 fn init(dir: &std::path::Path) {
-    let out = std::process::Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(["init", "--data"])
         .arg(dir)
         .output()
@@ -42,7 +42,7 @@ async fn a_chain_of_three_processes_carries_writes_end_to_end() {
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
     let c = NodeProcess::start_peered(&dc, std::slice::from_ref(&b.listen), None).expect("c");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let response = http
         .post(a.url("/v1/patients"))
         .json(&json!({"given_name": "Chain"}))
@@ -64,7 +64,7 @@ async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
     init(&da);
     join_mesh(&da, &db).expect("join");
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let total = 20_000u64;
     for start in (0..total as usize).step_by(1000) {
         let records: Vec<Value> = (start..start + 1000).map(patient).collect();
@@ -96,7 +96,7 @@ async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
     .await;
     // Same records on both: compare the exported ids.
     let ids = |node: &NodeProcess| {
-        let out = std::process::Command::new(medmesh_bin())
+        let out = medmesh_tests::medmesh_command()
             .args(["export", "patients", "--api", &node.api])
             .output()
             .expect("export");
@@ -121,7 +121,7 @@ async fn a_process_of_another_mesh_is_refused() {
     init(&dx);
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let x = NodeProcess::start_peered(&dx, std::slice::from_ref(&a.listen), None).expect("x");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     http.post(a.url("/v1/patients"))
         .json(&json!({"given_name": "A only"}))
         .send()
@@ -155,7 +155,7 @@ async fn edits_of_different_fields_during_a_partition_both_survive() {
     init(&da);
     join_mesh(&da, &db).expect("join");
     let listen_a = format!("/ip4/127.0.0.1/tcp/{}", medmesh_tests::free_port());
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let mut a = NodeProcess::start_peered(&da, &[], Some(listen_a.clone())).expect("a");
     let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&listen_a), None).expect("b");
     let created: Value = http
@@ -239,7 +239,7 @@ async fn a_collection_declared_on_one_node_reaches_and_is_readable_on_the_others
     let a = NodeProcess::start_with_args(&da, &[], &["--schema", schema_arg]).expect("a");
     let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
     let mut c = NodeProcess::start_peered(&dc, std::slice::from_ref(&b.listen), None).expect("c");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     // B and C do not know the collection before the declaration reaches them.
     let patient = uuid::Uuid::new_v4().to_string();
     let mut ids = Vec::new();

@@ -3,14 +3,14 @@
 //! and the upgrade of a mesh of the shared-secret format.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use medmesh_tests::{Api, NodeProcess, eventually, join_mesh, medmesh_bin, patient};
+use medmesh_tests::{Api, NodeProcess, eventually, join_mesh, patient};
 use serde_json::json;
 
 fn medmesh(args: &[&str]) -> Output {
-    Command::new(medmesh_bin())
+    medmesh_tests::medmesh_command()
         .args(args)
         .output()
         .expect("run medmesh")

@@ -96,7 +96,7 @@ async fn the_apps_own_sync_engine_syncs_field_by_field_with_a_node() {
     install_client();
     let dir = tempfile::tempdir().expect("tempdir");
     let node = NodeProcess::start(&dir.path().join("node")).expect("node");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let post = async |path: &str, body: Value| -> Value {
         let response = http
             .post(node.url(path))

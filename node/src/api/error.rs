@@ -16,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     /// The field at fault, when there is one.
     pub field: Option<String>,
+    /// The permission the caller lacks (403).
+    pub permission: Option<&'static str>,
 }
 
 impl ApiError {
@@ -26,6 +28,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            permission: None,
         }
     }
 
@@ -40,6 +43,9 @@ impl IntoResponse for ApiError {
         let mut error = json!({"code": self.code, "message": self.message});
         if let Some(field) = self.field {
             error["field"] = json!(field);
+        }
+        if let Some(permission) = self.permission {
+            error["permission"] = json!(permission);
         }
         (self.status, axum::Json(json!({ "error": error }))).into_response()
     }
@@ -76,6 +82,7 @@ impl From<StoreError> for ApiError {
             code,
             message,
             field,
+            permission: None,
         }
     }
 }

@@ -9,6 +9,7 @@ mod mobile;
 mod peers;
 mod pharmacy;
 mod records;
+mod sessions;
 mod status;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ struct StateInner {
     pharmacy: Arc<crate::pharmacy::Pharmacy>,
     mobile: Arc<crate::mobile::MobileSync>,
     users: Arc<crate::users::Users>,
+    access: Arc<crate::access::AccessControl>,
+    access_log: crate::access::log::AccessLog,
     mesh: Option<crate::mesh::Mesh>,
     gateway: Option<crate::gateway::GatewayHandle>,
     peer_id: String,
@@ -52,14 +55,43 @@ struct StateInner {
 }
 
 impl AppState {
-    /// State for a node with this store and identity.
-    pub fn new(store: Store, peer_id: String, data_dir: Option<PathBuf>) -> Self {
+    /// State for a node with this store and identity: its API token and sessions are kept
+    /// in `data_dir` (in memory only without one). Starts the access log's writer, so it
+    /// must be called inside a tokio runtime.
+    pub fn new(store: Store, peer_id: String, data_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        Self::with_access(
+            store,
+            peer_id,
+            data_dir,
+            crate::access::AccessConfig::default(),
+        )
+    }
+
+    /// [`AppState::new`] with the API's host names and CORS origins.
+    pub fn with_access(
+        store: Store,
+        peer_id: String,
+        data_dir: Option<PathBuf>,
+        config: crate::access::AccessConfig,
+    ) -> anyhow::Result<Self> {
+        let api_token = match &data_dir {
+            Some(dir) => crate::access::ApiToken::load_or_create(dir)?,
+            None => crate::access::ApiToken::ephemeral().0,
+        };
+        let access = Arc::new(crate::access::AccessControl::new(
+            api_token,
+            crate::access::Sessions::open(data_dir.as_deref()),
+            config,
+        ));
+        let access_log = crate::access::log::AccessLog::start(store.clone(), peer_id.clone());
         let pharmacy = Arc::new(crate::pharmacy::Pharmacy::new(
             store.clone(),
             peer_id.clone(),
         ));
-        Self {
+        Ok(Self {
             inner: Arc::new(StateInner {
+                access,
+                access_log,
                 mobile: Arc::new(crate::mobile::MobileSync::new(
                     store.clone(),
                     pharmacy.clone(),
@@ -74,7 +106,7 @@ impl AppState {
                 data_dir,
                 started: std::time::Instant::now(),
             }),
-        }
+        })
     }
 
     /// The same state with the mesh attached (for `/v1/peers`).
@@ -93,6 +125,8 @@ impl AppState {
             pharmacy: self.inner.pharmacy.clone(),
             mobile: self.inner.mobile.clone(),
             users: self.inner.users.clone(),
+            access: self.inner.access.clone(),
+            access_log: self.inner.access_log.clone(),
             mesh: self.inner.mesh.clone(),
             gateway: self.inner.gateway.clone(),
             peer_id: self.inner.peer_id.clone(),
@@ -125,6 +159,16 @@ impl AppState {
         self.inner.users.clone()
     }
 
+    /// The node's credentials and rules.
+    pub fn access(&self) -> &crate::access::AccessControl {
+        &self.inner.access
+    }
+
+    /// The access log.
+    pub fn access_log(&self) -> &crate::access::log::AccessLog {
+        &self.inner.access_log
+    }
+
     /// The mesh, when the node runs one.
     pub fn mesh(&self) -> Option<&crate::mesh::Mesh> {
         self.inner.mesh.as_ref()
@@ -150,7 +194,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v2/sync", get(mobile::pull).post(mobile::push))
         .route("/api/login", post(mobile::login))
         .layer(DefaultBodyLimit::max(mobile::MAX_PUSH_BODY));
-    Router::new()
+    let router = Router::new()
         .route("/health", get(status::health))
         .route("/v1/status", get(status::status))
         .route("/v1/changes", get(status::changes))
@@ -179,10 +223,50 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/{collection}/{id}/history", get(records::history))
         .route("/v1/{collection}/{id}/conflicts", get(records::conflicts))
         .layer(DefaultBodyLimit::max(MAX_RECORD_BODY))
+        .route("/v1/sessions", post(sessions::open))
+        .route(
+            "/v1/sessions/current",
+            axum::routing::delete(sessions::close),
+        )
+        .route("/v1/me", get(sessions::me))
         .merge(import)
         .merge(app)
         .fallback(not_found)
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::access::guard,
+        ))
+        .with_state(state.clone());
+    cors(&state, router)
+}
+
+/// CORS answers for the configured origins only; none by default, so a web page of
+/// another origin cannot read the node's answers.
+fn cors(state: &AppState, router: Router) -> Router {
+    let origins: Vec<axum::http::HeaderValue> = state
+        .access()
+        .cors_origins()
+        .iter()
+        .filter_map(|o| o.parse().ok())
+        .collect();
+    if origins.is_empty() {
+        return router;
+    }
+    router.layer(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::PUT,
+                axum::http::Method::PATCH,
+                axum::http::Method::DELETE,
+            ])
+            .allow_headers([
+                axum::http::header::AUTHORIZATION,
+                axum::http::header::CONTENT_TYPE,
+            ]),
+    )
 }
 
 async fn not_found() -> ApiError {

@@ -1,10 +1,10 @@
 //! The mesh's peers: `GET /v1/peers`, `POST /v1/peers {"addr": MULTIADDR}`.
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use serde_json::{Value, json};
 
 use super::{ApiError, AppState, blocking};
@@ -29,7 +29,11 @@ fn no_mesh() -> ApiError {
 }
 
 /// Every peer known now: id, addresses, connected, last sync, documents pending each way.
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ReadStatus, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     Ok(Json(
         json!({ "mesh": mesh.fingerprint(), "peers": mesh.peers() }),
@@ -40,8 +44,10 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
 /// (repairing differences), and says whether they agree.
 pub async fn verify(
     State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
     Path(peer): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     let report = mesh
         .verify(&peer)
@@ -53,8 +59,10 @@ pub async fn verify(
 /// `DELETE /v1/peers/{peer_id}`: forgets a peer (disconnects it, stops dialing it).
 pub async fn forget(
     State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
     Path(peer): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     let known = mesh
         .forget(&peer)
@@ -73,8 +81,10 @@ pub async fn forget(
 /// Connects to a node by address (and remembers it).
 pub async fn add(
     State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     let value = json_body(body)?;
     let addr = value["addr"].as_str().ok_or_else(|| {
@@ -100,7 +110,11 @@ pub async fn add(
 
 /// `GET /v1/devices`: the mesh's devices (valid certificates in the replicated list) and
 /// the revoked ones, with whether each is connected now.
-pub async fn devices(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn devices(
+    State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     let trust = mesh.trust().clone();
     let store = state.store().clone();
@@ -135,9 +149,11 @@ pub async fn devices(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
 /// devices only). The signed revocation reaches every node like any change.
 pub async fn revoke(
     State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
     Path(peer): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     let trust = mesh.trust().clone();
     if trust.owner.is_none() {

@@ -1,17 +1,17 @@
 //! Pharmacy endpoints: `/v1/pharmacy/{restock,dispense,count,adjust}` (POST),
 //! `/v1/pharmacy/{stock,alerts,verify}` and `/v1/drugs/search` (GET).
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::{Extension, Json};
 use medmesh_protocol::DocId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::records::{body_object, user_of};
+use super::records::{body_object, clinic_of};
 use super::{ApiError, AppState, blocking};
+use crate::access::{Caller, Permission};
 use crate::pharmacy::{Pharmacy, PharmacyError};
 
 impl From<PharmacyError> for ApiError {
@@ -32,51 +32,81 @@ type Operation =
 
 async fn run(
     state: AppState,
-    headers: HeaderMap,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
+    permission: Permission,
     operation: Operation,
 ) -> Result<Json<Value>, ApiError> {
     let fields = body_object(body)?;
-    let user = user_of(&headers);
+    caller.require(permission, clinic_of(&fields))?;
     let pharmacy = state.pharmacy();
-    let answer = blocking(move || Ok(operation(&pharmacy, &fields, user.as_deref())?)).await?;
+    let answer =
+        blocking(move || Ok(operation(&pharmacy, &fields, Some(caller.name.as_str()))?)).await?;
     Ok(Json(answer))
 }
 
 /// `POST /v1/pharmacy/restock`
 pub async fn restock(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    run(state, headers, body, Pharmacy::restock).await
+    run(
+        state,
+        caller,
+        body,
+        Permission::ManageStock,
+        Pharmacy::restock,
+    )
+    .await
 }
 
 /// `POST /v1/pharmacy/dispense`
 pub async fn dispense(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    run(state, headers, body, Pharmacy::dispense).await
+    run(
+        state,
+        caller,
+        body,
+        Permission::Dispense,
+        Pharmacy::dispense,
+    )
+    .await
 }
 
 /// `POST /v1/pharmacy/count`
 pub async fn count(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    run(state, headers, body, Pharmacy::count).await
+    run(
+        state,
+        caller,
+        body,
+        Permission::ManageStock,
+        Pharmacy::count,
+    )
+    .await
 }
 
 /// `POST /v1/pharmacy/adjust`
 pub async fn adjust(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    run(state, headers, body, Pharmacy::adjust).await
+    run(
+        state,
+        caller,
+        body,
+        Permission::ManageStock,
+        Pharmacy::adjust,
+    )
+    .await
 }
 
 /// Filters of the stock and alert queries.
@@ -99,8 +129,10 @@ const MAX_STOCK_PAGE: usize = 5000;
 /// end).
 pub async fn stock(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<StockParams>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ReadStock, params.clinic_id.as_deref())?;
     let limit = params.limit.unwrap_or(STOCK_PAGE);
     if !(1..=MAX_STOCK_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -139,8 +171,10 @@ pub async fn stock(
 /// `GET /v1/pharmacy/alerts?clinic_id=&within_days=`
 pub async fn alerts(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<StockParams>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ReadStock, params.clinic_id.as_deref())?;
     let pharmacy = state.pharmacy();
     let today = chrono::Utc::now().date_naive();
     let within = params.within_days.unwrap_or(90);
@@ -150,7 +184,11 @@ pub async fn alerts(
 }
 
 /// `GET /v1/pharmacy/verify`: stock items whose quantity differs from their movements.
-pub async fn verify(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn verify(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ReadStock, None)?;
     let pharmacy = state.pharmacy();
     Ok(Json(blocking(move || Ok(pharmacy.verify()?)).await?))
 }
@@ -165,8 +203,10 @@ pub struct SearchParams {
 /// `GET /v1/drugs/search?q=...&limit=N`: autocompletes drug names.
 pub async fn search(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<SearchParams>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ReadReference, None)?;
     let q = params.q.unwrap_or_default();
     let limit = params.limit.unwrap_or(10).clamp(1, 100);
     let pharmacy = state.pharmacy();

@@ -1,38 +1,101 @@
 //! Record endpoints: create, read, list, patch, replace, delete, history, conflicts,
 //! import.
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query as UrlQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use medmesh_protocol::DocId;
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::schema::counter_fields;
-use medmesh_protocol::{ChangeAuthor, DocId};
 use medmesh_storage::{Filter, Query, WriteBatch, WriteKind, WriteOp};
 use serde_json::{Value, json};
 
 use super::{
     ApiError, AppState, DEFAULT_PAGE, MAX_IMPORT_RECORDS, MAX_PAGE, MAX_RECORD_BODY, blocking,
 };
+use crate::access::log::Entry;
+use crate::access::roles::{Access, is_patient_record, needed};
+use crate::access::{Caller, Permission, Role};
 
-/// The request header naming the user or app that makes a change.
-pub const USER_HEADER: &str = "x-medmesh-user";
-
-/// The user or app named by the request's `X-Medmesh-User` header.
-pub(crate) fn user_of(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(USER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().chars().take(200).collect::<String>())
-        .filter(|v| !v.is_empty())
+/// The clinic a record belongs to, as its own fields name it.
+pub(crate) fn clinic_of(fields: &Fields) -> Option<&str> {
+    ["clinic_id", "primary_clinic_id"]
+        .iter()
+        .find_map(|name| fields.get(*name).and_then(Value::as_str))
 }
 
-fn author(state: &AppState, headers: &HeaderMap) -> ChangeAuthor {
-    ChangeAuthor {
-        device: state.peer_id().to_owned(),
-        user: user_of(headers),
+/// The patient a record is of.
+fn patient_of(collection: &str, fields: &Fields) -> Option<String> {
+    let name = if collection == "patients" {
+        "id"
+    } else {
+        "patient_id"
+    };
+    fields.get(name).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Whether the caller's role makes clinic flags matter (so the record's clinic must be
+/// read before a change).
+fn flags_matter(caller: &Caller) -> bool {
+    !matches!(caller.role, Role::SuperAdmin | Role::Device)
+}
+
+/// Only a super admin makes or changes a super admin (as in the Hikma cloud).
+fn check_super_admin(
+    caller: &Caller,
+    collection: &str,
+    fields: &[&Fields],
+) -> Result<(), ApiError> {
+    let touches = collection == "users"
+        && fields.iter().any(|f| {
+            f.get("role")
+                .and_then(Value::as_str)
+                .is_some_and(|r| r.trim().eq_ignore_ascii_case("super_admin"))
+        });
+    if touches && flags_matter(caller) {
+        let mut error = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "only a super_admin may make or change a super_admin, and {} is a {}",
+                caller.name, caller.role
+            ),
+        );
+        error.permission = Some(Permission::ManageUsers.name());
+        return Err(error);
     }
+    Ok(())
+}
+
+/// Logs a read of patients' records.
+async fn log_read(
+    state: &AppState,
+    caller: &Caller,
+    action: &'static str,
+    collection: &str,
+    record: Option<&Fields>,
+    count: Option<usize>,
+    patient: Option<String>,
+) {
+    if !is_patient_record(collection) {
+        return;
+    }
+    state
+        .access_log()
+        .record(Entry {
+            caller: caller.clone(),
+            action,
+            collection: collection.to_owned(),
+            record_id: record
+                .and_then(|r| r.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            patient_id: record.and_then(|r| patient_of(collection, r)).or(patient),
+            count,
+        })
+        .await;
 }
 
 fn body_json(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
@@ -230,17 +293,19 @@ async fn write_one(
 pub async fn create(
     State(state): State<AppState>,
     Path(collection): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     check_collection(&state, &collection)?;
     let fields = body_object(body)?;
+    caller.require(needed(&collection, Access::Write), clinic_of(&fields))?;
+    check_super_admin(&caller, &collection, &[&fields])?;
     refuse_managed(&state, &collection, None, &GenericWrite::Create)?;
     let op = WriteOp::new(
         &collection,
         None,
         WriteKind::Create(fields),
-        author(&state, &headers),
+        caller.author(state.peer_id()),
     );
     let outcome = write_one(&state, op).await?;
     let record = masked_if_user(&collection, outcome.record);
@@ -251,15 +316,30 @@ pub async fn create(
 pub async fn get_one(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
+    let permission = needed(&collection, Access::Read);
+    caller.require(permission, None)?;
     let id = parse_id(&id)?;
+    let (s, name) = (state.clone(), collection.clone());
     let view = blocking(move || {
-        let mut view = state.store().get(&collection, &id)?;
-        as_shown(&state, &collection, &mut view.record)?;
+        let mut view = s.store().get(&name, &id)?;
+        as_shown(&s, &name, &mut view.record)?;
         Ok(view)
     })
     .await?;
+    caller.require(permission, clinic_of(&view.record))?;
+    log_read(
+        &state,
+        &caller,
+        "read",
+        &collection,
+        Some(&view.record),
+        None,
+        None,
+    )
+    .await;
     Ok(Json(Value::Object(view.record)))
 }
 
@@ -267,16 +347,39 @@ async fn change(
     state: AppState,
     collection: String,
     id: String,
-    headers: HeaderMap,
+    caller: Caller,
     kind: impl FnOnce() -> Result<WriteKind, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
     let id = parse_id(&id)?;
     let kind = kind()?;
+    let permission = match kind {
+        WriteKind::Delete => needed(&collection, Access::Delete),
+        _ => needed(&collection, Access::Write),
+    };
+    caller.require(permission, None)?;
     let write = GenericWrite::of(&kind);
-    let (checker, name) = (state.clone(), collection.clone());
-    blocking(move || refuse_managed(&checker, &name, Some(&id), &write)).await?;
-    let op = WriteOp::new(&collection, Some(id), kind, author(&state, &headers));
+    if let GenericWrite::Patch(fields) | GenericWrite::Replace(fields) = &write {
+        caller.require(permission, clinic_of(fields))?;
+        check_super_admin(&caller, &collection, &[fields])?;
+    }
+    let (checker, name, who) = (state.clone(), collection.clone(), caller.clone());
+    blocking(move || {
+        if flags_matter(&who) || name == "users" {
+            // The record's clinic as it is now (and its role, for a user).
+            match checker.store().get(&name, &id) {
+                Ok(view) => {
+                    who.require(permission, clinic_of(&view.record))?;
+                    check_super_admin(&who, &name, &[&view.record])?;
+                }
+                Err(medmesh_storage::StoreError::NotFound { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        refuse_managed(&checker, &name, Some(&id), &write)
+    })
+    .await?;
+    let op = WriteOp::new(&collection, Some(id), kind, caller.author(state.peer_id()));
     let outcome = write_one(&state, op).await?;
     let record = masked_if_user(&collection, outcome.record);
     Ok(Json(Value::Object(record)))
@@ -286,10 +389,10 @@ async fn change(
 pub async fn patch(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    change(state, collection, id, headers, || {
+    change(state, collection, id, caller, || {
         Ok(WriteKind::Patch(body_object(body)?))
     })
     .await
@@ -299,10 +402,10 @@ pub async fn patch(
 pub async fn replace(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    change(state, collection, id, headers, || {
+    change(state, collection, id, caller, || {
         Ok(WriteKind::Replace(body_object(body)?))
     })
     .await
@@ -312,20 +415,23 @@ pub async fn replace(
 pub async fn delete(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    change(state, collection, id, headers, || Ok(WriteKind::Delete)).await
+    change(state, collection, id, caller, || Ok(WriteKind::Delete)).await
 }
 
 /// `GET /v1/{collection}?field=value&field=prefix*&limit=N&cursor=C&include_deleted=true`
 pub async fn list(
     State(state): State<AppState>,
     Path(collection): Path<String>,
+    Extension(caller): Extension<Caller>,
     UrlQuery(params): UrlQuery<Vec<(String, String)>>,
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
+    let permission = needed(&collection, Access::Read);
+    caller.require(permission, None)?;
     let mut query = Query {
-        collection,
+        collection: collection.clone(),
         limit: DEFAULT_PAGE,
         ..Query::default()
     };
@@ -363,14 +469,35 @@ pub async fn list(
             }),
         }
     }
-    let page = blocking(move || {
-        let mut page = state.store().list(&query)?;
+    let patient = query.filters.iter().find_map(|f| match f {
+        Filter::Equals { field, value } if field == "patient_id" => Some(value.clone()),
+        _ => None,
+    });
+    let s = state.clone();
+    let mut page = blocking(move || {
+        let mut page = s.store().list(&query)?;
         for record in &mut page.records {
-            as_shown(&state, &query.collection, &mut record.record)?;
+            as_shown(&s, &query.collection, &mut record.record)?;
         }
         Ok(page)
     })
     .await?;
+    // Records of clinics where the caller lacks the permission are left out.
+    page.records
+        .retain(|r| caller.allows(permission, clinic_of(&r.record)));
+    if !page.records.is_empty() {
+        let one = (page.records.len() == 1).then(|| &page.records[0].record);
+        log_read(
+            &state,
+            &caller,
+            "list",
+            &collection,
+            one,
+            Some(page.records.len()),
+            patient,
+        )
+        .await;
+    }
     let mut answer = json!({
         "records": page.records.into_iter().map(|r| Value::Object(r.record)).collect::<Vec<_>>(),
         "next": page.next.map(hex::encode),
@@ -393,14 +520,12 @@ pub async fn list(
 pub async fn history(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    check_collection(&state, &collection)?;
+    let doc = readable_document(&state, &caller, &collection, &id, "history").await?;
     let id = parse_id(&id)?;
-    let (doc, signers) = blocking(move || {
-        let store = state.store();
-        Ok((store.document(&collection, &id)?, store.signers(&id)?))
-    })
-    .await?;
+    let s = state.clone();
+    let signers = blocking(move || Ok(s.store().signers(&id)?)).await?;
     let changes: Vec<Value> = record::history(&doc)
         .into_iter()
         .map(|entry| {
@@ -432,11 +557,30 @@ pub async fn history(
 pub async fn conflicts(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    check_collection(&state, &collection)?;
-    let id = parse_id(&id)?;
-    let doc = blocking(move || Ok(state.store().document(&collection, &id)?)).await?;
+    let doc = readable_document(&state, &caller, &collection, &id, "conflicts").await?;
     Ok(Json(json!({ "conflicts": record::conflicts(&doc) })))
+}
+
+/// A record's document, when the caller may read it (the read is logged).
+async fn readable_document(
+    state: &AppState,
+    caller: &Caller,
+    collection: &str,
+    id: &str,
+    action: &'static str,
+) -> Result<automerge::Automerge, ApiError> {
+    check_collection(state, collection)?;
+    let permission = needed(collection, Access::Read);
+    caller.require(permission, None)?;
+    let id = parse_id(id)?;
+    let (s, name) = (state.clone(), collection.to_owned());
+    let doc = blocking(move || Ok(s.store().document(&name, &id)?)).await?;
+    let fields = record::read_record(&doc);
+    caller.require(permission, clinic_of(&fields))?;
+    log_read(state, caller, action, collection, Some(&fields), None, None).await;
+    Ok(doc)
 }
 
 /// `POST /v1/{collection}/_import` with `{"records": [...]}`: each record is created as its
@@ -444,10 +588,12 @@ pub async fn conflicts(
 pub async fn import(
     State(state): State<AppState>,
     Path(collection): Path<String>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
+    let permission = needed(&collection, Access::Write);
+    caller.require(permission, None)?;
     refuse_managed(&state, &collection, None, &GenericWrite::Create)?;
     let records = match body_json(body)? {
         Value::Object(mut body) => match body.remove("records") {
@@ -473,11 +619,25 @@ pub async fn import(
             format!("at most {MAX_IMPORT_RECORDS} records per import request"),
         ));
     }
-    let who = author(&state, &headers);
+    let who = caller.author(state.peer_id());
     let mut results: Vec<Option<Value>> = Vec::with_capacity(records.len());
     let mut ops = Vec::with_capacity(records.len());
     for record in records {
         match record {
+            Value::Object(fields) if !caller.allows(permission, clinic_of(&fields)) => {
+                results.push(Some(json!({
+                    "ok": false,
+                    "error": {"code": "forbidden", "permission": permission.name(), "message": format!(
+                        "{} may not write this record's clinic ({}): it needs the permission `{permission}` there",
+                        caller.name, clinic_of(&fields).unwrap_or("none"))}
+                })));
+            }
+            Value::Object(fields) if check_super_admin(&caller, &collection, &[&fields]).is_err() => {
+                results.push(Some(json!({
+                    "ok": false,
+                    "error": {"code": "forbidden", "permission": "manage_users", "message": "only a super_admin may make a super_admin"}
+                })));
+            }
             Value::Object(fields) => {
                 results.push(None);
                 ops.push(WriteOp::new(&collection, None, WriteKind::Create(fields), who.clone()));

@@ -1,7 +1,7 @@
 //! Health, status and the change feed.
 
-use axum::Json;
 use axum::extract::{Query, State};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -16,7 +16,11 @@ pub async fn health() -> Json<Value> {
 }
 
 /// `GET /v1/status`
-pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn status(
+    State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ReadStatus, None)?;
     let s = state.clone();
     let (counts, seq, (held, held_total)) = blocking(move || {
         Ok((
@@ -64,7 +68,11 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 }
 
 /// `GET /v1/gateway`: the cloud, the last pull and push, the backlog, the last error.
-pub async fn gateway(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn gateway(
+    State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ReadStatus, None)?;
     let Some(gateway) = state.gateway().cloned() else {
         return Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -89,8 +97,10 @@ pub struct ChangesParams {
 /// `GET /v1/changes?since=SEQ&limit=N`: records changed after a feed position.
 pub async fn changes(
     State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
     Query(params): Query<ChangesParams>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ReadAudit, None)?;
     let limit = params.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let since = params.since;
     let entries = blocking(move || Ok(state.store().changes_since(since, limit)?)).await?;

@@ -216,9 +216,9 @@ fn add_user(store: &Store, password: &str) -> Result<()> {
 
 /// Serves the node's API and times a first pull as the app makes it.
 async fn mobile_pull(store: Store, password: &str, expected: usize) -> Result<f64> {
-    let state = medmesh::api::AppState::new(store, "bench-node".into(), None);
+    let state = medmesh::api::AppState::new(store, "bench-node".into(), None)?;
     let api = medmesh::server::serve_api(state, "127.0.0.1:0".parse()?).await?;
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let url = format!("http://{}/api/v2/sync?last_pulled_at=0", api.addr);
     // One pull to sign in (bcrypt) and warm up; the timed one follows.
     let request = || {

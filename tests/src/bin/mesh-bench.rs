@@ -16,7 +16,7 @@ use automerge::{ActorId, Automerge};
 use medmesh_protocol::record;
 use medmesh_protocol::{ChangeAuthor, RecordError};
 use medmesh_tests::proxy::CountingProxy;
-use medmesh_tests::{NodeProcess, join_mesh, medmesh_bin, patient, update_benchmarks};
+use medmesh_tests::{NodeProcess, join_mesh, patient, update_benchmarks};
 use serde_json::{Value, json};
 
 #[global_allocator]
@@ -30,7 +30,7 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn init(dir: &std::path::Path) -> Result<()> {
-    let out = std::process::Command::new(medmesh_bin())
+    let out = medmesh_tests::medmesh_command()
         .args(["init", "--data"])
         .arg(dir)
         .output()?;
@@ -312,7 +312,7 @@ async fn main() -> Result<()> {
         .and_then(|n| n.parse().ok())
         .unwrap_or(100_000);
     let json_path = arg("--json");
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let dir = tempfile::tempdir()?;
     let mut out = serde_json::Map::new();
     out.insert("records".into(), json!(records));

@@ -54,7 +54,8 @@ fn main() -> Result<()> {
     let node = NodeProcess::start(&data)?;
     let api = ApiArgs {
         api: node.api.clone(),
-        user: Some("bench".into()),
+        data: Some(data.clone()),
+        token: None,
     };
     let started = Instant::now();
     let summary = runtime.block_on(medmesh::client::import_file(&api, "patients", &file, false))?;
@@ -75,7 +76,7 @@ fn main() -> Result<()> {
     });
 
     // Sequential durable single-record writes through the API.
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     let url = node.url("/v1/visits");
     let started = Instant::now();
     runtime.block_on(async {

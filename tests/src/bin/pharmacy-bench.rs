@@ -68,7 +68,7 @@ async fn median_ms(http: &reqwest::Client, urls: &[String]) -> Result<(f64, f64)
 async fn main() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let node = NodeProcess::start(&dir.path().join("node"))?;
-    let http = reqwest::Client::new();
+    let http = medmesh_tests::http();
     // Catalogue and clinics.
     let drugs: Vec<Value> = (0..DRUGS)
         .map(|i| json!({"generic_name": drug_name(i)}))
