@@ -19,6 +19,30 @@ pub enum StoreError {
         /// What was wrong, and what to do.
         reason: String,
     },
+    /// The data key given does not open this encrypted store file.
+    #[error(
+        "the data key does not open this store: {path} was encrypted with another key, so nothing was read and nothing was changed. Start medmesh with the data key this node was set up with (restore it from the key backup if it was lost)"
+    )]
+    WrongKey {
+        /// The file.
+        path: String,
+    },
+    /// A data key was given, but the store file is not encrypted.
+    #[error(
+        "the database file {path} is not encrypted, but this node was asked to open it with a data key. Encrypt the existing store first (the node's store migration does this), or start the node without encryption"
+    )]
+    NotEncrypted {
+        /// The file.
+        path: String,
+    },
+    /// The store file is encrypted, and no data key was given.
+    #[error(
+        "the database file {path} is encrypted and can only be opened with its data key. Start medmesh with this node's data key"
+    )]
+    Encrypted {
+        /// The file.
+        path: String,
+    },
     /// The database file is damaged.
     #[error(
         "the database file {path} is damaged ({reason}). Move it aside and start again to re-sync from other devices, or restore it from a backup"

@@ -25,7 +25,12 @@
 //! ([`Store::declare_schema`]), and changes when that document does.
 //!
 //! The tables are listed, with their versioned names, in [`tables`].
+//!
+//! [`Store::open_encrypted`] keeps the whole file encrypted with a [`DataKey`]: redb runs
+//! on [`crypt::EncryptedFile`], which authenticates and encrypts every 4 KiB block and
+//! keeps redb's crash recovery working (see [`crypt`]).
 
+pub mod crypt;
 pub mod error;
 mod held;
 mod merge;
@@ -42,6 +47,7 @@ mod working;
 mod write;
 mod writer;
 
+pub use crypt::{DataKey, EncryptedFile, encrypt_store_file, reencrypt_store_file};
 pub use error::{Result, StoreError};
 pub use held::{HeldDoc, HeldSummary, MAX_HELD_BYTES};
 pub use medmesh_protocol::record::MAX_RECORD_DEPTH;

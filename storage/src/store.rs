@@ -13,6 +13,7 @@ use medmesh_protocol::{DocId, IndexKind, Schema};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, StorageBackend};
 use tokio::sync::oneshot;
 
+use crate::crypt::{DataKey, EncryptedFile};
 use crate::error::{Result, StoreError};
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
 use crate::prepare::{Prepared, actor_from_hex, prepare_creates};
@@ -211,6 +212,31 @@ impl Store {
         let reopen_path = path.to_path_buf();
         Self::start(
             DbSlot::new(db, Box::new(move || open_file(&reopen_path))),
+            Some(path.to_path_buf()),
+            schema,
+            options,
+        )
+    }
+
+    /// Opens the store in the encrypted file at `path` with its data key, creating it
+    /// (encrypted) when it does not exist. Everything in the file — documents, feed,
+    /// indexes — is encrypted and authenticated ([`crate::crypt`]). A wrong key is
+    /// refused with [`StoreError::WrongKey`] before anything is read or written; a plain
+    /// store file with [`StoreError::NotEncrypted`].
+    pub fn open_encrypted(
+        path: &Path,
+        key: &DataKey,
+        schema: Schema,
+        options: StoreOptions,
+    ) -> Result<Self> {
+        let db = open_encrypted_file(path, key)?;
+        let reopen_path = path.to_path_buf();
+        let reopen_key = key.clone();
+        Self::start(
+            DbSlot::new(
+                db,
+                Box::new(move || open_encrypted_file(&reopen_path, &reopen_key)),
+            ),
             Some(path.to_path_buf()),
             schema,
             options,
@@ -935,11 +961,45 @@ impl Store {
 /// reported as damaged.
 fn open_file(path: &Path) -> Result<Database> {
     let display = path.display().to_string();
+    if crate::crypt::is_encrypted_store_file(path) {
+        return Err(StoreError::Encrypted { path: display });
+    }
     let opened = std::panic::catch_unwind(|| {
         Database::builder()
             .set_cache_size(PAGE_CACHE_BYTES)
             .create(path)
     });
+    opened_file(path, display, opened)
+}
+
+/// Opens (or creates) the encrypted database file: the key is checked before redb reads
+/// anything.
+fn open_encrypted_file(path: &Path, key: &DataKey) -> Result<Database> {
+    let display = path.display().to_string();
+    let backend = EncryptedFile::open(path, key)?;
+    backend
+        .forget_unfinished_creation()
+        .map_err(|err| match StoreError::from_io(&err) {
+            StoreError::DiskFull => StoreError::DiskFull,
+            _ => StoreError::Open {
+                path: display.clone(),
+                reason: err.to_string(),
+            },
+        })?;
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Database::builder()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create_with_backend(backend)
+    }));
+    opened_file(path, display, opened)
+}
+
+/// What redb's open gave, as the store's result.
+fn opened_file(
+    path: &Path,
+    display: String,
+    opened: std::thread::Result<Result<Database, redb::DatabaseError>>,
+) -> Result<Database> {
     match opened {
         Ok(Ok(db)) => {
             restrict_permissions(path);
