@@ -60,12 +60,16 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value)> {
+        let method_has_body = matches!(method, Method::POST | Method::PUT | Method::PATCH);
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        if let Some(body) = body {
-            request = request.json(body);
+        match body {
+            Some(body) => request = request.json(body),
+            // The node takes only JSON bodies, also an empty one.
+            None if method_has_body => request = request.json(&json!({})),
+            None => {}
         }
         let response = request.send().await.map_err(|e| {
             if e.is_connect() {

@@ -105,7 +105,8 @@ fn put_get_list_delete_history_and_status() {
     assert!(ok);
     assert_eq!(out.lines().count(), 2, "{out}");
     assert!(
-        out.contains("user registrar-1") && out.contains("changed: surname, updated_at"),
+        out.contains("user this device's command line")
+            && out.contains("changed: surname, updated_at"),
         "{out}"
     );
     // The device is the one whose signature the change carries.
@@ -240,4 +241,139 @@ fn pharmacy_commands_restock_dispense_alert_and_verify() {
         ],
     );
     assert!(!ok && err.contains("quantity"), "{err}");
+}
+
+/// Runs `medmesh` with `stdin` as its standard input and no token in the environment:
+/// the command finds the node's token in `--data`.
+fn medmesh_in(
+    data: &std::path::Path,
+    api: &str,
+    args: &[&str],
+    stdin: &str,
+) -> (bool, String, String) {
+    let mut child = std::process::Command::new(medmesh_tests::medmesh_bin())
+        .args(args)
+        .args(["--api", api, "--data"])
+        .arg(data)
+        .env_remove("MEDMESH_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run medmesh");
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).expect("stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sign_in(api: &str, email: &str, password: &str) -> u16 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{api}/v1/sessions"))
+            .json(&serde_json::json!({"email": email, "password": password}))
+            .send()
+            .await
+            .expect("sign in")
+            .status()
+            .as_u16()
+    })
+}
+
+#[test]
+fn the_first_admin_and_users_are_managed_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node");
+    let out = std::process::Command::new(medmesh_tests::medmesh_bin())
+        .args(["init", "--data"])
+        .arg(&data)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("init");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let password = text
+        .lines()
+        .find_map(|l| l.split_once("admin@medmesh.local, password: "))
+        .map(|(_, p)| p.trim().to_owned())
+        .expect("init prints the first admin's password once");
+    let node = NodeProcess::start(&data).expect("node");
+    assert_eq!(sign_in(&node.api, "admin@medmesh.local", &password), 201);
+    assert_eq!(
+        sign_in(&node.api, "admin@medmesh.local", "not-the-password"),
+        401
+    );
+    // The command line finds the node's token in the data directory.
+    let (ok, out, err) = medmesh_in(
+        &data,
+        &node.api,
+        &[
+            "users",
+            "add",
+            "nurse@clinic.org",
+            "--name",
+            "Amina",
+            "--role",
+            "provider",
+            "--clinic",
+            "0192f0c4-6a1e-7cc3-9d0e-00000000c1c1",
+        ],
+        "a-long-password\n",
+    );
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        sign_in(&node.api, "nurse@clinic.org", "a-long-password"),
+        201
+    );
+    let (ok, out, _) = medmesh_in(&data, &node.api, &["users", "list"], "");
+    assert!(
+        ok && out.contains("nurse@clinic.org") && !out.contains("$2"),
+        "{out}"
+    );
+    let (ok, _, err) = medmesh_in(
+        &data,
+        &node.api,
+        &["users", "disable", "nurse@clinic.org"],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        sign_in(&node.api, "nurse@clinic.org", "a-long-password"),
+        401
+    );
+    let (ok, _, err) = medmesh_in(
+        &data,
+        &node.api,
+        &["users", "enable", "nurse@clinic.org"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = medmesh_in(
+        &data,
+        &node.api,
+        &["users", "passwd", "nurse@clinic.org"],
+        "another-password\n",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        sign_in(&node.api, "nurse@clinic.org", "a-long-password"),
+        401
+    );
+    assert_eq!(
+        sign_in(&node.api, "nurse@clinic.org", "another-password"),
+        201
+    );
+    // Without the data directory and without a token, the command says what to do.
+    let elsewhere = dir.path().join("elsewhere");
+    let (ok, _, err) = medmesh_in(&elsewhere, &node.api, &["status"], "");
+    assert!(!ok && err.contains("--token"), "{err}");
 }

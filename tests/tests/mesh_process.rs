@@ -332,6 +332,7 @@ async fn a_collection_declared_on_one_node_reaches_and_is_readable_on_the_others
         Duration::from_secs(30),
         async || match http
             .post(c.url(&format!("/v1/peers/{b_id}/verify")))
+            .json(&json!({}))
             .send()
             .await
         {

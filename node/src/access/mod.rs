@@ -88,7 +88,7 @@ impl AccessControl {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         name.parse::<std::net::IpAddr>().is_ok()
             || name == "localhost"
-            || self.config.hosts.iter().any(|h| *h == name)
+            || self.config.hosts.contains(&name)
     }
 }
 

@@ -59,7 +59,7 @@ fn check_super_admin(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
-                "only a super_admin may make or change a super_admin, and {} is a {}",
+                "only a super_admin may make or change a super_admin (the permission `manage_users` at the level of super_admin), and {} is {}",
                 caller.name, caller.role
             ),
         );
