@@ -35,19 +35,25 @@ impl Client {
         } else {
             format!("http://{}", api.api)
         };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(300))
-            .build()
-            .context("cannot set up the HTTP client")?;
+        let dir = api
+            .data
+            .clone()
+            .unwrap_or_else(crate::config::default_data_dir);
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(300));
+        // The node's own certificate is trusted when its data directory is at hand.
+        if let Ok(pem) = std::fs::read(dir.join(crate::tls::CERT_FILE)) {
+            let cert = reqwest::Certificate::from_pem(&pem).with_context(|| {
+                format!(
+                    "{} is not a certificate",
+                    dir.join(crate::tls::CERT_FILE).display()
+                )
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().context("cannot set up the HTTP client")?;
         let token = match &api.token {
             Some(token) => Some(token.trim().to_owned()),
-            None => {
-                let dir = api
-                    .data
-                    .clone()
-                    .unwrap_or_else(crate::config::default_data_dir);
-                crate::access::tokens::read_api_token(&dir)?
-            }
+            None => crate::access::tokens::read_api_token(&dir)?,
         };
         Ok(Self { http, base, token })
     }
@@ -132,6 +138,18 @@ pub async fn status(api: &ApiArgs) -> Result<()> {
     let (_, status) = client.call(Method::GET, "/v1/status", None).await?;
     println!("Node:     {}", status["peer_id"].as_str().unwrap_or("?"));
     println!("Data:     {}", status["data_dir"].as_str().unwrap_or("?"));
+    if let Some(fingerprint) = status["https"]["fingerprint"].as_str() {
+        println!("HTTPS:    certificate fingerprint (SHA-256) {fingerprint}");
+        println!("          a device connecting to this node should see exactly this fingerprint:");
+        if let Ok(code) = qrcode::QrCode::new(fingerprint.as_bytes()) {
+            println!(
+                "{}",
+                code.render::<qrcode::render::unicode::Dense1x2>()
+                    .quiet_zone(true)
+                    .build()
+            );
+        }
+    }
     println!("Records:  {}", status["total_records"]);
     if let Some(counts) = status["records"].as_object() {
         for (collection, n) in counts {

@@ -105,8 +105,17 @@ pub struct StartArgs {
     pub cors_origins: Vec<String>,
     /// Serve the API over plain HTTP on a non-loopback --api address (passwords and
     /// records then cross the network readable by anyone on it).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "https")]
     pub insecure_http: bool,
+    /// Serve the API over HTTPS also on loopback (it always is on the network).
+    #[arg(long)]
+    pub https: bool,
+    /// The API's certificate chain (PEM), instead of the node's own self-signed one.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `medmesh invite`.

@@ -24,5 +24,6 @@ pub mod mesh;
 pub mod mobile;
 pub mod pharmacy;
 pub mod server;
+pub mod tls;
 pub mod trust;
 pub mod users;

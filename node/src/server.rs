@@ -236,6 +236,40 @@ pub async fn serve_api(state: AppState, addr: SocketAddr) -> Result<RunningApi> 
     })
 }
 
+/// Serves the API for `state` over HTTPS with the certificate in `files`.
+pub async fn serve_api_tls(
+    state: AppState,
+    addr: SocketAddr,
+    files: &crate::tls::TlsFiles,
+) -> Result<RunningApi> {
+    let config = crate::tls::server_config(files)?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| {
+        format!("cannot listen for the API on {addr}: is another node running? choose another address with --api")
+    })?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        token.cancelled().await;
+        stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+    });
+    let server = axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(config),
+    )?
+    .handle(handle);
+    let app = api::router(state);
+    let task = tokio::spawn(async move { server.serve(app.into_make_service()).await });
+    Ok(RunningApi {
+        addr,
+        task,
+        shutdown,
+    })
+}
+
 /// `medmesh start`: runs a node until Ctrl-C or SIGTERM.
 pub async fn start(args: StartArgs) -> Result<()> {
     let dir = args.data.dir();
@@ -246,10 +280,10 @@ pub async fn start(args: StartArgs) -> Result<()> {
     }
     let gateway_config = gateway_config(&args)?;
     let off_loopback = !args.api.ip().is_loopback();
-    if off_loopback && !args.insecure_http {
+    let https = (off_loopback && !args.insecure_http) || args.https;
+    if args.tls_cert.is_some() != args.tls_key.is_some() {
         bail!(
-            "--api {} serves the local network: medmesh serves it only over HTTPS, which this version cannot do yet. Keep the API on loopback (the default, 127.0.0.1:7400), or add --insecure-http if this network is private and you accept that passwords and records cross it readable",
-            args.api
+            "give both --tls-cert and --tls-key (the certificate and its private key), or neither to use the node's own certificate"
         );
     }
     let opened = open_data_async(dir, args.schema.clone()).await?;
@@ -343,18 +377,43 @@ pub async fn start(args: StartArgs) -> Result<()> {
                 .context("starting was interrupted")??;
         }
     }
-    let api = serve_api(state, args.api).await?;
+    let tls = if https {
+        let files = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => crate::tls::own_certificate(&opened.dir, &args.api_hosts)?,
+        };
+        let fingerprint = crate::tls::fingerprint(&files.cert)?;
+        Some((files, fingerprint))
+    } else {
+        None
+    };
+    if let Some((files, fingerprint)) = &tls {
+        state = state.with_tls(fingerprint.clone(), files.cert.clone());
+    }
+    let (api, scheme) = match &tls {
+        Some((files, _)) => (serve_api_tls(state, args.api, files).await?, "https"),
+        None => (serve_api(state, args.api).await?, "http"),
+    };
     println!("medmesh node {} is running", opened.peer_id);
     println!("  data:    {} ({total} records)", opened.dir.display());
     println!(
-        "  API:     http://{} (every request needs a user's credentials or a token; the command line uses {})",
+        "  API:     {scheme}://{} (every request needs a user's credentials or a token; the command line uses {})",
         api.addr,
         opened
             .dir
             .join(crate::access::tokens::API_TOKEN_FILE)
             .display()
     );
-    if off_loopback {
+    if let Some((files, fingerprint)) = &tls {
+        println!(
+            "  HTTPS:   certificate {} with fingerprint {fingerprint} (check it on a client before signing in; `medmesh status` shows it as a QR code)",
+            files.cert.display()
+        );
+    }
+    if off_loopback && !https {
         println!(
             "  WARNING: the API is served over plain HTTP on the network (--insecure-http): anyone on it can read passwords and records that cross it."
         );

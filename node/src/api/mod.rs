@@ -51,6 +51,7 @@ struct StateInner {
     gateway: Option<crate::gateway::GatewayHandle>,
     peer_id: String,
     data_dir: Option<PathBuf>,
+    tls: Option<(String, PathBuf)>,
     started: std::time::Instant,
 }
 
@@ -104,6 +105,7 @@ impl AppState {
                 gateway: None,
                 peer_id,
                 data_dir,
+                tls: None,
                 started: std::time::Instant::now(),
             }),
         })
@@ -119,6 +121,16 @@ impl AppState {
         self.rebuilt(|inner| inner.gateway = Some(gateway))
     }
 
+    /// The same state serving HTTPS with this certificate (for `/v1/status`).
+    pub fn with_tls(self, fingerprint: String, cert: PathBuf) -> Self {
+        self.rebuilt(|inner| inner.tls = Some((fingerprint, cert)))
+    }
+
+    /// The API certificate's fingerprint and file, when it serves HTTPS.
+    pub fn tls(&self) -> Option<&(String, PathBuf)> {
+        self.inner.tls.as_ref()
+    }
+
     fn rebuilt(self, change: impl FnOnce(&mut StateInner)) -> Self {
         let mut inner = StateInner {
             store: self.inner.store.clone(),
@@ -131,6 +143,7 @@ impl AppState {
             gateway: self.inner.gateway.clone(),
             peer_id: self.inner.peer_id.clone(),
             data_dir: self.inner.data_dir.clone(),
+            tls: self.inner.tls.clone(),
             started: self.inner.started,
         };
         change(&mut inner);

@@ -57,6 +57,10 @@ pub async fn status(
         "peer_id": state.peer_id(),
         "version": env!("CARGO_PKG_VERSION"),
         "data_dir": state.inner.data_dir.as_ref().map(|p| p.display().to_string()),
+        "https": state.tls().map(|(fingerprint, cert)| json!({
+            "fingerprint": fingerprint,
+            "certificate": cert.display().to_string(),
+        })),
         "database": info.path.as_ref().map(|p| p.display().to_string()),
         "records": counts,
         "total_records": total,
