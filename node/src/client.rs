@@ -138,6 +138,9 @@ pub async fn status(api: &ApiArgs) -> Result<()> {
     let (_, status) = client.call(Method::GET, "/v1/status", None).await?;
     println!("Node:     {}", status["peer_id"].as_str().unwrap_or("?"));
     println!("Data:     {}", status["data_dir"].as_str().unwrap_or("?"));
+    if let Some(protection) = status["encryption"].as_str() {
+        println!("At rest:  {protection}");
+    }
     if let Some(fingerprint) = status["https"]["fingerprint"].as_str() {
         println!("HTTPS:    certificate fingerprint (SHA-256) {fingerprint}");
         println!("          a device connecting to this node should see exactly this fingerprint:");

@@ -26,6 +26,10 @@ pub struct DataArgs {
     /// ~/.local/share/medmesh).
     #[arg(long, env = "MEDMESH_DATA")]
     pub data: Option<PathBuf>,
+    /// A file holding the passphrase that protects the node's data key (made with it on
+    /// the first start; the passphrase may instead be in MEDMESH_PASSPHRASE).
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 impl DataArgs {
@@ -212,6 +216,20 @@ pub enum Command {
         /// The peer to compare with (see `medmesh peers`).
         #[arg(long)]
         peer: String,
+    },
+    /// Change how the node's data key is protected: with the passphrase in
+    /// --new-passphrase-file (or MEDMESH_NEW_PASSPHRASE), or in the key file beside the
+    /// database with --no-passphrase. The current passphrase, if any, is given as usual.
+    Rekey {
+        #[command(flatten)]
+        /// Data directory.
+        data: DataArgs,
+        /// A file holding the new passphrase.
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+        /// Keep the key in the key file, without a passphrase.
+        #[arg(long, conflicts_with = "new_passphrase_file")]
+        no_passphrase: bool,
     },
     /// Show a running node's status.
     Status {

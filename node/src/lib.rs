@@ -20,6 +20,7 @@ pub mod config;
 pub mod forms;
 pub mod gateway;
 pub mod identity;
+pub mod keys;
 pub mod mesh;
 pub mod mobile;
 pub mod pharmacy;

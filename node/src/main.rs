@@ -46,6 +46,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let passphrase_file = match &cli.command {
+        Command::Init { data, .. } | Command::Rekey { data, .. } => data.passphrase_file.clone(),
+        Command::Start(args) => args.data.passphrase_file.clone(),
+        Command::Invite(args) => args.data.passphrase_file.clone(),
+        _ => None,
+    };
+    if let Some(file) = passphrase_file {
+        medmesh::keys::set_passphrase_file(&file);
+    }
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Init { data, join, name } => {
@@ -60,6 +69,9 @@ fn main() -> std::process::ExitCode {
                 client::peers(&api, action.as_deref(), addr.as_deref()).await
             }
             Command::Status { api } => client::status(&api).await,
+            Command::Rekey { data, new_passphrase_file, no_passphrase } => {
+                server::rekey(&data.dir(), new_passphrase_file.as_deref(), no_passphrase)
+            }
             Command::Users { action } => client::users(action).await,
             Command::Verify { api, peer } => match client::verify(&api, &peer).await {
                 Ok(true) => Ok(()),

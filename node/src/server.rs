@@ -42,6 +42,8 @@ pub struct OpenedData {
     pub founding: Founding,
     /// True when this call created the directory's store.
     pub created: bool,
+    /// How the store is protected at rest.
+    pub protection: crate::keys::Protection,
 }
 
 impl OpenedData {
@@ -126,7 +128,7 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
         authority: (!unsigned).then(|| Arc::new(authority.clone()) as Arc<dyn Authority>),
         ..StoreOptions::default()
     };
-    let store = Store::open(&path, schema, options)
+    let (store, protection) = crate::keys::open_store(dir, &path, schema, options)
         .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let keypair = identity::load_or_create(&store)?;
     if !unsigned {
@@ -147,6 +149,8 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     let peer_id = identity::peer_id(&keypair).to_string();
     // A node started without an invite founds a new mesh.
     let (mut trust, founding) = trust::load_or_found(dir, &peer_id)?;
+    // An owner key written by an older medmesh is sealed with the data key now.
+    trust::seal_owner_file(dir)?;
     // One set of revoked devices, for the sessions and for the store's checks.
     trust.revoked = authority.revoked;
     // Best effort here: the device list is refreshed at every start.
@@ -161,13 +165,15 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
         trust,
         founding,
         created,
+        protection,
     })
 }
 
 /// Opens a data directory's store and identity only (for a device about to join).
 pub fn open_identity(dir: &Path) -> Result<(Store, Keypair)> {
     create_data_dir(dir)?;
-    let store = Store::open(
+    let (store, _) = crate::keys::open_store(
+        dir,
         &dir.join(STORE_FILE),
         Schema::hikma(),
         StoreOptions::default(),
@@ -329,7 +335,8 @@ pub async fn start(args: StartArgs) -> Result<()> {
             cors_origins: args.cors_origins.clone(),
         },
     )?
-    .with_mesh(mesh.clone());
+    .with_mesh(mesh.clone())
+    .with_protection(opened.protection);
     let gateway_shutdown = tokio_util::sync::CancellationToken::new();
     let mut gateway_task = None;
     let mut gateway_line = None;
@@ -398,7 +405,11 @@ pub async fn start(args: StartArgs) -> Result<()> {
         None => (serve_api(state, args.api).await?, "http"),
     };
     println!("medmesh node {} is running", opened.peer_id);
-    println!("  data:    {} ({total} records)", opened.dir.display());
+    println!(
+        "  data:    {} ({total} records; {})",
+        opened.dir.display(),
+        opened.protection.describe()
+    );
     println!(
         "  API:     {scheme}://{} (every request needs a user's credentials or a token; the command line uses {})",
         api.addr,
@@ -530,6 +541,35 @@ fn parse_addrs(addrs: &[String], flag: &str) -> Result<Vec<libp2p::Multiaddr>> {
             })
         })
         .collect()
+}
+
+/// `medmesh rekey`: keeps the data key under a new protection.
+pub fn rekey(dir: &Path, new_passphrase_file: Option<&Path>, no_passphrase: bool) -> Result<()> {
+    let new = match new_passphrase_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the new passphrase file {}", file.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        None => std::env::var("MEDMESH_NEW_PASSPHRASE").ok(),
+    }
+    .filter(|p| !p.is_empty());
+    if new.is_none() && !no_passphrase {
+        bail!(
+            "give the new passphrase with --new-passphrase-file FILE (or MEDMESH_NEW_PASSPHRASE), or choose --no-passphrase to keep the key in the key file"
+        );
+    }
+    if new.as_ref().is_some_and(|p| p.chars().count() < 8) {
+        bail!("the new passphrase must have at least 8 characters");
+    }
+    let protection = crate::keys::rewrap(dir, new.as_deref())?;
+    println!(
+        "Done: the data of {} is {}.",
+        dir.display(),
+        protection.describe()
+    );
+    Ok(())
 }
 
 /// The email of the first admin a new node makes.

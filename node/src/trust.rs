@@ -140,10 +140,47 @@ pub fn read_root(dir: &Path) -> Result<Option<MeshRoot>> {
     }
 }
 
+/// Writes the owner key, sealed with the directory's data key when it has one.
+fn write_owner(dir: &Path, owner: &OwnerKey) -> Result<()> {
+    let seed = hex::encode(owner.seed());
+    let text = match crate::keys::data_key(dir)? {
+        Some(key) => crate::keys::seal(key.as_bytes(), seed.as_bytes())?,
+        None => seed,
+    };
+    write_secret_file(&dir.join(OWNER_FILE), &text)
+}
+
+/// Seals an owner key file written unsealed (by an older medmesh) with the data key.
+pub fn seal_owner_file(dir: &Path) -> Result<()> {
+    let unsealed = read_text(&dir.join(OWNER_FILE))?.is_some_and(|t| !crate::keys::is_sealed(&t));
+    if unsealed
+        && crate::keys::data_key(dir)?.is_some()
+        && let Some(owner) = read_owner(dir)?
+    {
+        write_owner(dir, &owner)?;
+    }
+    Ok(())
+}
+
 /// The owner key of a data directory, if this device holds it.
 pub fn read_owner(dir: &Path) -> Result<Option<OwnerKey>> {
     let path = dir.join(OWNER_FILE);
-    match read_text(&path)? {
+    let text = match read_text(&path)? {
+        Some(text) if crate::keys::is_sealed(&text) => {
+            let key = crate::keys::data_key(dir)?.with_context(|| {
+                format!(
+                    "{} is encrypted but this data directory has no data key ({})",
+                    path.display(),
+                    crate::keys::KEY_FILE
+                )
+            })?;
+            let opened =
+                crate::keys::open_sealed(key.as_bytes(), &text).ok_or_else(|| damaged(&path))?;
+            Some(String::from_utf8(opened).map_err(|_| damaged(&path))?)
+        }
+        other => other,
+    };
+    match text {
         None => Ok(None),
         Some(text) => hex::decode(&text)
             .ok()
@@ -175,7 +212,7 @@ pub fn write_membership(
 ) -> Result<()> {
     crate::server::create_data_dir(dir)?;
     if let Some(owner) = owner {
-        write_secret_file(&dir.join(OWNER_FILE), &hex::encode(owner.seed()))?;
+        write_owner(dir, owner)?;
     }
     write_secret_file(&dir.join(CERT_FILE), &cert.to_text())?;
     write_secret_file(&dir.join(ROOT_FILE), &hex::encode(root.to_bytes()))?;

@@ -506,6 +506,20 @@ pub fn update_benchmarks(path: &Path, name: &str, section: &str) -> Result<()> {
     std::fs::write(path, updated).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// A data key from 64 hex digits (the crash tests' encrypted stores).
+pub fn key_from_hex(hex: &str) -> Result<medmesh_storage::DataKey> {
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(
+            hex.get(2 * i..2 * i + 2)
+                .context("a key has 64 hex digits")?,
+            16,
+        )
+        .context("a key has 64 hex digits")?;
+    }
+    Ok(medmesh_storage::DataKey::from_bytes(bytes))
+}
+
 /// The API token every node of the tests is given (written into its data directory
 /// before it starts, where a node keeps its token across starts), so that one HTTP
 /// client of the tests can call every node.

@@ -27,6 +27,15 @@ fn parse_value(value: &str) -> Option<(u64, u64)> {
 
 #[test]
 fn store_keeps_every_acknowledged_write_across_kill_9() {
+    kill_9_rounds(None);
+}
+
+#[test]
+fn an_encrypted_store_keeps_every_acknowledged_write_across_kill_9() {
+    kill_9_rounds(Some("5e".repeat(32)));
+}
+
+fn kill_9_rounds(key: Option<String>) {
     let seed = seed();
     println!("seed {seed} (set MEDMESH_TEST_SEED to repeat)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -36,6 +45,7 @@ fn store_keeps_every_acknowledged_write_across_kill_9() {
     for round in 0..6 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_store-writer"))
             .arg(&db)
+            .args(key.iter())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn writer");
@@ -68,8 +78,16 @@ fn store_keeps_every_acknowledged_write_across_kill_9() {
             this_round > 0,
             "round {round}: the writer acknowledged nothing"
         );
-        let store = Store::open(&db, Schema::hikma(), StoreOptions::default())
-            .expect("reopen after kill -9");
+        let store = match &key {
+            Some(key) => Store::open_encrypted(
+                &db,
+                &medmesh_tests::key_from_hex(key).expect("key"),
+                Schema::hikma(),
+                StoreOptions::default(),
+            ),
+            None => Store::open(&db, Schema::hikma(), StoreOptions::default()),
+        }
+        .expect("reopen after kill -9");
         for (id, (thread, n)) in &acked {
             let record = store.get("patients", id).unwrap_or_else(|e| {
                 panic!("round {round}: acknowledged record {id} is missing: {e}")

@@ -52,6 +52,7 @@ struct StateInner {
     peer_id: String,
     data_dir: Option<PathBuf>,
     tls: Option<(String, PathBuf)>,
+    protection: Option<crate::keys::Protection>,
     started: std::time::Instant,
 }
 
@@ -106,6 +107,7 @@ impl AppState {
                 peer_id,
                 data_dir,
                 tls: None,
+                protection: None,
                 started: std::time::Instant::now(),
             }),
         })
@@ -126,6 +128,16 @@ impl AppState {
         self.rebuilt(|inner| inner.tls = Some((fingerprint, cert)))
     }
 
+    /// The same state knowing how the store is protected at rest (for `/v1/status`).
+    pub fn with_protection(self, protection: crate::keys::Protection) -> Self {
+        self.rebuilt(|inner| inner.protection = Some(protection))
+    }
+
+    /// How the store is protected at rest, when known.
+    pub fn protection(&self) -> Option<crate::keys::Protection> {
+        self.inner.protection
+    }
+
     /// The API certificate's fingerprint and file, when it serves HTTPS.
     pub fn tls(&self) -> Option<&(String, PathBuf)> {
         self.inner.tls.as_ref()
@@ -144,6 +156,7 @@ impl AppState {
             peer_id: self.inner.peer_id.clone(),
             data_dir: self.inner.data_dir.clone(),
             tls: self.inner.tls.clone(),
+            protection: self.inner.protection,
             started: self.inner.started,
         };
         change(&mut inner);

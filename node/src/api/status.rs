@@ -57,6 +57,7 @@ pub async fn status(
         "peer_id": state.peer_id(),
         "version": env!("CARGO_PKG_VERSION"),
         "data_dir": state.inner.data_dir.as_ref().map(|p| p.display().to_string()),
+        "encryption": state.protection().map(crate::keys::Protection::describe),
         "https": state.tls().map(|(fingerprint, cert)| json!({
             "fingerprint": fingerprint,
             "certificate": cert.display().to_string(),

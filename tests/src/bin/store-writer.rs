@@ -10,12 +10,18 @@ use serde_json::json;
 fn main() -> anyhow::Result<()> {
     let path = std::env::args()
         .nth(1)
-        .ok_or_else(|| anyhow::anyhow!("usage: store-writer DB"))?;
-    let store = Store::open(
-        std::path::Path::new(&path),
-        Schema::hikma(),
-        StoreOptions::default(),
-    )?;
+        .ok_or_else(|| anyhow::anyhow!("usage: store-writer DB [KEY]"))?;
+    // With a key (64 hex digits), the store file is encrypted.
+    let path = std::path::Path::new(&path);
+    let store = match std::env::args().nth(2) {
+        Some(key) => Store::open_encrypted(
+            path,
+            &medmesh_tests::key_from_hex(&key)?,
+            Schema::hikma(),
+            StoreOptions::default(),
+        )?,
+        None => Store::open(path, Schema::hikma(), StoreOptions::default())?,
+    };
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let store = store.clone();
