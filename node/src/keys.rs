@@ -298,15 +298,23 @@ pub fn rewrap(dir: &Path, new_passphrase: Option<&str>) -> Result<Protection> {
     })
 }
 
+/// Whether this process encrypts stores: always, unless a benchmark set
+/// [`UNENCRYPTED_FOR_BENCHMARK`].
+pub fn encrypting() -> bool {
+    std::env::var_os(UNENCRYPTED_FOR_BENCHMARK).is_none()
+}
+
 /// Opens the store file `path` of data directory `dir`: encrypted with the directory's
 /// data key (made when new), an unencrypted one of an older medmesh encrypted first.
+/// With `encrypt` false (benchmarks), a new or unencrypted store stays unencrypted.
 pub fn open_store(
     dir: &Path,
     path: &Path,
     schema: Schema,
     options: StoreOptions,
+    encrypt: bool,
 ) -> Result<(Store, Protection)> {
-    let unencrypted = std::env::var_os(UNENCRYPTED_FOR_BENCHMARK).is_some();
+    let unencrypted = !encrypt;
     let exists = path.exists();
     let encrypted = exists && is_encrypted_store_file(path);
     if unencrypted && !encrypted {

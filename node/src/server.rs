@@ -128,8 +128,9 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
         authority: (!unsigned).then(|| Arc::new(authority.clone()) as Arc<dyn Authority>),
         ..StoreOptions::default()
     };
-    let (store, protection) = crate::keys::open_store(dir, &path, schema, options)
-        .with_context(|| format!("cannot open the store in {}", dir.display()))?;
+    let (store, protection) =
+        crate::keys::open_store(dir, &path, schema, options, crate::keys::encrypting())
+            .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let keypair = identity::load_or_create(&store)?;
     if !unsigned {
         sign_as(&store, &keypair)?;
@@ -171,12 +172,18 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
 
 /// Opens a data directory's store and identity only (for a device about to join).
 pub fn open_identity(dir: &Path) -> Result<(Store, Keypair)> {
+    open_identity_with(dir, crate::keys::encrypting())
+}
+
+/// [`open_identity`], with the store encrypted or not (benchmarks compare the two).
+pub fn open_identity_with(dir: &Path, encrypt: bool) -> Result<(Store, Keypair)> {
     create_data_dir(dir)?;
     let (store, _) = crate::keys::open_store(
         dir,
         &dir.join(STORE_FILE),
         Schema::hikma(),
         StoreOptions::default(),
+        encrypt,
     )
     .with_context(|| format!("cannot open the store in {}", dir.display()))?;
     let keypair = identity::load_or_create(&store)?;

@@ -358,12 +358,17 @@ impl InProcessNode {
 /// admin device's directory, as a tablet: what `medmesh init --join` gets from an invite,
 /// without the invite's round trip.
 pub fn join_mesh(from: &Path, to: &Path) -> Result<()> {
+    join_mesh_with(from, to, true)
+}
+
+/// [`join_mesh`], the new device's store encrypted or not (for benchmarks).
+pub fn join_mesh_with(from: &Path, to: &Path, encrypt: bool) -> Result<()> {
     let owner =
         medmesh::trust::read_owner(from)?.context("the first directory holds no owner key")?;
     // Its own thread: the store blocks, and tests call this from inside a runtime.
     let dir = to.to_path_buf();
     let keypair = std::thread::spawn(move || {
-        medmesh::server::open_identity(&dir).map(|(store, keypair)| {
+        medmesh::server::open_identity_with(&dir, encrypt).map(|(store, keypair)| {
             drop(store);
             keypair
         })

@@ -588,3 +588,38 @@ async fn a_dispense_pushed_to_two_nodes_moves_the_stock_once() {
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_read_a_patient_on_one_node_is_in_the_access_log_of_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    let http = medmesh_tests::http();
+    let a = InProcessNode::start(&da, vec![]).await.expect("a");
+    join_mesh(&da, &db).expect("join");
+    let b = InProcessNode::start(&db, vec![a.addr.clone()])
+        .await
+        .expect("b");
+    let patient = post(&http, &a, "patients", json!({"given_name": "Halima"})).await;
+    let id = patient["id"].as_str().expect("id").to_owned();
+    assert!(
+        get(&http, &a, &format!("/v1/patients/{id}"))
+            .await
+            .is_some()
+    );
+    let path = format!("/v1/_access_log?patient_id={id}");
+    eventually(WAIT, "A's read in B's access log", || async {
+        get(&http, &b, &path).await.is_some_and(|log| {
+            log["records"].as_array().is_some_and(|entries| {
+                entries.iter().any(|e| {
+                    e["action"] == json!("read")
+                        && e["device"] == json!(a.peer_id)
+                        && e["record_id"] == json!(id)
+                })
+            })
+        })
+    })
+    .await
+    .expect("the access log replicates");
+    b.stop().await;
+    a.stop().await;
+}

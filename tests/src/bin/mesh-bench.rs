@@ -30,12 +30,64 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn init(dir: &std::path::Path) -> Result<()> {
+    init_with(dir, &[])
+}
+
+fn init_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Result<()> {
     let out = medmesh_tests::medmesh_command()
         .args(["init", "--data"])
         .arg(dir)
+        .envs(env.iter().copied())
         .output()?;
     anyhow::ensure!(out.status.success(), "init failed");
     Ok(())
+}
+
+/// An initial sync of `records` between two new nodes started with `env` (`encrypt`:
+/// whether the receiver's store, made before it starts, is encrypted): seconds, bytes
+/// on the wire, the receiver's peak RSS. The directories are removed after.
+async fn side_run(
+    http: &reqwest::Client,
+    dir: &std::path::Path,
+    name: &str,
+    records: usize,
+    env: &[(&str, &str)],
+    encrypt: bool,
+) -> Result<(f64, u64, u64)> {
+    let (sender, receiver) = (dir.join(format!("{name}-a")), dir.join(format!("{name}-b")));
+    init_with(&sender, env)?;
+    medmesh_tests::join_mesh_with(&sender, &receiver, encrypt)?;
+    let a = NodeProcess::start_peered_env(&sender, &[], env)?;
+    import(http, &a, 0, records).await?;
+    settle_disk();
+    let port: u16 = a.listen.rsplit('/').next().context("port")?.parse()?;
+    let proxy = CountingProxy::start(([127, 0, 0, 1], port).into()).await?;
+    let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr.port());
+    println!("initial sync of {records} records, {name}...");
+    let started = Instant::now();
+    let b = NodeProcess::start_peered_env(&receiver, std::slice::from_ref(&via), env)?;
+    wait_until(
+        Duration::from_secs(600),
+        &format!("the {name} initial sync"),
+        async || count(http, &b).await as usize == records,
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    proxy
+        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
+    let bytes = proxy.total();
+    let (_, peak) = b.rss().context("receiver memory")?;
+    println!(
+        "  {seconds:.2} s, {bytes} bytes on the wire, receiver peak RSS {} MB",
+        peak / 1_048_576
+    );
+    drop((a, b));
+    // The next run starts on a quiet disk, as this one did.
+    std::fs::remove_dir_all(&sender)?;
+    std::fs::remove_dir_all(&receiver)?;
+    settle_disk();
+    Ok((seconds, bytes, peak))
 }
 
 async fn status(http: &reqwest::Client, node: &NodeProcess) -> Value {
@@ -343,32 +395,11 @@ async fn main() -> Result<()> {
         "  sign {sign_us:.1} µs, verify {verify_us:.1} µs, batch verify {batch_us:.1} µs per change; in seals of 1,000: sign {seal_us:.2} µs, check {sealed_verify_us:.2} µs"
     );
 
-    // The same initial sync with nodes that neither sign nor check (side by side).
-    let (dua, dub) = (dir.path().join("ua"), dir.path().join("ub"));
-    init(&dua)?;
-    join_mesh(&dua, &dub)?;
+    // The same initial sync with nodes that neither sign nor check, and with nodes that
+    // sign but do not encrypt their stores (side by side).
     let unsigned = [(medmesh::server::UNSIGNED_FOR_BENCHMARK, "1")];
-    let ua = NodeProcess::start_peered_env(&dua, &[], &unsigned)?;
-    import(&http, &ua, 0, records).await?;
-    settle_disk();
-    let ua_port: u16 = ua.listen.rsplit('/').next().context("port")?.parse()?;
-    let unsigned_proxy = CountingProxy::start(([127, 0, 0, 1], ua_port).into()).await?;
-    let via = format!("/ip4/127.0.0.1/tcp/{}", unsigned_proxy.addr.port());
-    println!("initial sync of {records} records, unsigned...");
-    let started = Instant::now();
-    let ub = NodeProcess::start_peered_env(&dub, std::slice::from_ref(&via), &unsigned)?;
-    wait_until(
-        Duration::from_secs(600),
-        "the unsigned initial sync",
-        async || count(&http, &ub).await as usize == records,
-    )
-    .await?;
-    let unsigned_s = started.elapsed().as_secs_f64();
-    unsigned_proxy
-        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
-        .await;
-    let unsigned_bytes = unsigned_proxy.total();
-    let (_, unsigned_peak) = ub.rss().context("receiver memory")?;
+    let (unsigned_s, unsigned_bytes, unsigned_peak) =
+        side_run(&http, dir.path(), "unsigned", records, &unsigned, true).await?;
     out.insert("unsigned_initial_sync_s".into(), json!(unsigned_s));
     out.insert(
         "unsigned_initial_sync_wire_bytes".into(),
@@ -378,15 +409,21 @@ async fn main() -> Result<()> {
         "unsigned_receiver_peak_rss_bytes".into(),
         json!(unsigned_peak),
     );
-    println!(
-        "  {unsigned_s:.2} s, {unsigned_bytes} bytes on the wire, receiver peak RSS {} MB",
-        unsigned_peak / 1_048_576
+    let unencrypted = [(medmesh::keys::UNENCRYPTED_FOR_BENCHMARK, "1")];
+    let (plain_s, _, plain_peak) = side_run(
+        &http,
+        dir.path(),
+        "unencrypted",
+        records,
+        &unencrypted,
+        false,
+    )
+    .await?;
+    out.insert("unencrypted_initial_sync_s".into(), json!(plain_s));
+    out.insert(
+        "unencrypted_receiver_peak_rss_bytes".into(),
+        json!(plain_peak),
     );
-    drop((ua, ub));
-    // The next run starts on a quiet disk, as this one did.
-    std::fs::remove_dir_all(&dua)?;
-    std::fs::remove_dir_all(&dub)?;
-    settle_disk();
 
     // Sender A with every record; receiver B dials A through the counting proxy.
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
@@ -816,6 +853,17 @@ async fn main() -> Result<()> {
             ),
             target: "≤ +25%".into(),
             holds: signed_ratio <= 1.25,
+        },
+        Target {
+            name: "initial sync, stores encrypted vs not (side by side, both signed)",
+            figure: format!(
+                "{initial_s:.2} s vs {plain_s:.2} s = {:.2}× (receiver peak RSS {} vs {} MB)",
+                initial_s / plain_s,
+                peak / 1_048_576,
+                plain_peak / 1_048_576
+            ),
+            target: "≤ 1.25×".into(),
+            holds: initial_s <= 1.25 * plain_s,
         },
         Target {
             name: "signature cost per change (one core)",

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use medmesh::config::ApiArgs;
 use medmesh_protocol::Schema;
-use medmesh_storage::{Query, Store, StoreOptions};
+use medmesh_storage::{Query, StoreOptions};
 use medmesh_tests::{Figure, NodeProcess, patient, update_benchmarks};
 use serde_json::json;
 
@@ -199,7 +199,7 @@ fn main() -> Result<()> {
     node.stop();
 
     // Store open with all records.
-    let open_s = timed_open(&data.join("medmesh.redb"))?;
+    let open_s = timed_open(&data)?;
     println!(
         "store open + first read with {records} records: {:.3} s",
         open_s
@@ -233,7 +233,7 @@ fn main() -> Result<()> {
         Ok(())
     })?;
     node.kill9();
-    let crash_open_s = timed_open(&data.join("medmesh.redb"))?;
+    let crash_open_s = timed_open(&data)?;
     println!("store open after kill -9 (with repair): {crash_open_s:.3} s");
     figures.push(Figure {
         name: "store open after kill -9 (redb repair)".into(),
@@ -256,6 +256,58 @@ fn main() -> Result<()> {
         unit: "×",
         target: "≤ 1.5".into(),
         holds: size_ratio <= 1.5,
+    });
+
+    // The same import and sequential writes on a node whose store is not encrypted
+    // (side by side: what encryption at rest costs).
+    let plain = dir.path().join("plain");
+    let unencrypted = [(medmesh::keys::UNENCRYPTED_FOR_BENCHMARK, "1")];
+    let plain_node = medmesh_tests::NodeProcess::start_peered_env(&plain, &[], &unencrypted)?;
+    let plain_api = ApiArgs {
+        api: plain_node.api.clone(),
+        data: Some(plain.clone()),
+        token: None,
+    };
+    let started = Instant::now();
+    runtime.block_on(medmesh::client::import_file(
+        &plain_api, "patients", &file, false,
+    ))?;
+    let plain_import = records as f64 / started.elapsed().as_secs_f64();
+    let plain_url = plain_node.url("/v1/visits");
+    let started = Instant::now();
+    runtime.block_on(async {
+        for i in 0..single_writes {
+            let response = http
+                .post(&plain_url)
+                .json(&json!({"patient_id": format!("p{i}"), "clinic_id": "c1", "provider_name": "Dr. Mensah"}))
+                .send()
+                .await?;
+            anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "write failed: {}", response.status());
+        }
+        Ok(())
+    })?;
+    let plain_single = single_writes as f64 / started.elapsed().as_secs_f64();
+    drop(plain_node);
+    println!(
+        "store not encrypted: import {plain_import:.0} records/s, sequential writes {plain_single:.0}/s"
+    );
+    figures.push(Figure {
+        name: format!(
+            "import, store encrypted vs not encrypted ({rate:.0} vs {plain_import:.0} records/s, side by side)"
+        ),
+        value: rate / plain_import,
+        unit: "×",
+        target: String::new(),
+        holds: true,
+    });
+    figures.push(Figure {
+        name: format!(
+            "sequential durable writes, store encrypted vs not ({single_rate:.0} vs {plain_single:.0} writes/s, side by side)"
+        ),
+        value: single_rate / plain_single,
+        unit: "×",
+        target: String::new(),
+        holds: true,
     });
 
     // The anchors, in the same run and on the same disk, after medmesh's figures (so
@@ -385,10 +437,13 @@ fn sqlite_anchors(dir: &Path, lines: &[String], single: usize) -> Result<(f64, f
     Ok((single_rate, bulk_rate))
 }
 
-/// Seconds to open the store and read its first record.
-fn timed_open(path: &Path) -> Result<f64> {
+/// Seconds to open the (encrypted) store of data directory `dir` and read its first
+/// record.
+fn timed_open(dir: &Path) -> Result<f64> {
+    let path = dir.join("medmesh.redb");
     let started = Instant::now();
-    let store = Store::open(path, Schema::hikma(), StoreOptions::default())?;
+    let (store, _) =
+        medmesh::keys::open_store(dir, &path, Schema::hikma(), StoreOptions::default(), true)?;
     let page = store.list(&Query {
         collection: "patients".into(),
         limit: 1,
