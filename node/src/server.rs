@@ -676,6 +676,7 @@ pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<
         if opened.created {
             println!("Created a new medmesh node in {}", opened.dir.display());
             first_admin(&opened, prompted_password()?).await?;
+            crate::tls::own_certificate(&opened.dir, &[])?;
         } else {
             println!(
                 "{} already holds a medmesh node; nothing changed.",
@@ -723,7 +724,7 @@ pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<
         );
     }
     create_data_dir(&dir)?;
-    std::fs::write(dir.join(trust::JOINING_FILE), invite.inviter.as_bytes())
+    crate::files::write_private(&dir.join(trust::JOINING_FILE), &invite.inviter)
         .with_context(|| format!("cannot write in the data directory {}", dir.display()))?;
     let open_dir = dir.clone();
     let (store, keypair) = tokio::task::spawn_blocking(move || open_identity(&open_dir))

@@ -97,19 +97,7 @@ fn now_ms() -> i64 {
 }
 
 fn write_secret_file(path: &Path, text: &str) -> Result<()> {
-    // Written beside and renamed, so a crash leaves the old file or the new one.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot protect {}", tmp.display()))?;
-    }
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot save {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot save {}", path.display()))
+    crate::files::write_private(path, text)
 }
 
 fn read_text(path: &Path) -> Result<Option<String>> {

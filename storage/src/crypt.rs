@@ -5,23 +5,30 @@
 //! blocks (its page size), and the file on disk holds only ciphertext. A copy of the data
 //! directory without the key shows no patient name, no field value and no private key.
 //!
-//! # On disk
+//! # On disk (format 2)
 //!
 //! ```text
-//! [0, 4096)          file header (plaintext, authenticated):
-//!                      "medmesh encrypted store\n" (24 bytes), format version (u32 LE),
-//!                      block size (u32 LE), file id (16 random bytes),
-//!                      key check: nonce (12) + AES-GCM tag (16) over the bytes before it
-//! 4096 + i * 8264    logical block i: two slots of 4132 bytes, A then B, each
-//!                      sequence number (u64 LE) + nonce (12) + ciphertext (4096) + tag (16)
+//! [0, 4096)               file header (plaintext, authenticated):
+//!                           "medmesh encrypted store\n" (24 bytes), format version (u32 LE),
+//!                           block size (u32 LE), file id (16 random bytes),
+//!                           key check: nonce (12) + AES-GCM tag (16) over the bytes before it
+//! 4096 + s * 4160         logical block 0, slot s (A = 0, B = 1), 4132 bytes:
+//!                           sequence number (u64 LE) + nonce (12) + ciphertext (4096) + tag (16)
+//! 4096 + (i + 1) * 4160   logical block i >= 1, its only slot, 4124 bytes:
+//!                           nonce (12) + ciphertext (4096) + tag (16)
 //! ```
 //!
-//! A slot is AES-256-GCM of the 4096 plaintext bytes; its associated data is the file id,
-//! the block index, the slot's sequence number and which slot it is, so a block cannot be
-//! moved to another place or another file, nor an old version passed off as newer. The
-//! logical length is `blocks * 4096` (redb only asks for whole pages); the physical
-//! length encodes it. A slot that was never written is all zeros; a block neither of
-//! whose slots was written reads as zeros, as new file space must.
+//! A slot is AES-256-GCM of the block's 4096 plaintext bytes. Its associated data is the
+//! file id and the block index, and for block 0 also the slot's sequence number and which
+//! slot it is: a block cannot be moved to another place or another file, nor an old
+//! version of block 0 passed off as newer. A slot that was never written is all zeros and
+//! reads as zeros, as new file space must. The logical length is `blocks * 4096` (redb
+//! only asks for whole pages); the physical length encodes it.
+//!
+//! Slots are 4160 bytes apart (64 more than a block, so each starts on a multiple of 64):
+//! a block with its nonce and tag cannot fit one 4 KiB page of the file system, and at
+//! this spacing none straddles three. The file is `4096 + (blocks + 1) * 4160` bytes: 1.6 %
+//! more than the plain database, plus 8 KiB.
 //!
 //! The key check lets a wrong key be refused before redb reads anything, and that path
 //! writes nothing: no header, no length change.
@@ -33,72 +40,107 @@
 //!
 //! # Crash consistency
 //!
-//! redb commits in one phase: it writes the new pages (copy-on-write, never a page of the
-//! previous commit) and then its header with the new commit in the unused one of two
-//! commit slots, and syncs once. After a crash it checks the newest commit's checksums
-//! and falls back to the previous commit when they fail. That needs a torn page to look
-//! like a torn page (bad checksum, or its old content), never like an I/O error, and it
-//! needs the header's other commit slot to survive a torn header write.
+//! redb (4.x) writes only one page in place: its super-header, the file's first 4 KiB
+//! (320 bytes used — magic, the bit naming the primary commit slot, the region geometry,
+//! and two 128-byte commit slots, each with its roots' checksums and a checksum of its
+//! own; regions have no header pages). Every other page is copy-on-write: a transaction
+//! writes only pages that are free in the commit it starts from, and a page it frees is
+//! handed out again only by a later transaction (`process_freed_pages` releases the
+//! records of older transactions only). A durable commit — one phase, with checksums —
+//! writes its pages, then the header with the new commit in the unused commit slot made
+//! primary, and syncs once. After a crash redb walks every page reachable from the
+//! primary's roots checking checksums; if one fails (or names an impossible page) it falls
+//! back to the other commit slot, the previous durable commit, whose pages the
+//! interrupted commit did not touch.
 //!
-//! With encryption a torn write would leave a whole block that no longer authenticates —
-//! both of redb's commit slots with it, since they share block 0. So every block has two
-//! physical slots, written alternately: a write goes to the slot that does *not* hold the
-//! newest authentic version, with the next sequence number. A read takes the slot with
-//! the highest sequence number that authenticates. A write torn by a power cut therefore
-//! leaves the block at its last complete version — exactly what redb's protocol assumes
-//! of a page whose write did not happen — and the other commit slot in block 0 is intact.
+//! A torn write leaves a slot that no longer authenticates, so:
+//!
+//! - **Block 0** holds both of redb's commit slots, and losing it would lose both. It has
+//!   two slots, written alternately: a write goes to the slot that does *not* hold the
+//!   newest authentic version, with the next sequence number, and a read takes the newest
+//!   slot that authenticates. A torn write reverts block 0 to its last complete version —
+//!   the header before that write — exactly what redb assumes of a header write that did
+//!   not happen.
+//! - **Every other block** has one slot. A crash can only tear one that belongs to a
+//!   commit that never became durable, or a free one: redb does not need its content, and
+//!   reads it at most once — in the recovery walk over the newest commit, which it makes
+//!   only when its header says the last writer did not shut down cleanly. While redb opens
+//!   such a file ([`RecoveryWindow`]), a block that does not authenticate is handed to
+//!   redb as zeros, with a warning naming it. A zero page is neither a leaf nor a branch, so
+//!   redb's walk counts it as a checksum failure and falls back to the previous commit, as
+//!   it would on a plain file whose torn page fails its checksum. (A lost write leaves the
+//!   block's older version, which authenticates and fails redb's checksum the same way.)
+//!   Once redb is open, no page it can reach was torn, and a block that does not
+//!   authenticate is an I/O error naming it: redb checks no checksums on ordinary reads,
+//!   and would panic on a zero page.
+//!
 //! The assumption is the one redb makes of a plain file: a torn write changes only the
 //! bytes it was writing.
 //!
-//! Cost versus the alternative (one slot per block, and zeros for a block that does not
-//! authenticate so that redb's checksums reject it): two slots double the file's size on
-//! disk, but writes stay one `pwrite` per block and `sync_data` stays one `fdatasync`; a
-//! read is one `pread` of the current slot once the block was seen (a small in-memory map
-//! remembers which slot is current, 8 bytes per 4 KiB block), and one `pread` of both
-//! slots the first time. Zeros would keep the size but hand redb made-up content for a
-//! block that failed, could not protect redb's header block (zeros there are not a
-//! database), and could not tell a damaged block from a torn one at all.
+//! # What is detected, and what is not
 //!
-//! What still reads as something other than an error: a block whose *first* version was
-//! torn reads as zeros (its content before that write), and a damaged newest slot reads
-//! as the block's previous version. Both are indistinguishable from a torn write; redb's
-//! own checksums then decide. When neither slot authenticates and neither is empty, the
-//! read fails with an error naming the block: garbage is never handed to redb. Like
-//! SQLCipher, a whole old copy of the file (or of one block from an old copy of the same
-//! file) can be put back by someone with write access; that is a rollback, not a leak.
+//! Any change to a slot — a flipped bit, a block copied from another place or another
+//! file, a file written under another key — fails authentication; garbage is never
+//! decrypted into data. What redb then sees:
+//!
+//! - Block 0 with neither slot authentic: opening fails with an error naming the block.
+//!   Its newest slot damaged: the previous version is used, i.e. the store opens at the
+//!   commit before — or fails, if that commit's pages are gone; never at made-up content.
+//! - Another block damaged, in a file closed cleanly or once redb is open: reading it
+//!   fails with an error naming the block (opening fails, or the store reports the read;
+//!   other records stay readable).
+//! - Another block damaged, read while redb opens a file it did not close cleanly: zeros,
+//!   which redb's checks refuse —
+//!   as a failed open ("damaged") or, in the recovery walk, as a fall-back to the
+//!   previous commit when that commit does not hold the block. The newest commit is then
+//!   lost, as after a crash before its sync, and the warning names the block. A damaged
+//!   block that is part of the durable state therefore shows as redb's corruption error, a
+//!   read error or that roll-back — never as data.
+//!
+//! Not detected: putting back an old version of the file, or of a block other than 0
+//! from an old copy of the same file (redb checks a page against its parent's checksum
+//! only in the recovery walk). Like SQLCipher's, this is a roll-back by someone with write
+//! access to the file, not a leak.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use rand::RngCore;
 use redb::StorageBackend;
-use zeroize::Zeroize;
 
 use crate::error::{Result, StoreError};
+use header::{check_header, write_header};
+use io_at::{in_use, open_failed, read_at, read_failed, write_at};
+use key::NonceSource;
 
 /// Bytes in a logical block: redb's page size.
 pub const BLOCK_BYTES: usize = 4096;
 /// The first bytes of an encrypted store file.
 pub const MAGIC: &[u8; 24] = b"medmesh encrypted store\n";
-/// The layout of the file written here.
-const FORMAT_VERSION: u32 = 1;
+/// The layout of the file written here (1 kept two slots for every block).
+const FORMAT_VERSION: u32 = 2;
 /// The first bytes of a plain redb file.
 const REDB_MAGIC: &[u8; 9] = &[b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+/// Where redb's header keeps its flags, and the ones a writer that did not shut down
+/// cleanly leaves set (recovery required, primary unflushed): redb 4's
+/// `tree_store/page_store/header.rs`, file format 3.
+const REDB_GOD_BYTE: usize = REDB_MAGIC.len();
+const REDB_UNCLEAN: u8 = 2 | 8;
 
 const SEQ_LEN: usize = 8;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
-const CIPHER_AT: usize = SEQ_LEN + NONCE_LEN;
-const TAG_AT: usize = CIPHER_AT + BLOCK_BYTES;
-/// One physical version of a block.
-const SLOT_LEN: usize = TAG_AT + TAG_LEN;
-/// Both versions of a block, side by side.
-const PAIR_LEN: usize = 2 * SLOT_LEN;
+/// A data block's slot: nonce, ciphertext, tag.
+const DATA_SLOT_LEN: usize = NONCE_LEN + BLOCK_BYTES + TAG_LEN;
+/// A slot of block 0: sequence number, then as a data block's.
+const FIRST_SLOT_LEN: usize = SEQ_LEN + DATA_SLOT_LEN;
+/// Distance between the starts of two slots: a multiple of 64 bytes, so that no slot
+/// straddles three 4 KiB pages of the file system.
+const SLOT_STRIDE: u64 = FIRST_SLOT_LEN.next_multiple_of(64) as u64;
 /// The file header's share of the file (a whole page, so blocks start aligned to it).
 const HEADER_LEN: u64 = 4096;
 /// What the key check covers: magic, version, block size, file id.
@@ -107,51 +149,13 @@ const FILE_ID_AT: usize = 32;
 const KEY_NONCE_AT: usize = HEADER_CHECKED;
 const KEY_TAG_AT: usize = KEY_NONCE_AT + NONCE_LEN;
 const HEADER_USED: usize = KEY_TAG_AT + TAG_LEN;
-/// Associated data of a block: file id, block index, sequence number, slot.
-const AAD_LEN: usize = 16 + 8 + 8 + 1;
+/// Associated data of a data block: file id, block index.
+const DATA_AAD_LEN: usize = 16 + 8;
+/// Associated data of a slot of block 0: file id, block index, sequence number, slot.
+const FIRST_AAD_LEN: usize = DATA_AAD_LEN + 8 + 1;
 /// Writes to one block are serialized by one of these locks (redb never writes one
 /// block from two threads at once; the locks make that a guarantee rather than a hope).
 const WRITE_STRIPES: usize = 64;
-
-/// The 256-bit key a store file is encrypted with. Wiped from memory when dropped; its
-/// `Debug` shows nothing of it.
-#[derive(Clone)]
-pub struct DataKey([u8; 32]);
-
-impl DataKey {
-    /// A new random key, from the operating system's generator.
-    pub fn generate() -> Self {
-        let mut bytes = [0u8; 32];
-        rand::rng().fill_bytes(&mut bytes);
-        Self(bytes)
-    }
-
-    /// The key with these bytes (the caller wipes its own copy).
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The key's bytes, to store it (wrapped) somewhere safe.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(&self.0.into())
-    }
-}
-
-impl Drop for DataKey {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
-
-impl std::fmt::Debug for DataKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DataKey(..)")
-    }
-}
 
 /// Whether the file at `path` starts as an encrypted store does (false when it cannot be
 /// read, is empty or is anything else).
@@ -163,33 +167,7 @@ pub fn is_encrypted_store_file(path: &Path) -> bool {
     read_at(&file, &mut head, 0).is_ok() && &head == MAGIC
 }
 
-/// Nonces for one open: a random 96-bit start, counted up.
-struct NonceSource {
-    start: u128,
-    next: AtomicU64,
-}
-
-impl NonceSource {
-    fn new() -> Self {
-        let mut bytes = [0u8; 16];
-        rand::rng().fill_bytes(&mut bytes[..NONCE_LEN]);
-        Self {
-            start: u128::from_le_bytes(bytes),
-            next: AtomicU64::new(0),
-        }
-    }
-
-    fn next(&self) -> [u8; NONCE_LEN] {
-        let n = self
-            .start
-            .wrapping_add(u128::from(self.next.fetch_add(1, Ordering::Relaxed)));
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&n.to_le_bytes()[..NONCE_LEN]);
-        nonce
-    }
-}
-
-/// Which slot of a block holds its newest authentic version.
+/// Which slot of block 0 holds its newest authentic version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Current {
     /// Neither slot holds a version: the block reads as zeros.
@@ -219,10 +197,21 @@ impl Current {
     }
 }
 
-/// What the slots of a block say.
+/// What the slots of block 0 say.
 enum Resolved {
     Current(Current),
     /// Neither slot authenticates, and neither is empty.
+    Unauthentic,
+}
+
+/// What the slot of a data block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataSlot {
+    /// Never written: the block is zeros.
+    Empty,
+    /// A version that authenticates.
+    Authentic,
+    /// Anything else: a write torn by a crash, or damage.
     Unauthentic,
 }
 
@@ -237,6 +226,22 @@ enum Mode {
     ReadOnly,
 }
 
+/// The time during which redb opens an [`EncryptedFile`] and may walk a commit that a
+/// crash interrupted. Until [`RecoveryWindow::end`], a data block that does not
+/// authenticate reads as zeros (which redb's checksums refuse, so that it falls back to
+/// the previous commit); afterwards it is an I/O error. Take it before handing the file
+/// to redb, end it once redb's open has returned. A file whose redb header says it was
+/// closed cleanly has no window (there is nothing to recover).
+#[derive(Debug, Clone)]
+pub struct RecoveryWindow(Arc<AtomicBool>);
+
+impl RecoveryWindow {
+    /// Ends the window: from now on a data block that does not authenticate is an error.
+    pub fn end(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// A redb storage backend that keeps the database encrypted in a file: see the module
 /// documentation for the layout and why it survives a crash at any moment.
 pub struct EncryptedFile {
@@ -247,12 +252,13 @@ pub struct EncryptedFile {
     nonces: NonceSource,
     /// Logical length in bytes.
     len: AtomicU64,
-    /// Per block, the slot that holds its newest version ([`Current::encode`]). The write
-    /// lock is taken only to change the length.
-    blocks: RwLock<Vec<AtomicU64>>,
+    /// The slot of block 0 that holds its newest version ([`Current::encode`]).
+    first: AtomicU64,
+    /// Whether redb is still opening the file ([`RecoveryWindow`]).
+    recovering: Arc<AtomicBool>,
     writing: [Mutex<()>; WRITE_STRIPES],
     #[cfg(test)]
-    crash: Option<std::sync::Arc<tests::CrashPoint>>,
+    crash: Option<Arc<tests::CrashPoint>>,
 }
 
 impl std::fmt::Debug for EncryptedFile {
@@ -268,9 +274,16 @@ impl EncryptedFile {
     /// Opens the encrypted store file at `path` with `key`, creating it (readable by its
     /// owner only) when it does not exist. Takes an exclusive lock on the file, so that
     /// two nodes cannot use it at once. A wrong key, a plain database file or a file
-    /// another node holds are refused before anything is written.
+    /// another node holds are refused before anything is written. The file starts in its
+    /// [`RecoveryWindow`].
     pub fn open(path: &Path, key: &DataKey) -> Result<Self> {
         Self::open_as(path, key, Mode::Create)
+    }
+
+    /// The window during which a data block that does not authenticate reads as zeros:
+    /// end it once redb has opened the file.
+    pub fn recovery_window(&self) -> RecoveryWindow {
+        RecoveryWindow(self.recovering.clone())
     }
 
     fn open_as(path: &Path, key: &DataKey, mode: Mode) -> Result<Self> {
@@ -327,29 +340,50 @@ impl EncryptedFile {
         } else {
             check_header(path, &cipher, &header[..have])?
         };
-        let blocks = physical.saturating_sub(HEADER_LEN) / PAIR_LEN as u64;
-        if physical > HEADER_LEN && !(physical - HEADER_LEN).is_multiple_of(PAIR_LEN as u64) {
+        let blocks = blocks_in(physical);
+        if physical > HEADER_LEN && physical != physical_len(blocks) {
             let shown = display();
             tracing::warn!(path = %shown, "the encrypted store ends in a partial block; it is ignored");
         }
-        let count = usize::try_from(blocks).map_err(|_| StoreError::Open {
-            path: display(),
-            reason: "it is too large for this device".into(),
-        })?;
-        let mut states = Vec::with_capacity(count);
-        states.resize_with(count, || AtomicU64::new(0));
-        Ok(Self {
+        if usize::try_from(blocks).is_err() {
+            return Err(StoreError::Open {
+                path: display(),
+                reason: "it is too large for this device".into(),
+            });
+        }
+        let opened = Self {
             file,
             path: path.to_path_buf(),
             cipher,
             file_id,
             nonces,
             len: AtomicU64::new(blocks * BLOCK_BYTES as u64),
-            blocks: RwLock::new(states),
+            first: AtomicU64::new(0),
+            recovering: Arc::new(AtomicBool::new(true)),
             writing: std::array::from_fn(|_| Mutex::new(())),
             #[cfg(test)]
             crash: None,
-        })
+        };
+        if opened.closed_cleanly() {
+            opened.recovering.store(false, Ordering::Release);
+        }
+        Ok(opened)
+    }
+
+    /// Whether redb's header says its last writer shut down cleanly: then redb walks no
+    /// commit when it opens the file, every page it can reach was synced, and no
+    /// [`RecoveryWindow`] is needed — a block that does not authenticate is an error
+    /// from the start, reported as such rather than as whatever redb makes of zeros.
+    fn closed_cleanly(&self) -> bool {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut first = [0u8; BLOCK_BYTES];
+        matches!(
+            self.resolve_first(Some(&mut first)),
+            Ok(Resolved::Current(Current::Slot { .. }))
+        ) && first.starts_with(REDB_MAGIC)
+            && first[REDB_GOD_BYTE] & REDB_UNCLEAN == 0
     }
 
     /// A power cut while redb was creating the database can leave a file whose block 0
@@ -363,15 +397,14 @@ impl EncryptedFile {
             return Ok(());
         }
         let mut first = [0u8; BLOCK_BYTES];
-        match self.resolve(0, Some(&mut first))? {
+        match self.resolve_first(Some(&mut first))? {
             Resolved::Current(_) if !first.starts_with(REDB_MAGIC) => {}
             _ => return Ok(()),
         }
+        let mut slot = [0u8; DATA_SLOT_LEN];
         for index in 1..blocks {
-            if !matches!(
-                self.resolve(index, None)?,
-                Resolved::Current(Current::Empty)
-            ) {
+            read_at(&self.file, &mut slot, slot_offset(index, 0))?;
+            if slot.iter().any(|&byte| byte != 0) {
                 return Ok(());
             }
         }
@@ -380,45 +413,66 @@ impl EncryptedFile {
         self.file.sync_data()
     }
 
-    fn aad(&self, index: u64, seq: u64, slot: usize) -> [u8; AAD_LEN] {
-        let mut aad = [0u8; AAD_LEN];
+    fn data_aad(&self, index: u64) -> [u8; DATA_AAD_LEN] {
+        let mut aad = [0u8; DATA_AAD_LEN];
         aad[..16].copy_from_slice(&self.file_id);
         aad[16..24].copy_from_slice(&index.to_le_bytes());
-        aad[24..32].copy_from_slice(&seq.to_le_bytes());
-        aad[32] = slot as u8;
         aad
     }
 
-    fn slot_offset(index: u64, slot: usize) -> u64 {
-        HEADER_LEN + index * PAIR_LEN as u64 + (slot * SLOT_LEN) as u64
+    fn first_aad(&self, seq: u64, slot: usize) -> [u8; FIRST_AAD_LEN] {
+        let mut aad = [0u8; FIRST_AAD_LEN];
+        aad[..DATA_AAD_LEN].copy_from_slice(&self.data_aad(0));
+        aad[DATA_AAD_LEN..DATA_AAD_LEN + 8].copy_from_slice(&seq.to_le_bytes());
+        aad[DATA_AAD_LEN + 8] = slot as u8;
+        aad
     }
 
-    /// Decrypts `bytes` (one slot) of block `index` into `out`; false (and `out` zeroed)
-    /// when it does not authenticate.
-    fn open_slot(&self, index: u64, slot: usize, bytes: &[u8], out: &mut [u8]) -> bool {
-        let seq = read_seq(bytes);
-        let nonce = Nonce::from_slice(&bytes[SEQ_LEN..CIPHER_AT]);
-        let tag = Tag::from_slice(&bytes[TAG_AT..SLOT_LEN]);
-        out.copy_from_slice(&bytes[CIPHER_AT..TAG_AT]);
-        let ok = seq != 0
-            && self
-                .cipher
-                .decrypt_in_place_detached(nonce, &self.aad(index, seq, slot), out, tag)
-                .is_ok();
+    /// Decrypts `sealed` (nonce, ciphertext, tag) into `out`; false (and `out` zeroed)
+    /// when it does not authenticate under `aad`.
+    fn open_sealed(&self, sealed: &[u8], aad: &[u8], out: &mut [u8]) -> bool {
+        let nonce = Nonce::from_slice(&sealed[..NONCE_LEN]);
+        let tag = Tag::from_slice(&sealed[NONCE_LEN + BLOCK_BYTES..DATA_SLOT_LEN]);
+        out.copy_from_slice(&sealed[NONCE_LEN..NONCE_LEN + BLOCK_BYTES]);
+        let ok = self
+            .cipher
+            .decrypt_in_place_detached(nonce, aad, out, tag)
+            .is_ok();
         if !ok {
             out.fill(0);
         }
         ok
     }
 
-    /// Reads both slots of block `index` and finds its newest authentic version, decrypted
-    /// into `out` when given.
-    fn resolve(&self, index: u64, out: Option<&mut [u8]>) -> io::Result<Resolved> {
-        let mut pair = [0u8; PAIR_LEN];
-        read_at(&self.file, &mut pair, Self::slot_offset(index, 0))?;
-        let (a, b) = pair.split_at(SLOT_LEN);
-        let slots = [a, b];
-        let order = if read_seq(b) > read_seq(a) {
+    /// Encrypts `plain` into `sealed` (nonce, ciphertext, tag) under `aad`.
+    fn seal(&self, plain: &[u8], aad: &[u8], sealed: &mut [u8]) -> io::Result<()> {
+        let nonce = self.nonces.next();
+        sealed[..NONCE_LEN].copy_from_slice(&nonce);
+        let text = &mut sealed[NONCE_LEN..NONCE_LEN + BLOCK_BYTES];
+        text.copy_from_slice(plain);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, text)
+            .map_err(|_| io::Error::other("a block could not be encrypted"))?;
+        sealed[NONCE_LEN + BLOCK_BYTES..DATA_SLOT_LEN].copy_from_slice(&tag);
+        Ok(())
+    }
+
+    /// Decrypts a slot of block 0 into `out`; false (and `out` zeroed) when it does not
+    /// authenticate.
+    fn open_first_slot(&self, slot: usize, bytes: &[u8], out: &mut [u8]) -> bool {
+        let seq = read_seq(bytes);
+        seq != 0 && self.open_sealed(&bytes[SEQ_LEN..], &self.first_aad(seq, slot), out)
+    }
+
+    /// Reads both slots of block 0 and finds its newest authentic version, decrypted into
+    /// `out` when given.
+    fn resolve_first(&self, out: Option<&mut [u8]>) -> io::Result<Resolved> {
+        let mut pair = [[0u8; FIRST_SLOT_LEN]; 2];
+        for (slot, bytes) in pair.iter_mut().enumerate() {
+            read_at(&self.file, bytes, slot_offset(0, slot))?;
+        }
+        let order = if read_seq(&pair[1]) > read_seq(&pair[0]) {
             [1, 0]
         } else {
             [0, 1]
@@ -428,12 +482,12 @@ impl EncryptedFile {
         let mut found = None;
         let mut failed = false;
         for slot in order {
-            if slots[slot].iter().all(|&byte| byte == 0) {
+            if pair[slot].iter().all(|&byte| byte == 0) {
                 empty = true;
-            } else if self.open_slot(index, slot, slots[slot], &mut scratch) {
+            } else if self.open_first_slot(slot, &pair[slot], &mut scratch) {
                 found = Some(Current::Slot {
                     slot,
-                    seq: read_seq(slots[slot]),
+                    seq: read_seq(&pair[slot]),
                 });
                 break;
             } else {
@@ -441,9 +495,9 @@ impl EncryptedFile {
             }
         }
         if failed && (found.is_some() || empty) {
-            // Expected for the blocks a power cut interrupted; anywhere else a sign that
-            // the file was changed.
-            tracing::warn!(path = %self.path.display(), block = index, "a block's newest version does not authenticate (a write torn by a crash?); its previous version is used");
+            // Expected after a power cut during a commit; otherwise a sign that the file
+            // was changed.
+            tracing::warn!(path = %self.path.display(), block = 0, "the newest version of redb's header block does not authenticate (a write torn by a crash?); its previous version is used");
         }
         let current = match found {
             Some(current) => current,
@@ -466,44 +520,44 @@ impl EncryptedFile {
         )
     }
 
-    /// Reads logical block `index` (whole) into `out`.
-    fn read_block(&self, states: &[AtomicU64], index: u64, out: &mut [u8]) -> io::Result<()> {
-        let state = block_state(states, index)?;
-        match Current::decode(state.load(Ordering::Acquire)) {
+    /// Reads block 0 (whole) into `out`.
+    fn read_first(&self, out: &mut [u8]) -> io::Result<()> {
+        let seen = self.first.load(Ordering::Acquire);
+        match Current::decode(seen) {
             Some(Current::Empty) => {
                 out.fill(0);
-                Ok(())
+                return Ok(());
             }
             Some(Current::Slot { slot, seq }) => {
-                let mut bytes = [0u8; SLOT_LEN];
-                read_at(&self.file, &mut bytes, Self::slot_offset(index, slot))?;
-                if read_seq(&bytes) != seq || !self.open_slot(index, slot, &bytes, out) {
-                    return Err(self.unauthentic(index));
+                let mut bytes = [0u8; FIRST_SLOT_LEN];
+                read_at(&self.file, &mut bytes, slot_offset(0, slot))?;
+                if read_seq(&bytes) == seq && self.open_first_slot(slot, &bytes, out) {
+                    return Ok(());
                 }
+                // A write may have gone over this slot meanwhile: look at both.
+            }
+            None => {}
+        }
+        match self.resolve_first(Some(out))? {
+            Resolved::Current(current) => {
+                // Only if no write has recorded a newer version meanwhile.
+                let _ = self.first.compare_exchange(
+                    seen,
+                    current.encode(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
                 Ok(())
             }
-            None => match self.resolve(index, Some(out))? {
-                Resolved::Current(current) => {
-                    // Only if no write has recorded a newer version meanwhile.
-                    let _ = state.compare_exchange(
-                        0,
-                        current.encode(),
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                    Ok(())
-                }
-                Resolved::Unauthentic => Err(self.unauthentic(index)),
-            },
+            Resolved::Unauthentic => Err(self.unauthentic(0)),
         }
     }
 
-    /// Writes `plain` (one whole block) as the next version of block `index`.
-    fn write_block(&self, states: &[AtomicU64], index: u64, plain: &[u8]) -> io::Result<()> {
-        let state = block_state(states, index)?;
-        let current = match Current::decode(state.load(Ordering::Acquire)) {
+    /// Writes `plain` (one whole block) as the next version of block 0.
+    fn write_first(&self, plain: &[u8]) -> io::Result<()> {
+        let current = match Current::decode(self.first.load(Ordering::Acquire)) {
             Some(current) => current,
-            None => match self.resolve(index, None)? {
+            None => match self.resolve_first(None)? {
                 Resolved::Current(current) => current,
                 // Nothing readable to keep: the whole block is replaced.
                 Resolved::Unauthentic => Current::Empty,
@@ -513,51 +567,94 @@ impl EncryptedFile {
             Current::Empty => (0, 1),
             Current::Slot { slot, seq } => (1 - slot, seq + 1),
         };
-        let mut bytes = [0u8; SLOT_LEN];
+        let mut bytes = [0u8; FIRST_SLOT_LEN];
         bytes[..SEQ_LEN].copy_from_slice(&seq.to_le_bytes());
-        let nonce = self.nonces.next();
-        bytes[SEQ_LEN..CIPHER_AT].copy_from_slice(&nonce);
-        bytes[CIPHER_AT..TAG_AT].copy_from_slice(plain);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(
-                Nonce::from_slice(&nonce),
-                &self.aad(index, seq, slot),
-                &mut bytes[CIPHER_AT..TAG_AT],
-            )
-            .map_err(|_| io::Error::other("a block could not be encrypted"))?;
-        bytes[TAG_AT..].copy_from_slice(&tag);
-        #[cfg(test)]
-        if let Some(crash) = &self.crash {
-            match crash.on_write() {
-                tests::Fate::Write => {}
-                tests::Fate::Tear => {
-                    return write_at(
-                        &self.file,
-                        &bytes[..SLOT_LEN / 2],
-                        Self::slot_offset(index, slot),
-                    );
-                }
-                tests::Fate::Lose => return Ok(()),
-            }
-        }
-        match write_at(&self.file, &bytes, Self::slot_offset(index, slot)) {
+        self.seal(plain, &self.first_aad(seq, slot), &mut bytes[SEQ_LEN..])?;
+        match self.put(&bytes, slot_offset(0, slot)) {
             Ok(()) => {
-                state.store(Current::Slot { slot, seq }.encode(), Ordering::Release);
+                self.first
+                    .store(Current::Slot { slot, seq }.encode(), Ordering::Release);
                 Ok(())
             }
             Err(err) => {
                 // The slot may hold part of the write: look again next time.
-                state.store(0, Ordering::Release);
+                self.first.store(0, Ordering::Release);
                 Err(err)
             }
         }
     }
 
-    fn states(&self) -> io::Result<std::sync::RwLockReadGuard<'_, Vec<AtomicU64>>> {
-        self.blocks
-            .read()
-            .map_err(|_| io::Error::other("the encrypted store's block map was poisoned"))
+    /// Reads the slot of data block `index` (not 0) into `out`, and says what it held
+    /// (`out` is zeros unless it was authentic).
+    pub(crate) fn read_data_slot(&self, index: u64, out: &mut [u8]) -> io::Result<DataSlot> {
+        let mut bytes = [0u8; DATA_SLOT_LEN];
+        read_at(&self.file, &mut bytes, slot_offset(index, 0))?;
+        if bytes.iter().all(|&byte| byte == 0) {
+            out.fill(0);
+            Ok(DataSlot::Empty)
+        } else if self.open_sealed(&bytes, &self.data_aad(index), out) {
+            Ok(DataSlot::Authentic)
+        } else {
+            Ok(DataSlot::Unauthentic)
+        }
+    }
+
+    /// Reads data block `index` (whole) into `out`: see the module documentation for a
+    /// block that does not authenticate.
+    fn read_data(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
+        match self.read_data_slot(index, out)? {
+            DataSlot::Empty | DataSlot::Authentic => Ok(()),
+            DataSlot::Unauthentic if self.recovering.load(Ordering::Acquire) => {
+                tracing::warn!(path = %self.path.display(), block = index, "a block does not authenticate (a write torn by a crash, or damage); redb is given zeros, which its checksums refuse");
+                Ok(())
+            }
+            DataSlot::Unauthentic => Err(self.unauthentic(index)),
+        }
+    }
+
+    /// Writes `plain` (one whole block) as data block `index` (not 0).
+    fn write_data(&self, index: u64, plain: &[u8]) -> io::Result<()> {
+        let mut bytes = [0u8; DATA_SLOT_LEN];
+        self.seal(plain, &self.data_aad(index), &mut bytes)?;
+        self.put(&bytes, slot_offset(index, 0))
+    }
+
+    /// Makes data block `index` (not 0) one that does not authenticate, as it was in the
+    /// file a copy is made from.
+    pub(crate) fn write_unauthentic(&self, index: u64) -> io::Result<()> {
+        self.check_range(index * BLOCK_BYTES as u64, BLOCK_BYTES)?;
+        self.put(&[0xFF; DATA_SLOT_LEN], slot_offset(index, 0))
+    }
+
+    /// Writes one slot's bytes (a test's crash point may tear or lose the write).
+    fn put(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(crash) = &self.crash {
+            match crash.on_write() {
+                tests::Fate::Write => {}
+                tests::Fate::Tear => {
+                    return write_at(&self.file, &bytes[..bytes.len() / 2], offset);
+                }
+                tests::Fate::Lose => return Ok(()),
+            }
+        }
+        write_at(&self.file, bytes, offset)
+    }
+
+    fn read_block(&self, index: u64, out: &mut [u8]) -> io::Result<()> {
+        if index == 0 {
+            self.read_first(out)
+        } else {
+            self.read_data(index, out)
+        }
+    }
+
+    fn write_block(&self, index: u64, plain: &[u8]) -> io::Result<()> {
+        if index == 0 {
+            self.write_first(plain)
+        } else {
+            self.write_data(index, plain)
+        }
     }
 
     fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
@@ -575,7 +672,7 @@ impl EncryptedFile {
     }
 
     #[cfg(test)]
-    pub(crate) fn set_crash(&mut self, crash: std::sync::Arc<tests::CrashPoint>) {
+    pub(crate) fn set_crash(&mut self, crash: Arc<tests::CrashPoint>) {
         self.crash = Some(crash);
     }
 }
@@ -586,7 +683,6 @@ impl StorageBackend for EncryptedFile {
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        let states = self.states()?;
         self.check_range(offset, out.len())?;
         let mut done = 0;
         while done < out.len() {
@@ -595,10 +691,10 @@ impl StorageBackend for EncryptedFile {
             let within = (at % BLOCK_BYTES as u64) as usize;
             let n = (BLOCK_BYTES - within).min(out.len() - done);
             if n == BLOCK_BYTES {
-                self.read_block(&states, index, &mut out[done..done + n])?;
+                self.read_block(index, &mut out[done..done + n])?;
             } else {
                 let mut block = [0u8; BLOCK_BYTES];
-                self.read_block(&states, index, &mut block)?;
+                self.read_block(index, &mut block)?;
                 out[done..done + n].copy_from_slice(&block[within..within + n]);
             }
             done += n;
@@ -613,17 +709,19 @@ impl StorageBackend for EncryptedFile {
                 format!("an encrypted store holds whole blocks of {BLOCK_BYTES} bytes, not {len}"),
             ));
         }
-        let mut states = self
-            .blocks
-            .write()
-            .map_err(|_| io::Error::other("the encrypted store's block map was poisoned"))?;
         let blocks = len / BLOCK_BYTES as u64;
-        let count = usize::try_from(blocks)
-            .map_err(|_| io::Error::other("the store is too large for this device"))?;
-        self.file.set_len(HEADER_LEN + blocks * PAIR_LEN as u64)?;
-        states.truncate(count);
-        // New file space is zeros: both slots empty.
-        states.resize_with(count, || AtomicU64::new(Current::Empty.encode()));
+        if usize::try_from(blocks).is_err() {
+            return Err(io::Error::other("the store is too large for this device"));
+        }
+        // Serialized with writes to block 0, whose slots this may remove.
+        let _guard = self.writing[0]
+            .lock()
+            .map_err(|_| io::Error::other("an encrypted store write lock was poisoned"))?;
+        self.file.set_len(physical_len(blocks))?;
+        if blocks == 0 {
+            // Block 0's slots are gone; grown again, they are zeros.
+            self.first.store(Current::Empty.encode(), Ordering::Release);
+        }
         self.len.store(len, Ordering::Release);
         Ok(())
     }
@@ -637,7 +735,6 @@ impl StorageBackend for EncryptedFile {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let states = self.states()?;
         self.check_range(offset, data.len())?;
         let mut done = 0;
         while done < data.len() {
@@ -650,12 +747,12 @@ impl StorageBackend for EncryptedFile {
                 .lock()
                 .map_err(|_| io::Error::other("an encrypted store write lock was poisoned"))?;
             if n == BLOCK_BYTES {
-                self.write_block(&states, index, &data[done..done + n])?;
+                self.write_block(index, &data[done..done + n])?;
             } else {
                 let mut block = [0u8; BLOCK_BYTES];
-                self.read_block(&states, index, &mut block)?;
+                self.read_block(index, &mut block)?;
                 block[within..within + n].copy_from_slice(&data[done..done + n]);
-                self.write_block(&states, index, &block)?;
+                self.write_block(index, &block)?;
             }
             done += n;
         }
@@ -667,68 +764,30 @@ impl StorageBackend for EncryptedFile {
     }
 }
 
-/// Writes a new file header (random file id, key check) into `header` and the file.
-fn write_header(
-    file: &File,
-    cipher: &Aes256Gcm,
-    nonces: &NonceSource,
-    header: &mut [u8; HEADER_LEN as usize],
-) -> io::Result<()> {
-    header.fill(0);
-    header[..MAGIC.len()].copy_from_slice(MAGIC);
-    header[24..28].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header[28..32].copy_from_slice(&(BLOCK_BYTES as u32).to_le_bytes());
-    rand::rng().fill_bytes(&mut header[FILE_ID_AT..FILE_ID_AT + 16]);
-    let nonce = nonces.next();
-    header[KEY_NONCE_AT..KEY_TAG_AT].copy_from_slice(&nonce);
-    let tag = cipher
-        .encrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
-            &header[..HEADER_CHECKED],
-            &mut [],
-        )
-        .map_err(|_| io::Error::other("the key check could not be computed"))?;
-    header[KEY_TAG_AT..HEADER_USED].copy_from_slice(&tag);
-    write_at(file, header, 0)?;
-    file.sync_data()
+/// Where slot `slot` of logical block `index` starts (data blocks have slot 0 only).
+fn slot_offset(index: u64, slot: usize) -> u64 {
+    if index == 0 {
+        HEADER_LEN + slot as u64 * SLOT_STRIDE
+    } else {
+        HEADER_LEN + (index + 1) * SLOT_STRIDE
+    }
 }
 
-/// Checks an existing file's header against the key; gives its file id.
-fn check_header(path: &Path, cipher: &Aes256Gcm, header: &[u8]) -> Result<[u8; 16]> {
-    let display = || path.display().to_string();
-    if header.starts_with(REDB_MAGIC) {
-        return Err(StoreError::NotEncrypted { path: display() });
+/// The file's length when it holds `blocks` logical blocks.
+fn physical_len(blocks: u64) -> u64 {
+    if blocks == 0 {
+        HEADER_LEN
+    } else {
+        HEADER_LEN + (blocks + 1) * SLOT_STRIDE
     }
-    if !header.starts_with(MAGIC) {
-        return Err(StoreError::Open {
-            path: display(),
-            reason: "it is not a medmesh store file (neither encrypted nor plain); check the --data directory".into(),
-        });
+}
+
+/// The whole logical blocks a file of `physical` bytes holds.
+fn blocks_in(physical: u64) -> u64 {
+    match physical.checked_sub(HEADER_LEN + 2 * SLOT_STRIDE) {
+        Some(rest) => 1 + rest / SLOT_STRIDE,
+        None => 0,
     }
-    if header.len() < HEADER_USED {
-        return Err(StoreError::CorruptDatabase {
-            path: display(),
-            reason: "its encryption header is cut short".into(),
-        });
-    }
-    let version = u32::from_le_bytes([header[24], header[25], header[26], header[27]]);
-    let block = u32::from_le_bytes([header[28], header[29], header[30], header[31]]);
-    if version != FORMAT_VERSION || block as usize != BLOCK_BYTES {
-        return Err(StoreError::Open {
-            path: display(),
-            reason: format!(
-                "it was encrypted by another medmesh version (encrypted format {version}, blocks of {block} bytes); run the medmesh version that wrote it"
-            ),
-        });
-    }
-    let nonce = Nonce::from_slice(&header[KEY_NONCE_AT..KEY_TAG_AT]);
-    let tag = Tag::from_slice(&header[KEY_TAG_AT..HEADER_USED]);
-    cipher
-        .decrypt_in_place_detached(nonce, &header[..HEADER_CHECKED], &mut [], tag)
-        .map_err(|_| StoreError::WrongKey { path: display() })?;
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&header[FILE_ID_AT..FILE_ID_AT + 16]);
-    Ok(id)
 }
 
 fn read_seq(slot: &[u8]) -> u64 {
@@ -737,89 +796,12 @@ fn read_seq(slot: &[u8]) -> u64 {
     u64::from_le_bytes(seq)
 }
 
-fn block_state(states: &[AtomicU64], index: u64) -> io::Result<&AtomicU64> {
-    usize::try_from(index)
-        .ok()
-        .and_then(|i| states.get(i))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "block past the end"))
-}
-
-fn in_use(path: &Path) -> StoreError {
-    StoreError::Open {
-        path: path.display().to_string(),
-        reason: "another medmesh node is already using it; stop that node first, or give this one another --data directory".into(),
-    }
-}
-
-fn open_failed(path: &Path, err: &io::Error) -> StoreError {
-    let reason = if err.kind() == io::ErrorKind::PermissionDenied {
-        "permission denied: run medmesh as the user that owns the data directory".to_owned()
-    } else if err.kind() == io::ErrorKind::AlreadyExists {
-        "it already exists; remove it (it is left over from an earlier attempt) and try again"
-            .to_owned()
-    } else if err.kind() == io::ErrorKind::NotFound {
-        "it does not exist; check the --data directory".to_owned()
-    } else {
-        err.to_string()
-    };
-    match StoreError::from_io(err) {
-        StoreError::DiskFull => StoreError::DiskFull,
-        _ => StoreError::Open {
-            path: path.display().to_string(),
-            reason,
-        },
-    }
-}
-
-fn read_failed(path: &Path, err: &io::Error) -> StoreError {
-    StoreError::Open {
-        path: path.display().to_string(),
-        reason: format!("it could not be read ({err})"),
-    }
-}
-
-#[cfg(unix)]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-}
-
-#[cfg(unix)]
-fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
-}
-
-#[cfg(windows)]
-fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        match file.seek_read(buf, offset)? {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
-        }
-    }
-    Ok(())
-}
-
-#[cfg(windows)]
-fn write_at(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        match file.seek_write(buf, offset)? {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n => {
-                buf = &buf[n..];
-                offset += n as u64;
-            }
-        }
-    }
-    Ok(())
-}
-
 mod copy;
+mod header;
+mod io_at;
+mod key;
 #[cfg(test)]
 mod tests;
 
 pub use copy::{encrypt_store_file, reencrypt_store_file};
+pub use key::DataKey;

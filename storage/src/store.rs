@@ -986,11 +986,15 @@ fn open_encrypted_file(path: &Path, key: &DataKey) -> Result<Database> {
                 reason: err.to_string(),
             },
         })?;
+    // While redb opens the file it may walk a commit a crash interrupted: a torn block
+    // then reads as zeros, which redb's checksums refuse. Afterwards it is an error.
+    let recovery = backend.recovery_window();
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Database::builder()
             .set_cache_size(PAGE_CACHE_BYTES)
             .create_with_backend(backend)
     }));
+    recovery.end();
     opened_file(path, display, opened)
 }
 

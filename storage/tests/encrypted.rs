@@ -12,6 +12,10 @@ use medmesh_storage::{
 use serde_json::{Value, json};
 
 const SURNAME: &str = "Okonkwo-Test";
+/// The encrypted file's header, then 4160 bytes per slot: two for block 0 (redb's
+/// header), one for every other block.
+const FILE_HEADER: usize = 4096;
+const SLOT_STRIDE: usize = 4160;
 const FIELD_VALUE: &str = "Zanzibar-Street-4417";
 
 fn author() -> ChangeAuthor {
@@ -198,9 +202,10 @@ fn a_tampered_file_gives_an_error_not_a_panic() {
         (0..30).map(|n| create(&store, n)).collect()
     };
     let mut raw = std::fs::read(&path).expect("bytes");
-    // Flip a byte in every slot after the file header and redb's header block.
-    let (header, slot) = (4096usize, 4132usize);
-    let mut at = header + 2 * slot + 200;
+    // Flip a byte in every slot after the file header and redb's header block (the
+    // layout is in `medmesh_storage::crypt`).
+    let slot = SLOT_STRIDE;
+    let mut at = FILE_HEADER + 2 * slot + 200;
     while at < raw.len() {
         raw[at] ^= 0x80;
         at += slot;
@@ -219,6 +224,127 @@ fn a_tampered_file_gives_an_error_not_a_panic() {
             assert!(failed > 0, "tampered records were read back as good");
         }
     }
+}
+
+/// Opens the encrypted file at `path` and reads every record of `ids` back: the record,
+/// an error, or (`may_lose_last`) the last one missing. A panic fails the test.
+fn damaged_outcome(path: &Path, key: &DataKey, ids: &[DocId], may_lose_last: bool) -> Outcome {
+    let store = match open_encrypted(path, key) {
+        Ok(store) => store,
+        Err(err) => {
+            let text = err.to_string();
+            assert!(
+                text.contains("damaged") || text.contains("does not authenticate"),
+                "{text}"
+            );
+            return Outcome::Refused;
+        }
+    };
+    let mut outcome = Outcome::Intact;
+    for (n, id) in ids.iter().enumerate() {
+        match store.get("patients", id) {
+            Ok(got) => {
+                assert_eq!(got.record["surname"], json!(SURNAME));
+                assert_eq!(got.record["given_name"], json!(format!("Chidi{n}")));
+            }
+            Err(StoreError::NotFound { .. }) if may_lose_last && n + 1 == ids.len() => {
+                outcome = Outcome::RolledBack;
+            }
+            Err(err) => {
+                let text = err.to_string();
+                assert!(
+                    text.contains("does not authenticate") || text.contains("damaged"),
+                    "record {n}: {text}"
+                );
+                return Outcome::ReadFailed;
+            }
+        }
+    }
+    outcome
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Every record read back (the block was a free page).
+    Intact,
+    /// The open failed with a clear error.
+    Refused,
+    /// A read failed with a clear error.
+    ReadFailed,
+    /// redb fell back to the commit before the last.
+    RolledBack,
+}
+
+#[test]
+fn a_damaged_block_of_a_durable_commit_is_an_error_never_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("enc.redb");
+    let key = DataKey::generate();
+    let store = open_encrypted(&path, &key).expect("create");
+    let ids: Vec<DocId> = (0..40).map(|n| create(&store, n)).collect();
+    // A copy while the store is open, as a crash leaves it (every write acknowledged is
+    // durable; redb walks the newest commit when it opens it), and one after a clean close.
+    let crashed = std::fs::read(&path).expect("bytes");
+    drop(store);
+    let clean = std::fs::read(&path).expect("bytes");
+    for (name, raw) in [("crashed", &crashed), ("clean", &clean)] {
+        let mut seen = Vec::new();
+        let blocks = (raw.len() - FILE_HEADER) / SLOT_STRIDE - 1;
+        for block in 1..blocks {
+            let at = FILE_HEADER + (block + 1) * SLOT_STRIDE;
+            if raw[at..at + SLOT_STRIDE].iter().all(|&b| b == 0) {
+                continue;
+            }
+            let mut damaged = raw.clone();
+            damaged[at + 1000] ^= 0x04;
+            let copy = dir.path().join(format!("{name}-{block}.redb"));
+            std::fs::write(&copy, &damaged).expect("write");
+            let outcome = damaged_outcome(&copy, &key, &ids, name == "crashed");
+            seen.push(outcome);
+        }
+        println!("{name}: {seen:?}");
+        assert!(
+            seen.iter()
+                .any(|o| matches!(o, Outcome::Refused | Outcome::ReadFailed)),
+            "{name}: no damaged block was reported"
+        );
+        if name == "clean" {
+            assert!(!seen.contains(&Outcome::RolledBack));
+        }
+    }
+}
+
+#[test]
+fn the_encrypted_file_is_barely_larger_than_the_plain_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = DataKey::generate();
+    let enc_path = dir.path().join("enc.redb");
+    let plain_path = dir.path().join("plain.redb");
+    {
+        let enc = open_encrypted(&enc_path, &key).expect("encrypted");
+        let plain = open_plain(&plain_path).expect("plain");
+        for store in [&enc, &plain] {
+            for n in 0..50 {
+                create(store, n);
+            }
+            let batch = WriteBatch {
+                ops: (50..3_000).map(create_op).collect(),
+                atomic: false,
+            };
+            let out = store.write_blocking(batch).expect("batch");
+            assert!(out.iter().all(Result::is_ok));
+        }
+    }
+    let enc = std::fs::metadata(&enc_path).expect("meta").len() as f64;
+    let plain = std::fs::metadata(&plain_path).expect("meta").len() as f64;
+    println!(
+        "plain {plain} bytes, encrypted {enc} bytes ({:.3}x)",
+        enc / plain
+    );
+    assert!(
+        enc <= 1.1 * plain + (FILE_HEADER + SLOT_STRIDE) as f64,
+        "encrypted {enc} bytes, plain {plain}"
+    );
 }
 
 #[test]

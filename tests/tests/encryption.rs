@@ -25,6 +25,29 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     found
 }
 
+/// Files and directories under `dir` (itself included) that others than the owner can
+/// read, write or enter.
+fn open_to_others(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut open = Vec::new();
+    let mode = std::fs::metadata(dir).expect("meta").permissions().mode();
+    if mode & 0o077 != 0 {
+        open.push(format!("{} {mode:o}", dir.display()));
+    }
+    for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            open.extend(open_to_others(&path));
+        } else {
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            if mode & 0o077 != 0 {
+                open.push(format!("{} {mode:o}", path.display()));
+            }
+        }
+    }
+    open
+}
+
 async fn write_patient(node: &NodeProcess) -> String {
     let created: Value = http()
         .post(node.url("/v1/patients"))
@@ -107,6 +130,11 @@ async fn a_copy_of_the_data_directory_shows_no_record_and_no_private_key() {
     assert!(medmesh_storage::crypt::is_encrypted_store_file(
         &data.join("medmesh.redb")
     ));
+    assert_eq!(
+        open_to_others(&data),
+        Vec::<String>::new(),
+        "every file is 0600, the directory 0700"
+    );
     for needle in [SURNAME, PHONE, "Adaeze", "given_name", &id, &second] {
         assert_eq!(
             files_containing(&data, needle.as_bytes()),

@@ -3,7 +3,6 @@
 //! and on disk; a session expires and can be revoked.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -44,23 +43,7 @@ pub fn new_token() -> String {
     )
 }
 
-/// Writes `text` to `path` readable by the owner only, replacing it whole.
-pub fn write_private(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
+pub use crate::files::write_private;
 
 fn plausible(token: &str) -> bool {
     token.len() >= MIN_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())

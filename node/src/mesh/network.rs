@@ -315,8 +315,7 @@ impl Network {
         };
         let text: String = self.swarm.listeners().map(|a| format!("{a}\n")).collect();
         let path = dir.join(crate::server::LISTEN_FILE);
-        let tmp = path.with_extension("tmp");
-        if let Err(err) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+        if let Err(err) = crate::files::write_private(&path, &text) {
             tracing::warn!(error = %err, "cannot note the listening addresses for `medmesh invite`; give them with --addr");
         }
     }

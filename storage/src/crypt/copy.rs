@@ -9,7 +9,8 @@ use redb::StorageBackend;
 use zeroize::Zeroize;
 
 use super::{
-    BLOCK_BYTES, DataKey, EncryptedFile, MAGIC, Mode, REDB_MAGIC, open_failed, read_at, read_failed,
+    BLOCK_BYTES, DataKey, DataSlot, EncryptedFile, MAGIC, Mode, REDB_MAGIC, open_failed, read_at,
+    read_failed,
 };
 use crate::error::{Result, StoreError};
 
@@ -53,15 +54,48 @@ pub fn encrypt_store_file(plain: &Path, encrypted: &Path, key: &DataKey) -> Resu
 /// Copies the closed encrypted store file `src` (opened with `old`) into a new encrypted
 /// file `dst` (which must not exist yet) under `new`, with a new file id, and syncs it:
 /// a change of data key. Only `dst` is written; the caller moves it into place.
+///
+/// A data block of `src` that does not authenticate (a free page a crash tore, or damage)
+/// stays one that does not authenticate in `dst`: the copy neither fails on it nor turns
+/// it into authentic zeros that redb would take for a page.
 pub fn reencrypt_store_file(src: &Path, dst: &Path, old: &DataKey, new: &DataKey) -> Result<()> {
     let source = EncryptedFile::open_as(src, old, Mode::ReadOnly)?;
     let target = EncryptedFile::open_as(dst, new, Mode::CreateNew)?;
     let length = source.len.load(Ordering::Acquire);
-    copy_blocks(length, &target, dst, |offset, buf| {
+    let blocks = length / BLOCK_BYTES as u64;
+    let mut block = [0u8; BLOCK_BYTES];
+    if blocks > 0 {
         source
-            .read(offset, buf)
-            .map_err(|err| read_failed(src, &err))
-    })
+            .read(0, &mut block)
+            .map_err(|err| read_failed(src, &err))?;
+    }
+    let mut damaged = Vec::new();
+    copy_blocks(length, &target, dst, |offset, buf| {
+        for (i, chunk) in buf.chunks_mut(BLOCK_BYTES).enumerate() {
+            let index = offset / BLOCK_BYTES as u64 + i as u64;
+            if index == 0 {
+                chunk.copy_from_slice(&block);
+            } else if source
+                .read_data_slot(index, chunk)
+                .map_err(|err| read_failed(src, &err))?
+                == DataSlot::Unauthentic
+            {
+                damaged.push(index);
+            }
+        }
+        Ok(())
+    })?;
+    block.zeroize();
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(path = %src.display(), blocks = ?damaged, "blocks that do not authenticate were copied as such");
+    for index in damaged {
+        target
+            .write_unauthentic(index)
+            .map_err(|err| write_failed(dst, &err))?;
+    }
+    target.sync_data().map_err(|err| write_failed(dst, &err))
 }
 
 /// Sizes `target` to `length` and fills it chunk by chunk from `fill`, then syncs it.
@@ -71,13 +105,7 @@ fn copy_blocks(
     target_path: &Path,
     mut fill: impl FnMut(u64, &mut [u8]) -> Result<()>,
 ) -> Result<()> {
-    let written = |err: io::Error| match StoreError::from_io(&err) {
-        StoreError::DiskFull => StoreError::DiskFull,
-        _ => StoreError::Open {
-            path: target_path.display().to_string(),
-            reason: format!("it could not be written ({err})"),
-        },
-    };
+    let written = |err: io::Error| write_failed(target_path, &err);
     target.set_len(length).map_err(written)?;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut offset = 0;
@@ -89,4 +117,14 @@ fn copy_blocks(
     }
     buf.zeroize();
     target.sync_data().map_err(written)
+}
+
+fn write_failed(path: &Path, err: &io::Error) -> StoreError {
+    match StoreError::from_io(err) {
+        StoreError::DiskFull => StoreError::DiskFull,
+        _ => StoreError::Open {
+            path: path.display().to_string(),
+            reason: format!("it could not be written ({err})"),
+        },
+    }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use medmesh_protocol::{ChangeAuthor, DocId, Schema};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use redb::ReadableDatabase;
 use serde_json::json;
 
 use super::*;
@@ -166,7 +167,30 @@ fn the_file_holds_no_plaintext() {
 }
 
 #[test]
-fn a_torn_write_reverts_the_block_and_damage_to_both_slots_is_an_error() {
+fn slots_sit_where_the_layout_says_and_none_straddles_three_pages() {
+    assert_eq!(SLOT_STRIDE, 4160);
+    assert_eq!((FIRST_SLOT_LEN, DATA_SLOT_LEN), (4132, 4124));
+    for index in 0..5000u64 {
+        for slot in 0..if index == 0 { 2 } else { 1 } {
+            let start = slot_offset(index, slot);
+            let end = start + FIRST_SLOT_LEN as u64 - 1;
+            assert_eq!(start % 64, 0);
+            assert!(end / 4096 - start / 4096 <= 1, "block {index} slot {slot}");
+        }
+        assert_eq!(blocks_in(physical_len(index)), index);
+        assert_eq!(blocks_in(physical_len(index) + SLOT_STRIDE - 1), index);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("layout.redb");
+    let file = EncryptedFile::open(&path, &key(1)).expect("create");
+    file.set_len(10 * BLOCK_BYTES as u64).expect("set_len");
+    drop(file);
+    let size = std::fs::metadata(&path).expect("meta").len();
+    assert_eq!(size, HEADER_LEN + 11 * SLOT_STRIDE);
+}
+
+#[test]
+fn a_torn_write_of_block_0_reverts_it_and_damage_to_both_slots_is_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("torn.redb");
     let key = key(2);
@@ -179,8 +203,8 @@ fn a_torn_write_reverts_the_block_and_damage_to_both_slots_is_an_error() {
     drop(file);
     // v1 went to slot A (sequence 1), v2 to slot B (sequence 2): tear slot B.
     let mut raw = std::fs::read(&path).expect("raw");
-    let b = (HEADER_LEN as usize) + SLOT_LEN;
-    raw[b + SLOT_LEN / 2..b + SLOT_LEN].fill(0);
+    let b = slot_offset(0, 1) as usize;
+    raw[b + FIRST_SLOT_LEN / 2..b + FIRST_SLOT_LEN].fill(0);
     std::fs::write(&path, &raw).expect("tear");
     let file = EncryptedFile::open(&path, &key).expect("reopen");
     let mut out = [0u8; BLOCK_BYTES];
@@ -192,20 +216,68 @@ fn a_torn_write_reverts_the_block_and_damage_to_both_slots_is_an_error() {
     let file = EncryptedFile::open(&path, &key).expect("reopen");
     file.read(0, &mut out).expect("read v3");
     assert_eq!(out, [3u8; BLOCK_BYTES]);
+    // A partial write (redb writes its 320-byte header so) keeps the rest of the block.
+    file.write(10, &[4u8; 20]).expect("partial");
+    file.read(0, &mut out).expect("read partial");
+    assert_eq!(&out[..10], &[3u8; 10]);
+    assert_eq!(&out[10..30], &[4u8; 20]);
+    assert_eq!(&out[30..], &[3u8; BLOCK_BYTES - 30][..]);
     drop(file);
-    // Both slots damaged: a clear error, never made-up content.
+    // Both slots damaged: a clear error, never made-up content, even while redb opens.
     let mut raw = std::fs::read(&path).expect("raw");
-    let a = HEADER_LEN as usize;
-    raw[a + 100] ^= 0x55;
-    raw[a + SLOT_LEN + 100] ^= 0x55;
+    raw[slot_offset(0, 0) as usize + 100] ^= 0x55;
+    raw[slot_offset(0, 1) as usize + 100] ^= 0x55;
     std::fs::write(&path, &raw).expect("damage");
     let file = EncryptedFile::open(&path, &key).expect("reopen");
     let err = file.read(0, &mut out).expect_err("damaged block");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("block 0"), "{err}");
     assert!(err.to_string().contains("does not authenticate"), "{err}");
     // The other block is still readable.
     file.read(BLOCK_BYTES as u64, &mut out).expect("block 1");
     assert_eq!(out, [9u8; BLOCK_BYTES]);
+}
+
+#[test]
+fn a_data_block_that_does_not_authenticate_is_zeros_while_redb_opens_then_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("data.redb");
+    let key = key(2);
+    let file = EncryptedFile::open(&path, &key).expect("create");
+    file.set_len(3 * BLOCK_BYTES as u64).expect("set_len");
+    file.write(BLOCK_BYTES as u64, &[7u8; BLOCK_BYTES])
+        .expect("block 1");
+    file.write(2 * BLOCK_BYTES as u64, &[8u8; BLOCK_BYTES])
+        .expect("block 2");
+    drop(file);
+    // Block 1 torn (its second half never reached the disk), block 2 one bit flipped.
+    let mut raw = std::fs::read(&path).expect("raw");
+    let one = slot_offset(1, 0) as usize;
+    raw[one + DATA_SLOT_LEN / 2..one + DATA_SLOT_LEN].fill(0);
+    raw[slot_offset(2, 0) as usize + 2000] ^= 0x01;
+    std::fs::write(&path, &raw).expect("damage");
+    let file = EncryptedFile::open(&path, &key).expect("reopen");
+    let mut out = [0xAAu8; 2 * BLOCK_BYTES];
+    file.read(BLOCK_BYTES as u64, &mut out)
+        .expect("zeros while redb opens");
+    assert!(out.iter().all(|&b| b == 0));
+    file.recovery_window().end();
+    for index in [1u64, 2] {
+        let err = file
+            .read(index * BLOCK_BYTES as u64 + 5, &mut out[..10])
+            .expect_err("damaged block");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            err.to_string().contains(&format!("block {index} ")),
+            "{err}"
+        );
+    }
+    // Writing the block whole replaces it (redb writes free pages so).
+    file.write(BLOCK_BYTES as u64, &[5u8; BLOCK_BYTES])
+        .expect("rewrite");
+    file.read(BLOCK_BYTES as u64, &mut out[..BLOCK_BYTES])
+        .expect("rewritten");
+    assert!(out[..BLOCK_BYTES].iter().all(|&b| b == 5));
 }
 
 #[test]
@@ -215,37 +287,144 @@ fn a_block_moved_to_another_place_does_not_authenticate() {
     let key = key(3);
     let file = EncryptedFile::open(&path, &key).expect("create");
     file.set_len(4 * BLOCK_BYTES as u64).expect("set_len");
-    // Blocks 0 and 1 written twice (both slots hold a version), 2 and 3 once.
-    for round in 0..2u8 {
-        file.write(0, &[1 + round; BLOCK_BYTES]).expect("block 0");
-        file.write(BLOCK_BYTES as u64, &[3 + round; BLOCK_BYTES])
-            .expect("block 1");
+    for index in 0..4u8 {
+        file.write(
+            u64::from(index) * BLOCK_BYTES as u64,
+            &[index + 1; BLOCK_BYTES],
+        )
+        .expect("block");
     }
-    file.write(2 * BLOCK_BYTES as u64, &[5; BLOCK_BYTES])
-        .expect("block 2");
-    file.write(3 * BLOCK_BYTES as u64, &[6; BLOCK_BYTES])
-        .expect("block 3");
     drop(file);
     let mut raw = std::fs::read(&path).expect("raw");
-    for (x, y) in [(0, 1), (2, 3)] {
-        let (a, b) = (
-            HEADER_LEN as usize + x * PAIR_LEN,
-            HEADER_LEN as usize + y * PAIR_LEN,
-        );
-        let pair = raw[a..a + PAIR_LEN].to_vec();
-        raw.copy_within(b..b + PAIR_LEN, a);
-        raw[b..b + PAIR_LEN].copy_from_slice(&pair);
-    }
+    // Blocks 1 and 2 swapped; block 0's slot copied over block 3's (its sequence number
+    // in front, the rest in the place of a data slot).
+    let (one, two, three) = (
+        slot_offset(1, 0) as usize,
+        slot_offset(2, 0) as usize,
+        slot_offset(3, 0) as usize,
+    );
+    let first = raw[one..one + DATA_SLOT_LEN].to_vec();
+    raw.copy_within(two..two + DATA_SLOT_LEN, one);
+    raw[two..two + DATA_SLOT_LEN].copy_from_slice(&first);
+    let zero = slot_offset(0, 0) as usize;
+    raw.copy_within(zero + SEQ_LEN..zero + FIRST_SLOT_LEN, three);
     std::fs::write(&path, &raw).expect("swap");
     let file = EncryptedFile::open(&path, &key).expect("reopen");
+    file.recovery_window().end();
     let mut out = [0u8; BLOCK_BYTES];
-    assert!(file.read(0, &mut out).is_err());
-    assert!(file.read(BLOCK_BYTES as u64, &mut out).is_err());
-    // A block with one version cannot be told from one whose first write was torn: it
-    // reads as it was before that write (zeros), never as the other block's content.
-    file.read(2 * BLOCK_BYTES as u64, &mut out)
+    for index in 1..4u64 {
+        assert!(file.read(index * BLOCK_BYTES as u64, &mut out).is_err());
+    }
+    file.read(0, &mut out).expect("block 0");
+    assert_eq!(out, [1u8; BLOCK_BYTES]);
+}
+
+#[test]
+fn a_rekeyed_copy_keeps_a_block_that_does_not_authenticate_as_such() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (src, dst) = (dir.path().join("src.redb"), dir.path().join("dst.redb"));
+    let file = EncryptedFile::open(&src, &key(1)).expect("create");
+    file.set_len(3 * BLOCK_BYTES as u64).expect("set_len");
+    for index in 0..3u8 {
+        file.write(
+            u64::from(index) * BLOCK_BYTES as u64,
+            &[index + 1; BLOCK_BYTES],
+        )
+        .expect("block");
+    }
+    drop(file);
+    let mut raw = std::fs::read(&src).expect("raw");
+    raw[slot_offset(1, 0) as usize + 50] ^= 0x10;
+    std::fs::write(&src, &raw).expect("damage");
+    reencrypt_store_file(&src, &dst, &key(1), &key(2)).expect("rekey");
+    let copy = EncryptedFile::open(&dst, &key(2)).expect("open copy");
+    copy.recovery_window().end();
+    let mut out = [0u8; BLOCK_BYTES];
+    copy.read(0, &mut out).expect("block 0");
+    assert_eq!(out, [1u8; BLOCK_BYTES]);
+    assert!(copy.read(BLOCK_BYTES as u64, &mut out).is_err());
+    copy.read(2 * BLOCK_BYTES as u64, &mut out)
         .expect("block 2");
-    assert_eq!(out, [0u8; BLOCK_BYTES]);
+    assert_eq!(out, [3u8; BLOCK_BYTES]);
+}
+
+#[test]
+fn a_zero_page_fails_redbs_checksum_walk_rather_than_panicking() {
+    // What the recovery window relies on: when redb walks the newest commit after a crash,
+    // a zero page is a checksum failure — a fall-back to the previous commit, or redb's
+    // corruption error when that commit holds the page too — never a panic or bad data.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("zero.redb");
+    let table: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("t");
+    let db = redb::Database::create(&path).expect("create");
+    for round in 1..=2u8 {
+        let txn = db.begin_write().expect("write");
+        {
+            let mut t = txn.open_table(table).expect("table");
+            for n in 0..50u64 {
+                t.insert(u64::from(round) * 1000 + n, &[round; 300][..])
+                    .expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+    // Taken while the database is open, as after a crash: redb will walk the newest commit.
+    let raw = std::fs::read(&path).expect("raw");
+    drop(db);
+    let (mut fell_back, mut refused) = (0, 0);
+    for page in 1..raw.len() / BLOCK_BYTES {
+        let at = page * BLOCK_BYTES;
+        if raw[at..at + BLOCK_BYTES].iter().all(|&b| b == 0) {
+            continue;
+        }
+        let mut copy = raw.clone();
+        copy[at..at + BLOCK_BYTES].fill(0);
+        let path = dir.path().join(format!("zero-{page}.redb"));
+        std::fs::write(&path, &copy).expect("write copy");
+        let opened = std::panic::catch_unwind(|| redb::Database::create(&path))
+            .unwrap_or_else(|_| panic!("redb panicked on zero page {page}"));
+        let db = match opened {
+            Ok(db) => db,
+            Err(err) => {
+                assert!(err.to_string().contains("orrupt"), "page {page}: {err}");
+                refused += 1;
+                continue;
+            }
+        };
+        let read = db.begin_read().expect("read");
+        let t = read.open_table(table).expect("table");
+        for round in 1..=2u8 {
+            for n in 0..50u64 {
+                let got = t.get(u64::from(round) * 1000 + n).expect("get");
+                match got {
+                    Some(value) => assert_eq!(value.value(), &[round; 300][..]),
+                    None => assert_eq!(round, 2, "page {page}: the first commit lost"),
+                }
+            }
+        }
+        if t.get(2000).expect("get").is_none() {
+            fell_back += 1;
+        }
+    }
+    assert!(fell_back > 0, "no zeroed page made redb fall back");
+    assert!(refused > 0, "no zeroed page was refused");
+}
+
+#[test]
+fn a_file_in_format_1_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("v1.redb");
+    drop(EncryptedFile::open(&path, &key(4)).expect("create"));
+    let mut raw = std::fs::read(&path).expect("raw");
+    raw[24..28].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&path, &raw).expect("write");
+    match EncryptedFile::open(&path, &key(4)) {
+        Err(StoreError::Open { reason, .. }) => {
+            assert!(reason.contains("encrypted format 1"), "{reason}")
+        }
+        other => panic!("expected a format error, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&path).expect("raw"), raw);
 }
 
 #[test]
@@ -370,7 +549,12 @@ fn crash_at_points(points: impl FnOnce(u64) -> Vec<(u64, bool)>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (all, total) = run_until_crash(&dir.path().join("dry.redb"), &key, u64::MAX, false);
     assert_eq!(all.len(), 25);
-    for (i, (at, tear)) in points(total).into_iter().enumerate() {
+    let points = points(total);
+    println!(
+        "{} crash points over the {total} block writes of 25 commits",
+        points.len()
+    );
+    for (i, (at, tear)) in points.into_iter().enumerate() {
         let path = dir.path().join(format!("crash-{i}.redb"));
         let (acked, _) = run_until_crash(&path, &key, at, tear);
         let store = Store::open_encrypted(&path, &key, Schema::hikma(), StoreOptions::default())
