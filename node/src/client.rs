@@ -51,9 +51,22 @@ impl Client {
             builder = builder.add_root_certificate(cert);
         }
         let http = builder.build().context("cannot set up the HTTP client")?;
+        // The node's own token goes only to this device's node, or over HTTPS.
+        let near = base.starts_with("https://")
+            || reqwest::Url::parse(&base)
+                .ok()
+                .and_then(|url| url.host_str().map(str::to_owned))
+                .is_some_and(|host| {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    host == "localhost"
+                        || host
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                });
         let token = match &api.token {
             Some(token) => Some(token.trim().to_owned()),
-            None => crate::access::tokens::read_api_token(&dir)?,
+            None if near => crate::access::tokens::read_api_token(&dir)?,
+            None => None,
         };
         Ok(Self { http, base, token })
     }

@@ -150,7 +150,7 @@ pub fn is_sealed(text: &str) -> bool {
     text.trim_start().starts_with(SEALED)
 }
 
-fn write_key_file(dir: &Path, key: &DataKey, passphrase: Option<&str>) -> Result<()> {
+fn key_file_text(key: &DataKey, passphrase: Option<&str>) -> Result<String> {
     let content = match passphrase {
         Some(passphrase) => {
             let salt: [u8; 16] = rand::random();
@@ -175,10 +175,11 @@ fn write_key_file(dir: &Path, key: &DataKey, passphrase: Option<&str>) -> Result
             wrapped: None,
         },
     };
-    crate::access::tokens::write_private(
-        &dir.join(KEY_FILE),
-        &serde_json::to_string_pretty(&content)?,
-    )
+    Ok(serde_json::to_string_pretty(&content)?)
+}
+
+fn write_key_file(dir: &Path, key: &DataKey, passphrase: Option<&str>) -> Result<()> {
+    crate::files::write_private(&dir.join(KEY_FILE), &key_file_text(key, passphrase)?)
 }
 
 fn read_key_file(dir: &Path) -> Result<Option<KeyFileContent>> {
@@ -276,7 +277,16 @@ pub fn data_key_or_new(dir: &Path) -> Result<DataKey> {
         return Ok(key);
     }
     let key = DataKey::generate();
-    write_key_file(dir, &key, passphrase()?.as_deref())?;
+    let text = key_file_text(&key, passphrase()?.as_deref())?;
+    if !crate::files::write_private_new(&dir.join(KEY_FILE), &text)? {
+        // Another process made the key first: that one is the key.
+        return data_key(dir)?.with_context(|| {
+            format!(
+                "{} vanished while it was read",
+                dir.join(KEY_FILE).display()
+            )
+        });
+    }
     remember(dir, &key);
     Ok(key)
 }

@@ -48,8 +48,14 @@ pub fn own_certificate(dir: &Path, names: &[String]) -> Result<TlsFiles> {
     subject.dedup();
     let made =
         rcgen::generate_simple_self_signed(subject).context("cannot make the API's certificate")?;
-    crate::access::tokens::write_private(&files.key, &made.key_pair.serialize_pem())?;
-    crate::access::tokens::write_private(&files.cert, &made.cert.pem())?;
+    // The private key is sealed with the data key (a copy of the directory shows none).
+    let pem = made.key_pair.serialize_pem();
+    let key_text = match crate::keys::data_key(dir)? {
+        Some(key) => crate::keys::seal(key.as_bytes(), pem.as_bytes())?,
+        None => pem,
+    };
+    crate::files::write_private(&files.key, &key_text)?;
+    crate::files::write_private(&files.cert, &made.cert.pem())?;
     Ok(files)
 }
 
@@ -84,7 +90,24 @@ pub fn fingerprint(cert: &Path) -> Result<String> {
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     let cert_pem = read_pem(&files.cert, "certificate")?;
-    let key_pem = read_pem(&files.key, "key")?;
+    let mut key_pem = read_pem(&files.key, "key")?;
+    if let Ok(text) = std::str::from_utf8(&key_pem)
+        && crate::keys::is_sealed(text)
+    {
+        let dir = files.key.parent().unwrap_or(Path::new("."));
+        let data_key = crate::keys::data_key(dir)?.with_context(|| {
+            format!(
+                "{} is sealed, but its directory has no data key",
+                files.key.display()
+            )
+        })?;
+        key_pem = crate::keys::open_sealed(data_key.as_bytes(), text).with_context(|| {
+            format!(
+                "{} does not open with this node's data key",
+                files.key.display()
+            )
+        })?;
+    }
     let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{} is not a PEM certificate", files.cert.display()))?;

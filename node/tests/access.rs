@@ -60,9 +60,20 @@ impl Node {
 
     /// Adds a user with this role (and clinic permission rows) straight into the store.
     async fn add_user(&self, email: &str, role: &str, rows: &[(&str, &[&str])]) -> String {
+        self.add_user_at(email, role, None, rows).await
+    }
+
+    /// [`Node::add_user`] for a user whose own clinic is `home`.
+    async fn add_user_at(
+        &self,
+        email: &str,
+        role: &str,
+        home: Option<&str>,
+        rows: &[(&str, &[&str])],
+    ) -> String {
         let hashed = bcrypt::hash(PASSWORD, 4).expect("hash");
-        let Value::Object(fields) =
-            json!({"email": email, "name": email, "role": role, "hashed_password": hashed})
+        let Value::Object(fields) = json!({"email": email, "name": email, "role": role,
+                                           "hashed_password": hashed, "clinic_id": home})
         else {
             unreachable!()
         };
@@ -611,13 +622,7 @@ async fn tokens_expire_are_revoked_and_end_with_a_disabled_user() {
     .await;
     assert_eq!(status, StatusCode::OK);
     let (status, answer) = call(&nurse, &node, Method::GET, "/v1/me", None).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(
-        answer["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("disabled")),
-        "{answer}"
-    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
     let refused = reqwest::Client::new()
         .post(node.url("/v1/sessions"))
         .json(&json!({"email": "nurse@clinic.org", "password": PASSWORD}))
@@ -799,4 +804,105 @@ async fn history_names_the_signed_in_user_and_reads_are_logged() {
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn admins_stay_in_their_clinic_deletions_need_the_delete_permission_and_emails_are_unique() {
+    let node = Node::start().await;
+    let clinic_admin = node
+        .add_user_at("kano-admin@clinic.org", "admin", Some(CLINIC), &[])
+        .await;
+    let nurse = node
+        .add_user_at("nurse@clinic.org", "provider", Some(CLINIC), &[])
+        .await;
+    let admin = node.sign_in("kano-admin@clinic.org").await;
+    // Users of their own clinic, yes; of another clinic or another admin, no.
+    let (status, answer) = call(
+        &admin,
+        &node,
+        Method::POST,
+        "/v1/users",
+        Some(json!({"email": "reg2@clinic.org", "role": "registrar", "clinic_id": CLINIC})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (status, answer) = call(
+        &admin,
+        &node,
+        Method::POST,
+        "/v1/users",
+        Some(json!({"email": "jos@clinic.org", "role": "registrar", "clinic_id": OTHER_CLINIC})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(answer["error"]["permission"], json!("manage_users"));
+    let (status, answer) = call(
+        &admin,
+        &node,
+        Method::POST,
+        "/v1/users",
+        Some(json!({"email": "admin2@clinic.org", "role": "admin", "clinic_id": CLINIC})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    // One email, one user (compared without case).
+    let (status, answer) = call(
+        &admin,
+        &node,
+        Method::POST,
+        "/v1/users",
+        Some(json!({"email": "NURSE@clinic.org", "role": "registrar", "clinic_id": CLINIC})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    // A provider may edit a patient but not delete it by setting `deleted_at`.
+    let doc = node.sign_in("nurse@clinic.org").await;
+    let (_, patient) = call(
+        &doc,
+        &node,
+        Method::POST,
+        "/v1/patients",
+        Some(json!({"given_name": "Musa", "primary_clinic_id": CLINIC})),
+    )
+    .await;
+    let path = format!("/v1/patients/{}", patient["id"].as_str().expect("id"));
+    let (status, _) = call(
+        &doc,
+        &node,
+        Method::PATCH,
+        &path,
+        Some(json!({"phone": "0803"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = call(
+        &doc,
+        &node,
+        Method::PATCH,
+        &path,
+        Some(json!({"deleted_at": "2026-12-01T10:00:00Z", "is_deleted": true})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(answer["error"]["permission"], json!("delete_patients"));
+    // A new password ends the sessions opened with the old one.
+    let (status, _) = call(
+        &admin,
+        &node,
+        Method::PATCH,
+        &format!("/v1/users/{nurse}"),
+        Some(json!({"hashed_password": bcrypt::hash("a new password", 4).expect("hash")})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&doc, &node, Method::GET, "/v1/me", None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // The change feed never shows a password hash.
+    let (status, feed) = call(&node.admin, &node, Method::GET, "/v1/changes", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        !feed.to_string().contains("$2"),
+        "a bcrypt hash in the feed"
+    );
+    let _ = clinic_admin;
 }

@@ -19,6 +19,11 @@ async fn the_api_serves_https_with_the_nodes_own_certificate() {
             .mode()
     };
     assert_eq!(key_mode & 0o077, 0, "the key is private: {key_mode:o}");
+    let key_text = std::fs::read_to_string(data.join(medmesh::tls::KEY_FILE)).expect("key");
+    assert!(
+        !key_text.contains("PRIVATE KEY"),
+        "the key is sealed with the data key"
+    );
     let trusting = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("pem"))
         .build()

@@ -341,7 +341,9 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, R
 
 /// Whether a user record is disabled or deleted.
 pub fn is_disabled(user: &Fields) -> bool {
-    user.get("disabled_at").is_some_and(|v| !v.is_null())
+    ["disabled_at", "deleted_at"]
+        .iter()
+        .any(|f| user.get(*f).is_some_and(|v| !v.is_null()))
         || user
             .get("is_deleted")
             .and_then(Value::as_bool)
@@ -382,11 +384,15 @@ pub fn caller_of(state: &AppState, user: &Fields) -> anyhow::Result<Result<Calle
         })?;
         rows = page.records.into_iter().map(|v| v.record).collect();
     }
+    let home = user
+        .get("clinic_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     Ok(Ok(Caller {
         user_id,
         name: email,
         role,
-        flags: Arc::new(ClinicFlags::new(rows)),
+        flags: Arc::new(ClinicFlags::new(rows).at_home(home)),
     }))
 }
 

@@ -277,10 +277,12 @@ impl Flag {
     }
 }
 
-/// A user's `user_clinic_permissions` rows: clinic id → the row.
+/// A user's `user_clinic_permissions` rows: clinic id → the row; and their own clinic
+/// (`users.clinic_id`), where a user with no rows has their role's defaults.
 #[derive(Debug, Clone, Default)]
 pub struct ClinicFlags {
     rows: HashMap<String, Fields>,
+    home: Option<String>,
 }
 
 impl ClinicFlags {
@@ -293,7 +295,14 @@ impl ClinicFlags {
                 Some((clinic, row))
             })
             .collect();
-        Self { rows }
+        Self { rows, home: None }
+    }
+
+    /// The same flags for a user whose own clinic is `home`: with no rows, their role's
+    /// defaults hold there only (and on records that name no clinic).
+    pub fn at_home(mut self, home: Option<String>) -> Self {
+        self.home = home;
+        self
     }
 
     fn row_grants(row: &Fields, flag: Flag) -> bool {
@@ -307,7 +316,11 @@ impl ClinicFlags {
             return true;
         }
         if self.rows.is_empty() {
-            return role.default_flag(flag);
+            let here = match (&self.home, clinic) {
+                (Some(home), Some(clinic)) => home == clinic,
+                _ => true,
+            };
+            return here && role.default_flag(flag);
         }
         match clinic {
             Some(clinic) => self
@@ -408,6 +421,11 @@ mod tests {
         assert!(flagged.grants(Role::Provider, Flag::DispenseMedications, Some("c1")));
         // Rows exist, but none for c2: nothing is granted there.
         assert!(!flagged.grants(Role::Provider, Flag::DispenseMedications, Some("c2")));
+        // No rows: the role's defaults, at the user's own clinic only.
+        let home = ClinicFlags::default().at_home(Some("c1".into()));
+        assert!(home.grants(Role::Admin, Flag::ClinicAdmin, Some("c1")));
+        assert!(!home.grants(Role::Admin, Flag::ClinicAdmin, Some("c2")));
+        assert!(home.grants(Role::Admin, Flag::ClinicAdmin, None));
         let admin_of_c2 = ClinicFlags::new([row("c2", &["is_clinic_admin"])]);
         assert!(admin_of_c2.grants(Role::Provider, Flag::DispenseMedications, Some("c2")));
         assert!(admin_of_c2.grants(Role::SuperAdmin, Flag::ViewHistory, Some("c9")));

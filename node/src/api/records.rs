@@ -42,7 +42,9 @@ fn flags_matter(caller: &Caller) -> bool {
     !matches!(caller.role, Role::SuperAdmin | Role::Device)
 }
 
-/// Only a super admin makes or changes a super admin (as in the Hikma cloud).
+/// Only a super admin makes or changes an admin or a super admin (the Hikma cloud lets
+/// only a super admin make one; an admin of one clinic must not make an admin who, with
+/// no clinic rows, would manage others).
 fn check_super_admin(
     caller: &Caller,
     collection: &str,
@@ -50,16 +52,17 @@ fn check_super_admin(
 ) -> Result<(), ApiError> {
     let touches = collection == "users"
         && fields.iter().any(|f| {
-            f.get("role")
-                .and_then(Value::as_str)
-                .is_some_and(|r| r.trim().eq_ignore_ascii_case("super_admin"))
+            f.get("role").and_then(Value::as_str).is_some_and(|r| {
+                let r = r.trim();
+                r.eq_ignore_ascii_case("super_admin") || r.eq_ignore_ascii_case("admin")
+            })
         });
     if touches && flags_matter(caller) {
         let mut error = ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
-                "only a super_admin may make or change a super_admin (the permission `manage_users` at the level of super_admin), and {} is {}",
+                "only a super_admin may make or change an admin or a super_admin (the permission `manage_users` at the level of super_admin), and {} is {}",
                 caller.name, caller.role
             ),
         );
@@ -67,6 +70,37 @@ fn check_super_admin(
         return Err(error);
     }
     Ok(())
+}
+
+/// A user's email must name one user only (compared without case): two users of one
+/// email would sign in as each other, or lock each other out.
+fn unique_email(state: &AppState, fields: &Fields, this: Option<&str>) -> Result<(), ApiError> {
+    let Some(email) = fields.get("email").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let found = state.users().find(email).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the users could not be read: {e:#}"),
+        )
+    })?;
+    match found
+        .as_ref()
+        .and_then(|u| u.get("id"))
+        .and_then(Value::as_str)
+    {
+        Some(other) if Some(other) != this => {
+            let mut error = ApiError::new(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!("another user already has the email {email}; each user needs their own"),
+            );
+            error.field = Some("email".into());
+            Err(error)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Logs a read of patients' records.
@@ -301,6 +335,10 @@ pub async fn create(
     caller.require(needed(&collection, Access::Write), clinic_of(&fields))?;
     check_super_admin(&caller, &collection, &[&fields])?;
     refuse_managed(&state, &collection, None, &GenericWrite::Create)?;
+    if collection == "users" {
+        let (s, f) = (state.clone(), fields.clone());
+        blocking(move || unique_email(&s, &f, None)).await?;
+    }
     let op = WriteOp::new(
         &collection,
         None,
@@ -353,15 +391,28 @@ async fn change(
     check_collection(&state, &collection)?;
     let id = parse_id(&id)?;
     let kind = kind()?;
-    let permission = match kind {
-        WriteKind::Delete => needed(&collection, Access::Delete),
-        _ => needed(&collection, Access::Write),
+    // Setting or clearing a deletion is a delete (or an undelete), whatever the verb.
+    let deletes = match &kind {
+        WriteKind::Delete => true,
+        WriteKind::Patch(fields) | WriteKind::Replace(fields) => {
+            fields.contains_key("deleted_at") || fields.contains_key("is_deleted")
+        }
+        _ => false,
+    };
+    let permission = if deletes {
+        needed(&collection, Access::Delete)
+    } else {
+        needed(&collection, Access::Write)
     };
     caller.require(permission, None)?;
     let write = GenericWrite::of(&kind);
     if let GenericWrite::Patch(fields) | GenericWrite::Replace(fields) = &write {
         caller.require(permission, clinic_of(fields))?;
         check_super_admin(&caller, &collection, &[fields])?;
+        if collection == "users" {
+            let (s, fields, id) = (state.clone(), fields.clone(), id.to_string());
+            blocking(move || unique_email(&s, &fields, Some(&id))).await?;
+        }
     }
     let (checker, name, who) = (state.clone(), collection.clone(), caller.clone());
     blocking(move || {
@@ -379,8 +430,37 @@ async fn change(
         refuse_managed(&checker, &name, Some(&id), &write)
     })
     .await?;
+    let credentials_change = collection == "users"
+        && match &kind {
+            WriteKind::Patch(f) | WriteKind::Replace(f) => [
+                "hashed_password",
+                "disabled_at",
+                "role",
+                "email",
+                "deleted_at",
+                "is_deleted",
+            ]
+            .iter()
+            .any(|k| f.contains_key(*k)),
+            _ => true,
+        };
     let op = WriteOp::new(&collection, Some(id), kind, caller.author(state.peer_id()));
     let outcome = write_one(&state, op).await?;
+    if credentials_change {
+        // Tokens opened with the old credentials end (here; other nodes check the
+        // user's record at every request).
+        let (s, user) = (state.clone(), id.to_string());
+        blocking(move || {
+            s.access().sessions.revoke_user(&user).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("the change is saved, but the user's open sessions could not be ended: {e:#}"),
+                )
+            })
+        })
+        .await?;
+    }
     let record = masked_if_user(&collection, outcome.record);
     Ok(Json(Value::Object(record)))
 }

@@ -115,10 +115,14 @@ pub async fn changes(
         .map(|entry| match entry.record {
             Ok(view) => json!({
                 "seq": entry.seq,
+                "record": Value::Object(if view.collection == "users" {
+                    crate::users::masked(view.record)
+                } else {
+                    view.record
+                }),
                 "collection": view.collection,
                 "id": view.id,
                 "deleted": view.deleted,
-                "record": Value::Object(view.record),
             }),
             Err(reason) => json!({"seq": entry.seq, "error": reason}),
         })
