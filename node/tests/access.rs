@@ -906,3 +906,85 @@ async fn admins_stay_in_their_clinic_deletions_need_the_delete_permission_and_em
     );
     let _ = clinic_admin;
 }
+
+#[tokio::test]
+async fn the_apps_sync_gives_and_takes_only_what_the_role_may() {
+    let node = Node::start().await;
+    let (_, patient) = call(
+        &node.admin,
+        &node,
+        Method::POST,
+        "/v1/patients",
+        Some(json!({"given_name": "Zainab"})),
+    )
+    .await;
+    let patient_id = patient["id"].as_str().expect("id").to_owned();
+    let (status, _) = call(
+        &node.admin,
+        &node,
+        Method::POST,
+        "/v1/visits",
+        Some(json!({"patient_id": patient_id})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    node.add_user("reg@clinic.org", "registrar", &[]).await;
+    node.add_user("doc@clinic.org", "provider", &[]).await;
+    let app = reqwest::Client::new();
+    let pull = |email: &'static str| {
+        app.get(node.url("/api/v2/sync?last_pulled_at=0"))
+            .basic_auth(email, Some(PASSWORD))
+            .send()
+    };
+    let registrar: Value = pull("reg@clinic.org")
+        .await
+        .expect("pull")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        registrar["changes"]["patients"]["created"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{registrar}"
+    );
+    assert_eq!(
+        registrar["changes"]["visits"]["created"],
+        json!([]),
+        "a registrar gets no visits"
+    );
+    let provider: Value = pull("doc@clinic.org")
+        .await
+        .expect("pull")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        provider["changes"]["visits"]["created"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    // A provider without the clinic flag cannot push a dispense; nothing is stored.
+    let push = app
+        .post(node.url("/api/v2/sync?last_pulled_at=0"))
+        .basic_auth("doc@clinic.org", Some(PASSWORD))
+        .json(&json!({"dispensing_records": {"created": [{
+            "id": "0192f0c4-6a1e-7cc3-9d0e-0000000000d1", "patient_id": patient_id,
+            "drug_id": "0192f0c4-6a1e-7cc3-9d0e-0000000000d2", "quantity_dispensed": 2}],
+            "updated": [], "deleted": []}}))
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(push.status(), StatusCode::FORBIDDEN);
+    let (_, dispensed) = call(
+        &node.admin,
+        &node,
+        Method::GET,
+        "/v1/dispensing_records",
+        None,
+    )
+    .await;
+    assert_eq!(dispensed["records"], json!([]));
+}

@@ -31,7 +31,9 @@ impl Node {
             .send(
                 reqwest::Method::POST,
                 "/v1/users",
-                Some(json!({"email": EMAIL, "name": "Amina", "role": "provider", "hashed_password": hashed})),
+                // An admin: these tests push visits, prescriptions and dispenses alike
+                // (what each role may push is in the access tests).
+                Some(json!({"email": EMAIL, "name": "Amina", "role": "admin", "hashed_password": hashed})),
                 None,
             )
             .await;

@@ -386,7 +386,8 @@ async fn two_nodes_and_an_app_user(
         &medmesh_tests::http(),
         &a,
         "users",
-        json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "provider", "hashed_password": hashed}),
+        // An admin: the app pushes a dispense (a provider needs the clinic flag for it).
+        json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "admin", "hashed_password": hashed}),
     )
     .await;
     let auth = format!(

@@ -110,7 +110,8 @@ async fn the_apps_own_sync_engine_syncs_field_by_field_with_a_node() {
     let hashed = medmesh::users::hash_password(PASSWORD).expect("hash");
     post(
         "/v1/users",
-        json!({"email": EMAIL, "name": "Amina", "role": "provider", "hashed_password": hashed}),
+        // An admin: the app deletes a patient here, which a provider may not by default.
+        json!({"email": EMAIL, "name": "Amina", "role": "admin", "hashed_password": hashed}),
     )
     .await;
     let created = post(

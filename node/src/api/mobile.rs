@@ -14,6 +14,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use crate::access::Caller;
+use crate::access::log::Entry;
+use crate::access::roles::{Access, is_patient_record, needed};
 
 /// Largest push body.
 pub const MAX_PUSH_BODY: usize = 64 * 1024 * 1024;
@@ -62,12 +65,56 @@ async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Fields, Resp
     }
 }
 
-fn user_name(user: &Fields) -> String {
-    user.get("email")
-        .or_else(|| user.get("id"))
-        .and_then(Value::as_str)
-        .unwrap_or("app")
-        .to_owned()
+/// The caller of a request with `Authorization: Basic` (a user with a role medmesh
+/// knows), or the 401 answer.
+async fn signed_in_caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Response> {
+    let user = signed_in(state, headers).await?;
+    let s = state.clone();
+    match tokio::task::spawn_blocking(move || crate::access::caller_of(&s, &user)).await {
+        Ok(Ok(Ok(caller))) => Ok(caller),
+        Ok(Ok(Err(reason))) => {
+            tracing::warn!("the Hikma app's sign-in was refused: {reason}");
+            Err(unauthorized())
+        }
+        Ok(Err(err)) => Err(failed("sign-in", &err)),
+        Err(err) => Err(failed("sign-in", &anyhow::anyhow!("{err}"))),
+    }
+}
+
+/// Why a push holds rows the caller may not write (the first such row), if it does.
+fn refused_rows(caller: &Caller, changes: &Value) -> Option<String> {
+    let tables = changes.as_object()?;
+    for (table, rows) in tables {
+        if !crate::mobile::PUSHED_TABLES.contains(&table.as_str()) {
+            continue;
+        }
+        for (kind, access) in [
+            ("created", Access::Write),
+            ("updated", Access::Write),
+            ("deleted", Access::Delete),
+        ] {
+            let permission = needed(table, access);
+            for row in rows
+                .get(kind)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let clinic = row.as_object().and_then(super::records::clinic_of);
+                if !caller.allows(permission, clinic) {
+                    return Some(format!(
+                        "{} ({}) may not write `{table}` rows{}: it needs the permission `{permission}`; nothing of this push was stored",
+                        caller.name,
+                        caller.role,
+                        clinic
+                            .map(|c| format!(" of clinic {c}"))
+                            .unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The sync's query parameters.
@@ -96,13 +143,52 @@ pub async fn pull(
     headers: HeaderMap,
     Query(params): Query<SyncParams>,
 ) -> Response {
-    if let Err(answer) = signed_in(&state, &headers).await {
-        return answer;
-    }
+    let caller = match signed_in_caller(&state, &headers).await {
+        Ok(caller) => caller,
+        Err(answer) => return answer,
+    };
     let mobile = state.mobile();
     let since = params.since();
     match tokio::task::spawn_blocking(move || mobile.pull(since)).await {
         Ok(Ok(mut answer)) => {
+            // Only what the user's role may read, and the reads in the access log.
+            let mut read: Vec<(String, usize)> = Vec::new();
+            if let Some(tables) = answer["changes"].as_object_mut() {
+                for (table, changes) in tables.iter_mut() {
+                    let permission = needed(table, Access::Read);
+                    for kind in ["created", "updated"] {
+                        if let Some(rows) = changes.get_mut(kind).and_then(Value::as_array_mut) {
+                            rows.retain(|row| {
+                                caller.allows(
+                                    permission,
+                                    row.as_object().and_then(super::records::clinic_of),
+                                )
+                            });
+                        }
+                    }
+                    let count = ["created", "updated"]
+                        .iter()
+                        .filter_map(|k| changes.get(*k).and_then(Value::as_array))
+                        .map(Vec::len)
+                        .sum::<usize>();
+                    if count > 0 && is_patient_record(table) {
+                        read.push((table.clone(), count));
+                    }
+                }
+            }
+            for (table, count) in read {
+                state
+                    .access_log()
+                    .record(Entry {
+                        caller: caller.clone(),
+                        action: "app_sync",
+                        collection: table,
+                        record_id: None,
+                        patient_id: None,
+                        count: Some(count),
+                    })
+                    .await;
+            }
             answer["success"] = json!(true);
             Json(answer).into_response()
         }
@@ -113,16 +199,24 @@ pub async fn pull(
 
 /// `POST /api/v2/sync?last_pulled_at=MS` with the changes object as the body.
 pub async fn push(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let user = match signed_in(&state, &headers).await {
-        Ok(user) => user,
+    let caller = match signed_in_caller(&state, &headers).await {
+        Ok(caller) => caller,
         Err(answer) => return answer,
     };
     let changes: Value = match serde_json::from_slice(&body) {
         Ok(changes) => changes,
         Err(err) => return failed("push", &anyhow::anyhow!("the body is not JSON: {err}")),
     };
+    if let Some(refused) = refused_rows(&caller, &changes) {
+        tracing::warn!(user = %caller.name, "{refused}");
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": "Forbidden", "message": refused})),
+        )
+            .into_response();
+    }
     let mobile = state.mobile();
-    let name = user_name(&user);
+    let name = caller.name.clone();
     match tokio::task::spawn_blocking(move || mobile.push(&changes, &name)).await {
         Ok(Ok(summary)) => {
             tracing::debug!(?summary, "the Hikma app pushed");
