@@ -109,6 +109,17 @@ fn passphrase() -> Result<Option<String>> {
     Ok(std::env::var(PASSPHRASE_ENV).ok().filter(|p| !p.is_empty()))
 }
 
+/// The passphrase typed at the terminal (not shown), when standard input is one.
+fn prompt() -> Option<String> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return None;
+    }
+    rpassword::prompt_password("Passphrase of this node's data: ")
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
 fn kek(passphrase: &str, salt: &[u8], memory_kib: u32, passes: u32) -> Result<[u8; 32]> {
     let params = argon2::Params::new(memory_kib, passes, 1, Some(32))
         .map_err(|e| anyhow!("the key file's passphrase settings are not valid: {e}"))?;
@@ -233,7 +244,7 @@ pub fn data_key(dir: &Path) -> Result<Option<DataKey>> {
             .and_then(|k| b64().decode(k).ok())
             .with_context(|| format!("the key file {} is damaged", path.display()))?,
         "passphrase" => {
-            let Some(passphrase) = passphrase()? else {
+            let Some(passphrase) = passphrase()?.or_else(prompt) else {
                 bail!(
                     "this node's data is protected by a passphrase: give it in {PASSPHRASE_ENV} or with --passphrase-file FILE"
                 );
