@@ -108,8 +108,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce as AeadNonce, UnboundKey};
 use redb::StorageBackend;
 
 use crate::error::{Result, StoreError};
@@ -247,7 +246,9 @@ impl RecoveryWindow {
 pub struct EncryptedFile {
     file: File,
     path: PathBuf,
-    cipher: Aes256Gcm,
+    /// The key in aws-lc's AES-GCM, for the blocks (several times faster than the
+    /// pure-Rust GHASH, which was a tenth of the writer's time; the bytes are the same).
+    sealer: LessSafeKey,
     file_id: [u8; 16],
     nonces: NonceSource,
     /// Logical length in bytes.
@@ -316,6 +317,12 @@ impl EncryptedFile {
             Err(TryLockError::Error(err)) => return Err(open_failed(path, &err)),
         }
         let cipher = key.cipher();
+        let sealer = UnboundKey::new(&AES_256_GCM, key.as_bytes())
+            .map(LessSafeKey::new)
+            .map_err(|_| StoreError::Open {
+                path: display(),
+                reason: "the data key could not be set up for AES-256-GCM".into(),
+            })?;
         let nonces = NonceSource::new();
         let physical = file
             .metadata()
@@ -354,7 +361,7 @@ impl EncryptedFile {
         let opened = Self {
             file,
             path: path.to_path_buf(),
-            cipher,
+            sealer,
             file_id,
             nonces,
             len: AtomicU64::new(blocks * BLOCK_BYTES as u64),
@@ -431,12 +438,18 @@ impl EncryptedFile {
     /// Decrypts `sealed` (nonce, ciphertext, tag) into `out`; false (and `out` zeroed)
     /// when it does not authenticate under `aad`.
     fn open_sealed(&self, sealed: &[u8], aad: &[u8], out: &mut [u8]) -> bool {
-        let nonce = Nonce::from_slice(&sealed[..NONCE_LEN]);
-        let tag = Tag::from_slice(&sealed[NONCE_LEN + BLOCK_BYTES..DATA_SLOT_LEN]);
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&sealed[..NONCE_LEN]);
+        let tag = &sealed[NONCE_LEN + BLOCK_BYTES..DATA_SLOT_LEN];
         out.copy_from_slice(&sealed[NONCE_LEN..NONCE_LEN + BLOCK_BYTES]);
         let ok = self
-            .cipher
-            .decrypt_in_place_detached(nonce, aad, out, tag)
+            .sealer
+            .open_in_place_separate_tag(
+                AeadNonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                tag,
+                out,
+            )
             .is_ok();
         if !ok {
             out.fill(0);
@@ -451,10 +464,14 @@ impl EncryptedFile {
         let text = &mut sealed[NONCE_LEN..NONCE_LEN + BLOCK_BYTES];
         text.copy_from_slice(plain);
         let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, text)
+            .sealer
+            .seal_in_place_separate_tag(
+                AeadNonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                text,
+            )
             .map_err(|_| io::Error::other("a block could not be encrypted"))?;
-        sealed[NONCE_LEN + BLOCK_BYTES..DATA_SLOT_LEN].copy_from_slice(&tag);
+        sealed[NONCE_LEN + BLOCK_BYTES..DATA_SLOT_LEN].copy_from_slice(tag.as_ref());
         Ok(())
     }
 
