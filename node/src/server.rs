@@ -150,8 +150,8 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     let peer_id = identity::peer_id(&keypair).to_string();
     // A node started without an invite founds a new mesh.
     let (mut trust, founding) = trust::load_or_found(dir, &peer_id)?;
-    // An owner key written by an older medmesh is sealed with the data key now.
-    trust::seal_owner_file(dir)?;
+    // Secrets written by an older medmesh are sealed with the data key now.
+    trust::seal_secret_files(dir)?;
     // One set of revoked devices, for the sessions and for the store's checks.
     trust.revoked = authority.revoked;
     // Best effort here: the device list is refreshed at every start.

@@ -138,22 +138,27 @@ fn write_owner(dir: &Path, owner: &OwnerKey) -> Result<()> {
     write_secret_file(&dir.join(OWNER_FILE), &text)
 }
 
-/// Seals an owner key file written unsealed (by an older medmesh) with the data key.
-pub fn seal_owner_file(dir: &Path) -> Result<()> {
-    let unsealed = read_text(&dir.join(OWNER_FILE))?.is_some_and(|t| !crate::keys::is_sealed(&t));
-    if unsealed
-        && crate::keys::data_key(dir)?.is_some()
-        && let Some(owner) = read_owner(dir)?
-    {
-        write_owner(dir, &owner)?;
+/// Seals the secret files an older medmesh wrote in the clear — the owner key, and the
+/// shared secret of a mesh from before certificates (from which the owner key derives)
+/// — with the directory's data key.
+pub fn seal_secret_files(dir: &Path) -> Result<()> {
+    let Some(key) = crate::keys::data_key(dir)? else {
+        return Ok(());
+    };
+    for name in [OWNER_FILE, LEGACY_SECRET_FILE] {
+        let path = dir.join(name);
+        if let Some(text) = read_text(&path)?
+            && !crate::keys::is_sealed(&text)
+        {
+            write_secret_file(&path, &crate::keys::seal(key.as_bytes(), text.as_bytes())?)?;
+        }
     }
     Ok(())
 }
 
-/// The owner key of a data directory, if this device holds it.
-pub fn read_owner(dir: &Path) -> Result<Option<OwnerKey>> {
-    let path = dir.join(OWNER_FILE);
-    let text = match read_text(&path)? {
+/// The text of a secret file of `dir`, opened with the data key when it is sealed.
+fn read_secret_text(dir: &Path, path: &Path) -> Result<Option<String>> {
+    match read_text(path)? {
         Some(text) if crate::keys::is_sealed(&text) => {
             let key = crate::keys::data_key(dir)?.with_context(|| {
                 format!(
@@ -163,11 +168,17 @@ pub fn read_owner(dir: &Path) -> Result<Option<OwnerKey>> {
                 )
             })?;
             let opened =
-                crate::keys::open_sealed(key.as_bytes(), &text).ok_or_else(|| damaged(&path))?;
-            Some(String::from_utf8(opened).map_err(|_| damaged(&path))?)
+                crate::keys::open_sealed(key.as_bytes(), &text).ok_or_else(|| damaged(path))?;
+            Ok(Some(String::from_utf8(opened).map_err(|_| damaged(path))?))
         }
-        other => other,
-    };
+        other => Ok(other),
+    }
+}
+
+/// The owner key of a data directory, if this device holds it.
+pub fn read_owner(dir: &Path) -> Result<Option<OwnerKey>> {
+    let path = dir.join(OWNER_FILE);
+    let text = read_secret_text(dir, &path)?;
     match text {
         None => Ok(None),
         Some(text) => hex::decode(&text)
@@ -180,7 +191,7 @@ pub fn read_owner(dir: &Path) -> Result<Option<OwnerKey>> {
 
 fn read_legacy_secret(dir: &Path) -> Result<Option<MeshSecret>> {
     let path = dir.join(LEGACY_SECRET_FILE);
-    match read_text(&path)? {
+    match read_secret_text(dir, &path)? {
         None => Ok(None),
         Some(text) => hex::decode(&text)
             .ok()

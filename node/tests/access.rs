@@ -630,6 +630,13 @@ async fn tokens_expire_are_revoked_and_end_with_a_disabled_user() {
         .await
         .expect("send");
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let answer: Value = refused.json().await.expect("json");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("disabled")),
+        "{answer}"
+    );
 }
 
 #[tokio::test]

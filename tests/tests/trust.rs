@@ -420,6 +420,11 @@ async fn a_mesh_of_the_shared_secret_format_is_upgraded_in_place_and_keeps_its_r
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("upgraded"));
     let a = NodeProcess::start(&da).expect("a upgraded");
+    let kept = std::fs::read_to_string(da.join("mesh.key")).expect("mesh.key");
+    assert!(
+        !kept.contains(&secret),
+        "the old shared secret is sealed with the data key"
+    );
     let b =
         NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b upgraded");
     let b_api = Api::new(&b.api);

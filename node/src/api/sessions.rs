@@ -52,9 +52,23 @@ pub async fn open(
             .authenticate(&email, &password)
             .map_err(internal)?
         else {
-            return Err(refused(
-                "the email or password is wrong (or the user has no password set)",
-            ));
+            // A disabled user who knows their password is told why.
+            let disabled = s
+                .users()
+                .find(&email)
+                .map_err(internal)?
+                .filter(crate::access::is_disabled)
+                .and_then(|u| {
+                    u.get("hashed_password")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .is_some_and(|hash| bcrypt::verify(&password, &hash).unwrap_or(false));
+            return Err(refused(if disabled {
+                format!("the user {email} is disabled; ask an admin (`medmesh users enable`)")
+            } else {
+                "the email or password is wrong (or the user has no password set)".to_owned()
+            }));
         };
         let caller = crate::access::caller_of(&s, &user)
             .map_err(internal)?
