@@ -40,6 +40,9 @@ const SEALED: &str = "sealed1:";
 /// argon2id's cost: 19 MiB, 2 passes (OWASP's recommendation; about 0.1 s on a tablet).
 const ARGON_MEMORY_KIB: u32 = 19 * 1024;
 const ARGON_PASSES: u32 = 2;
+/// The most a key file may ask of argon2id (a damaged file is refused beyond).
+const MAX_ARGON_MEMORY_KIB: u32 = 1024 * 1024;
+const MAX_ARGON_PASSES: u32 = 64;
 
 /// How the data key is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,12 +257,16 @@ pub fn data_key(dir: &Path) -> Result<Option<DataKey>> {
                 .as_deref()
                 .and_then(|s| b64().decode(s).ok())
                 .with_context(|| format!("the key file {} is damaged", path.display()))?;
-            let kek = kek(
-                &passphrase,
-                &salt,
-                content.memory_kib.unwrap_or(ARGON_MEMORY_KIB),
-                content.passes.unwrap_or(ARGON_PASSES),
-            )?;
+            let memory_kib = content.memory_kib.unwrap_or(ARGON_MEMORY_KIB);
+            let passes = content.passes.unwrap_or(ARGON_PASSES);
+            // A damaged or altered file must not make the node allocate gigabytes.
+            if memory_kib > MAX_ARGON_MEMORY_KIB || passes > MAX_ARGON_PASSES {
+                bail!(
+                    "the key file {} asks for passphrase settings far beyond what medmesh writes; it is damaged: restore it from the backup of this data directory",
+                    path.display()
+                );
+            }
+            let kek = kek(&passphrase, &salt, memory_kib, passes)?;
             content
                 .wrapped
                 .as_deref()

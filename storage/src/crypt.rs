@@ -701,12 +701,13 @@ impl StorageBackend for EncryptedFile {
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         self.check_range(offset, out.len())?;
-        let mut done = 0;
-        while done < out.len() {
-            let at = offset + done as u64;
-            let index = at / BLOCK_BYTES as u64;
-            let within = (at % BLOCK_BYTES as u64) as usize;
-            let n = (BLOCK_BYTES - within).min(out.len() - done);
+        for Span {
+            index,
+            within,
+            done,
+            n,
+        } in spans(offset, out.len())
+        {
             if n == BLOCK_BYTES {
                 self.read_block(index, &mut out[done..done + n])?;
             } else {
@@ -714,7 +715,6 @@ impl StorageBackend for EncryptedFile {
                 self.read_block(index, &mut block)?;
                 out[done..done + n].copy_from_slice(&block[within..within + n]);
             }
-            done += n;
         }
         Ok(())
     }
@@ -753,12 +753,13 @@ impl StorageBackend for EncryptedFile {
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check_range(offset, data.len())?;
-        let mut done = 0;
-        while done < data.len() {
-            let at = offset + done as u64;
-            let index = at / BLOCK_BYTES as u64;
-            let within = (at % BLOCK_BYTES as u64) as usize;
-            let n = (BLOCK_BYTES - within).min(data.len() - done);
+        for Span {
+            index,
+            within,
+            done,
+            n,
+        } in spans(offset, data.len())
+        {
             let stripe = &self.writing[(index % WRITE_STRIPES as u64) as usize];
             let _guard = stripe
                 .lock()
@@ -771,7 +772,6 @@ impl StorageBackend for EncryptedFile {
                 block[within..within + n].copy_from_slice(&data[done..done + n]);
                 self.write_block(index, &block)?;
             }
-            done += n;
         }
         Ok(())
     }
@@ -779,6 +779,38 @@ impl StorageBackend for EncryptedFile {
     fn close(&self) -> io::Result<()> {
         self.file.unlock()
     }
+}
+
+/// The part of one logical block that a read or write of the file covers.
+struct Span {
+    /// The block.
+    index: u64,
+    /// Where in the block the part starts.
+    within: usize,
+    /// Bytes of the read or write before this part.
+    done: usize,
+    /// The part's length.
+    n: usize,
+}
+
+/// The blocks that `len` bytes at `offset` cover, in order.
+fn spans(offset: u64, len: usize) -> impl Iterator<Item = Span> {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = offset + done as u64;
+        let within = (at % BLOCK_BYTES as u64) as usize;
+        let span = Span {
+            index: at / BLOCK_BYTES as u64,
+            within,
+            done,
+            n: (BLOCK_BYTES - within).min(len - done),
+        };
+        done += span.n;
+        Some(span)
+    })
 }
 
 /// Where slot `slot` of logical block `index` starts (data blocks have slot 0 only).

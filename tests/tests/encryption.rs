@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use medmesh_tests::{NodeProcess, http};
+use medmesh_tests::{Api, NodeProcess};
 use serde_json::{Value, json};
 
 const SURNAME: &str = "Okonkwo-Zebedee";
@@ -49,27 +49,23 @@ fn open_to_others(dir: &Path) -> Vec<String> {
 }
 
 async fn write_patient(node: &NodeProcess) -> String {
-    let created: Value = http()
-        .post(node.url("/v1/patients"))
-        .json(&json!({"given_name": "Adaeze", "surname": SURNAME, "phone": PHONE}))
-        .send()
+    let (status, created) = Api::new(&node.api)
+        .post(
+            "/v1/patients",
+            &json!({"given_name": "Adaeze", "surname": SURNAME, "phone": PHONE}),
+        )
         .await
-        .expect("post")
-        .json()
-        .await
-        .expect("json");
+        .expect("post");
+    assert_eq!(status, 201, "{created}");
     created["id"].as_str().expect("id").to_owned()
 }
 
 async fn read_patient(node: &NodeProcess, id: &str) -> Value {
-    http()
-        .get(node.url(&format!("/v1/patients/{id}")))
-        .send()
+    Api::new(&node.api)
+        .get(&format!("/v1/patients/{id}"))
         .await
         .expect("get")
-        .json()
-        .await
-        .expect("json")
+        .1
 }
 
 fn init(data: &Path, env: &[(&str, &str)]) -> (bool, String) {
@@ -111,14 +107,7 @@ async fn a_copy_of_the_data_directory_shows_no_record_and_no_private_key() {
     // Opened by this medmesh: encrypted, nothing lost.
     let mut node = NodeProcess::start(&data).expect("node");
     assert_eq!(read_patient(&node, &id).await["surname"], json!(SURNAME));
-    let status: Value = http()
-        .get(node.url("/v1/status"))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("json");
+    let (_, status) = Api::new(&node.api).get("/v1/status").await.expect("status");
     assert!(
         status["encryption"]
             .as_str()

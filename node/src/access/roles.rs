@@ -191,6 +191,29 @@ pub enum Permission {
 }
 
 impl Permission {
+    /// Every permission, in the matrix's order.
+    pub const ALL: [Permission; 19] = [
+        Permission::ReadPatients,
+        Permission::RegisterPatients,
+        Permission::DeletePatients,
+        Permission::ReadAppointments,
+        Permission::BookAppointments,
+        Permission::ReadClinical,
+        Permission::WriteClinical,
+        Permission::DeleteClinical,
+        Permission::ReadPrescriptions,
+        Permission::Prescribe,
+        Permission::Dispense,
+        Permission::ReadStock,
+        Permission::ManageStock,
+        Permission::ReadReference,
+        Permission::ManageReference,
+        Permission::ManageUsers,
+        Permission::ManageDevices,
+        Permission::ReadAudit,
+        Permission::ReadStatus,
+    ];
+
     /// The permission's name, as 403 answers give it.
     pub fn name(self) -> &'static str {
         use Permission::*;

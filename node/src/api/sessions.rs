@@ -119,29 +119,7 @@ pub async fn close(
 
 /// `GET /v1/me`: the caller, their role and what they may do.
 pub async fn me(Extension(caller): Extension<Caller>) -> Json<Value> {
-    use Permission::*;
-    let all = [
-        ReadPatients,
-        RegisterPatients,
-        DeletePatients,
-        ReadAppointments,
-        BookAppointments,
-        ReadClinical,
-        WriteClinical,
-        DeleteClinical,
-        ReadPrescriptions,
-        Prescribe,
-        Dispense,
-        ReadStock,
-        ManageStock,
-        ReadReference,
-        ManageReference,
-        ManageUsers,
-        ManageDevices,
-        ReadAudit,
-        ReadStatus,
-    ];
-    let may: Vec<&str> = all
+    let may: Vec<&str> = Permission::ALL
         .iter()
         .filter(|p| caller.allows(**p, None))
         .map(|p| p.name())

@@ -78,19 +78,7 @@ fn main() -> Result<()> {
     // Sequential durable single-record writes through the API.
     let http = medmesh_tests::http();
     let url = node.url("/v1/visits");
-    let started = Instant::now();
-    runtime.block_on(async {
-        for i in 0..single_writes {
-            let response = http
-                .post(&url)
-                .json(&json!({"patient_id": format!("p{i}"), "clinic_id": "c1", "provider_name": "Dr. Mensah"}))
-                .send()
-                .await?;
-            anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "write failed: {}", response.status());
-        }
-        Ok(())
-    })?;
-    let single_rate = single_writes as f64 / started.elapsed().as_secs_f64();
+    let single_rate = sequential_writes(&runtime, &http, &url, single_writes)?;
     println!("sequential single writes: {single_rate:.0}/s");
     figures.push(Figure {
         name: "sequential durable single-record API writes".into(),
@@ -273,20 +261,12 @@ fn main() -> Result<()> {
         &plain_api, "patients", &file, false,
     ))?;
     let plain_import = records as f64 / started.elapsed().as_secs_f64();
-    let plain_url = plain_node.url("/v1/visits");
-    let started = Instant::now();
-    runtime.block_on(async {
-        for i in 0..single_writes {
-            let response = http
-                .post(&plain_url)
-                .json(&json!({"patient_id": format!("p{i}"), "clinic_id": "c1", "provider_name": "Dr. Mensah"}))
-                .send()
-                .await?;
-            anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "write failed: {}", response.status());
-        }
-        Ok(())
-    })?;
-    let plain_single = single_writes as f64 / started.elapsed().as_secs_f64();
+    let plain_single = sequential_writes(
+        &runtime,
+        &http,
+        &plain_node.url("/v1/visits"),
+        single_writes,
+    )?;
     drop(plain_node);
     println!(
         "store not encrypted: import {plain_import:.0} records/s, sequential writes {plain_single:.0}/s"
@@ -370,6 +350,33 @@ fn main() -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(10));
     Ok(())
+}
+
+/// Writes per second of `count` sequential durable single-record writes to `url`, each
+/// answered before the next is sent.
+fn sequential_writes(
+    runtime: &tokio::runtime::Runtime,
+    http: &reqwest::Client,
+    url: &str,
+    count: usize,
+) -> Result<f64> {
+    let started = Instant::now();
+    runtime.block_on(async {
+        for i in 0..count {
+            let response = http
+                .post(url)
+                .json(&json!({"patient_id": format!("p{i}"), "clinic_id": "c1", "provider_name": "Dr. Mensah"}))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status() == reqwest::StatusCode::CREATED,
+                "write failed: {}",
+                response.status()
+            );
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Records per second to make each record an Automerge document and save it, on all
