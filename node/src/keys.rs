@@ -353,6 +353,18 @@ pub fn open_store(
         return Ok((store, Protection::Off));
     }
     if exists && !encrypted {
+        let journal = medmesh_storage::journal_path(path);
+        if journal.exists() {
+            // Writes of an unclean stop still in the journal go into the file first; the
+            // unencrypted journal then goes (a new one is made, encrypted).
+            drop(Store::open(path, schema.clone(), StoreOptions::default())?);
+            std::fs::remove_file(&journal).with_context(|| {
+                format!(
+                    "cannot remove the unencrypted journal {}",
+                    journal.display()
+                )
+            })?;
+        }
         let key = data_key_or_new(dir)?;
         encrypt_in_place(path, &key)?;
     }

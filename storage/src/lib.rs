@@ -33,6 +33,7 @@
 pub mod crypt;
 pub mod error;
 mod held;
+mod journal;
 mod merge;
 mod mesh_schema;
 pub mod meta;
@@ -50,6 +51,7 @@ mod writer;
 pub use crypt::{DataKey, EncryptedFile, encrypt_store_file, reencrypt_store_file};
 pub use error::{Result, StoreError};
 pub use held::{HeldDoc, HeldSummary, MAX_HELD_BYTES};
+pub use journal::journal_path;
 pub use medmesh_protocol::record::MAX_RECORD_DEPTH;
 pub use merge::escape;
 pub use signing::SealsSent;

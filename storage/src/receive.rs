@@ -828,7 +828,7 @@ impl Writer {
                 tracing::info!(collection = %spec.name, records = count, "indexed the records of a newly declared collection");
             }
         }
-        txn.commit()?;
+        self.commit(txn, false)?;
         Ok(())
     }
 }

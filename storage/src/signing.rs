@@ -353,7 +353,7 @@ fn encode_value(entry: &SignedChange) -> Vec<u8> {
     out
 }
 
-fn decode_value(hash: [u8; 32], value: &[u8]) -> Option<SignedChange> {
+pub(crate) fn decode_value(hash: [u8; 32], value: &[u8]) -> Option<SignedChange> {
     let proof = match value.len() {
         32 => Proof::Sealed(value.try_into().ok()?),
         64 => Proof::Author(value.try_into().ok()?),
@@ -547,7 +547,8 @@ impl Writer {
             let mut info = txn.open_table(INFO)?;
             info.insert(OWN_UPTO, upto.to_be_bytes().as_slice())?;
         }
-        txn.commit()?;
+        // Own signatures can be made again (`recover_own_sigs`): no need to sync them.
+        self.commit(txn, true)?;
         self.own_upto = upto;
         Ok(())
     }

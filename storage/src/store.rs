@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::crypt::{DataKey, EncryptedFile};
 use crate::error::{Result, StoreError};
+use crate::journal::Journal;
 use crate::meta::{self, DocMeta, doc_key, doc_of_index_key, index_prefix, key_doc};
 use crate::prepare::{Prepared, actor_from_hex, prepare_creates};
 use crate::signing::{self, Author, AuthorCell, SealsSent};
@@ -209,12 +210,14 @@ impl Store {
     /// Opens the store in the file at `path`, creating it when it does not exist.
     pub fn open(path: &Path, schema: Schema, options: StoreOptions) -> Result<Self> {
         let db = open_file(path)?;
+        let journal = Journal::open(path, None)?;
         let reopen_path = path.to_path_buf();
         Self::start(
             DbSlot::new(db, Box::new(move || open_file(&reopen_path))),
             Some(path.to_path_buf()),
             schema,
             options,
+            Some(journal),
         )
     }
 
@@ -230,6 +233,7 @@ impl Store {
         options: StoreOptions,
     ) -> Result<Self> {
         let db = open_encrypted_file(path, key)?;
+        let journal = Journal::open(path, Some(key))?;
         let reopen_path = path.to_path_buf();
         let reopen_key = key.clone();
         Self::start(
@@ -240,6 +244,7 @@ impl Store {
             Some(path.to_path_buf()),
             schema,
             options,
+            Some(journal),
         )
     }
 
@@ -276,7 +281,7 @@ impl Store {
                 .map_err(|e| open_error("(custom backend)", e))
         };
         let db = open()?;
-        Self::start(DbSlot::new(db, Box::new(open)), None, schema, options)
+        Self::start(DbSlot::new(db, Box::new(open)), None, schema, options, None)
     }
 
     fn start(
@@ -284,6 +289,7 @@ impl Store {
         path: Option<PathBuf>,
         schema: Schema,
         options: StoreOptions,
+        journal: Option<Journal>,
     ) -> Result<Self> {
         let display = path
             .as_ref()
@@ -331,7 +337,10 @@ impl Store {
             seals.clone(),
             &info,
             options,
+            journal,
         )?;
+        // Writes acknowledged before an unclean stop that only the journal holds.
+        writer.replay_journal()?;
         writer.reindex_stale()?;
         let handle = std::thread::Builder::new()
             .name("medmesh-store-writer".into())

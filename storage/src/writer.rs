@@ -24,11 +24,12 @@ use lru::LruCache;
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::schema::{index_value, schema_doc_id};
 use medmesh_protocol::{CollectionSpec, DocId, RecordError, Schema, SchemaError};
-use redb::{ReadableDatabase, ReadableTable, Table, WriteTransaction};
+use redb::{Durability, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::{Result, StoreError};
+use crate::journal::{self, Journal};
 use crate::meta::{self, DocMeta, doc_key, index_key, updated_value};
 use crate::prepare::{Prepared, actor_from_hex, commit_options, prepare_create};
 use crate::signing::{self, Author, AuthorCell};
@@ -138,6 +139,13 @@ pub(crate) struct Writer {
     pub(crate) own_upto: u64,
     /// Seals known here; the writer keeps those from peers in the table.
     pub(crate) seals: Arc<signing::SealBook>,
+    /// The write journal of a store on a file ([`crate::journal`]): small transactions
+    /// are committed to redb without durability once their frame is synced.
+    journal: Option<Journal>,
+    /// What the transaction being written changed, for its journal frame.
+    journal_entries: Vec<journal::Entry>,
+    /// Commits made without durability since the last durable one (a checkpoint is due).
+    unsaved: bool,
 }
 
 /// Which peer each document's current version came from, when it came whole from one
@@ -207,6 +215,7 @@ impl Writer {
         seals: Arc<signing::SealBook>,
         info: &StoreInfo,
         options: StoreOptions,
+        journal: Option<Journal>,
     ) -> Result<Self> {
         let next_seq = {
             let txn = db.get()?.begin_read()?;
@@ -240,6 +249,9 @@ impl Writer {
             own_pending,
             own_upto: 0,
             seals,
+            journal,
+            journal_entries: Vec::new(),
+            unsaved: false,
         })
     }
 
@@ -257,7 +269,10 @@ impl Writer {
     pub(crate) fn run(mut self, rx: Receiver<Command>) {
         loop {
             match catch_unwind(AssertUnwindSafe(|| self.serve(&rx))) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.close_journal();
+                    return;
+                }
                 Err(_) => {
                     tracing::error!(
                         "the store's writer failed while applying writes and was restarted; the writes in progress were not saved and their senders were told so"
@@ -279,8 +294,10 @@ impl Writer {
 
     fn serve(&mut self, rx: &Receiver<Command>) {
         loop {
-            let idle_work =
-                !self.to_compact.is_empty() || self.retry_due || self.own_upto + 1 < self.next_seq;
+            let idle_work = self.unsaved
+                || !self.to_compact.is_empty()
+                || self.retry_due
+                || self.own_upto + 1 < self.next_seq;
             let first = if !idle_work {
                 match rx.recv() {
                     Ok(command) => command,
@@ -291,8 +308,13 @@ impl Writer {
                     Ok(command) => command,
                     Err(RecvTimeoutError::Timeout) => {
                         if self.own_upto + 1 < self.next_seq {
+                            // Own signatures first: the checkpoint then writes them too.
                             if let Err(err) = self.flush_own_sigs() {
                                 tracing::warn!(error = %err, "this node's signatures could not be saved; will retry");
+                            }
+                        } else if self.unsaved {
+                            if let Err(err) = self.checkpoint() {
+                                tracing::warn!(error = %err, "the store could not write its recent changes out of the journal; will retry");
                             }
                         } else if self.retry_due {
                             self.retry_due = false;
@@ -444,11 +466,17 @@ impl Writer {
         staged: &mut Staged,
         replies: &mut [Reply],
     ) -> Result<()> {
-        if self.needs_reopen {
-            self.db.reopen()?;
-            self.needs_reopen = false;
-            self.next_seq = self.read_next_seq()?;
-        }
+        self.reopen_if_needed()?;
+        // Local record writes are journaled (what peers send is larger, and comes again
+        // if lost); anything else is committed durably.
+        let journaled = self.journal.as_ref().is_some_and(|j| !j.is_full())
+            && pending.iter().all(|work| match work {
+                Pending::Write(batch, _) => batch
+                    .ops
+                    .iter()
+                    .all(|op| !matches!(op.kind, WriteKind::Merge(_))),
+                _ => false,
+            });
         let txn = self.db.get()?.begin_write()?;
         {
             let mut tables = Tables::open(&txn)?;
@@ -502,7 +530,204 @@ impl Writer {
                 }
             }
         }
+        let journaled = journaled
+            && self
+                .journal_entries
+                .iter()
+                .map(|e| e.bytes.len())
+                .sum::<usize>()
+                <= journal::MAX_FRAME_BYTES;
+        self.commit(txn, journaled)
+    }
+
+    /// Commits a write transaction: `journaled`, once its frame is appended to the
+    /// journal and synced, without making redb write it to disk; otherwise durably, as a
+    /// checkpoint (everything committed before is then on disk too, and the journal
+    /// starts again).
+    pub(crate) fn commit(&mut self, mut txn: WriteTransaction, journaled: bool) -> Result<()> {
+        let entries = std::mem::take(&mut self.journal_entries);
+        if let (true, Some(journal)) = (journaled, self.journal.as_mut()) {
+            let before = journal.len();
+            if !entries.is_empty() {
+                journal.append(&entries)?;
+            }
+            let committed = txn
+                .set_durability(Durability::None)
+                .map_err(|e| StoreError::Storage(e.to_string()))
+                .and_then(|()| txn.commit().map_err(StoreError::from));
+            if let Err(err) = committed {
+                journal.undo_to(before);
+                return Err(err);
+            }
+            self.unsaved = true;
+            return Ok(());
+        }
         txn.commit()?;
+        self.unsaved = false;
+        if let Some(journal) = self.journal.as_mut() {
+            journal.reset();
+        }
+        Ok(())
+    }
+
+    /// Writes everything committed without durability to disk (a durable commit).
+    pub(crate) fn checkpoint(&mut self) -> Result<()> {
+        self.reopen_if_needed()?;
+        let txn = self.db.get()?.begin_write()?;
+        self.commit(txn, false)
+    }
+
+    /// Reopens the database after a failed write, and replays the journal: what was
+    /// committed without durability is gone with the old handle.
+    fn reopen_if_needed(&mut self) -> Result<()> {
+        if self.needs_reopen {
+            self.db.reopen()?;
+            self.needs_reopen = false;
+            self.next_seq = self.read_next_seq()?;
+            self.unsaved = false;
+            if self.journal.is_some() {
+                self.replay_journal()?;
+                if let Some(author) = signing::current(&self.author) {
+                    self.recover_own_sigs(&author)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At a clean stop: everything to disk, and nothing left to replay.
+    fn close_journal(&mut self) {
+        if self.journal.is_none() {
+            return;
+        }
+        match self.checkpoint() {
+            Ok(()) => {
+                if let Some(journal) = self.journal.as_mut()
+                    && let Err(err) = journal.clear()
+                {
+                    tracing::warn!(error = %err, "the store's journal could not be cleared; it is read again (to no effect) at the next start");
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "the store's last changes could not be written out of its journal; they are replayed at the next start");
+            }
+        }
+    }
+
+    /// Applies what the journal holds (writes acknowledged before a crash, or before a
+    /// failed write reopened the database), then checkpoints.
+    pub(crate) fn replay_journal(&mut self) -> Result<()> {
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        let replay = journal.read()?;
+        let shown = journal.path().display().to_string();
+        if let Some(torn) = &replay.torn {
+            tracing::warn!(journal = %shown, "the journal ends with a write that was cut short ({torn}); it was never acknowledged, and is dropped");
+        }
+        if replay.frames.is_empty() {
+            if journal.len() > 0 {
+                self.checkpoint()?;
+            }
+            return Ok(());
+        }
+        let frames = replay.frames.len();
+        let first_seq = self.next_seq;
+        let txn = self.db.get()?.begin_write()?;
+        let mut documents = 0usize;
+        {
+            let mut tables = Tables::open(&txn)?;
+            let mut staged = Staged::default();
+            let mut batch = Staged::default();
+            for entry in replay.frames.into_iter().flatten() {
+                let id = entry.id;
+                if let Err(err) = self.replay_entry(&mut tables, &mut staged, &mut batch, entry) {
+                    if is_fatal(&err) {
+                        self.next_seq = first_seq;
+                        return Err(err);
+                    }
+                    tracing::error!(doc = %id, error = %err, journal = %shown, "a write in the journal could not be applied again");
+                }
+            }
+            for id in &batch.order {
+                if let Some(working) = batch.docs.get(id) {
+                    match self.store_doc(&mut tables, id, working) {
+                        Ok(Some(_)) => {
+                            documents += 1;
+                            if *id == schema_doc_id() {
+                                self.schema_touched = true;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            self.next_seq = first_seq;
+                            return Err(err);
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(err) = self.commit(txn, false) {
+            self.next_seq = first_seq;
+            return Err(err);
+        }
+        self.feed.send_replace(self.next_seq - 1);
+        if std::mem::take(&mut self.schema_touched) {
+            self.reload_schema();
+        }
+        tracing::info!(
+            frames,
+            documents,
+            "recovered writes from the store's journal after an unclean stop"
+        );
+        Ok(())
+    }
+
+    /// Applies one journal entry: the changes of one document.
+    fn replay_entry(
+        &mut self,
+        tables: &mut Tables<'_>,
+        staged: &mut Staged,
+        batch: &mut Staged,
+        entry: journal::Entry,
+    ) -> Result<()> {
+        let id = entry.id;
+        let corrupt = |reason: String| StoreError::CorruptDocument {
+            id,
+            collection: entry.collection.clone(),
+            reason,
+        };
+        // (Changes whose earlier changes the store lacks — it can only be after damage
+        // made redb fall back to an older commit — are not applied.)
+        let incomplete = || corrupt("the store lacks the changes it builds on".into());
+        if self.load_working(tables, staged, batch, &id)? {
+            let working = batch
+                .docs
+                .get_mut(&id)
+                .ok_or_else(|| StoreError::Storage(format!("record {id} was not loaded")))?;
+            let doc = working.doc_mut(&id)?;
+            doc.load_incremental(&entry.bytes)
+                .map_err(|e| corrupt(e.to_string()))?;
+            if !doc.get_missing_deps(&[]).is_empty() {
+                return Err(incomplete());
+            }
+            working.record = Some(record::read_record(doc));
+        } else {
+            let doc = Automerge::load(&entry.bytes).map_err(|e| corrupt(e.to_string()))?;
+            if !doc.get_missing_deps(&[]).is_empty() {
+                return Err(incomplete());
+            }
+            let record = record::read_record(&doc);
+            batch.add_new(
+                id,
+                entry.collection.clone(),
+                None,
+                doc.get_heads(),
+                record,
+                Some(entry.bytes),
+            );
+        }
+        batch.sign(&id, entry.sigs);
         Ok(())
     }
 
@@ -900,17 +1125,27 @@ impl Writer {
             .and_then(record::timestamp_ms)
             .unwrap_or(0);
         let key = doc_key(id);
+        let journaled = self.journal.is_some();
+        let mut journal_bytes = None;
         let chunks = match old_meta {
             None => {
-                match (&working.raw, &working.doc) {
-                    (Some(raw), _) => tables.docs.insert(key, raw.as_slice())?,
-                    (None, Some(doc)) => tables.docs.insert(key, doc.save().as_slice())?,
+                let saved;
+                let bytes = match (&working.raw, &working.doc) {
+                    (Some(raw), _) => raw.as_slice(),
+                    (None, Some(doc)) => {
+                        saved = doc.save();
+                        saved.as_slice()
+                    }
                     (None, None) => {
                         return Err(StoreError::Storage(format!(
                             "record {id} has nothing to store"
                         )));
                     }
                 };
+                tables.docs.insert(key, bytes)?;
+                if journaled {
+                    journal_bytes = Some(bytes.to_vec());
+                }
                 0
             }
             Some(old) => {
@@ -921,6 +1156,9 @@ impl Writer {
                     // Writes never paused long enough for the background compaction:
                     // fold the chunks now, so that loading the document stays cheap.
                     tables.docs.insert(key, doc.save().as_slice())?;
+                    if journaled {
+                        journal_bytes = Some(doc.save_after(&working.old_heads));
+                    }
                     tables
                         .chunks
                         .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
@@ -929,6 +1167,9 @@ impl Writer {
                 } else {
                     let bytes = doc.save_after(&working.old_heads);
                     tables.chunks.insert((key, old.chunks), bytes.as_slice())?;
+                    if journaled {
+                        journal_bytes = Some(bytes);
+                    }
                     let chunks = old.chunks + 1;
                     if chunks >= self.compact_after {
                         self.to_compact.insert(*id);
@@ -991,6 +1232,14 @@ impl Writer {
             )?;
         }
         signing::store(&mut tables.sigs, id, &working.sigs, old_meta.is_none())?;
+        if let Some(bytes) = journal_bytes {
+            self.journal_entries.push(journal::Entry {
+                id: *id,
+                collection: working.collection.clone(),
+                bytes,
+                sigs: working.sigs.clone(),
+            });
+        }
         Ok(Some(seq))
     }
 
@@ -1050,10 +1299,7 @@ impl Writer {
     /// Folds the change chunks of up to `max` documents into their snapshots.
     fn compact_some(&mut self, max: usize) -> Result<usize> {
         let ids: Vec<DocId> = self.to_compact.iter().take(max).copied().collect();
-        if self.needs_reopen {
-            self.db.reopen()?;
-            self.needs_reopen = false;
-        }
+        self.reopen_if_needed()?;
         let txn = self.db.get()?.begin_write()?;
         let mut done = 0;
         {
@@ -1087,9 +1333,9 @@ impl Writer {
                 done += 1;
             }
         }
-        if let Err(err) = txn.commit() {
+        if let Err(err) = self.commit(txn, false) {
             self.needs_reopen = true;
-            return Err(err.into());
+            return Err(err);
         }
         for id in ids {
             self.to_compact.remove(&id);

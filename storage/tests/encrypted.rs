@@ -7,7 +7,7 @@ use medmesh_protocol::record::Fields;
 use medmesh_protocol::{ChangeAuthor, DocId, Schema};
 use medmesh_storage::{
     DataKey, Store, StoreError, StoreOptions, WriteBatch, WriteKind, WriteOp, encrypt_store_file,
-    reencrypt_store_file,
+    journal_path, reencrypt_store_file,
 };
 use serde_json::{Value, json};
 
@@ -284,7 +284,9 @@ fn a_damaged_block_of_a_durable_commit_is_an_error_never_data() {
     let ids: Vec<DocId> = (0..40).map(|n| create(&store, n)).collect();
     // A copy while the store is open, as a crash leaves it (every write acknowledged is
     // durable; redb walks the newest commit when it opens it), and one after a clean close.
+    // (Writes acknowledged since the last checkpoint are in the journal beside it.)
     let crashed = std::fs::read(&path).expect("bytes");
+    let crashed_journal = std::fs::read(journal_path(&path)).expect("journal");
     drop(store);
     let clean = std::fs::read(&path).expect("bytes");
     for (name, raw) in [("crashed", &crashed), ("clean", &clean)] {
@@ -299,6 +301,9 @@ fn a_damaged_block_of_a_durable_commit_is_an_error_never_data() {
             damaged[at + 1000] ^= 0x04;
             let copy = dir.path().join(format!("{name}-{block}.redb"));
             std::fs::write(&copy, &damaged).expect("write");
+            if name == "crashed" {
+                std::fs::write(journal_path(&copy), &crashed_journal).expect("write");
+            }
             let outcome = damaged_outcome(&copy, &key, &ids, name == "crashed");
             seen.push(outcome);
         }
