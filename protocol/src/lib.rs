@@ -22,6 +22,7 @@
 //! owns, and turns documents back into JSON for answers.
 
 pub mod authorship;
+pub mod hub;
 pub mod ids;
 pub mod membership;
 pub mod pharmacy;
