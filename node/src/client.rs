@@ -614,6 +614,66 @@ async fn send_import_batch(
         .collect())
 }
 
+/// `medmesh hub qr|clients|remove CLIENT_ID`.
+pub async fn hub(api: &ApiArgs, action: Option<&str>, client_id: Option<&str>) -> Result<()> {
+    let client = Client::new(api)?;
+    match (action.unwrap_or("qr"), client_id) {
+        ("qr", _) => {
+            let (_, hub) = client.call(Method::GET, "/v1/hub", None).await?;
+            let pairing = hub["pairing"].as_str().unwrap_or_default();
+            println!(
+                "Hikma app hub {} at {}",
+                hub["name"].as_str().unwrap_or("?"),
+                hub["url"].as_str().unwrap_or("?")
+            );
+            println!(
+                "On the tablet: Settings, Sync, scan hub code; then sign in with a user of the mesh."
+            );
+            if let Ok(code) = qrcode::QrCode::new(pairing.as_bytes()) {
+                println!(
+                    "{}",
+                    code.render::<qrcode::render::unicode::Dense1x2>()
+                        .quiet_zone(true)
+                        .build()
+                );
+            }
+            println!("The code's text: {pairing}");
+            Ok(())
+        }
+        ("clients", _) => {
+            let (_, answer) = client.call(Method::GET, "/v1/hub/clients", None).await?;
+            let clients = answer["clients"].as_array().cloned().unwrap_or_default();
+            println!("{} tablet(s) paired since the node started", clients.len());
+            for c in clients {
+                let seen = c["last_seen"]
+                    .as_i64()
+                    .map(medmesh_protocol::record::format_timestamp)
+                    .unwrap_or_default();
+                println!(
+                    "{}  last seen {seen}  {}",
+                    c["client_id"].as_str().unwrap_or("?"),
+                    c["user"].as_str().unwrap_or("(nobody signed in)")
+                );
+            }
+            Ok(())
+        }
+        ("remove", Some(id)) => {
+            let (_, answer) = client
+                .call(Method::DELETE, &format!("/v1/hub/clients/{id}"), None)
+                .await?;
+            println!(
+                "Removed tablet {id}: it cannot pair again, and {} sign-in(s) from it ended.",
+                answer["sign_ins_ended"]
+            );
+            Ok(())
+        }
+        ("remove", None) => {
+            bail!("name the tablet: medmesh hub remove CLIENT_ID (see medmesh hub clients)")
+        }
+        (other, _) => bail!("unknown action `{other}`: use qr, clients or remove"),
+    }
+}
+
 /// `medmesh devices [list]` and `medmesh devices revoke PEER_ID [--reason TEXT]`.
 pub async fn devices(
     api: &ApiArgs,

@@ -120,6 +120,14 @@ pub struct StartArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Serve the Hikma app's hub here (the app pairs by scanning `medmesh hub qr`);
+    /// 0.0.0.0:4001 is what the app's own hub uses. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub hub_listen: Option<SocketAddr>,
+    /// The URL tablets call for the hub (default: http:// this machine's address on its
+    /// network and the --hub-listen port).
+    #[arg(long, value_name = "URL", requires = "hub_listen")]
+    pub hub_url: Option<String>,
 }
 
 /// `medmesh invite`.
@@ -174,6 +182,17 @@ pub enum Command {
     /// on an admin device while its node is running: the new device gets its
     /// certificate from it.
     Invite(InviteArgs),
+    /// The Hikma app's hub on this node: `hub qr` (the code a tablet scans to pair),
+    /// `hub clients` (the tablets paired), `hub remove CLIENT_ID` (a lost tablet).
+    Hub {
+        #[command(flatten)]
+        /// Node.
+        api: ApiArgs,
+        /// `qr` (default), `clients` or `remove`.
+        action: Option<String>,
+        /// The tablet's client id for `remove` (see `medmesh hub clients`).
+        client: Option<String>,
+    },
     /// The mesh's devices: `devices list`, `devices revoke PEER_ID [--reason TEXT]`.
     Devices {
         #[command(flatten)]

@@ -20,6 +20,7 @@ pub mod config;
 pub mod files;
 pub mod forms;
 pub mod gateway;
+pub mod hub;
 pub mod identity;
 pub mod keys;
 pub mod mesh;

@@ -65,6 +65,9 @@ fn main() -> std::process::ExitCode {
             Command::Devices { api, action, peer, reason } => {
                 client::devices(&api, action.as_deref(), peer.as_deref(), &reason).await
             }
+            Command::Hub { api, action, client } => {
+                client::hub(&api, action.as_deref(), client.as_deref()).await
+            }
             Command::Peers { api, action, addr } => {
                 client::peers(&api, action.as_deref(), addr.as_deref()).await
             }

@@ -312,8 +312,10 @@ impl MobileSync {
                     ops.push(WriteOp::new(table, Some(id), write, author.clone()));
                 }
             }
+            // Deleted rows as ids (WatermelonDB) or as row objects (the Hikma app).
             for id in changes["deleted"].as_array().into_iter().flatten() {
-                let Some(id) = id.as_str().and_then(|t| t.parse::<DocId>().ok()) else {
+                let id = id.as_str().or_else(|| id.get("id").and_then(Value::as_str));
+                let Some(id) = id.and_then(|t| t.parse::<DocId>().ok()) else {
                     bail!("a deleted id of {table} is not an id");
                 };
                 match self.store.get(table, &id) {

@@ -407,6 +407,34 @@ pub async fn start(args: StartArgs) -> Result<()> {
     if let Some((files, fingerprint)) = &tls {
         state = state.with_tls(fingerprint.clone(), files.cert.clone());
     }
+    let hub_shutdown = tokio_util::sync::CancellationToken::new();
+    let mut hub_line = None;
+    let mut hub_task = None;
+    if let Some(addr) = args.hub_listen {
+        let listener = crate::hub::rpc::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let url = args
+            .hub_url
+            .clone()
+            .unwrap_or_else(|| crate::hub::url_for(bound));
+        let (store, id, name) = (
+            opened.store.clone(),
+            opened.peer_id.clone(),
+            opened.trust.device.name.clone(),
+        );
+        let hub = tokio::task::spawn_blocking(move || crate::hub::Hub::start(store, id, name, url))
+            .await
+            .context("starting was interrupted")??;
+        let hub = std::sync::Arc::new(hub);
+        state = state.with_hub(hub.clone());
+        let task =
+            crate::hub::rpc::serve(listener, state.clone(), hub.clone(), hub_shutdown.clone());
+        hub_line = Some(format!(
+            "{} (listening on {bound}; tablets pair by scanning `medmesh hub qr`)",
+            hub.url()
+        ));
+        hub_task = Some(task);
+    }
     let (api, scheme) = match &tls {
         Some((files, _)) => (serve_api_tls(state, args.api, files).await?, "https"),
         None => (serve_api(state, args.api).await?, "http"),
@@ -455,6 +483,9 @@ pub async fn start(args: StartArgs) -> Result<()> {
     if let Some(line) = &gateway_line {
         println!("  gateway: {line}");
     }
+    if let Some(line) = &hub_line {
+        println!("  app hub: {line}");
+    }
     if args.no_mdns {
         println!(
             "           discovery off (--no-mdns): other nodes come from --peer or `medmesh peers add`"
@@ -466,6 +497,10 @@ pub async fn start(args: StartArgs) -> Result<()> {
     println!("Stopping: finishing the writes in progress...");
     gateway_shutdown.cancel();
     if let Some(task) = gateway_task {
+        let _ = task.await;
+    }
+    hub_shutdown.cancel();
+    if let Some(task) = hub_task {
         let _ = task.await;
     }
     mesh_shutdown.cancel();

@@ -90,7 +90,8 @@ impl HubKey {
 
     /// The key pair of this 32-byte private key.
     pub fn from_bytes(secret: &[u8; 32]) -> Result<Self, HubError> {
-        let private = PrivateKey::from_private_key(&X25519, secret).map_err(|_| HubError::BadKey)?;
+        let private =
+            PrivateKey::from_private_key(&X25519, secret).map_err(|_| HubError::BadKey)?;
         Self::from_private(private)
     }
 
@@ -208,7 +209,11 @@ pub fn seal_with_nonce(
 }
 
 /// Opens a sealed payload: its plaintext and its nonce (a repeated nonce is a replay).
-pub fn open(key: &[u8; 32], aad: Aad, payload: &str) -> Result<(Vec<u8>, [u8; NONCE_LEN]), HubError> {
+pub fn open(
+    key: &[u8; 32],
+    aad: Aad,
+    payload: &str,
+) -> Result<(Vec<u8>, [u8; NONCE_LEN]), HubError> {
     let bytes = unb64(payload)?;
     if bytes.len() < MIN_SEALED {
         return Err(HubError::Undecryptable);
@@ -237,7 +242,9 @@ mod tests {
         let hub = HubKey::generate().expect("hub");
         let client = HubKey::generate().expect("client");
         let at_hub = hub.session_key(&client.public()).expect("hub side");
-        let at_client = client.client_session_key(&hub.public()).expect("client side");
+        let at_client = client
+            .client_session_key(&hub.public())
+            .expect("client side");
         assert_eq!(at_hub, at_client);
         let again = HubKey::from_bytes(&hub.secret_bytes().expect("bytes")).expect("again");
         assert_eq!(again.public(), hub.public());
@@ -255,7 +262,10 @@ mod tests {
             open(&[9u8; 32], Aad::Command, &sealed),
             Err(HubError::Undecryptable)
         );
-        assert_eq!(open(&at_hub, Aad::Command, "AAAA"), Err(HubError::Undecryptable));
+        assert_eq!(
+            open(&at_hub, Aad::Command, "AAAA"),
+            Err(HubError::Undecryptable)
+        );
         assert_eq!(
             open(&at_hub, Aad::Command, &format!("{sealed}=")),
             Err(HubError::Encoding)

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod cloud;
+pub mod hub;
 pub mod proxy;
 pub mod sim;
 

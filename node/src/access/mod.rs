@@ -295,18 +295,9 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, R
                         "this token is unknown, expired or signed out: {HOW_TO_SIGN_IN}"
                     )));
                 };
-                match session.user_id.parse() {
-                    Ok(id) => match state.store().get("users", &id) {
-                        Ok(view) => view.record,
-                        Err(medmesh_storage::StoreError::NotFound { .. }) => {
-                            return Ok(Err(format!(
-                                "the user of this token ({}) no longer exists",
-                                session.email
-                            )));
-                        }
-                        Err(err) => return Err(err.into()),
-                    },
-                    Err(_) => return Ok(Err("this token's user id is not valid".into())),
+                match user_of_session(&state, &session)? {
+                    Ok(user) => user,
+                    Err(reason) => return Ok(Err(reason)),
                 }
             }
             Credential::Basic(email, password) => {
@@ -342,6 +333,24 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, R
             "the request was interrupted; try again",
         )
         .into_response()),
+    }
+}
+
+/// The user record of a session.
+pub fn user_of_session(
+    state: &AppState,
+    session: &tokens::Session,
+) -> anyhow::Result<Result<Fields, String>> {
+    match session.user_id.parse() {
+        Ok(id) => match state.store().get("users", &id) {
+            Ok(view) => Ok(Ok(view.record)),
+            Err(medmesh_storage::StoreError::NotFound { .. }) => Ok(Err(format!(
+                "the user of this token ({}) no longer exists",
+                session.email
+            ))),
+            Err(err) => Err(err.into()),
+        },
+        Err(_) => Ok(Err("this token's user id is not valid".into())),
     }
 }
 

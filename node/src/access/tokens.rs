@@ -122,6 +122,10 @@ pub struct Session {
     pub created_at: i64,
     /// When it stops being valid (ms since the epoch).
     pub expires_at: i64,
+    /// The Hikma app install it was opened for through the hub RPC (its `client_id`),
+    /// if it was: removing that tablet ends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 /// The sessions open on this node. One owner: every change goes through here and is
@@ -178,12 +182,25 @@ impl Sessions {
         hours: i64,
         now: i64,
     ) -> Result<(String, Session)> {
+        self.issue_for(user_id, email, hours, now, None)
+    }
+
+    /// [`Sessions::issue`] for a Hikma app install (`client`).
+    pub fn issue_for(
+        &self,
+        user_id: &str,
+        email: &str,
+        hours: i64,
+        now: i64,
+        client: Option<&str>,
+    ) -> Result<(String, Session)> {
         let token = new_token();
         let session = Session {
             user_id: user_id.to_owned(),
             email: email.to_owned(),
             created_at: now,
             expires_at: now + hours.clamp(1, MAX_SESSION_HOURS) * 3_600_000,
+            client: client.map(str::to_owned),
         };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|_, s| s.expires_at > now);
@@ -208,6 +225,36 @@ impl Sessions {
         open.get(&hex::encode(digest(token)))
             .filter(|s| s.expires_at > now)
             .cloned()
+    }
+
+    /// The live session of `token`, kept open `hours` from now when less than half of
+    /// that is left: a session in use does not end (the Hikma app never renews its token).
+    pub fn find_extending(&self, token: &str, now: i64, hours: i64) -> Option<Session> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let key = hex::encode(digest(token));
+        let session = open.get_mut(&key).filter(|s| s.expires_at > now)?;
+        let lasting = hours.clamp(1, MAX_SESSION_HOURS) * 3_600_000;
+        if session.expires_at - now < lasting / 2 {
+            session.expires_at = now + lasting;
+            let found = session.clone();
+            if let Err(err) = self.save(&open) {
+                tracing::warn!(error = %format!("{err:#}"), "a session could not be kept open longer");
+            }
+            return Some(found);
+        }
+        Some(session.clone())
+    }
+
+    /// Ends every session opened for the Hikma app install `client`.
+    pub fn revoke_client(&self, client: &str) -> Result<usize> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let before = open.len();
+        open.retain(|_, s| s.client.as_deref() != Some(client));
+        let gone = before - open.len();
+        if gone > 0 {
+            self.save(&open)?;
+        }
+        Ok(gone)
     }
 
     /// Ends the session of `token`; answers whether there was one.

@@ -82,7 +82,7 @@ async fn signed_in_caller(state: &AppState, headers: &HeaderMap) -> Result<Calle
 }
 
 /// Why a push holds rows the caller may not write (the first such row), if it does.
-fn refused_rows(caller: &Caller, changes: &Value) -> Option<String> {
+pub(crate) fn refused_rows(caller: &Caller, changes: &Value) -> Option<String> {
     let tables = changes.as_object()?;
     for (table, rows) in tables {
         if !crate::mobile::PUSHED_TABLES.contains(&table.as_str()) {
@@ -115,6 +115,36 @@ fn refused_rows(caller: &Caller, changes: &Value) -> Option<String> {
         }
     }
     None
+}
+
+/// Keeps in a pull only the rows the caller's role may read; answers, per table of
+/// patients' records, how many rows it holds (for the access log).
+pub(crate) fn keep_readable(caller: &Caller, answer: &mut Value) -> Vec<(String, usize)> {
+    let mut read = Vec::new();
+    if let Some(tables) = answer["changes"].as_object_mut() {
+        for (table, changes) in tables.iter_mut() {
+            let permission = needed(table, Access::Read);
+            for kind in ["created", "updated"] {
+                if let Some(rows) = changes.get_mut(kind).and_then(Value::as_array_mut) {
+                    rows.retain(|row| {
+                        caller.allows(
+                            permission,
+                            row.as_object().and_then(super::records::clinic_of),
+                        )
+                    });
+                }
+            }
+            let count = ["created", "updated"]
+                .iter()
+                .filter_map(|k| changes.get(*k).and_then(Value::as_array))
+                .map(Vec::len)
+                .sum::<usize>();
+            if count > 0 && is_patient_record(table) {
+                read.push((table.clone(), count));
+            }
+        }
+    }
+    read
 }
 
 /// The sync's query parameters.
@@ -152,31 +182,7 @@ pub async fn pull(
     match tokio::task::spawn_blocking(move || mobile.pull(since)).await {
         Ok(Ok(mut answer)) => {
             // Only what the user's role may read, and the reads in the access log.
-            let mut read: Vec<(String, usize)> = Vec::new();
-            if let Some(tables) = answer["changes"].as_object_mut() {
-                for (table, changes) in tables.iter_mut() {
-                    let permission = needed(table, Access::Read);
-                    for kind in ["created", "updated"] {
-                        if let Some(rows) = changes.get_mut(kind).and_then(Value::as_array_mut) {
-                            rows.retain(|row| {
-                                caller.allows(
-                                    permission,
-                                    row.as_object().and_then(super::records::clinic_of),
-                                )
-                            });
-                        }
-                    }
-                    let count = ["created", "updated"]
-                        .iter()
-                        .filter_map(|k| changes.get(*k).and_then(Value::as_array))
-                        .map(Vec::len)
-                        .sum::<usize>();
-                    if count > 0 && is_patient_record(table) {
-                        read.push((table.clone(), count));
-                    }
-                }
-            }
-            for (table, count) in read {
+            for (table, count) in keep_readable(&caller, &mut answer) {
                 state
                     .access_log()
                     .record(Entry {

@@ -5,10 +5,11 @@
 //! threads: reads run on blocking threads, writes go to the store's writer thread.
 
 pub mod error;
-mod mobile;
+mod hub;
+pub(crate) mod mobile;
 mod peers;
 mod pharmacy;
-mod records;
+pub(crate) mod records;
 mod sessions;
 mod status;
 
@@ -49,6 +50,7 @@ struct StateInner {
     access_log: crate::access::log::AccessLog,
     mesh: Option<crate::mesh::Mesh>,
     gateway: Option<crate::gateway::GatewayHandle>,
+    hub: Option<Arc<crate::hub::Hub>>,
     peer_id: String,
     data_dir: Option<PathBuf>,
     tls: Option<(String, PathBuf)>,
@@ -104,6 +106,7 @@ impl AppState {
                 store,
                 mesh: None,
                 gateway: None,
+                hub: None,
                 peer_id,
                 data_dir,
                 tls: None,
@@ -111,6 +114,16 @@ impl AppState {
                 started: std::time::Instant::now(),
             }),
         })
+    }
+
+    /// The same state with the Hikma hub this node serves (for `/v1/hub`).
+    pub fn with_hub(self, hub: Arc<crate::hub::Hub>) -> Self {
+        self.rebuilt(|inner| inner.hub = Some(hub))
+    }
+
+    /// The Hikma hub this node serves, if it serves one.
+    pub fn hub(&self) -> Option<&Arc<crate::hub::Hub>> {
+        self.inner.hub.as_ref()
     }
 
     /// The same state with the mesh attached (for `/v1/peers`).
@@ -153,6 +166,7 @@ impl AppState {
             access_log: self.inner.access_log.clone(),
             mesh: self.inner.mesh.clone(),
             gateway: self.inner.gateway.clone(),
+            hub: self.inner.hub.clone(),
             peer_id: self.inner.peer_id.clone(),
             data_dir: self.inner.data_dir.clone(),
             tls: self.inner.tls.clone(),
@@ -230,6 +244,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/peers/{peer_id}/verify", post(peers::verify))
         .route("/v1/devices", get(peers::devices))
         .route("/v1/devices/{peer_id}/revoke", post(peers::revoke))
+        .route("/v1/hub", get(hub::info))
+        .route("/v1/hub/clients", get(hub::clients))
+        .route(
+            "/v1/hub/clients/{client_id}",
+            axum::routing::delete(hub::remove),
+        )
         .route("/v1/pharmacy/restock", post(pharmacy::restock))
         .route("/v1/pharmacy/dispense", post(pharmacy::dispense))
         .route("/v1/pharmacy/count", post(pharmacy::count))
