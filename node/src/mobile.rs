@@ -133,6 +133,17 @@ impl MobileSync {
 
     /// A pull: `{"changes": {...}, "timestamp": T}` (the handler adds `success`).
     pub fn pull(&self, last_pulled_at: Option<i64>) -> Result<Value> {
+        self.pull_except(last_pulled_at, None)
+    }
+
+    /// [`MobileSync::pull`] leaving out of a pull since a timestamp the rows this app
+    /// pushed itself and nobody changed since (`pushed`: record → its feed position after
+    /// the push): sent back, a row the app deleted meanwhile would come back as new.
+    pub fn pull_except(
+        &self,
+        last_pulled_at: Option<i64>,
+        pushed: Option<&std::collections::HashMap<DocId, u64>>,
+    ) -> Result<Value> {
         let head = self.store.last_seq()?;
         let since = last_pulled_at
             .filter(|t| *t > 0)
@@ -155,6 +166,9 @@ impl MobileSync {
                         let Ok(view) = entry.record else {
                             continue;
                         };
+                        if pushed.and_then(|p| p.get(&view.id)) == Some(&view.seq) {
+                            continue;
+                        }
                         let Some(changes) = tables.get_mut(view.collection.as_str()) else {
                             continue;
                         };
@@ -343,6 +357,7 @@ impl MobileSync {
                 if outcome.changed {
                     summary.changed += 1;
                 }
+                summary.written.push((outcome.id, outcome.seq));
             }
             summary.rows += count;
         }
@@ -351,8 +366,10 @@ impl MobileSync {
 }
 
 /// What a push did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PushSummary {
+    /// The records written, each with its feed position after the push.
+    pub written: Vec<(DocId, u64)>,
     /// Rows written (created, updated or deleted).
     pub rows: usize,
     /// Of those, rows that changed anything.

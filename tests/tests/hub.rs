@@ -177,6 +177,14 @@ async fn two_tablets_pair_sign_in_and_sync_through_two_nodes_of_one_mesh() {
         .await
         .expect("push");
     assert!(matches!(pushed, Answer::Ok(Value::Object(_))), "{pushed:?}");
+    // What the tablet pushed does not come back to it (deleted there meanwhile, a row
+    // sent back as new would be inserted again), unless someone changes it.
+    let echo = pull(&mut one, first["timestamp"].as_i64().expect("ts")).await;
+    assert!(
+        !echo["changes"]["patients"].to_string().contains(&p1),
+        "{}",
+        echo["changes"]["patients"]
+    );
 
     // Tablet two, paired with node b, gets them once the mesh has carried them.
     eventually(

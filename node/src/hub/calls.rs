@@ -72,6 +72,8 @@ type Answer = Result<Value, CallError>;
 /// Who is calling: the caller and their user record.
 struct Context {
     state: AppState,
+    hub: std::sync::Arc<Hub>,
+    client: String,
     caller: Caller,
     user: Fields,
     /// Reads to append to the access log once answered.
@@ -79,7 +81,12 @@ struct Context {
 }
 
 /// Answers a call from the tablet `client_id`.
-pub async fn answer(state: &AppState, hub: &Hub, client_id: &str, call: Call) -> Answer {
+pub async fn answer(
+    state: &AppState,
+    hub: &std::sync::Arc<Hub>,
+    client_id: &str,
+    call: Call,
+) -> Answer {
     let now = chrono::Utc::now().timestamp_millis();
     match (call.kind, call.name.as_str()) {
         (_, "ping") => return Ok(json!({"pong": true})),
@@ -96,6 +103,7 @@ pub async fn answer(state: &AppState, hub: &Hub, client_id: &str, call: Call) ->
         })?;
     let s = state.clone();
     let client = client_id.to_owned();
+    let hub = hub.clone();
     let (answer, reads) =
         tokio::task::spawn_blocking(move || -> Result<(Value, Vec<Entry>), CallError> {
             let state = s;
@@ -114,6 +122,8 @@ pub async fn answer(state: &AppState, hub: &Hub, client_id: &str, call: Call) ->
             let caller = caller_of(&state, &user)?.map_err(CallError::Unauthorized)?;
             let mut context = Context {
                 state,
+                hub,
+                client,
                 caller,
                 user,
                 reads: Vec::new(),
@@ -359,7 +369,8 @@ fn sync_pull(cx: &mut Context, args: &Value) -> Answer {
         .find_map(|k| args[*k].as_f64())
         .filter(|t| t.is_finite() && *t > 0.0)
         .map(|t| t as i64);
-    let mut answer = cx.state.mobile().pull(since)?;
+    let pushed = cx.hub.pushed_by(&cx.client);
+    let mut answer = cx.state.mobile().pull_except(since, Some(&pushed))?;
     let counts = crate::api::mobile::keep_readable(&cx.caller, &mut answer);
     for (table, count) in counts {
         cx.reads.push(Entry {
@@ -391,7 +402,8 @@ fn sync_push(cx: &mut Context, args: &Value) -> Answer {
     if let Some(refused) = crate::api::mobile::refused_rows(&cx.caller, changes) {
         return Err(CallError::Failed(refused));
     }
-    cx.state.mobile().push(changes, &cx.caller.name)?;
+    let summary = cx.state.mobile().push(changes, &cx.caller.name)?;
+    cx.hub.pushed(&cx.client, &summary.written);
     Ok(json!({}))
 }
 

@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
+use medmesh_protocol::DocId;
 use medmesh_protocol::hub::{self, Aad, HubError, HubKey};
 use medmesh_storage::Store;
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,9 @@ struct SessionKey {
 struct Client {
     keys: VecDeque<SessionKey>,
     info: ClientInfo,
+    /// What its last push wrote (record → feed position after it), left out of its
+    /// next pulls while unchanged.
+    pushed: HashMap<DocId, u64>,
 }
 
 /// Why a sealed request was not opened.
@@ -205,6 +209,7 @@ impl Hub {
                     last_seen: now,
                     user: None,
                 },
+                pushed: HashMap::new(),
             });
         client.info.last_seen = now;
         client.keys.push_front(SessionKey {
@@ -266,6 +271,23 @@ impl Hub {
         if let Some(client) = clients.get_mut(client_id) {
             client.info.user = Some(user.to_owned());
         }
+    }
+
+    /// Remembers what a tablet's push wrote.
+    pub fn pushed(&self, client_id: &str, written: &[(DocId, u64)]) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients.get_mut(client_id) {
+            client.pushed = written.iter().copied().collect();
+        }
+    }
+
+    /// What a tablet's last push wrote.
+    pub fn pushed_by(&self, client_id: &str) -> HashMap<DocId, u64> {
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .get(client_id)
+            .map(|c| c.pushed.clone())
+            .unwrap_or_default()
     }
 
     /// The tablets that handshook since the node started, most recent first.
