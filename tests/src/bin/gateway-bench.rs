@@ -260,12 +260,13 @@ async fn hub_pull(store: Store, password: &str, expected: usize) -> Result<f64> 
     let state = medmesh::api::AppState::new(store.clone(), "bench-node".into(), None)?;
     let listener = medmesh::hub::rpc::bind("127.0.0.1:0".parse()?).await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let hub = Arc::new(medmesh::hub::Hub::start(
-        store,
-        "bench-node".into(),
-        "bench".into(),
-        url.clone(),
-    )?);
+    let hub_url = url.clone();
+    let hub = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            medmesh::hub::Hub::start(store, "bench-node".into(), "bench".into(), hub_url)
+        })
+        .await??,
+    );
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = medmesh::hub::rpc::serve(listener, state, hub, shutdown.clone());
     let mut tablet = medmesh_tests::hub::HubClient::pair(&url).await?;
