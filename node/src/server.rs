@@ -511,6 +511,16 @@ pub async fn start(args: StartArgs) -> Result<()> {
         Ok(Err(err)) => tracing::warn!(error = %err, "the API stopped with an error"),
         Err(err) => tracing::warn!(error = %err, "the API task failed"),
     }
+    // Everything to the store file itself (tasks that still hold the store may outlive
+    // this function until the process exits).
+    let store = opened.store.clone();
+    match tokio::task::spawn_blocking(move || store.checkpoint_blocking()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "the last writes stay in the store's journal; they are applied at the next start")
+        }
+        Err(err) => tracing::warn!(error = %err, "the last checkpoint was interrupted"),
+    }
     drop(opened.store);
     println!("Stopped. Everything written is saved.");
     Ok(())

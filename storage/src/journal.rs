@@ -42,7 +42,8 @@
 //! body (plain store):     entries
 //! body (encrypted store): nonce (12) | AES-256-GCM(entries) | tag (16)
 //! entries: count (u32 LE), then each:
-//!   document id (16) | collection (u16 LE length + UTF-8) | bytes (u32 LE length + bytes)
+//!   document id (16) | feed position (u64 LE)
+//!   | collection (u16 LE length + UTF-8) | bytes (u32 LE length + bytes)
 //!   | signatures (u16 LE count, each: change hash (32), proof (u8 length + bytes))
 //! ```
 //!
@@ -91,6 +92,8 @@ const AAD: &[u8] = b"medmesh journal 1";
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
     pub(crate) id: DocId,
+    /// Its feed position in the transaction (kept on replay).
+    pub(crate) seq: u64,
     pub(crate) collection: String,
     pub(crate) bytes: Vec<u8>,
     pub(crate) sigs: Vec<SignedChange>,
@@ -384,11 +387,12 @@ fn check_of(cycle: &[u8], body: &[u8]) -> [u8; CHECK_LEN] {
 
 impl Entry {
     fn size(&self) -> usize {
-        16 + 2 + self.collection.len() + 4 + self.bytes.len() + 2 + self.sigs.len() * 130
+        16 + 8 + 2 + self.collection.len() + 4 + self.bytes.len() + 2 + self.sigs.len() * 130
     }
 
     fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.id.as_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
         let collection = self.collection.as_bytes();
         let collection = &collection[..collection.len().min(u16::MAX as usize)];
         out.extend_from_slice(&(collection.len() as u16).to_le_bytes());
@@ -433,6 +437,9 @@ impl<'a> Cursor<'a> {
     fn entry(&mut self) -> std::result::Result<Entry, String> {
         let mut id = [0u8; 16];
         id.copy_from_slice(self.take(16)?);
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(self.take(8)?);
+        let seq = u64::from_le_bytes(seq);
         let len = self.u16()? as usize;
         let collection = std::str::from_utf8(self.take(len)?)
             .map_err(|_| "a collection name is not UTF-8".to_owned())?
@@ -451,6 +458,7 @@ impl<'a> Cursor<'a> {
         }
         Ok(Entry {
             id: DocId::from_bytes(id),
+            seq,
             collection,
             bytes,
             sigs,
@@ -477,6 +485,7 @@ mod tests {
         vec![
             Entry {
                 id: DocId::from_bytes([n; 16]),
+                seq: u64::from(n) * 10,
                 collection: "patients".into(),
                 bytes: vec![n; 300],
                 sigs: vec![SignedChange {
@@ -486,6 +495,7 @@ mod tests {
             },
             Entry {
                 id: DocId::from_bytes([n + 1; 16]),
+                seq: u64::from(n) * 10 + 1,
                 collection: "visits".into(),
                 bytes: vec![n; 10],
                 sigs: Vec::new(),

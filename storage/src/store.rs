@@ -603,6 +603,15 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
+    /// Writes everything committed so far to the store file itself (a durable commit),
+    /// leaving nothing in the journal to replay: for a clean stop while other handles
+    /// of the store may still be alive.
+    pub fn checkpoint_blocking(&self) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Checkpoint { reply })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
     /// Compacts every document that has change chunks, now (the writer also does this in
     /// the background when idle). Answers with the number of documents compacted.
     pub fn compact_all_blocking(&self) -> Result<usize> {

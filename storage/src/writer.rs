@@ -87,6 +87,9 @@ pub(crate) enum Command {
     CompactAll {
         reply: oneshot::Sender<Result<usize>>,
     },
+    Checkpoint {
+        reply: oneshot::Sender<Result<()>>,
+    },
     RetryHeld {
         reply: oneshot::Sender<Result<usize>>,
     },
@@ -355,6 +358,9 @@ impl Writer {
                 Command::CompactAll { reply } => {
                     let _ = reply.send(self.compact_all());
                 }
+                Command::Checkpoint { reply } => {
+                    let _ = reply.send(self.checkpoint());
+                }
                 Command::RetryHeld { reply } => {
                     let _ = reply.send(self.retry_held());
                 }
@@ -469,7 +475,8 @@ impl Writer {
         self.reopen_if_needed()?;
         // Local record writes are journaled (what peers send is larger, and comes again
         // if lost); anything else is committed durably.
-        let journaled = self.journal.as_ref().is_some_and(|j| !j.is_full())
+        let journaled = std::env::var_os("XX_NO_JOURNAL").is_none()
+            && self.journal.as_ref().is_some_and(|j| !j.is_full())
             && pending.iter().all(|work| match work {
                 Pending::Write(batch, _) => batch
                     .ops
@@ -635,39 +642,57 @@ impl Writer {
         let first_seq = self.next_seq;
         let txn = self.db.get()?.begin_write()?;
         let mut documents = 0usize;
-        {
+        // Each frame is stored as its transaction was, every document at the feed
+        // position it had then: peers that read the feed before the crash keep cursors
+        // that mean the same documents.
+        let mut next = first_seq;
+        let replayed = (|| -> Result<()> {
             let mut tables = Tables::open(&txn)?;
             let mut staged = Staged::default();
-            let mut batch = Staged::default();
-            for entry in replay.frames.into_iter().flatten() {
-                let id = entry.id;
-                if let Err(err) = self.replay_entry(&mut tables, &mut staged, &mut batch, entry) {
-                    if is_fatal(&err) {
-                        self.next_seq = first_seq;
-                        return Err(err);
-                    }
-                    tracing::error!(doc = %id, error = %err, journal = %shown, "a write in the journal could not be applied again");
-                }
-            }
-            for id in &batch.order {
-                if let Some(working) = batch.docs.get(id) {
-                    match self.store_doc(&mut tables, id, working) {
-                        Ok(Some(_)) => {
-                            documents += 1;
-                            if *id == schema_doc_id() {
-                                self.schema_touched = true;
-                            }
+            for frame in replay.frames {
+                let mut batch = Staged::default();
+                let mut positions = HashMap::new();
+                for entry in frame {
+                    let (id, seq) = (entry.id, entry.seq);
+                    match self.replay_entry(&mut tables, &mut staged, &mut batch, entry) {
+                        Ok(()) => {
+                            positions.insert(id, seq);
                         }
-                        Ok(None) => {}
+                        Err(err) if is_fatal(&err) => return Err(err),
                         Err(err) => {
-                            self.next_seq = first_seq;
-                            return Err(err);
+                            tracing::error!(doc = %id, error = %err, journal = %shown, "a write in the journal could not be applied again");
                         }
                     }
                 }
+                for id in &batch.order {
+                    let Some(working) = batch.docs.get(id) else {
+                        continue;
+                    };
+                    if let Some(seq) = positions.get(id).filter(|s| **s >= first_seq)
+                        && tables.feed.get(*seq)?.is_none()
+                    {
+                        self.next_seq = *seq;
+                    }
+                    if let Some(seq) = self.store_doc(&mut tables, id, working)? {
+                        documents += 1;
+                        next = next.max(seq + 1);
+                        if *id == schema_doc_id() {
+                            self.schema_touched = true;
+                        }
+                    }
+                    self.next_seq = next;
+                }
+                for (id, working) in batch.docs {
+                    if !staged.docs.contains_key(&id) {
+                        staged.order.push(id);
+                    }
+                    staged.docs.insert(id, working);
+                }
             }
-        }
-        if let Err(err) = self.commit(txn, false) {
+            Ok(())
+        })();
+        self.next_seq = next;
+        if let Err(err) = replayed.and_then(|()| self.commit(txn, false)) {
             self.next_seq = first_seq;
             return Err(err);
         }
@@ -1235,6 +1260,7 @@ impl Writer {
         if let Some(bytes) = journal_bytes {
             self.journal_entries.push(journal::Entry {
                 id: *id,
+                seq,
                 collection: working.collection.clone(),
                 bytes,
                 sigs: working.sigs.clone(),

@@ -724,6 +724,21 @@ fn every_acknowledged_write_survives_a_crash_through_the_journal() {
     }
     let before_delete = std::fs::read(&journal).expect("the journal holds the recent writes");
     write(&store, "patients", ids[49], WriteKind::Delete).expect("delete");
+    // The feed as peers have read it: every document at its position.
+    let feed = |store: &Store| -> Vec<(u64, String)> {
+        store
+            .changes_since(0, 10_000)
+            .expect("feed")
+            .into_iter()
+            .map(|e| {
+                (
+                    e.seq,
+                    e.record.map(|r| r.id.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let feed_before = feed(&store);
     let copy = dir.path().join("crashed.redb");
     std::fs::copy(&path, &copy).expect("copy store");
     let journal_bytes = std::fs::read(&journal).expect("the journal holds the recent writes");
@@ -744,6 +759,13 @@ fn every_acknowledged_write_survives_a_crash_through_the_journal() {
 
     for (file, deleted_kept) in [(&copy, true), (&torn, false)] {
         let store = open(file);
+        if deleted_kept {
+            assert_eq!(
+                feed(&store),
+                feed_before,
+                "replayed writes keep their feed positions (peers' cursors still hold)"
+            );
+        }
         for (n, id) in ids.iter().enumerate() {
             let got = store.get("patients", id).expect("every record is back");
             assert_eq!(got.record["given_name"], json!(format!("Bola{n}")));

@@ -916,6 +916,14 @@ impl Network {
                     }
                 });
                 self.reopen_delay.insert(peer, delay);
+                if delay.is_zero() {
+                    // Now, not at the next tick: a session that ended because its
+                    // connection was a duplicate closed a moment ago would otherwise
+                    // wait 100 ms for nothing.
+                    tracing::info!(%peer, "opening the sync session again");
+                    self.open_session(peer);
+                    return;
+                }
                 self.reopen.insert(
                     peer,
                     Redial {
