@@ -145,8 +145,10 @@ pub(crate) struct Writer {
     /// The write journal of a store on a file ([`crate::journal`]): small transactions
     /// are committed to redb without durability once their frame is synced.
     journal: Option<Journal>,
-    /// What the transaction being written changed, for its journal frame.
+    /// What the transaction being written changed, for its journal frame (collected only
+    /// while `journaling`: a transaction that may be journaled).
     journal_entries: Vec<journal::Entry>,
+    journaling: bool,
     /// Commits made without durability since the last durable one (a checkpoint is due).
     unsaved: bool,
 }
@@ -254,6 +256,7 @@ impl Writer {
             seals,
             journal,
             journal_entries: Vec::new(),
+            journaling: false,
             unsaved: false,
         })
     }
@@ -475,8 +478,7 @@ impl Writer {
         self.reopen_if_needed()?;
         // Local record writes are journaled (what peers send is larger, and comes again
         // if lost); anything else is committed durably.
-        let journaled = std::env::var_os("XX_NO_JOURNAL").is_none()
-            && self.journal.as_ref().is_some_and(|j| !j.is_full())
+        let journaled = self.journal.as_ref().is_some_and(|j| !j.is_full())
             && pending.iter().all(|work| match work {
                 Pending::Write(batch, _) => batch
                     .ops
@@ -484,6 +486,9 @@ impl Writer {
                     .all(|op| !matches!(op.kind, WriteKind::Merge(_))),
                 _ => false,
             });
+        // (What a transaction that failed collected is not carried into this one.)
+        self.journal_entries.clear();
+        self.journaling = journaled;
         let txn = self.db.get()?.begin_write()?;
         {
             let mut tables = Tables::open(&txn)?;
@@ -552,6 +557,7 @@ impl Writer {
     /// checkpoint (everything committed before is then on disk too, and the journal
     /// starts again).
     pub(crate) fn commit(&mut self, mut txn: WriteTransaction, journaled: bool) -> Result<()> {
+        self.journaling = false;
         let entries = std::mem::take(&mut self.journal_entries);
         if let (true, Some(journal)) = (journaled, self.journal.as_mut()) {
             let before = journal.len();
@@ -1150,7 +1156,7 @@ impl Writer {
             .and_then(record::timestamp_ms)
             .unwrap_or(0);
         let key = doc_key(id);
-        let journaled = self.journal.is_some();
+        let journaled = self.journaling;
         let mut journal_bytes = None;
         let chunks = match old_meta {
             None => {
