@@ -555,6 +555,17 @@ pub fn http() -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// `medmesh init --data DIR`: a new node founding a new mesh (its first admin's password
+/// generated, as with no terminal).
+pub fn init_node(dir: &Path) {
+    let out = medmesh_command()
+        .args(["init", "--data"])
+        .arg(dir)
+        .output()
+        .expect("init");
+    assert!(out.status.success(), "medmesh init failed: {out:?}");
+}
+
 /// A `medmesh` command with the tests' token (for the commands that call a node).
 pub fn medmesh_command() -> Command {
     let mut command = Command::new(medmesh_bin());

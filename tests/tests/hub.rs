@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use medmesh_tests::hub::{Answer, HubClient};
-use medmesh_tests::{Api, NodeProcess, eventually, join_mesh};
+use medmesh_tests::{Api, NodeProcess, eventually, init_node, join_mesh};
 use serde_json::{Value, json};
 
 const EMAIL: &str = "amina@kano.clinic";
@@ -34,15 +34,6 @@ const APP_TABLES: &[&str] = &[
     "user_clinic_permissions",
     "app_config",
 ];
-
-fn init(dir: &std::path::Path) {
-    let out = medmesh_tests::medmesh_command()
-        .args(["init", "--data"])
-        .arg(dir)
-        .output()
-        .expect("init");
-    assert!(out.status.success());
-}
 
 fn start_hub(dir: &std::path::Path, peers: &[String]) -> NodeProcess {
     NodeProcess::start_with_args(dir, peers, &["--hub-listen", "127.0.0.1:0"]).expect("node")
@@ -104,7 +95,7 @@ fn app_patient(id: &str, given: &str, now: i64) -> Value {
 async fn two_tablets_pair_sign_in_and_sync_through_two_nodes_of_one_mesh() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    init(&da);
+    init_node(&da);
     join_mesh(&da, &db).expect("join");
     let a = start_hub(&da, &[]);
     let b = start_hub(&db, std::slice::from_ref(&a.listen));

@@ -2,17 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use medmesh_tests::{NodeProcess, join_mesh, patient};
+use medmesh_tests::{NodeProcess, init_node, join_mesh, patient};
 use serde_json::{Value, json};
-
-fn init(dir: &std::path::Path) {
-    let out = medmesh_tests::medmesh_command()
-        .args(["init", "--data"])
-        .arg(dir)
-        .output()
-        .expect("init");
-    assert!(out.status.success());
-}
 
 async fn count(http: &reqwest::Client, node: &NodeProcess) -> u64 {
     status(http, node).await["records"]["patients"]
@@ -36,7 +27,7 @@ async fn a_chain_of_three_processes_carries_writes_end_to_end() {
         dir.path().join("b"),
         dir.path().join("c"),
     );
-    init(&da);
+    init_node(&da);
     join_mesh(&da, &db).expect("join");
     join_mesh(&da, &dc).expect("join");
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
@@ -61,7 +52,7 @@ async fn a_chain_of_three_processes_carries_writes_end_to_end() {
 async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    init(&da);
+    init_node(&da);
     join_mesh(&da, &db).expect("join");
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let http = medmesh_tests::http();
@@ -117,8 +108,8 @@ async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
 async fn a_process_of_another_mesh_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, dx) = (dir.path().join("a"), dir.path().join("x"));
-    init(&da);
-    init(&dx);
+    init_node(&da);
+    init_node(&dx);
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let x = NodeProcess::start_peered(&dx, std::slice::from_ref(&a.listen), None).expect("x");
     let http = medmesh_tests::http();
@@ -152,7 +143,7 @@ async fn a_process_of_another_mesh_is_refused() {
 async fn edits_of_different_fields_during_a_partition_both_survive() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    init(&da);
+    init_node(&da);
     join_mesh(&da, &db).expect("join");
     let listen_a = format!("/ip4/127.0.0.1/tcp/{}", medmesh_tests::free_port());
     let http = medmesh_tests::http();
@@ -222,7 +213,7 @@ async fn a_collection_declared_on_one_node_reaches_and_is_readable_on_the_others
         dir.path().join("b"),
         dir.path().join("c"),
     );
-    init(&da);
+    init_node(&da);
     join_mesh(&da, &db).expect("join");
     join_mesh(&da, &dc).expect("join");
     let schema = dir.path().join("lab.json");

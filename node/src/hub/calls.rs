@@ -577,8 +577,6 @@ fn register_patient(cx: &mut Context, args: &Value) -> Answer {
         .and_then(Value::as_str)
         .and_then(|t| t.parse::<DocId>().ok())
         .unwrap_or_else(DocId::new_v7);
-    let spec = cx.state.store().schema();
-    let spec = spec.collection("patients");
     let mut fields = Fields::new();
     for (name, value) in sent {
         if matches!(
@@ -592,9 +590,9 @@ fn register_patient(cx: &mut Context, args: &Value) -> Answer {
         {
             continue;
         }
-        let ty = spec.and_then(|s| s.field(name)).map(|f| f.ty);
-        fields.insert(name.clone(), stored_value(ty, value.clone()));
+        fields.insert(name.clone(), value.clone());
     }
+    let mut fields = stored(cx, "patients", fields);
     fields.insert(
         "last_modified_by".into(),
         json!(cx.caller.user_id.clone().unwrap_or_default()),
@@ -642,7 +640,7 @@ fn register_patient(cx: &mut Context, args: &Value) -> Answer {
             ));
         }
     }
-    let stored: HashMap<String, DocId> = list_where(
+    let kept: HashMap<String, DocId> = list_where(
         cx,
         "patient_additional_attributes",
         "patient_id",
@@ -667,29 +665,21 @@ fn register_patient(cx: &mut Context, args: &Value) -> Answer {
         else {
             continue;
         };
-        let mut row = Fields::new();
+        let mut row = pick(
+            attribute,
+            &[
+                "attribute",
+                "string_value",
+                "number_value",
+                "boolean_value",
+                "date_value",
+                "metadata",
+            ],
+        );
         row.insert("patient_id".into(), json!(id.to_string()));
         row.insert("attribute_id".into(), json!(attribute_id));
-        for column in [
-            "attribute",
-            "string_value",
-            "number_value",
-            "boolean_value",
-            "date_value",
-            "metadata",
-        ] {
-            if let Some(value) = attribute.get(column) {
-                let ty = cx
-                    .state
-                    .store()
-                    .schema()
-                    .collection("patient_additional_attributes")
-                    .and_then(|s| s.field(column))
-                    .map(|f| f.ty);
-                row.insert(column.to_owned(), stored_value(ty, value.clone()));
-            }
-        }
-        match stored.get(attribute_id) {
+        let row = stored(cx, "patient_additional_attributes", row);
+        match kept.get(attribute_id) {
             Some(existing) => ops.push(WriteOp::new(
                 "patient_additional_attributes",
                 Some(*existing),
@@ -759,7 +749,7 @@ fn home_clinic(cx: &Context) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The named columns of `args` present, in stored form.
+/// The named columns of `args` present, as sent.
 fn pick(args: &Value, columns: &[&str]) -> Fields {
     let mut fields = Fields::new();
     for column in columns {
