@@ -293,6 +293,9 @@ const VITALS: &[&str] = &[
     "pain_level",
 ];
 
+/// Additional attributes one `register_patient` may carry (a registration form has tens).
+const MAX_ATTRIBUTES: usize = 1000;
+
 /// The columns of `patient_problems` the app sends.
 const PROBLEM_COLUMNS: &[&str] = &[
     "patient_id",
@@ -652,12 +655,14 @@ fn register_patient(cx: &mut Context, args: &Value) -> Answer {
         Some((attribute, a.id))
     })
     .collect();
+    let attributes = args["additional_attributes"].as_array();
+    if attributes.is_some_and(|a| a.len() > MAX_ATTRIBUTES) {
+        return Err(CallError::Failed(format!(
+            "a patient may carry at most {MAX_ATTRIBUTES} additional attributes"
+        )));
+    }
     let mut count = 0;
-    for attribute in args["additional_attributes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    for attribute in attributes.into_iter().flatten() {
         let Some(attribute_id) = attribute["attribute_id"]
             .as_str()
             .or_else(|| attribute["id"].as_str())
