@@ -14,6 +14,7 @@
 //! - [`membership`]: mesh secrets, invites, fingerprints, proofs of membership.
 //! - [`wire`]: the sync protocol's messages and their length-prefixed, versioned,
 //!   compressed CBOR frames, decoded without trusting the peer.
+//! - [`scope`]: which clinics a record belongs to; which records a device holds.
 //! - [`sync`]: the sync session with one peer as a state machine
 //!   (`handle(input, now) -> outputs`), both directions, no I/O.
 //!
@@ -28,6 +29,7 @@ pub mod membership;
 pub mod pharmacy;
 pub mod record;
 pub mod schema;
+pub mod scope;
 pub mod sync;
 pub mod wire;
 

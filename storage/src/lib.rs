@@ -40,6 +40,7 @@ pub mod meta;
 mod peer;
 mod prepare;
 mod receive;
+mod scope;
 mod signing;
 mod slot;
 mod store;
@@ -54,6 +55,7 @@ pub use held::{HeldDoc, HeldSummary, MAX_HELD_BYTES};
 pub use journal::journal_path;
 pub use medmesh_protocol::record::MAX_RECORD_DEPTH;
 pub use merge::escape;
+pub use scope::PurgeReport;
 pub use signing::SealsSent;
 pub use store::{
     FeedEntry, Filter, MemoryDisk, Page, Query, RecordView, Signers, Store, StoreInfo, StoreOptions,

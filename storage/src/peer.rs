@@ -17,7 +17,12 @@ use crate::merge::{escape, guarded};
 use crate::meta::{DocMeta, doc_key, key_doc};
 use crate::signing::{self, SealsSent};
 use crate::store::{Store, load_document, read_meta};
-use crate::tables::{DOC_META, DOCS, FEED, PEERS, SEALS, SIGS};
+use crate::scope::Reach;
+use crate::tables::{DOC_META, DOCS, FEED, PATIENT_DOCS, PEERS, PLACES, SEALS, SIGS};
+use medmesh_protocol::scope::Scope;
+
+/// Summaries memoized at once (one per scope that peers share with this device).
+const SUMMARIES_KEPT: usize = 8;
 use crate::write::{PeerRecord, PeerUpdate};
 use crate::writer::Command;
 use medmesh_protocol::authorship::SealId;
@@ -106,19 +111,43 @@ impl Store {
         whole: &[DocId],
         changes: &[WantChanges],
     ) -> Result<Vec<DocPayload>> {
-        Ok(self.load_for_peer_diverged(whole, changes)?.0)
+        Ok(self
+            .load_for_peer_diverged(whole, changes, &Scope::all())?
+            .0)
     }
 
     /// [`Store::load_for_peer`], also answering the documents whose changes cannot be
     /// told from the peer's heads (both sides changed them since they last met, and the
     /// peer sent no summary of its changes): the peer asks for them again with one.
+    /// Documents outside the peer's `scope` are left out, whatever it asks.
     pub fn load_for_peer_diverged(
         &self,
         whole: &[DocId],
         changes: &[WantChanges],
+        scope: &Scope,
     ) -> Result<(Vec<DocPayload>, Vec<DocId>)> {
-        let own = self.inner.own_pending.all();
         let txn = self.read_txn()?;
+        let (whole, changes) = if scope.is_all() {
+            (whole.to_vec(), changes.to_vec())
+        } else {
+            self.with_reach(&txn, scope, |reach| {
+                let mut w = Vec::with_capacity(whole.len());
+                for id in whole {
+                    if reach.sends(id)? {
+                        w.push(*id);
+                    }
+                }
+                let mut c = Vec::with_capacity(changes.len());
+                for want in changes {
+                    if reach.sends(&want.id)? {
+                        c.push(want.clone());
+                    }
+                }
+                Ok((w, c))
+            })?
+        };
+        let (whole, changes) = (whole.as_slice(), changes.as_slice());
+        let own = self.inner.own_pending.all();
         let docs = txn.open_table(DOCS)?;
         let held = txn.open_table(HELD)?;
         let sigs = txn.open_table(SIGS)?;
@@ -288,48 +317,74 @@ impl Store {
         Ok((changes, whole))
     }
 
-    /// A summary of every document held here (for anti-entropy), computed anew only
-    /// when the feed moved since the last one.
+    /// A summary of every document held here (for anti-entropy).
     pub fn summary(&self) -> Result<Summary> {
-        let seq = self.last_seq()?;
+        self.summary_for(&Scope::all())
+    }
+
+    /// A summary of the documents held here that `scope` covers (what two devices
+    /// compare: the scope both serve), computed anew only when the feed moved (or what
+    /// is held changed) since the last one of that scope.
+    pub fn summary_for(&self, scope: &Scope) -> Result<Summary> {
+        let key = (
+            self.last_seq()?,
+            self.inner
+                .summary_generation
+                .load(std::sync::atomic::Ordering::Relaxed),
+            scope.clone(),
+        );
         if let Ok(cached) = self.inner.summary.lock()
-            && let Some((at, summary)) = cached.as_ref()
-            && *at == seq
+            && let Some((_, summary)) = cached.iter().find(|(at, _)| *at == key)
         {
             return Ok(summary.clone());
         }
         let txn = self.read_txn()?;
         let table = txn.open_table(DOC_META)?;
-        let mut summary = Summary::default();
-        for entry in table.iter()? {
-            let (key, value) = entry?;
-            if let Some(meta) = DocMeta::decode(value.value()) {
-                summary.add(&key_doc(key.value()), &meta.heads, meta.held);
+        let summary = self.with_reach(&txn, scope, |reach| {
+            let mut summary = Summary::default();
+            for entry in table.iter()? {
+                let (k, value) = entry?;
+                let id = key_doc(k.value());
+                if let Some(meta) = DocMeta::decode(value.value())
+                    && reach.holds(&id)?
+                {
+                    summary.add(&id, &meta.heads, meta.held);
+                }
             }
-        }
-        summary.seal();
+            summary.seal();
+            Ok(summary)
+        })?;
         if let Ok(mut cached) = self.inner.summary.lock() {
-            *cached = Some((seq, summary.clone()));
+            cached.retain(|(at, _)| at.0 == key.0 && at.1 == key.1);
+            if cached.len() >= SUMMARIES_KEPT {
+                cached.remove(0);
+            }
+            cached.push((key, summary.clone()));
         }
         Ok(summary)
     }
 
     /// The documents of one summary bucket after `after` (by id), at most `limit`, with
     /// their heads; and whether more follow.
+    /// Only documents `scope` covers are listed.
     pub fn read_range(
         &self,
         bucket: u8,
         after: Option<DocId>,
         limit: usize,
+        scope: &Scope,
     ) -> Result<(Vec<FeedItem>, bool)> {
         let txn = self.read_txn()?;
         let table = txn.open_table(DOC_META)?;
+        let places = txn.open_table(PLACES)?;
+        let patients = txn.open_table(PATIENT_DOCS)?;
+        let mut reach = Reach::new(&places, &patients, scope);
         let start = after.map_or(0, |id| doc_key(&id).saturating_add(1));
         let mut entries = Vec::new();
         for entry in table.range(start..)? {
             let (key, value) = entry?;
             let id = key_doc(key.value());
-            if Summary::bucket_of(&id) != bucket {
+            if Summary::bucket_of(&id) != bucket || !reach.holds(&id)? {
                 continue;
             }
             if entries.len() >= limit {

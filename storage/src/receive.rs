@@ -105,6 +105,8 @@ impl Writer {
                 return self.refuse_unsigned(tables, staged, batch, arrival, tentative, reason);
             }
         };
+        let new_here = !batch.docs.contains_key(&id) && tables.meta_of(&id)?.is_none();
+        let collection = arrival.collection.clone();
         let result = self.merge_signed(
             tables,
             staged,
@@ -114,6 +116,20 @@ impl Writer {
             loaded,
             early_refusal,
         );
+        if new_here
+            && let Ok(outcome) = &result
+            && outcome.held.is_none()
+            && self.refuses_new(tables, batch, &collection, &id)?
+        {
+            // Outside this device's clinics: not kept, and acknowledged like a copy.
+            return Ok(WriteOutcome {
+                id,
+                record: Fields::new(),
+                changed: false,
+                seq: 0,
+                held: None,
+            });
+        }
         if let Ok(outcome) = &result
             && outcome.held.is_none()
         {

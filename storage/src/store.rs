@@ -55,6 +55,9 @@ pub struct StoreOptions {
     /// signed by a device it accepts (else the document is held); without one, changes
     /// are taken as they come, with whatever signatures they carry.
     pub authority: Option<Arc<dyn Authority>>,
+    /// The clinics this device serves: documents of other clinics that peers send are
+    /// refused ([`crate::scope`]). All by default.
+    pub scope: medmesh_protocol::scope::Scope,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("doc_cache", &self.doc_cache)
             .field("compact_after_chunks", &self.compact_after_chunks)
             .field("authority", &self.authority.is_some())
+            .field("scope", &self.scope)
             .finish()
     }
 }
@@ -73,6 +77,7 @@ impl Default for StoreOptions {
             doc_cache: 512,
             compact_after_chunks: 8,
             authority: None,
+            scope: medmesh_protocol::scope::Scope::all(),
         }
     }
 }
@@ -158,6 +163,10 @@ pub struct FeedEntry {
     pub record: std::result::Result<RecordView, String>,
 }
 
+/// What a memoized summary was computed for: the feed position, the writer's generation,
+/// the scope.
+pub(crate) type SummaryKey = (u64, u64, medmesh_protocol::scope::Scope);
+
 /// The medmesh store: Automerge documents in redb, with a change feed and indexes.
 ///
 /// Cloning is cheap; all clones share one database and one writer thread.
@@ -175,7 +184,11 @@ pub(crate) struct Inner {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     /// The last anti-entropy summary and the feed position it was computed at (a memo:
     /// anyone may compute and replace it).
-    pub(crate) summary: Mutex<Option<(u64, medmesh_protocol::wire::Summary)>>,
+    pub(crate) summary: Mutex<Vec<(SummaryKey, medmesh_protocol::wire::Summary)>>,
+    /// The clinics this store holds (the writer changes it).
+    pub(crate) scope: Arc<crate::scope::ScopeCell>,
+    /// Bumped by the writer when what is held changed without the feed moving.
+    pub(crate) summary_generation: Arc<std::sync::atomic::AtomicU64>,
     origins: Arc<crate::writer::Origins>,
     /// The device key changes are signed with (written by the writer only).
     pub(crate) author: Arc<AuthorCell>,
@@ -326,6 +339,8 @@ impl Store {
         let own_pending: Arc<signing::OwnPending> = Arc::default();
         let seals: Arc<signing::SealBook> = Arc::default();
         let authority = options.authority.clone();
+        let scope: Arc<crate::scope::ScopeCell> = Arc::new(std::sync::RwLock::new(options.scope.clone()));
+        let summary_generation: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let mut writer = Writer::new(
             feed_tx,
             db.clone(),
@@ -338,10 +353,13 @@ impl Store {
             &info,
             options,
             journal,
+            scope.clone(),
+            summary_generation.clone(),
         )?;
         // Writes acknowledged before an unclean stop that only the journal holds.
         writer.replay_journal()?;
         writer.reindex_stale()?;
+        writer.place_existing()?;
         let handle = std::thread::Builder::new()
             .name("medmesh-store-writer".into())
             .spawn(move || writer.run(rx))
@@ -354,12 +372,14 @@ impl Store {
                 info,
                 writer: tx,
                 writer_thread: Mutex::new(Some(handle)),
-                summary: Mutex::new(None),
+                summary: Mutex::new(Vec::new()),
                 origins,
                 author,
                 authority,
                 own_pending,
                 seals,
+                scope,
+                summary_generation,
             }),
         })
     }
@@ -643,14 +663,30 @@ impl Store {
     /// [`PUSH_ENTRY_BYTES`] each and [`PUSH_PAGE_BYTES`] a page, the document's latest
     /// change (the bytes of its last write, or a new document whole), so that a peer
     /// that had the version before needs no request for it.
+    ///
+    /// Only documents for a device of `scope` are announced (the position reached still
+    /// covers those left out).
     pub fn local_feed_page(
         &self,
         after: u64,
         limit: usize,
+        scope: &medmesh_protocol::scope::Scope,
     ) -> Result<(Vec<medmesh_protocol::sync::LocalEntry>, u64)> {
-        let (entries, last) = self.feed_page(after, limit)?;
-        let own = self.inner.own_pending.all();
+        let (mut entries, last) = self.feed_page(after, limit)?;
         let txn = self.read_txn()?;
+        if !scope.is_all() {
+            let mut kept = Vec::with_capacity(entries.len());
+            self.with_reach(&txn, scope, |reach| {
+                for item in entries.drain(..) {
+                    if reach.sends(&item.id)? {
+                        kept.push(item);
+                    }
+                }
+                Ok(())
+            })?;
+            entries = kept;
+        }
+        let own = self.inner.own_pending.all();
         let docs = txn.open_table(DOCS)?;
         let chunks = txn.open_table(CHUNKS)?;
         let sigs = txn.open_table(SIGS)?;
@@ -1191,6 +1227,9 @@ fn for_each_table(txn: &redb::WriteTransaction) -> Result<()> {
     txn.open_table(LOCAL)?;
     txn.open_table(SIGS)?;
     txn.open_table(SEALS)?;
+    txn.open_table(crate::tables::PLACES)?;
+    txn.open_table(crate::tables::PATIENT_DOCS)?;
+    txn.open_table(crate::tables::PURGED)?;
     Ok(())
 }
 

@@ -50,5 +50,18 @@ pub const SIGS: TableDefinition<(u128, [u8; 32]), &[u8]> = TableDefinition::new(
 /// signature over many of its changes. Only seals made here or whose signature held.
 pub const SEALS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("seals-1");
 
+/// Document id → where the document belongs when not every device holds it: `c` and a
+/// clinic id, or `p` and the id of the patient it follows ([`crate::scope`]).
+pub const PLACES: TableDefinition<u128, &[u8]> = TableDefinition::new("places-1");
+
+/// (Patient id, document id) → the clinic the document brings to its patient's clinics
+/// (empty if none), a zero byte, and the clinic it brought before its last change.
+pub const PATIENT_DOCS: TableDefinition<(u128, u128), &[u8]> =
+    TableDefinition::new("patient_docs-1");
+
+/// Patient id → (): patients purged here because they left this device's scope; what
+/// arrives for them is refused until something brings them into scope again.
+pub const PURGED: TableDefinition<u128, ()> = TableDefinition::new("purged-1");
+
 /// The format version written in [`INFO`] under `format`.
 pub const FORMAT_VERSION: u32 = 1;

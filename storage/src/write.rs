@@ -179,6 +179,21 @@ pub enum PeerUpdate {
         /// The address.
         addr: String,
     },
+    /// The peer confirmed it holds this store's feed (of `epoch`) up to `seq`.
+    Acked {
+        /// This store's feed epoch.
+        epoch: String,
+        /// The position.
+        seq: u64,
+    },
+    /// The clinics the peer serves (its certificate's; empty: all).
+    Clinics {
+        /// The clinic ids.
+        clinics: Vec<String>,
+    },
+    /// Read the peer's feed again from its start (this device's scope widened: what the
+    /// peer sent before was only what the narrower scope held).
+    Rewind,
     /// Forget the peer entirely.
     Forget,
 }
@@ -216,6 +231,16 @@ impl PeerRecord {
                 }
                 self.pinned = true;
             }
+            PeerUpdate::Acked { epoch, seq } => {
+                if self.acked_epoch.as_ref() == Some(epoch) {
+                    self.acked_seq = self.acked_seq.max(*seq);
+                } else {
+                    self.acked_epoch = Some(epoch.clone());
+                    self.acked_seq = *seq;
+                }
+            }
+            PeerUpdate::Clinics { clinics } => self.clinics = Some(clinics.clone()),
+            PeerUpdate::Rewind => self.cursor_seq = 0,
             PeerUpdate::Forget => return None,
         }
         Some(self)
@@ -243,4 +268,15 @@ pub struct PeerRecord {
     /// When this node last held everything of the peer's feed.
     #[serde(default)]
     pub last_sync_ms: Option<i64>,
+    /// The feed epoch of this store that `acked_seq` belongs to.
+    #[serde(default)]
+    pub acked_epoch: Option<String>,
+    /// How far the peer confirmed it durably holds this store's feed (what it was sent
+    /// of it: its scope's documents).
+    #[serde(default)]
+    pub acked_seq: u64,
+    /// The clinics the peer serves, from its certificate (empty: all); `None` until it
+    /// proved its membership.
+    #[serde(default)]
+    pub clinics: Option<Vec<String>>,
 }

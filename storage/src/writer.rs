@@ -36,7 +36,8 @@ use crate::signing::{self, Author, AuthorCell};
 use crate::slot::DbSlot;
 use crate::store::{StoreInfo, StoreOptions, load_from_tables};
 use crate::tables::{
-    CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, LOCAL, PEERS, SEALS, SIGS,
+    CHUNKS, COUNTS, DOC_META, DOCS, FEED, HELD, INDEX, INFO, LOCAL, PATIENT_DOCS, PEERS, PLACES,
+    PURGED, SEALS, SIGS,
 };
 use crate::working::{CACHEABLE_BATCH, Staged, Working};
 use crate::write::{PeerRecord, PeerUpdate, WriteBatch, WriteKind, WriteOp, WriteOutcome};
@@ -100,6 +101,13 @@ pub(crate) enum Command {
         author: Arc<Author>,
         reply: oneshot::Sender<Result<()>>,
     },
+    SetScope {
+        scope: medmesh_protocol::scope::Scope,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Purge {
+        reply: oneshot::Sender<Result<crate::scope::PurgeReport>>,
+    },
     Shutdown,
 }
 
@@ -118,7 +126,7 @@ pub(crate) struct Writer {
     pub(crate) cache: LruCache<DocId, Automerge>,
     pub(crate) next_seq: u64,
     compact_after: u32,
-    to_compact: BTreeSet<DocId>,
+    pub(crate) to_compact: BTreeSet<DocId>,
     /// Documents whose merge made Automerge fail: held on arrival from now on.
     pub(crate) poisoned: HashSet<DocId>,
     /// The schema document changed in the transaction being written.
@@ -151,6 +159,16 @@ pub(crate) struct Writer {
     journaling: bool,
     /// Commits made without durability since the last durable one (a checkpoint is due).
     unsaved: bool,
+    /// The clinics this store holds (this writer is its only writer).
+    pub(crate) scope: Arc<crate::scope::ScopeCell>,
+    /// Patients that gained a clinic in the transaction being written: their documents
+    /// move to the head of the feed before it commits.
+    pub(crate) refeed: BTreeSet<DocId>,
+    /// Bumped when what the store holds changed without the feed moving (a purge, a new
+    /// scope): summaries computed before are stale.
+    pub(crate) summary_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// This store's feed epoch (peers' acknowledgements of another epoch mean nothing).
+    pub(crate) feed_epoch: String,
 }
 
 /// Which peer each document's current version came from, when it came whole from one
@@ -168,11 +186,14 @@ pub(crate) struct Tables<'txn> {
     pub(crate) index: Table<'txn, &'static [u8], ()>,
     counts: Table<'txn, &'static str, u64>,
     pub(crate) info: Table<'txn, &'static str, &'static [u8]>,
-    peers: Table<'txn, &'static str, &'static [u8]>,
+    pub(crate) peers: Table<'txn, &'static str, &'static [u8]>,
     pub(crate) held: Table<'txn, u128, &'static [u8]>,
     local: Table<'txn, &'static str, &'static [u8]>,
     pub(crate) sigs: Table<'txn, (u128, [u8; 32]), &'static [u8]>,
     pub(crate) seals: Table<'txn, [u8; 32], &'static [u8]>,
+    pub(crate) places: Table<'txn, u128, &'static [u8]>,
+    pub(crate) patient_docs: Table<'txn, (u128, u128), &'static [u8]>,
+    pub(crate) purged: Table<'txn, u128, ()>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -190,7 +211,17 @@ impl<'txn> Tables<'txn> {
             local: txn.open_table(LOCAL)?,
             sigs: txn.open_table(SIGS)?,
             seals: txn.open_table(SEALS)?,
+            places: txn.open_table(PLACES)?,
+            patient_docs: txn.open_table(PATIENT_DOCS)?,
+            purged: txn.open_table(PURGED)?,
         })
+    }
+
+    /// One live record of `collection` fewer.
+    pub(crate) fn count_removed(&mut self, collection: &str) -> Result<()> {
+        let current = self.counts.get(collection)?.map_or(0, |v| v.value());
+        self.counts.insert(collection, current.saturating_sub(1))?;
+        Ok(())
     }
 
     pub(crate) fn meta_of(&self, id: &DocId) -> Result<Option<DocMeta>> {
@@ -221,6 +252,8 @@ impl Writer {
         info: &StoreInfo,
         options: StoreOptions,
         journal: Option<Journal>,
+        scope: Arc<crate::scope::ScopeCell>,
+        summary_generation: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Self> {
         let next_seq = {
             let txn = db.get()?.begin_read()?;
@@ -258,6 +291,10 @@ impl Writer {
             journal_entries: Vec::new(),
             journaling: false,
             unsaved: false,
+            scope,
+            refeed: BTreeSet::new(),
+            summary_generation,
+            feed_epoch: info.feed_epoch.clone(),
         })
     }
 
@@ -378,6 +415,12 @@ impl Writer {
                     }
                     let _ = reply.send(self.recover_own_sigs(&author));
                 }
+                Command::SetScope { scope, reply } => {
+                    let _ = reply.send(self.set_scope(scope));
+                }
+                Command::Purge { reply } => {
+                    let _ = reply.send(self.purge());
+                }
                 other => writes.push(other),
             }
         }
@@ -488,7 +531,10 @@ impl Writer {
             });
         // (What a transaction that failed collected is not carried into this one.)
         self.journal_entries.clear();
+        self.refeed.clear();
         self.journaling = journaled;
+        let first_seq = self.next_seq;
+        let mut refed = false;
         let txn = self.db.get()?.begin_write()?;
         {
             let mut tables = Tables::open(&txn)?;
@@ -541,8 +587,13 @@ impl Writer {
                     }
                 }
             }
+            if !self.refeed.is_empty() {
+                refed = self.refeed(&mut tables, first_seq)?;
+            }
         }
+        // Moved feed positions are not in the journal's frames.
         let journaled = journaled
+            && !refed
             && self
                 .journal_entries
                 .iter()
@@ -1224,6 +1275,13 @@ impl Writer {
         for fresh in new_entries.difference(&old_entries) {
             tables.index.insert(fresh.as_slice(), ())?;
         }
+        self.place(
+            tables,
+            id,
+            &working.collection,
+            old_meta.map(|_| &working.old_record),
+            record,
+        )?;
         let was_live = old_meta.is_some_and(|m| !m.deleted);
         if was_live == deleted {
             let current = tables
