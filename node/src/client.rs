@@ -218,6 +218,17 @@ pub async fn status(api: &ApiArgs) -> Result<()> {
             mesh["pending_out"],
             mesh["oldest_last_sync"].as_str().unwrap_or("-"),
         );
+        if let Some(serves) = device["serves"].as_str() {
+            println!("Clinics:  this device holds the records of {serves}");
+        }
+        let purged = mesh["purge"]["purged_since_start"].as_u64().unwrap_or(0);
+        let kept = mesh["purge"]["report"]["kept"].as_u64().unwrap_or(0);
+        if purged > 0 || kept > 0 {
+            println!(
+                "          {purged} record(s) of other clinics removed since the start; {kept} kept until a device that serves their clinic holds them"
+            );
+        }
+        print_unreached(&mesh["unreached_clinics"]);
     }
     if status["gateway"].as_bool() == Some(true) {
         let (_, gateway) = client.call(Method::GET, "/v1/gateway", None).await?;
@@ -680,6 +691,7 @@ pub async fn devices(
     action: Option<&str>,
     peer: Option<&str>,
     reason: &str,
+    clinics: &[String],
 ) -> Result<()> {
     let client = Client::new(api)?;
     match (action.unwrap_or("list"), peer) {
@@ -713,6 +725,17 @@ pub async fn devices(
                 if let Some(at) = d["expires_at"].as_str() {
                     println!("    certificate valid until {at}");
                 }
+                match d["clinics"].as_array() {
+                    Some(list) if !list.is_empty() => println!(
+                        "    holds the records of clinic(s) {}",
+                        list.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    _ if d["revoked"].is_null() => println!("    holds the records of all clinics"),
+                    _ => {}
+                }
             }
             Ok(())
         }
@@ -732,8 +755,31 @@ pub async fn devices(
         ("revoke", None) => {
             bail!("give the peer id: medmesh devices revoke PEER_ID (see `medmesh devices list`)")
         }
+        ("clinics", Some(peer)) => {
+            client
+                .call(
+                    Method::POST,
+                    &format!("/v1/devices/{}/clinics", encode(peer)),
+                    Some(&json!({ "clinics": clinics })),
+                )
+                .await?;
+            if clinics.is_empty() {
+                println!(
+                    "{peer} now serves all clinics. Once it receives its new certificate (at its next sync), it fetches the records it lacks."
+                );
+            } else {
+                println!(
+                    "{peer} now serves clinic(s) {}. Once it receives its new certificate (at its next sync), it holds only their records: the others are removed from it once a device that serves them holds them.",
+                    clinics.join(", ")
+                );
+            }
+            Ok(())
+        }
+        ("clinics", None) => bail!(
+            "give the peer id: medmesh devices clinics PEER_ID --clinic CLINIC_ID (see `medmesh devices list`)"
+        ),
         (other, _) => bail!(
-            "unknown devices action `{other}`: use `medmesh devices list` or `medmesh devices revoke PEER_ID`"
+            "unknown devices action `{other}`: use `medmesh devices list`, `medmesh devices revoke PEER_ID` or `medmesh devices clinics PEER_ID --clinic ID`"
         ),
     }
 }
@@ -793,6 +839,16 @@ pub async fn peers(api: &ApiArgs, action: Option<&str>, addr: Option<&str>) -> R
                 for addr in peer["addresses"].as_array().into_iter().flatten() {
                     println!("    {}", addr.as_str().unwrap_or("?"));
                 }
+                match peer["clinics"].as_array() {
+                    Some(list) if !list.is_empty() => println!(
+                        "    serves clinic(s) {}: only their records go to it",
+                        list.iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    _ => {}
+                }
                 if let Some(check) = peer["last_check_result"].as_str() {
                     println!(
                         "    last compared {}: {check}",
@@ -800,8 +856,28 @@ pub async fn peers(api: &ApiArgs, action: Option<&str>, addr: Option<&str>) -> R
                     );
                 }
             }
+            print_unreached(&answer["unreached_clinics"]);
             Ok(())
         }
+    }
+}
+
+/// Warns of the clinics whose records no connected peer brings.
+fn print_unreached(unreached: &Value) {
+    let list: Vec<String> = unreached
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| match c["name"].as_str().filter(|n| !n.is_empty()) {
+            Some(name) => format!("{name} ({})", c["id"].as_str().unwrap_or("?")),
+            None => c["id"].as_str().unwrap_or("?").to_owned(),
+        })
+        .collect();
+    if !list.is_empty() {
+        println!(
+            "Records of clinic(s) {} reach this device through no connected peer: the peers connected serve other clinics. Connect a device that serves them (or all clinics) to receive them.",
+            list.join(", ")
+        );
     }
 }
 

@@ -193,18 +193,23 @@ pub enum Command {
         /// The tablet's client id for `remove` (see `medmesh hub clients`).
         client: Option<String>,
     },
-    /// The mesh's devices: `devices list`, `devices revoke PEER_ID [--reason TEXT]`.
+    /// The mesh's devices: `devices list`, `devices revoke PEER_ID [--reason TEXT]`,
+    /// `devices clinics PEER_ID [--clinic ID]...` (the clinics whose records it holds;
+    /// no `--clinic`: all).
     Devices {
         #[command(flatten)]
         /// Node.
         api: ApiArgs,
-        /// `list` (default) or `revoke`.
+        /// `list` (default), `revoke` or `clinics`.
         action: Option<String>,
-        /// The peer id for `revoke` (see `medmesh devices list`).
+        /// The peer id for `revoke` and `clinics` (see `medmesh devices list`).
         peer: Option<String>,
         /// Why the device is revoked (kept with the revocation).
         #[arg(long, default_value = "")]
         reason: String,
+        /// For `clinics`: a clinic the device serves (repeatable; none: all clinics).
+        #[arg(long = "clinic")]
+        clinics: Vec<String>,
     },
     /// List the other nodes; `peers add MULTIADDR` connects to one, `peers forget
     /// PEER_ID` drops one.

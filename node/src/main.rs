@@ -62,8 +62,8 @@ fn main() -> std::process::ExitCode {
             }
             Command::Start(args) => server::start(args).await,
             Command::Invite(args) => server::invite(&args),
-            Command::Devices { api, action, peer, reason } => {
-                client::devices(&api, action.as_deref(), peer.as_deref(), &reason).await
+            Command::Devices { api, action, peer, reason, clinics } => {
+                client::devices(&api, action.as_deref(), peer.as_deref(), &reason, &clinics).await
             }
             Command::Hub { api, action, client } => {
                 client::hub(&api, action.as_deref(), client.as_deref()).await

@@ -154,6 +154,16 @@ pub fn open_data(dir: &Path, extra_schema: Option<&Path>) -> Result<OpenedData> 
     trust::seal_secret_files(dir)?;
     // One set of revoked devices, for the sessions and for the store's checks.
     trust.revoked = authority.revoked;
+    // An admin may have changed this device's clinics while it was stopped.
+    if let Some((cert, device)) = trust::newer_own_cert(&store, &trust)? {
+        trust::adopt_cert(dir, &mut trust, cert, device)?;
+    }
+    // The store holds this device's clinics' records only (all when it names none).
+    store
+        .set_scope_blocking(medmesh_protocol::scope::Scope::of_clinics(
+            &trust.device.clinics,
+        ))
+        .context("cannot set the clinics this device serves")?;
     // Best effort here: the device list is refreshed at every start.
     if let Err(err) = trust::publish_self(&store, &trust) {
         tracing::warn!(error = %format!("{err:#}"), "this device's certificate could not be published to the mesh's device list");

@@ -593,6 +593,87 @@ pub fn publish_self(store: &Store, trust: &Trust) -> Result<()> {
     )
 }
 
+/// A certificate for this device in the replicated device list newer than the one it
+/// holds (an admin changed its clinics), checked: the owner's signature, this device's
+/// peer id. `None` when there is none.
+pub fn newer_own_cert(store: &Store, trust: &Trust) -> Result<Option<(SignedCert, DeviceCert)>> {
+    let id = DocId::derived("device", &[&trust.device.peer_id]);
+    let record = match store.get(DEVICES_COLLECTION, &id) {
+        Ok(view) => view.record,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    let Some(cert) = record
+        .get("certificate")
+        .and_then(Value::as_str)
+        .and_then(|t| SignedCert::from_text(t).ok())
+    else {
+        return Ok(None);
+    };
+    match trust.root.open_cert(&cert) {
+        Ok(device)
+            if device.peer_id == trust.device.peer_id
+                && device.issued_at > trust.device.issued_at =>
+        {
+            Ok(Some((cert, device)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Takes a newer certificate of this device as its own: written to `device.cert` in
+/// `dir`, and into `trust`.
+pub fn adopt_cert(dir: &Path, trust: &mut Trust, cert: SignedCert, device: DeviceCert) -> Result<()> {
+    write_secret_file(&dir.join(CERT_FILE), &cert.to_text())?;
+    trust.cert = cert;
+    trust.device = device;
+    Ok(())
+}
+
+/// Gives the device `peer` a new certificate that serves `clinics` (empty: all), the
+/// rest as before (admin devices). It reaches the device through the replicated device
+/// list; the device then holds only those clinics' records. Answers the new certificate.
+pub fn set_clinics(
+    store: &Store,
+    trust: &Trust,
+    peer: &str,
+    clinics: Vec<String>,
+) -> Result<DeviceCert> {
+    let owner = trust.owner().context("cannot change a device's clinics")?;
+    let id = DocId::derived("device", &[peer]);
+    let current = match store.get(DEVICES_COLLECTION, &id) {
+        Ok(view) => view
+            .record
+            .get("certificate")
+            .and_then(Value::as_str)
+            .and_then(|t| SignedCert::from_text(t).ok())
+            .and_then(|c| trust.root.open_cert(&c).ok()),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(err) => return Err(err.into()),
+    };
+    let Some(mut device) = current.filter(|d| d.peer_id == peer) else {
+        bail!(
+            "no device {peer} is in the mesh's device list; `medmesh devices` lists them (a device is listed once it has synced)"
+        );
+    };
+    let mut clinics = clinics;
+    clinics.sort();
+    clinics.dedup();
+    device.clinics = clinics;
+    // Newer than any certificate it had, even if this machine's clock is behind.
+    device.issued_at = now_ms().max(device.issued_at + 1);
+    let cert = owner.issue(device.clone())?;
+    let fields = as_fields(json!({
+        "peer_id": device.peer_id,
+        "name": device.name,
+        "kind": device.kind.as_str(),
+        "certificate": cert.to_text(),
+    }));
+    upsert(store, DEVICES_COLLECTION, id, fields, &trust.device.peer_id)?;
+    tracing::info!(peer, clinics = ?device.clinics, "a device's clinics were changed");
+    Ok(device)
+}
+
 /// Signs and writes the revocation of `peer` (admin devices). Answers the revocation.
 pub fn revoke(store: &Store, trust: &Trust, peer: &str, reason: &str) -> Result<SignedRevocation> {
     let owner = trust.owner().context("cannot revoke a device")?;

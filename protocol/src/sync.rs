@@ -428,6 +428,12 @@ impl Session {
         self.head.unwrap_or(self.acked).saturating_sub(self.acked)
     }
 
+    /// How far the peer confirmed it durably holds this node's feed (what it was sent of
+    /// it).
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
     /// When this node last held everything of the peer's feed (milliseconds).
     pub fn last_synced_ms(&self) -> Option<u64> {
         self.last_synced_ms

@@ -244,6 +244,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/peers/{peer_id}/verify", post(peers::verify))
         .route("/v1/devices", get(peers::devices))
         .route("/v1/devices/{peer_id}/revoke", post(peers::revoke))
+        .route("/v1/devices/{peer_id}/clinics", post(peers::set_clinics))
         .route("/v1/hub", get(hub::info))
         .route("/v1/hub/clients", get(hub::clients))
         .route(

@@ -35,9 +35,23 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(crate::access::Permission::ReadStatus, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
-    Ok(Json(
-        json!({ "mesh": mesh.fingerprint(), "peers": mesh.peers() }),
-    ))
+    let store = state.store().clone();
+    let clinics = blocking(move || {
+        crate::mesh::scope::known_clinics(&store, 1_000).map_err(ApiError::from)
+    })
+    .await?;
+    let peers = mesh.peers();
+    let unreached: Vec<Value> =
+        crate::mesh::scope::unreached(&state.store().scope(), &clinics, &peers)
+            .into_iter()
+            .map(|(id, name)| json!({"id": id, "name": name}))
+            .collect();
+    Ok(Json(json!({
+        "mesh": mesh.fingerprint(),
+        "serves": state.store().scope().describe(),
+        "peers": peers,
+        "unreached_clinics": unreached,
+    })))
 }
 
 /// `POST /v1/peers/{peer_id}/verify`: compares everything this node holds with the peer
@@ -184,4 +198,53 @@ pub async fn revoke(
     })
     .await?;
     Ok(Json(json!({"peer_id": peer, "revoked": true})))
+}
+
+/// `POST /v1/devices/{peer_id}/clinics {"clinics": [ID, …]}`: changes the clinics a
+/// device serves (an empty list: all), on an admin device. The device's new certificate
+/// reaches it through the device list; it then holds only those clinics' records, and
+/// purges the others once a device that serves them holds them.
+pub async fn set_clinics(
+    State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
+    Path(peer): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    let trust = mesh.trust().clone();
+    if trust.owner.is_none() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_admin_device",
+            "only an admin device of the mesh (one that holds the owner key) can change a device's clinics; do it on an admin device",
+        ));
+    }
+    let body = json_body(body)?;
+    let Some(list) = body.get("clinics").and_then(Value::as_array) else {
+        return Err(ApiError::bad_request(
+            "bad_clinics",
+            "send {\"clinics\": [clinic id, …]} (an empty list: all clinics)",
+        ));
+    };
+    let mut clinics = Vec::with_capacity(list.len());
+    for clinic in list {
+        match clinic.as_str().map(str::trim).filter(|c| !c.is_empty()) {
+            Some(c) => clinics.push(c.to_owned()),
+            None => {
+                return Err(ApiError::bad_request(
+                    "bad_clinics",
+                    "every clinic must be a clinic id (text)",
+                ));
+            }
+        }
+    }
+    let store = state.store().clone();
+    let target = peer.clone();
+    let device = blocking(move || {
+        crate::trust::set_clinics(&store, &trust, &target, clinics)
+            .map_err(|e| ApiError::bad_request("cannot_change_clinics", format!("{e:#}")))
+    })
+    .await?;
+    Ok(Json(json!({"peer_id": peer, "clinics": device.clinics})))
 }

@@ -9,6 +9,8 @@ use super::{ApiError, AppState, MAX_PAGE, blocking};
 
 /// Held documents listed in the status at most (all are counted).
 const HELD_SHOWN: usize = 50;
+/// Clinics looked at for the ones no connected peer brings.
+const CLINICS_LISTED: usize = 1_000;
 
 /// `GET /health`
 pub async fn health() -> Json<Value> {
@@ -22,14 +24,16 @@ pub async fn status(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(crate::access::Permission::ReadStatus, None)?;
     let s = state.clone();
-    let (counts, seq, (held, held_total)) = blocking(move || {
+    let (counts, seq, (held, held_total), clinics) = blocking(move || {
         Ok((
             s.store().counts()?,
             s.store().last_seq()?,
             s.store().held(HELD_SHOWN)?,
+            crate::mesh::scope::known_clinics(s.store(), CLINICS_LISTED)?,
         ))
     })
     .await?;
+    let scope = state.store().scope();
     let total: u64 = counts.values().sum();
     let info = state.store().info();
     let mesh = state.mesh().map(|mesh| {
@@ -42,7 +46,8 @@ pub async fn status(
                 "name": device.name,
                 "kind": device.kind.as_str(),
                 "admin": mesh.trust().owner.is_some(),
-                "clinics": device.clinics,
+                "clinics": scope.clinics().map(|c| c.iter().cloned().collect::<Vec<_>>()).unwrap_or_default(),
+                "serves": scope.describe(),
                 "expires_at": device.expires_at.map(medmesh_protocol::record::format_timestamp),
             },
             "peers_known": peers.len(),
@@ -50,6 +55,12 @@ pub async fn status(
             "pending_in": connected.iter().map(|p| p.pending_in).sum::<usize>(),
             "pending_out": connected.iter().map(|p| p.pending_out).sum::<u64>(),
             "oldest_last_sync": connected.iter().map(|p| p.last_sync.clone()).min().flatten(),
+            // Clinics this device serves whose records no connected peer can bring.
+            "unreached_clinics": crate::mesh::scope::unreached(&scope, &clinics, &peers)
+                .into_iter()
+                .map(|(id, name)| json!({"id": id, "name": name}))
+                .collect::<Vec<_>>(),
+            "purge": mesh.purge_state(),
         })
     });
     Ok(Json(json!({

@@ -16,6 +16,7 @@
 pub mod discovery;
 pub mod enroll;
 mod network;
+pub mod scope;
 mod session;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,9 @@ pub struct PeerView {
     pub name: Option<String>,
     /// tablet, gateway or admin, from its certificate.
     pub kind: Option<String>,
+    /// The clinics it serves, from its certificate (empty: all); only their records are
+    /// sent to it.
+    pub clinics: Option<Vec<String>>,
     /// Where it was reached or seen.
     pub addresses: Vec<String>,
     /// Connected now.
@@ -151,6 +155,11 @@ pub(crate) enum Command {
     Revoked {
         peer: String,
     },
+    /// This device has a new certificate (an admin changed its clinics): present it from
+    /// now on, to every peer again.
+    Certificate {
+        cert: medmesh_protocol::membership::SignedCert,
+    },
 }
 
 /// A handle to the running mesh.
@@ -160,6 +169,7 @@ pub struct Mesh {
     status: SharedStatus,
     fingerprint: String,
     trust: crate::trust::Trust,
+    purge: scope::SharedPurge,
 }
 
 impl Mesh {
@@ -263,5 +273,10 @@ impl Mesh {
     /// This device's trust (root, certificate, owner key on admin devices).
     pub fn trust(&self) -> &crate::trust::Trust {
         &self.trust
+    }
+
+    /// The last purge of records outside this device's clinics.
+    pub fn purge_state(&self) -> scope::PurgeState {
+        self.purge.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }

@@ -270,11 +270,21 @@ pub async fn start(
         commands_tx.clone(),
         shutdown.clone(),
     ));
+    let purge = super::scope::SharedPurge::default();
+    tokio::spawn(super::scope::keep(
+        store.clone(),
+        config.data_dir.clone(),
+        trust.clone(),
+        commands_tx.clone(),
+        purge.clone(),
+        shutdown.clone(),
+    ));
     let mesh = Mesh {
         commands: commands_tx,
         status,
         fingerprint: root.fingerprint(),
         trust,
+        purge,
     };
     let mdns = config.mdns;
     let interfaces = config.mdns_interfaces.clone();
@@ -547,6 +557,14 @@ impl Network {
                 tracing::error!(
                     "this device was revoked by an admin of the mesh: the other devices refuse it from now on; ask an admin for a new invite (in a new data directory) if that was a mistake"
                 );
+            }
+            Command::Certificate { cert } => {
+                self.context.credential.cert = cert;
+                // Every peer sends by the certificate it saw: sync again under the new
+                // one (each session ends and is opened again).
+                for handle in self.sessions.values() {
+                    handle.cancel.cancel();
+                }
             }
             Command::Revoked { peer } => {
                 let _ = self.forget(&peer).await;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use medmesh_protocol::membership::Credential;
 use medmesh_protocol::record;
+use medmesh_protocol::scope::Scope;
 use medmesh_protocol::sync::{Cursor, Input, Output, RoundReport, Session, SessionConfig};
 use medmesh_protocol::wire::{self, FrameDecoder, Limits};
 use medmesh_storage::{PeerUpdate, Store, WriteBatch, WriteOp, escape};
@@ -32,6 +33,10 @@ const STORES_IN_FLIGHT: usize = 2;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the session is told that time passed (anti-entropy rounds).
 const TICK: Duration = Duration::from_millis(500);
+/// Feed positions the peer confirms between two saves of its confirmation (also saved
+/// when the session ends), or the time after which a confirmation that moved is saved.
+const ACKED_SAVE_STEP: u64 = 1_000;
+const ACKED_SAVE_EVERY: Duration = Duration::from_secs(10);
 /// Commands that may wait for a session.
 pub(crate) const SESSION_COMMANDS: usize = 8;
 
@@ -131,6 +136,10 @@ async fn drive(
         verifies: HashMap::new(),
         next_token: 1,
         seals_sent: Default::default(),
+        // Nothing is sent before the peer's certificate is known.
+        peer_scope: Scope::of_clinics(&["(none yet)"]),
+        acked_saved: 0,
+        acked_saved_at: tokio::time::Instant::now(),
     };
     let first = session.start();
     let mut ended = driver.execute(&mut session, first).await?;
@@ -214,6 +223,7 @@ async fn drive(
             }
         }
         if ended.is_none() && session.is_open() {
+            driver.save_acked(session.acked(), false).await?;
             update_existing(&context.status, &remote, |v| {
                 v.pending_in = session.pending_in();
                 v.pending_out = session.pending_out();
@@ -223,6 +233,9 @@ async fn drive(
                 }
             });
         }
+    }
+    if session.is_open() {
+        let _ = driver.save_acked(session.acked(), true).await;
     }
     drop(driver);
     let _ = write_task.await;
@@ -247,9 +260,44 @@ struct Driver<'a> {
     next_token: u64,
     /// The seals this connection has sent (each travels once per connection).
     seals_sent: medmesh_storage::SealsSent,
+    /// The clinics the peer serves (from its certificate): only their records are sent.
+    peer_scope: Scope,
+    /// How far the peer confirmed this node's feed, as last saved, and when.
+    acked_saved: u64,
+    acked_saved_at: tokio::time::Instant,
 }
 
 impl Driver<'_> {
+    /// What this device and the peer both serve: what their summaries compare.
+    fn shared_scope(&self) -> Scope {
+        self.context.store.scope().intersect(&self.peer_scope)
+    }
+
+    /// Saves how far the peer confirmed this node's feed (what lets a narrowed device
+    /// purge what it no longer serves): when it moved by many positions or a while ago,
+    /// or `now`. (Each save is a write of its own; not one per change.)
+    async fn save_acked(&mut self, acked: u64, now: bool) -> Result<()> {
+        let due = now
+            || acked >= self.acked_saved + ACKED_SAVE_STEP
+            || self.acked_saved_at.elapsed() >= ACKED_SAVE_EVERY;
+        if acked <= self.acked_saved || !due {
+            return Ok(());
+        }
+        self.acked_saved = acked;
+        self.acked_saved_at = tokio::time::Instant::now();
+        self.context
+            .store
+            .update_peer(
+                self.remote,
+                PeerUpdate::Acked {
+                    epoch: self.context.store.info().feed_epoch.clone(),
+                    seq: acked,
+                },
+            )
+            .await
+            .context("saving how far the peer holds this node's changes failed")
+    }
+
     /// Performs outputs (and the outputs their answers produce) until none are left.
     /// Answers `Some(reason)` when the session ended.
     async fn execute(
@@ -272,8 +320,9 @@ impl Driver<'_> {
                 }
                 Output::ReadFeed { after, limit } => {
                     let head = *store.subscribe_feed().borrow();
+                    let scope = self.peer_scope.clone();
                     let (entries, last_seq) =
-                        blocking(move || store.local_feed_page(after, limit)).await?;
+                        blocking(move || store.local_feed_page(after, limit, &scope)).await?;
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -293,8 +342,11 @@ impl Driver<'_> {
                     whole,
                     changes,
                 } => {
-                    let (docs, diverged) =
-                        blocking(move || store.load_for_peer_diverged(&whole, &changes)).await?;
+                    let scope = self.peer_scope.clone();
+                    let (docs, diverged) = blocking(move || {
+                        store.load_for_peer_diverged(&whole, &changes, &scope)
+                    })
+                    .await?;
                     Some(Input::Loaded {
                         req,
                         docs,
@@ -355,7 +407,8 @@ impl Driver<'_> {
                     None
                 }
                 Output::ComputeSummary => {
-                    let summary = blocking(move || store.summary()).await?;
+                    let scope = self.shared_scope();
+                    let summary = blocking(move || store.summary_for(&scope)).await?;
                     Some(Input::SummaryComputed { summary })
                 }
                 Output::ReadRange {
@@ -364,8 +417,9 @@ impl Driver<'_> {
                     after,
                     limit,
                 } => {
+                    let scope = self.shared_scope();
                     let (entries, more) =
-                        blocking(move || store.read_range(bucket, after, limit)).await?;
+                        blocking(move || store.read_range(bucket, after, limit, &scope)).await?;
                     Some(Input::RangeRead {
                         round,
                         bucket,
@@ -387,13 +441,24 @@ impl Driver<'_> {
                     remote_epoch,
                     device,
                 } => {
-                    tracing::info!(%remote_epoch, name = %escape(&device.name), kind = device.kind.as_str(), "sync session established: the peer's certificate is valid");
+                    self.peer_scope = Scope::of_clinics(&device.clinics);
+                    tracing::info!(%remote_epoch, name = %escape(&device.name), kind = device.kind.as_str(), clinics = %self.peer_scope.describe(), "sync session established: the peer's certificate is valid");
+                    store
+                        .update_peer(
+                            self.remote,
+                            PeerUpdate::Clinics {
+                                clinics: device.clinics.clone(),
+                            },
+                        )
+                        .await
+                        .context("saving the peer's clinics failed")?;
                     let _ = self.context.established.send(self.remote.to_owned()).await;
                     update_status(&self.context.status, self.remote, |v| {
                         v.syncing = true;
                         v.last_error = None;
                         v.name = Some(device.name.clone());
                         v.kind = Some(device.kind.as_str().to_owned());
+                        v.clinics = Some(device.clinics.clone());
                     });
                     None
                 }
