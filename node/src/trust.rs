@@ -623,7 +623,12 @@ pub fn newer_own_cert(store: &Store, trust: &Trust) -> Result<Option<(SignedCert
 
 /// Takes a newer certificate of this device as its own: written to `device.cert` in
 /// `dir`, and into `trust`.
-pub fn adopt_cert(dir: &Path, trust: &mut Trust, cert: SignedCert, device: DeviceCert) -> Result<()> {
+pub fn adopt_cert(
+    dir: &Path,
+    trust: &mut Trust,
+    cert: SignedCert,
+    device: DeviceCert,
+) -> Result<()> {
     write_secret_file(&dir.join(CERT_FILE), &cert.to_text())?;
     trust.cert = cert;
     trust.device = device;

@@ -220,7 +220,12 @@ mod tests {
             of("appointments", json!({"patient_id": p, "clinic_id": "c3"})).brings,
             Some("c3".into())
         );
-        for collection in ["events", "patient_vitals", "prescription_items", "_access_log"] {
+        for collection in [
+            "events",
+            "patient_vitals",
+            "prescription_items",
+            "_access_log",
+        ] {
             assert_eq!(
                 of(collection, json!({"patient_id": p, "clinic_id": "c9"})),
                 Placement {
@@ -230,7 +235,11 @@ mod tests {
                 "{collection}"
             );
         }
-        for collection in ["clinic_inventory", "inventory_transactions", "_stock_ledgers"] {
+        for collection in [
+            "clinic_inventory",
+            "inventory_transactions",
+            "_stock_ledgers",
+        ] {
             assert_eq!(
                 of(collection, json!({"clinic_id": "c1"})).belongs,
                 Belongs::Clinic("c1".into()),
@@ -238,7 +247,11 @@ mod tests {
             );
         }
         assert_eq!(
-            of("dispensing_records", json!({"clinic_id": "c1", "patient_id": null})).belongs,
+            of(
+                "dispensing_records",
+                json!({"clinic_id": "c1", "patient_id": null})
+            )
+            .belongs,
             Belongs::Clinic("c1".into())
         );
         for collection in ["users", "clinics", "drug_catalogue", "_devices", "_schema"] {

@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 use crate::error::{Result, StoreError};
 use crate::merge::{escape, guarded};
 use crate::meta::{DocMeta, doc_key, key_doc};
+use crate::scope::Reach;
 use crate::signing::{self, SealsSent};
 use crate::store::{Store, load_document, read_meta};
-use crate::scope::Reach;
 use crate::tables::{DOC_META, DOCS, FEED, PATIENT_DOCS, PEERS, PLACES, SEALS, SIGS};
 use medmesh_protocol::scope::Scope;
 

@@ -663,6 +663,9 @@ impl Writer {
             tables
                 .meta
                 .insert(doc_key(&id), placeholder.encode().as_slice())?;
+            // What it holds is not known: it travels only between devices that serve
+            // every clinic.
+            crate::scope::mark_unknown(tables, &id)?;
         }
         tracing::warn!(
             doc = %id,

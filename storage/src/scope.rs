@@ -28,9 +28,12 @@ use serde::Serialize;
 use crate::error::{Result, StoreError};
 use crate::meta::{DocMeta, doc_key, key_doc};
 use crate::store::{Store, load_from_tables};
-use crate::tables::{DOC_META, PATIENT_DOCS, PLACES, PURGED};
+use crate::tables::{PATIENT_DOCS, PLACES, PURGED};
 use crate::write::PeerRecord;
 use crate::writer::{Tables, Writer, index_entries};
+
+/// The `info` key that says every document of the store is placed.
+pub(crate) const PLACED_MARK: &str = "places";
 
 /// The scope this store holds (shared by the writer, which alone changes it, and readers).
 pub(crate) type ScopeCell = std::sync::RwLock<Scope>;
@@ -63,12 +66,23 @@ fn encode_place(belongs: &Belongs) -> Option<Vec<u8>> {
     }
 }
 
-fn decode_place(bytes: &[u8]) -> Belongs {
+/// Where a document belongs; `None` when it is not known (a document held here as it
+/// arrived, which could not be read).
+fn decode_place(bytes: &[u8]) -> Option<Belongs> {
     match bytes.split_first() {
-        Some((b'c', clinic)) => Belongs::Clinic(String::from_utf8_lossy(clinic).into_owned()),
-        Some((b'p', id)) => DocId::from_slice(id).map_or(Belongs::All, Belongs::Patient),
-        _ => Belongs::All,
+        Some((b'c', clinic)) => Some(Belongs::Clinic(
+            String::from_utf8_lossy(clinic).into_owned(),
+        )),
+        Some((b'p', id)) => DocId::from_slice(id).map(Belongs::Patient),
+        _ => None,
     }
+}
+
+/// Marks a document held here (as it arrived, unreadable) as belonging to no known place:
+/// only devices that serve every clinic send, receive and compare it.
+pub(crate) fn mark_unknown(tables: &mut Tables<'_>, id: &DocId) -> Result<()> {
+    tables.places.insert(doc_key(id), b"?".as_slice())?;
+    Ok(())
 }
 
 /// `brings \0 brought-before` (either may be empty).
@@ -148,9 +162,10 @@ where
             None => return Ok(true),
         };
         match place {
-            Belongs::All => Ok(true),
-            Belongs::Clinic(clinic) => Ok(self.scope.serves(&clinic)),
-            Belongs::Patient(patient) => self.patient_in_scope(doc_key(&patient)),
+            None => Ok(false),
+            Some(Belongs::All) => Ok(true),
+            Some(Belongs::Clinic(clinic)) => Ok(self.scope.serves(&clinic)),
+            Some(Belongs::Patient(patient)) => self.patient_in_scope(doc_key(&patient)),
         }
     }
 
@@ -161,19 +176,19 @@ where
         if self.holds(id)? {
             return Ok(true);
         }
-        let Some(Belongs::Patient(patient)) =
-            self.places.get(doc_key(id))?.map(|b| decode_place(b.value()))
+        let Some(Some(Belongs::Patient(patient))) = self
+            .places
+            .get(doc_key(id))?
+            .map(|b| decode_place(b.value()))
         else {
             return Ok(false);
         };
-        Ok(
-            match self.patients.get((doc_key(&patient), doc_key(id)))? {
-                Some(bytes) => decode_entry(bytes.value())
-                    .1
-                    .is_some_and(|before| self.scope.serves(&before)),
-                None => false,
-            },
-        )
+        Ok(match self.patients.get((doc_key(&patient), doc_key(id)))? {
+            Some(bytes) => decode_entry(bytes.value())
+                .1
+                .is_some_and(|before| self.scope.serves(&before)),
+            None => false,
+        })
     }
 }
 
@@ -218,38 +233,6 @@ impl Store {
         let txn = self.read_txn()?;
         let table = txn.open_table(PATIENT_DOCS)?;
         patient_clinics(&table, doc_key(patient))
-    }
-
-    /// Documents held here per clinic they belong to (`None`: every device holds them);
-    /// a patient's documents count for each of its clinics.
-    pub fn documents_by_clinic(&self) -> Result<BTreeMap<Option<String>, u64>> {
-        let txn = self.read_txn()?;
-        let meta = txn.open_table(DOC_META)?;
-        let places = txn.open_table(PLACES)?;
-        let patients = txn.open_table(PATIENT_DOCS)?;
-        let mut memo: HashMap<u128, BTreeSet<String>> = HashMap::new();
-        let mut out = BTreeMap::new();
-        for entry in meta.iter()? {
-            let (key, _) = entry?;
-            let clinics: Vec<Option<String>> = match places.get(key.value())? {
-                None => vec![None],
-                Some(bytes) => match decode_place(bytes.value()) {
-                    Belongs::All => vec![None],
-                    Belongs::Clinic(c) => vec![Some(c)],
-                    Belongs::Patient(p) => {
-                        let p = doc_key(&p);
-                        if !memo.contains_key(&p) {
-                            memo.insert(p, patient_clinics(&patients, p)?);
-                        }
-                        memo[&p].iter().cloned().map(Some).collect()
-                    }
-                },
-            };
-            for clinic in clinics {
-                *out.entry(clinic).or_insert(0) += 1;
-            }
-        }
-        Ok(out)
     }
 
     /// Holds the scope `scope` from now on. Widening forgets the patients purged here
@@ -499,12 +482,7 @@ impl Writer {
             {
                 let mut theirs: Vec<_> = confirmed
                     .iter()
-                    .map(|(s, upto)| {
-                        (
-                            Reach::new(&tables.places, &tables.patient_docs, s),
-                            *upto,
-                        )
-                    })
+                    .map(|(s, upto)| (Reach::new(&tables.places, &tables.patient_docs, s), *upto))
                     .collect();
                 for id in candidates {
                     let Some(meta) = tables.meta_of(&id)? else {
@@ -558,8 +536,12 @@ impl Writer {
         let record = load_from_tables(&tables.docs, &tables.chunks, id, &meta.collection)
             .map(|doc| record::read_record(&doc))
             .unwrap_or_default();
-        for entry in index_entries(&meta.collection, schema.collection(&meta.collection), id, &record)
-        {
+        for entry in index_entries(
+            &meta.collection,
+            schema.collection(&meta.collection),
+            id,
+            &record,
+        ) {
             tables.index.remove(entry.as_slice())?;
         }
         if !meta.deleted {
@@ -576,7 +558,7 @@ impl Writer {
             .retain_in((key, [0; 32])..=(key, [u8::MAX; 32]), |_, _| false)?;
         tables.held.remove(key)?;
         if let Some(bytes) = tables.places.remove(key)?
-            && let Belongs::Patient(patient) = decode_place(bytes.value())
+            && let Some(Belongs::Patient(patient)) = decode_place(bytes.value())
         {
             let p = doc_key(&patient);
             tables.patient_docs.remove((p, key))?;
@@ -590,7 +572,7 @@ impl Writer {
     /// Fills `places` and `patient_docs` for the documents of a store made before they
     /// existed (once; marked in `info`).
     pub(crate) fn place_existing(&mut self) -> Result<()> {
-        const MARK: &str = "places";
+        const MARK: &str = PLACED_MARK;
         {
             let txn = self.db.get()?.begin_read()?;
             if txn.open_table(crate::tables::INFO)?.get(MARK)?.is_some() {

@@ -339,7 +339,8 @@ impl Store {
         let own_pending: Arc<signing::OwnPending> = Arc::default();
         let seals: Arc<signing::SealBook> = Arc::default();
         let authority = options.authority.clone();
-        let scope: Arc<crate::scope::ScopeCell> = Arc::new(std::sync::RwLock::new(options.scope.clone()));
+        let scope: Arc<crate::scope::ScopeCell> =
+            Arc::new(std::sync::RwLock::new(options.scope.clone()));
         let summary_generation: Arc<std::sync::atomic::AtomicU64> = Arc::default();
         let mut writer = Writer::new(
             feed_tx,
@@ -1192,6 +1193,8 @@ fn init_tables(db: &Database, path: Option<PathBuf>) -> Result<StoreInfo> {
                 table.insert("format", FORMAT_VERSION.to_be_bytes().as_slice())?;
                 let epoch = uuid::Uuid::new_v4().simple().to_string();
                 table.insert("feed_epoch", epoch.as_bytes())?;
+                // A new store places every document as it is written.
+                table.insert(crate::scope::PLACED_MARK, b"1".as_slice())?;
             }
         }
         let text = |key: &str| -> Result<Vec<u8>> {

@@ -59,9 +59,7 @@ fn announced(from: &Store, after: u64, scope: &Scope) -> Vec<DocId> {
 /// documents, merged in feed order). Answers how many `to` kept.
 fn send(from: &Store, to: &Store, after: u64, scope: &Scope) -> usize {
     let ids = announced(from, after, scope);
-    let (docs, _) = from
-        .load_for_peer_diverged(&ids, &[], scope)
-        .expect("load");
+    let (docs, _) = from.load_for_peer_diverged(&ids, &[], scope).expect("load");
     let mut kept = 0;
     for doc in docs {
         let op = WriteOp::new(
@@ -169,7 +167,9 @@ fn a_clinic_s_scope_covers_its_patients_stock_and_the_reference_data() {
     let c1 = Scope::of_clinics(&[&m.c1]);
     let expected: BTreeSet<DocId> = [m.clinic, m.p1, m.e1, m.stock1].into();
     assert_eq!(
-        announced(&wide, 0, &c1).into_iter().collect::<BTreeSet<_>>(),
+        announced(&wide, 0, &c1)
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
         expected
     );
     // Asking for other clinics' records by id gets nothing.
@@ -204,8 +204,16 @@ fn a_patient_seen_at_another_clinic_arrives_there_with_its_whole_history() {
         json!({"patient_id": m.p2.to_string(), "clinic_id": m.c1}),
     );
     let after = announced(&wide, mark, &c1);
-    assert_eq!(after.first(), Some(&v3), "the visit, then the patient's history");
-    assert_eq!(after.get(1), Some(&m.p2), "the patient first of its history");
+    assert_eq!(
+        after.first(),
+        Some(&v3),
+        "the visit, then the patient's history"
+    );
+    assert_eq!(
+        after.get(1),
+        Some(&m.p2),
+        "the patient first of its history"
+    );
     assert_eq!(
         after.iter().collect::<BTreeSet<_>>(),
         [&v3, &m.p2, &m.v2, &m.e2].into()
@@ -217,7 +225,9 @@ fn a_patient_seen_at_another_clinic_arrives_there_with_its_whole_history() {
     // Nothing else moved, and the other clinic's devices are told only of the visit.
     let c2 = Scope::of_clinics(&[&m.c2]);
     assert_eq!(
-        announced(&wide, mark, &c2).into_iter().collect::<BTreeSet<_>>(),
+        announced(&wide, mark, &c2)
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
         [v3, m.p2, m.v2, m.e2].into()
     );
 }
@@ -355,7 +365,9 @@ fn a_store_made_before_scopes_learns_where_its_records_belong_at_open() {
     let store = Store::open(&path, Schema::hikma(), StoreOptions::default()).expect("reopen");
     let c2 = Scope::of_clinics(&[&m.c2]);
     assert_eq!(
-        announced(&store, 0, &c2).into_iter().collect::<BTreeSet<_>>(),
+        announced(&store, 0, &c2)
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
         [m.clinic, m.p2, m.v2, m.e2, m.stock2].into()
     );
 }

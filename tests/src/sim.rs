@@ -14,8 +14,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use automerge::{ChangeHash, ReadDoc};
-use medmesh_protocol::membership::{Credential, OwnerKey};
+use medmesh_protocol::membership::{Credential, DeviceCert, DeviceKind, OwnerKey};
 use medmesh_protocol::record::Fields;
+use medmesh_protocol::scope::Scope;
 use medmesh_protocol::sync::{Cursor, Input, Output, RoundReport, Session, SessionConfig};
 use medmesh_protocol::wire::{self, FrameDecoder, Message, Summary};
 use medmesh_protocol::{ChangeAuthor, DocId, Schema};
@@ -56,6 +57,10 @@ pub fn open_disk(disk: &MemoryDisk, n: usize) -> Store {
     store
 }
 
+fn obj(value: Value) -> Fields {
+    value.as_object().cloned().unwrap_or_default()
+}
+
 /// One simulated device.
 pub struct SimPeer {
     /// Its name (peer id in sessions).
@@ -66,6 +71,8 @@ pub struct SimPeer {
     pub disk: MemoryDisk,
     /// Its cursors into the others' feeds.
     pub cursors: HashMap<String, Cursor>,
+    /// The clinics it serves (its certificate's).
+    pub scope: Scope,
 }
 
 impl SimPeer {
@@ -76,6 +83,7 @@ impl SimPeer {
             store: open_disk(&disk, i),
             disk,
             cursors: HashMap::new(),
+            scope: Scope::all(),
         }
     }
 
@@ -158,6 +166,9 @@ pub struct Sim {
     pub repairs: u64,
     /// Reports of verify rounds, per (link, side).
     pub verified: Vec<RoundReport>,
+    /// The clinics of a mesh whose devices serve some of them ([`Sim::scoped`]); empty:
+    /// every device serves all, and records name no clinic.
+    pub clinics: Vec<String>,
 }
 
 impl Sim {
@@ -224,7 +235,58 @@ impl Sim {
             bytes_by_kind: BTreeMap::new(),
             repairs: 0,
             verified: Vec::new(),
+            clinics: Vec::new(),
         }
+    }
+
+    /// A mesh of `clinics` clinics: peer 0 serves all of them and is linked to every
+    /// other peer (so that every record has a way to every device that serves it); the
+    /// others serve all (a quarter of them) or one or two clinics. Edits then write
+    /// patients of the writer's clinics, visits (some at other clinics, which bring the
+    /// patient there), events, stock movements and transfers between clinics.
+    pub fn scoped(seed: u64, clinics: usize) -> Self {
+        let mut sim = Self::new(seed);
+        sim.clinics = (0..clinics).map(|c| format!("clinic-{c}")).collect();
+        let n = sim.peers.len();
+        for b in 1..n {
+            if !sim
+                .links
+                .iter()
+                .any(|l| (l.a, l.b) == (0, b) || (l.a, l.b) == (b, 0))
+            {
+                sim.links.push(Link {
+                    a: 0,
+                    b,
+                    sessions: None,
+                    queues: [VecDeque::new(), VecDeque::new()],
+                    decoders: [FrameDecoder::new(), FrameDecoder::new()],
+                    late: [Vec::new(), Vec::new()],
+                    seals_sent: Default::default(),
+                    blocked: false,
+                });
+            }
+        }
+        for p in 1..n {
+            let scope = if sim.rng.random_bool(0.25) {
+                Scope::all()
+            } else {
+                let take = sim.rng.random_range(1..=2.min(clinics));
+                let mut mine = Vec::new();
+                while mine.len() < take {
+                    let c = sim.clinics[sim.rng.random_range(0..clinics)].clone();
+                    if !mine.contains(&c) {
+                        mine.push(c);
+                    }
+                }
+                Scope::of_clinics(&mine)
+            };
+            sim.peers[p]
+                .store
+                .set_scope_blocking(scope.clone())
+                .expect("scope");
+            sim.peers[p].scope = scope;
+        }
+        sim
     }
 
     fn credential_for(&self, peer: usize) -> Credential {
@@ -233,7 +295,18 @@ impl Sim {
         } else {
             self.owner.clone()
         };
-        Credential::issued(&owner, &self.peers[peer].name, 0).expect("a certificate")
+        let name = &self.peers[peer].name;
+        let mut cert = DeviceCert::new(name, name, DeviceKind::Tablet, 0);
+        cert.clinics = self.peers[peer]
+            .scope
+            .clinics()
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default();
+        Credential {
+            root: owner.root(),
+            cert: owner.issue(cert).expect("a certificate"),
+            revoked: Default::default(),
+        }
     }
 
     /// Declares the lab collection on one peer (schema drift: the others learn it
@@ -337,6 +410,8 @@ impl Sim {
         while let Some(output) = pending.pop_front() {
             let peer = self.peer_of(l, side);
             let store = self.peers[peer].store.clone();
+            let remote_scope = self.peers[self.peer_of(l, 1 - side)].scope.clone();
+            let shared = self.peers[peer].scope.intersect(&remote_scope);
             let input = match output {
                 Output::Send(mut message) => {
                     store.seals_for_send(&mut message, &mut self.links[l].seals_sent[side]);
@@ -345,7 +420,9 @@ impl Sim {
                     None
                 }
                 Output::ReadFeed { after, limit } => {
-                    let (entries, last_seq) = store.local_feed_page(after, limit).expect("feed");
+                    let (entries, last_seq) = store
+                        .local_feed_page(after, limit, &remote_scope)
+                        .expect("feed");
                     Some(Input::FeedRead {
                         entries,
                         last_seq,
@@ -366,7 +443,7 @@ impl Sim {
                     changes,
                 } => {
                     let (docs, diverged) = store
-                        .load_for_peer_diverged(&whole, &changes)
+                        .load_for_peer_diverged(&whole, &changes, &remote_scope)
                         .expect("load");
                     Some(Input::Loaded {
                         req,
@@ -419,7 +496,7 @@ impl Sim {
                     None
                 }
                 Output::ComputeSummary => Some(Input::SummaryComputed {
-                    summary: store.summary().expect("summary"),
+                    summary: store.summary_for(&shared).expect("summary"),
                 }),
                 Output::ReadRange {
                     round,
@@ -427,7 +504,9 @@ impl Sim {
                     after,
                     limit,
                 } => {
-                    let (entries, more) = store.read_range(bucket, after, limit).expect("range");
+                    let (entries, more) = store
+                        .read_range(bucket, after, limit, &shared)
+                        .expect("range");
                     Some(Input::RangeRead {
                         round,
                         bucket,
@@ -599,6 +678,9 @@ impl Sim {
     /// A write on peer `p`: a new patient or lab report, or an edit of a record it has
     /// (often one others edit too).
     pub fn edit(&mut self, p: usize) {
+        if !self.clinics.is_empty() {
+            return self.edit_scoped(p);
+        }
         let knows_lab = self.peers[p]
             .store
             .schema()
@@ -654,6 +736,104 @@ impl Sim {
             for head in self.peers[p].heads_of(&collection, &outcome.id) {
                 self.acknowledged
                     .push((collection.clone(), outcome.id, head));
+            }
+        }
+        self.notify(p, None);
+    }
+
+    /// A clinic peer `p` serves, at random.
+    fn clinic_of(&mut self, p: usize) -> String {
+        let mine: Vec<String> = self
+            .clinics
+            .iter()
+            .filter(|c| self.peers[p].scope.serves(c))
+            .cloned()
+            .collect();
+        mine[self.rng.random_range(0..mine.len())].clone()
+    }
+
+    /// A write of a scoped mesh on peer `p` (see [`Sim::scoped`]).
+    fn edit_scoped(&mut self, p: usize) {
+        let patients: Vec<DocId> = self
+            .records
+            .iter()
+            .filter(|(c, id)| c == "patients" && self.peers[p].store.exists(c, id).unwrap_or(false))
+            .map(|(_, id)| *id)
+            .collect();
+        let author = self.peers[p].author();
+        let roll: f64 = self.rng.random();
+        let value = format!("{}-{}", self.peers[p].name, self.rng.random::<u16>());
+        let (collection, kind, id) = if patients.is_empty() || roll < 0.25 {
+            let clinic = self.clinic_of(p);
+            (
+                "patients",
+                WriteKind::Create(obj(
+                    json!({"given_name": value, "primary_clinic_id": clinic}),
+                )),
+                None,
+            )
+        } else {
+            let patient = patients[self.rng.random_range(0..patients.len())];
+            if roll < 0.35 {
+                // Seen at another clinic now and then (wide devices only write there).
+                let clinic = if self.peers[p].scope.is_all() {
+                    self.clinics[self.rng.random_range(0..self.clinics.len())].clone()
+                } else {
+                    self.clinic_of(p)
+                };
+                (
+                    "visits",
+                    WriteKind::Create(obj(
+                        json!({"patient_id": patient.to_string(), "clinic_id": clinic}),
+                    )),
+                    None,
+                )
+            } else if roll < 0.55 {
+                (
+                    "events",
+                    WriteKind::Create(obj(
+                        json!({"patient_id": patient.to_string(), "form_data": value}),
+                    )),
+                    None,
+                )
+            } else if roll < 0.65 {
+                let clinic = self.clinic_of(p);
+                (
+                    "inventory_transactions",
+                    WriteKind::Create(obj(
+                        json!({"clinic_id": clinic, "stock_item_id": DocId::new_v7().to_string(), "transaction_type": "restock", "quantity_change": 5}),
+                    )),
+                    None,
+                )
+            } else if roll < 0.7 && self.peers[p].scope.is_all() {
+                let clinic = self.clinics[self.rng.random_range(0..self.clinics.len())].clone();
+                (
+                    "patients",
+                    WriteKind::Patch(obj(json!({"primary_clinic_id": clinic}))),
+                    Some(patient),
+                )
+            } else {
+                (
+                    "patients",
+                    WriteKind::Patch(obj(json!({"surname": value}))),
+                    Some(patient),
+                )
+            }
+        };
+        let op = WriteOp::new(collection, id, kind, author);
+        let outcome = self.peers[p]
+            .store
+            .write_blocking(WriteBatch::one(op))
+            .expect("write")
+            .remove(0)
+            .expect("accepted");
+        if !self.records.iter().any(|(_, id)| *id == outcome.id) {
+            self.records.push((collection.to_owned(), outcome.id));
+        }
+        if outcome.changed {
+            for head in self.peers[p].heads_of(collection, &outcome.id) {
+                self.acknowledged
+                    .push((collection.to_owned(), outcome.id, head));
             }
         }
         self.notify(p, None);
@@ -720,6 +900,76 @@ impl Sim {
             .iter()
             .map(|p| p.store.summary().expect("summary"))
             .collect()
+    }
+
+    /// For a scoped mesh: panics unless every peer holds exactly what peer 0 (which
+    /// serves all clinics) holds of its clinics, at the same versions, with every
+    /// acknowledged change of them; and, once each has purged what left its scope
+    /// (peer 0 confirming it holds everything), nothing of other clinics.
+    pub fn check_scoped(&self, seed: u64) {
+        let wide = &self.peers[0].store;
+        for peer in &self.peers {
+            let scope = &peer.scope;
+            let theirs = peer.store.summary_for(scope).expect("summary");
+            let reference = wide.summary_for(scope).expect("summary");
+            assert_eq!(
+                theirs.differing(&reference),
+                Vec::<u8>::new(),
+                "seed {seed}: {} ({}; {} documents) differs from peer 0 ({} documents of those clinics)",
+                peer.name,
+                scope.describe(),
+                theirs.count,
+                reference.count
+            );
+            for (collection, id, change) in &self.acknowledged {
+                if !wide.in_scope(id, scope).expect("scope") {
+                    continue;
+                }
+                let doc = peer.store.document(collection, id).unwrap_or_else(|e| {
+                    panic!(
+                        "seed {seed}: {} cannot read {collection} {id}: {e}",
+                        peer.name
+                    )
+                });
+                assert!(
+                    !doc.get_missing_deps(&[*change]).contains(change),
+                    "seed {seed}: {} lacks an acknowledged change of {id}",
+                    peer.name
+                );
+            }
+            if scope.is_all() {
+                continue;
+            }
+            let wide_name = &self.peers[0].name;
+            peer.store
+                .update_peer_blocking(
+                    wide_name,
+                    medmesh_storage::PeerUpdate::Clinics { clinics: vec![] },
+                )
+                .expect("clinics");
+            peer.store
+                .update_peer_blocking(
+                    wide_name,
+                    medmesh_storage::PeerUpdate::Acked {
+                        epoch: peer.store.info().feed_epoch.clone(),
+                        seq: peer.store.last_seq().expect("seq"),
+                    },
+                )
+                .expect("acked");
+            let report = peer.store.purge_blocking().expect("purge");
+            assert_eq!(report.kept, 0, "seed {seed}: {}: {report:?}", peer.name);
+            for entry in peer.store.changes_since(0, usize::MAX).expect("feed") {
+                let view = entry.record.expect("readable");
+                assert!(
+                    peer.store.in_scope(&view.id, scope).expect("scope"),
+                    "seed {seed}: {} ({}) holds {} {} of other clinics",
+                    peer.name,
+                    scope.describe(),
+                    view.collection,
+                    view.id
+                );
+            }
+        }
     }
 
     /// Panics unless every peer holds every acknowledged change, and all hold the same.

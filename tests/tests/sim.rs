@@ -188,6 +188,7 @@ impl SimPeerFactory {
             store: medmesh_tests::sim::open_disk(&disk, i),
             disk,
             cursors: Default::default(),
+            scope: Default::default(),
         }
     }
 }
@@ -202,4 +203,98 @@ fn a_full_mesh_of_30_delivers_every_change_everywhere_at_under_twice_its_size() 
         report.bytes_per_change_per_node,
         report.change_bytes
     );
+}
+
+/// Devices that serve different clinics: each ends holding exactly what the device that
+/// serves all holds of its clinics (patients seen at other clinics arriving with their
+/// history, transfers, stock by clinic), and nothing of other clinics once purged.
+#[test]
+fn devices_of_different_clinics_hold_exactly_their_clinics_records() {
+    let seeds: Vec<u64> = match std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(seed) => vec![seed],
+        None => (100..108).collect(),
+    };
+    for seed in seeds {
+        let mut sim = Sim::scoped(seed, 4);
+        sim.damage = 0.02;
+        for _ in 0..1_500 {
+            sim.step();
+        }
+        sim.quiesce();
+        let reports = sim.verify_all();
+        if reports.iter().any(|r| r.differing_buckets > 0) {
+            debug_differences(&sim);
+        }
+        for report in reports {
+            assert_eq!(
+                report.differing_buckets, 0,
+                "seed {seed}: a verify round still found differences: {report:?}"
+            );
+        }
+        sim.check_scoped(seed);
+        assert!(
+            sim.close_reasons.is_empty(),
+            "seed {seed}: sessions failed: {:?}",
+            sim.close_reasons
+        );
+        let narrow = sim.peers.iter().filter(|p| !p.scope.is_all()).count();
+        assert!(narrow > 0, "seed {seed}: no device with a narrow scope");
+        let all = sim.peers[0].store.summary().expect("summary").count;
+        assert!(
+            sim.peers
+                .iter()
+                .any(|p| p.store.summary().expect("summary").count < all),
+            "seed {seed}: every device holds everything"
+        );
+        println!(
+            "seed {seed}: {} peers ({narrow} serving some clinics), {} records, {} changes, {} fetched by anti-entropy",
+            sim.peers.len(),
+            sim.records.len(),
+            sim.acknowledged.len(),
+            sim.repairs,
+        );
+    }
+}
+
+fn debug_differences(sim: &Sim) {
+    use std::collections::BTreeMap;
+    let listed = |p: &SimPeer, scope: &medmesh_protocol::scope::Scope| {
+        let mut out = BTreeMap::new();
+        for bucket in 0..=255u8 {
+            let (entries, _) = p
+                .store
+                .read_range(bucket, None, 100_000, scope)
+                .expect("range");
+            for e in entries {
+                out.insert(e.id, (e.collection.clone(), e.heads.to_vec()));
+            }
+        }
+        out
+    };
+    for link in &sim.links {
+        let (a, b) = (&sim.peers[link.a], &sim.peers[link.b]);
+        let shared = a.scope.intersect(&b.scope);
+        let (la, lb) = (listed(a, &shared), listed(b, &shared));
+        for (x, y, lx, ly) in [(a, b, &la, &lb), (b, a, &lb, &la)] {
+            for (id, (collection, heads)) in lx {
+                if ly.get(id).map(|v| &v.1) != Some(heads) {
+                    let rec = |p: &SimPeer| p.store.get(collection, id).map(|v| v.record).ok();
+                    println!(
+                        "{} ({}) lists {collection} {id}; {} ({}) {}: {:?} / {:?}",
+                        x.name,
+                        x.scope.describe(),
+                        y.name,
+                        y.scope.describe(),
+                        if ly.contains_key(id) {
+                            "at other heads"
+                        } else {
+                            "does not"
+                        },
+                        rec(x),
+                        rec(y),
+                    );
+                }
+            }
+        }
+    }
 }

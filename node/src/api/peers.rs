@@ -36,10 +36,9 @@ pub async fn list(
     caller.require(crate::access::Permission::ReadStatus, None)?;
     let mesh = state.mesh().ok_or_else(no_mesh)?;
     let store = state.store().clone();
-    let clinics = blocking(move || {
-        crate::mesh::scope::known_clinics(&store, 1_000).map_err(ApiError::from)
-    })
-    .await?;
+    let clinics =
+        blocking(move || crate::mesh::scope::known_clinics(&store, 1_000).map_err(ApiError::from))
+            .await?;
     let peers = mesh.peers();
     let unreached: Vec<Value> =
         crate::mesh::scope::unreached(&state.store().scope(), &clinics, &peers)

@@ -134,7 +134,9 @@ async fn run_purge(store: &Store, purge: &SharedPurge) {
                 state.report = report;
             }
         }
-        Ok(Err(err)) => tracing::warn!(error = %err, "removing records outside this device's clinics failed; trying again later"),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "removing records outside this device's clinics failed; trying again later")
+        }
         Err(_) => {}
     }
 }
@@ -164,7 +166,10 @@ pub fn unreached(
 }
 
 /// The mesh's clinics as this store knows them (id, name), at most `limit`.
-pub fn known_clinics(store: &Store, limit: usize) -> medmesh_storage::Result<Vec<(String, String)>> {
+pub fn known_clinics(
+    store: &Store,
+    limit: usize,
+) -> medmesh_storage::Result<Vec<(String, String)>> {
     let page = store.list(&medmesh_storage::Query {
         collection: "clinics".into(),
         limit,

@@ -343,10 +343,9 @@ impl Driver<'_> {
                     changes,
                 } => {
                     let scope = self.peer_scope.clone();
-                    let (docs, diverged) = blocking(move || {
-                        store.load_for_peer_diverged(&whole, &changes, &scope)
-                    })
-                    .await?;
+                    let (docs, diverged) =
+                        blocking(move || store.load_for_peer_diverged(&whole, &changes, &scope))
+                            .await?;
                     Some(Input::Loaded {
                         req,
                         docs,
