@@ -566,6 +566,39 @@ pub fn init_node(dir: &Path) {
     assert!(out.status.success(), "medmesh init failed: {out:?}");
 }
 
+/// `medmesh invite --data DIR EXTRA…` on an admin node's directory: the invite (the
+/// output's last line).
+pub fn invite_device(dir: &Path, extra: &[&str]) -> String {
+    let out = medmesh_command()
+        .args(["invite", "--data"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("run medmesh invite");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .expect("an invite line")
+        .trim()
+        .to_owned()
+}
+
+/// `medmesh init --data DIR --join INVITE --name NAME`: a device joining with an invite
+/// (its admin node running).
+pub fn join_with_invite(dir: &Path, invite: &str, name: &str) -> std::process::Output {
+    medmesh_command()
+        .args(["init", "--data"])
+        .arg(dir)
+        .args(["--join", invite, "--name", name])
+        .output()
+        .expect("run medmesh init --join")
+}
+
 /// A `medmesh` command with the tests' token (for the commands that call a node).
 pub fn medmesh_command() -> Command {
     let mut command = Command::new(medmesh_bin());

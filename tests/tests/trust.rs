@@ -27,33 +27,11 @@ fn init(dir: &Path) {
 
 /// `medmesh invite` on a running admin node: the invite (its last line).
 fn invite(dir: &Path, extra: &[&str]) -> String {
-    let data = dir.display().to_string();
-    let mut args = vec!["invite", "--data", &data];
-    args.extend_from_slice(extra);
-    let out = medmesh(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .expect("an invite line")
-        .trim()
-        .to_owned()
+    medmesh_tests::invite_device(dir, extra)
 }
 
 fn join(dir: &Path, invite: &str) -> Output {
-    medmesh(&[
-        "init",
-        "--data",
-        &dir.display().to_string(),
-        "--join",
-        invite,
-        "--name",
-        "joiner",
-    ])
+    medmesh_tests::join_with_invite(dir, invite, "joiner")
 }
 
 async fn peer_id(api: &Api) -> String {

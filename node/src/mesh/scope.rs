@@ -18,8 +18,11 @@ use crate::trust::{self, Trust};
 
 /// How long changes settle before the device list is read again.
 const SETTLE: Duration = Duration::from_millis(500);
-/// How often a device with a narrow scope looks for records to purge.
+/// How often a device with a narrow scope looks for records to purge while nothing
+/// changes, and at most while changes arrive (a patient that moved away, a peer's
+/// confirmation saved).
 const PURGE_EVERY: Duration = Duration::from_secs(30);
+const PURGE_AFTER_CHANGES: Duration = Duration::from_secs(5);
 
 /// What the status shows of the last purge.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -46,6 +49,7 @@ pub(super) async fn keep(
 ) {
     let mut feed = store.subscribe_feed();
     let mut tick = tokio::time::interval(PURGE_EVERY);
+    let mut last_purge = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -65,11 +69,18 @@ pub(super) async fn keep(
                         }
                         run_purge(&store, &purge).await;
                     }
+                    Ok(None) if last_purge.elapsed() >= PURGE_AFTER_CHANGES => {
+                        last_purge = tokio::time::Instant::now();
+                        run_purge(&store, &purge).await;
+                    }
                     Ok(None) => {}
                     Err(err) => tracing::warn!(error = %format!("{err:#}"), "this device's new certificate could not be taken up; trying again at the next change"),
                 }
             }
-            _ = tick.tick() => run_purge(&store, &purge).await,
+            _ = tick.tick() => {
+                last_purge = tokio::time::Instant::now();
+                run_purge(&store, &purge).await;
+            }
         }
     }
 }
