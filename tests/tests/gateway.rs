@@ -482,10 +482,8 @@ fn cloud_stock(cloud: &Cloud) -> Option<i64> {
     cloud.row("clinic_inventory", ITEM)?["quantity_available"].as_i64()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cloud, url, key_file) = cloud_with_clinic(dir.path()).await;
+/// The cloud's stock: one item of 100.
+fn put_stock(cloud: &Cloud) {
     cloud.put(
         "drug_catalogue",
         json!({"id": DRUG, "generic_name": "Amoxicillin 250mg", "is_active": true}),
@@ -495,6 +493,64 @@ async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
         json!({"id": ITEM, "clinic_id": CLINIC, "drug_id": DRUG, "batch_id": BATCH,
                "batch_number": "LOT-1", "batch_expiry_date": "2030-01-31", "quantity_available": 100}),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_that_pulled_before_they_met_count_the_clouds_stock_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cloud, url, key_file) = cloud_with_clinic(dir.path()).await;
+    put_stock(&cloud);
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    medmesh_tests::init_node(&da);
+    join_mesh(&da, &db).expect("join");
+    cloud.set_rate_limit(240, 60);
+    // Each pulls the cloud's stock while it knows no other gateway: both write it.
+    let a = start_gateway_every(&da, &url, &key_file, &[], "2");
+    let mut b = start_gateway_every(&db, &url, &key_file, &[], "2");
+    let (api_a, api_b) = (Api::new(&a.api), Api::new(&b.api));
+    for api in [&api_a, &api_b] {
+        wait_until(
+            "the cloud's stock on each",
+            Duration::from_secs(30),
+            async || stock(api).await == Some(100),
+        )
+        .await;
+    }
+    b.stop();
+    // They meet: the merged ledger holds the cloud's movement twice until the stock
+    // gateway puts it back to the cloud's count.
+    let b = start_gateway_every(&db, &url, &key_file, std::slice::from_ref(&a.listen), "2");
+    let api_b = Api::new(&b.api);
+    wait_until(
+        "the one stock gateway",
+        Duration::from_secs(30),
+        async || {
+            let a = gateway_status(&api_a).await["stock_gateway"] == json!(true);
+            let b = gateway_status(&api_b).await["stock_gateway"] == json!(true);
+            a != b
+        },
+    )
+    .await;
+    wait_until(
+        "the cloud's stock counted once",
+        Duration::from_secs(30),
+        async || stock(&api_a).await == Some(100) && stock(&api_b).await == Some(100),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(stock(&api_a).await, Some(100));
+    assert_eq!(stock(&api_b).await, Some(100));
+    assert_eq!(cloud_stock(&cloud), Some(100));
+    let (status, verify) = api_a.get("/v1/pharmacy/verify").await.expect("verify");
+    assert_eq!(status, 200);
+    assert_eq!(verify["mismatches"], json!([]), "{verify}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_restocks_in_the_cloud_and_dispenses_in_the_mesh_add_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cloud, url, key_file) = cloud_with_clinic(dir.path()).await;
+    put_stock(&cloud);
     let person = patient(7);
     let patient_id = person["id"].as_str().expect("id").to_owned();
     cloud.put("patients", person);

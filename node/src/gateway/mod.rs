@@ -749,8 +749,17 @@ impl Gateway {
                 }
             }
         }
-        if !touched.is_empty() && self.is_stock_gateway()? {
-            for item in &touched {
+        if self.is_stock_gateway()? {
+            // Every item the cloud counts, not only this pull's: two gateways that pulled
+            // before either had seen the other both wrote the cloud's movements, which the
+            // merged ledger then holds twice; this puts it back to the cloud's count.
+            let mut items = touched;
+            for (key, _) in self.store.local_with_prefix(CLOUD_QUANTITY)? {
+                if let Ok(item) = key[CLOUD_QUANTITY.len()..].parse::<DocId>() {
+                    items.insert(item);
+                }
+            }
+            for item in &items {
                 let quantity = staged.get_i64(&self.store, &format!("{CLOUD_QUANTITY}{item}"))?;
                 let dispensed = staged.get_i64(&self.store, &format!("{DISPENSED_SUM}{item}"))?;
                 let moved = self
