@@ -310,6 +310,14 @@ pub async fn start(args: StartArgs) -> Result<()> {
         );
     }
     let opened = open_data_async(dir, args.schema.clone()).await?;
+    let scope = opened.store.scope();
+    if gateway_config.is_some() && !scope.is_all() {
+        bail!(
+            "a gateway carries the records of every clinic between the mesh and the cloud, and this device serves only clinic(s) {}. Run the gateway on a device that serves all clinics, or ask an admin to widen this one: `medmesh devices clinics {}` (no --clinic: all clinics)",
+            scope.describe(),
+            opened.peer_id
+        );
+    }
     if opened.created {
         println!("Created a new medmesh node in {}", opened.dir.display());
         first_admin(&opened, None).await?;

@@ -364,6 +364,11 @@ pub fn join_mesh(from: &Path, to: &Path) -> Result<()> {
 
 /// [`join_mesh`], the new device's store encrypted or not (for benchmarks).
 pub fn join_mesh_with(from: &Path, to: &Path, encrypt: bool) -> Result<()> {
+    join_mesh_serving(from, to, encrypt, &[])
+}
+
+/// [`join_mesh_with`], the new device serving `clinics` (none: all).
+pub fn join_mesh_serving(from: &Path, to: &Path, encrypt: bool, clinics: &[String]) -> Result<()> {
     let owner =
         medmesh::trust::read_owner(from)?.context("the first directory holds no owner key")?;
     // Its own thread: the store blocks, and tests call this from inside a runtime.
@@ -377,12 +382,14 @@ pub fn join_mesh_with(from: &Path, to: &Path, encrypt: bool) -> Result<()> {
     .join()
     .map_err(|_| anyhow::anyhow!("opening the new device's store failed"))??;
     let peer = medmesh::identity::peer_id(&keypair).to_string();
-    let cert = owner.issue(medmesh_protocol::membership::DeviceCert::new(
+    let mut cert = medmesh_protocol::membership::DeviceCert::new(
         &peer,
         &format!("test device {}", &peer[peer.len() - 4..]),
         medmesh_protocol::membership::DeviceKind::Tablet,
         chrono::Utc::now().timestamp_millis(),
-    ))?;
+    );
+    cert.clinics = clinics.to_vec();
+    let cert = owner.issue(cert)?;
     medmesh::trust::write_membership(to, &owner.root(), &cert, None)
 }
 

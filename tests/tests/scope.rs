@@ -273,7 +273,7 @@ async fn a_narrow_device_between_two_wide_ones_relays_only_its_clinics() {
     // (Admitted without an invite, which would give it the first node's address.)
     medmesh_tests::join_mesh(&dw, &dw2).expect("w2 joins");
     // w1 — narrow — w2: the wide devices meet only through the narrow one.
-    let n_node =
+    let mut n_node =
         NodeProcess::start_peered(&dn, std::slice::from_ref(&w1_node.listen), None).expect("n");
     let w2_node =
         NodeProcess::start_peered(&dw2, std::slice::from_ref(&n_node.listen), None).expect("w2");
@@ -313,5 +313,22 @@ async fn a_narrow_device_between_two_wide_ones_relays_only_its_clinics() {
     assert!(
         holds_exactly(&w2, &one).await,
         "nothing of the hill clinic on w2"
+    );
+    // A device of one clinic cannot be the mesh's gateway, which carries every clinic.
+    n_node.stop();
+    let key_file = dir.path().join("hub.key");
+    std::fs::write(&key_file, format!("hh_{}", "ab".repeat(32))).expect("key");
+    let out = medmesh_command()
+        .args(["start", "--no-mdns", "--api", "127.0.0.1:0", "--data"])
+        .arg(&dn)
+        .args(["--gateway", "http://127.0.0.1:9", "--hub-key-file"])
+        .arg(&key_file)
+        .output()
+        .expect("start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("serves only clinic(s)") && stderr.contains("medmesh devices clinics"),
+        "{stderr}"
     );
 }

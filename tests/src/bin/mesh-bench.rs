@@ -124,9 +124,78 @@ async fn import(
     from: usize,
     to: usize,
 ) -> Result<Vec<String>> {
+    import_with(http, node, from, to, patient).await
+}
+
+/// The clinics of the scoped run, and the patient `i` of one of them (the same record as
+/// [`patient`], its primary clinic one of ten).
+const SCOPED_CLINICS: usize = 10;
+
+fn scoped_clinic(c: usize) -> String {
+    format!("0192f0c4-6a1e-7cc3-9d0e-5b8f1c2a3d{c:02}")
+}
+
+fn scoped_patient(i: usize) -> Value {
+    let mut record = patient(i);
+    record["primary_clinic_id"] = json!(scoped_clinic(i % SCOPED_CLINICS));
+    record
+}
+
+/// An initial sync of a device that serves one of ten equal clinics, from a node that
+/// holds `records` patients of all ten: seconds and bytes on the wire, until it holds
+/// that clinic's tenth.
+async fn scoped_run(
+    http: &reqwest::Client,
+    dir: &std::path::Path,
+    records: usize,
+) -> Result<(f64, u64)> {
+    let (sender, receiver) = (dir.join("scoped-a"), dir.join("scoped-b"));
+    init(&sender)?;
+    medmesh_tests::join_mesh_serving(&sender, &receiver, true, &[scoped_clinic(0)])?;
+    let a = NodeProcess::start_peered(&sender, &[], None)?;
+    import_with(http, &a, 0, records, scoped_patient).await?;
+    settle_disk();
+    let port: u16 = a.listen.rsplit('/').next().context("port")?.parse()?;
+    let proxy = CountingProxy::start(([127, 0, 0, 1], port).into()).await?;
+    let via = format!("/ip4/127.0.0.1/tcp/{}", proxy.addr.port());
+    let expected = records.div_ceil(SCOPED_CLINICS);
+    println!("initial sync of one clinic's {expected} of {records} records...");
+    let started = Instant::now();
+    let b = NodeProcess::start_peered(&receiver, std::slice::from_ref(&via), None)?;
+    wait_until(
+        Duration::from_secs(600),
+        "the scoped initial sync",
+        async || count(http, &b).await as usize == expected,
+    )
+    .await?;
+    let seconds = started.elapsed().as_secs_f64();
+    proxy
+        .wait_quiet(Duration::from_millis(300), Duration::from_secs(10))
+        .await;
+    let bytes = proxy.total();
+    let held = count(http, &b).await as usize;
+    anyhow::ensure!(
+        held == expected,
+        "the scoped device holds {held} patients, not its clinic's {expected}"
+    );
+    println!("  {seconds:.2} s, {bytes} bytes on the wire");
+    drop((a, b));
+    std::fs::remove_dir_all(&sender)?;
+    std::fs::remove_dir_all(&receiver)?;
+    settle_disk();
+    Ok((seconds, bytes))
+}
+
+async fn import_with(
+    http: &reqwest::Client,
+    node: &NodeProcess,
+    from: usize,
+    to: usize,
+    make: fn(usize) -> Value,
+) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     for start in (from..to).step_by(1000) {
-        let records: Vec<Value> = (start..(start + 1000).min(to)).map(patient).collect();
+        let records: Vec<Value> = (start..(start + 1000).min(to)).map(make).collect();
         let answer: Value = http
             .post(node.url("/v1/patients/_import"))
             .json(&json!({ "records": records }))
@@ -424,6 +493,11 @@ async fn main() -> Result<()> {
         "unencrypted_receiver_peak_rss_bytes".into(),
         json!(plain_peak),
     );
+
+    // A device serving one of ten clinics, from a node that holds all ten.
+    let (scoped_s, scoped_bytes) = scoped_run(&http, dir.path(), records).await?;
+    out.insert("scoped_initial_sync_s".into(), json!(scoped_s));
+    out.insert("scoped_initial_sync_wire_bytes".into(), json!(scoped_bytes));
 
     // Sender A with every record; receiver B dials A through the counting proxy.
     let (da, db) = (dir.path().join("a"), dir.path().join("b"));
@@ -844,7 +918,23 @@ async fn main() -> Result<()> {
 
     let rate = records as f64 / initial_s;
     let signed_ratio = initial_s / unsigned_s;
+    let (scoped_time, scoped_wire) = (
+        scoped_s / initial_s,
+        scoped_bytes as f64 / initial_bytes as f64,
+    );
     let targets = vec![
+        Target {
+            name: "initial sync of a device serving 1 of 10 clinics vs a full one: time",
+            figure: format!("{scoped_s:.2} s vs {initial_s:.2} s = {scoped_time:.3}×"),
+            target: "≤ 0.15×".into(),
+            holds: scoped_time <= 0.15,
+        },
+        Target {
+            name: "initial sync of a device serving 1 of 10 clinics vs a full one: bytes",
+            figure: format!("{scoped_bytes} vs {initial_bytes} bytes = {scoped_wire:.3}×"),
+            target: "≤ 0.15×".into(),
+            holds: scoped_wire <= 0.15,
+        },
         Target {
             name: "initial sync, changes signed and checked vs neither (side by side)",
             figure: format!(
