@@ -85,6 +85,42 @@ pub(crate) fn mark_unknown(tables: &mut Tables<'_>, id: &DocId) -> Result<()> {
     Ok(())
 }
 
+/// For each document, who receives it now, as a key: documents of one key go to the
+/// same devices (every device, one clinic's, those of a patient's clinics), so that a
+/// seal over their changes reaches no device without them.
+pub(crate) fn audiences<'d>(
+    tables: &Tables<'_>,
+    ids: impl Iterator<Item = &'d DocId>,
+) -> Result<HashMap<DocId, Vec<u8>>> {
+    let mut out = HashMap::new();
+    let mut patients: HashMap<u128, Vec<u8>> = HashMap::new();
+    for id in ids {
+        if out.contains_key(id) {
+            continue;
+        }
+        let place = tables.places.get(doc_key(id))?.map(|v| v.value().to_vec());
+        let key = match place.as_deref().and_then(decode_place) {
+            Some(Belongs::Patient(patient)) => {
+                let p = doc_key(&patient);
+                if let Some(key) = patients.get(&p) {
+                    key.clone()
+                } else {
+                    let mut key = vec![b'p'];
+                    for clinic in patient_clinics(&tables.patient_docs, p)? {
+                        key.extend_from_slice(clinic.as_bytes());
+                        key.push(0);
+                    }
+                    patients.insert(p, key.clone());
+                    key
+                }
+            }
+            _ => place.unwrap_or_default(),
+        };
+        out.insert(*id, key);
+    }
+    Ok(out)
+}
+
 /// `brings \0 brought-before` (either may be empty).
 fn encode_entry(brings: Option<&str>, before: Option<&str>) -> Vec<u8> {
     let mut out = brings.unwrap_or_default().as_bytes().to_vec();

@@ -9,7 +9,7 @@
 //! device) and the authority accepts that device. Documents stored before signatures
 //! existed have none; the node vouches for their changes when it sends them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use automerge::{ActorId, Automerge, ChangeHash};
@@ -44,33 +44,43 @@ impl Author {
 
     /// This node's signatures of changes it made (`true`: made with its device actor;
     /// else, such as a record's shared genesis, vouched for), by document: one seal
-    /// for many changes, a signature of its own for a change alone. Answers the seals
-    /// made, to be kept.
-    pub(crate) fn sign_own(
+    /// for many changes of documents with the same `audience` (the devices they go
+    /// to), a signature of its own for a change alone. A seal carries the hash of every
+    /// change it covers, so a device that receives one of them receives them all: one
+    /// seal over a whole clinic's changes would cost a device of another clinic more
+    /// than its own records. Answers the seals made, to be kept.
+    pub(crate) fn sign_own<K: Ord>(
         &self,
         changes: Vec<(DocId, ChangeHash, bool)>,
+        mut audience: impl FnMut(&DocId) -> K,
     ) -> (HashMap<DocId, Vec<SignedChange>>, Vec<Seal>) {
         let mut out: HashMap<DocId, Vec<SignedChange>> = HashMap::new();
         let mut seals = Vec::new();
-        let (device, other): (Vec<_>, Vec<_>) = changes.into_iter().partition(|c| c.2);
-        for (id, hash, _) in other {
-            out.entry(id)
-                .or_default()
-                .push(authorship::vouch(&self.key, hash.0));
-        }
-        if let [(id, hash, _)] = device.as_slice() {
-            out.entry(*id)
-                .or_default()
-                .push(authorship::sign(&self.key, hash.0));
-            return (out, seals);
-        }
-        for chunk in device.chunks(SEAL_MAX) {
-            let (seal, entries) =
-                authorship::seal(&self.key, chunk.iter().map(|c| c.1.0).collect());
-            for ((id, _, _), entry) in chunk.iter().zip(entries) {
-                out.entry(*id).or_default().push(entry);
+        let mut groups: BTreeMap<K, Vec<(DocId, ChangeHash)>> = BTreeMap::new();
+        for (id, hash, device) in changes {
+            if device {
+                groups.entry(audience(&id)).or_default().push((id, hash));
+            } else {
+                out.entry(id)
+                    .or_default()
+                    .push(authorship::vouch(&self.key, hash.0));
             }
-            seals.push(seal);
+        }
+        for group in groups.into_values() {
+            if let [(id, hash)] = group.as_slice() {
+                out.entry(*id)
+                    .or_default()
+                    .push(authorship::sign(&self.key, hash.0));
+                continue;
+            }
+            for chunk in group.chunks(SEAL_MAX) {
+                let (seal, entries) =
+                    authorship::seal(&self.key, chunk.iter().map(|c| c.1.0).collect());
+                for ((id, _), entry) in chunk.iter().zip(entries) {
+                    out.entry(*id).or_default().push(entry);
+                }
+                seals.push(seal);
+            }
         }
         (out, seals)
     }
@@ -593,7 +603,7 @@ impl Writer {
             return Ok(());
         }
         let changes = missing.len();
-        let (entries, seals) = author.sign_own(missing);
+        let (entries, seals) = author.sign_own(missing, |_| ());
         let entries: Vec<_> = entries.into_iter().collect();
         self.save_own(&entries, &seals, upto)?;
         if changes > 0 {

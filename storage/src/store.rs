@@ -33,6 +33,8 @@ pub const PUSH_ENTRY_BYTES: usize = 16 * 1024;
 /// Latest changes announced with one feed page, in bytes at most.
 pub const PUSH_PAGE_BYTES: usize = 256 * 1024;
 
+/// Feed pages read at most to fill one page for a device of some clinics.
+const SCOPED_SCAN: usize = 16;
 /// Memory redb may use to cache pages. Bounded so that a device's memory does not grow
 /// with the number of records.
 const PAGE_CACHE_BYTES: usize = 16 * 1024 * 1024;
@@ -673,15 +675,34 @@ impl Store {
         limit: usize,
         scope: &medmesh_protocol::scope::Scope,
     ) -> Result<(Vec<medmesh_protocol::sync::LocalEntry>, u64)> {
-        let (mut entries, last) = self.feed_page(after, limit)?;
+        let (mut entries, mut last) = self.feed_page(after, limit)?;
         let txn = self.read_txn()?;
         if !scope.is_all() {
-            let mut kept = Vec::with_capacity(entries.len());
+            // Reads on past what the peer does not take, up to SCOPED_SCAN pages, so that a
+            // device of one clinic gets pages as full as one of all clinics (each page
+            // costs a round trip).
+            let mut kept = Vec::with_capacity(limit.min(entries.len()));
             self.with_reach(&txn, scope, |reach| {
-                for item in entries.drain(..) {
-                    if reach.sends(&item.id)? {
-                        kept.push(item);
+                let mut from = after;
+                let mut pages = 0;
+                loop {
+                    let reached = last;
+                    for item in entries.drain(..) {
+                        let seq = item.seq;
+                        if reach.sends(&item.id)? {
+                            kept.push(item);
+                            if kept.len() == limit {
+                                last = seq;
+                                return Ok(());
+                            }
+                        }
                     }
+                    pages += 1;
+                    if reached == from || pages == SCOPED_SCAN {
+                        break;
+                    }
+                    from = reached;
+                    (entries, last) = self.feed_page(from, limit)?;
                 }
                 Ok(())
             })?;

@@ -392,6 +392,50 @@ fn a_batch_is_signed_once_its_seal_travels_once_per_connection_and_relays_carry_
 }
 
 #[test]
+fn a_batch_of_two_clinics_is_sealed_by_clinic_so_a_device_of_one_gets_no_other_hashes() {
+    let (a, b) = (node(1), node(2));
+    let clinics = [DocId::new_v7().to_string(), DocId::new_v7().to_string()];
+    let ops = (0..40)
+        .map(|i| {
+            WriteOp::new(
+                "patients",
+                None,
+                WriteKind::Create(fields(json!({
+                    "given_name": format!("C{i}"), "primary_clinic_id": clinics[i % 2]
+                }))),
+                ChangeAuthor::default(),
+            )
+        })
+        .collect();
+    let ids: Vec<DocId> = a
+        .write_blocking(WriteBatch { ops, atomic: false })
+        .expect("batch")
+        .into_iter()
+        .map(|o| o.expect("created").id)
+        .collect();
+    let mut sent = medmesh_storage::SealsSent::new();
+    let payloads: Vec<DocPayload> = ids
+        .iter()
+        .flat_map(|id| send(&a, std::slice::from_ref(id), &mut sent))
+        .collect();
+    let sealed: Vec<usize> = (0..40).filter(|i| carries_seal(&payloads[*i])).collect();
+    assert_eq!(sealed, vec![0, 1], "one seal per clinic, each sent once");
+    // Clinic one's seal names its 20 changes only: 32 bytes each, and the signature.
+    assert!(
+        payloads[0].sigs.len() < 21 * 32 + 200,
+        "{} bytes of signatures",
+        payloads[0].sigs.len()
+    );
+    assert_eq!(receive(&b, payloads), vec![None; 40]);
+    assert!(
+        b.signers(&ids[39])
+            .expect("signers")
+            .values()
+            .all(|(k, v)| *k == public(1) && !v)
+    );
+}
+
+#[test]
 fn a_document_whose_seal_has_not_come_is_held_then_merged_when_it_comes() {
     let (a, d) = (node(1), node(4));
     let ids = create_batch(&a, 3);

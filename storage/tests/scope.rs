@@ -371,3 +371,42 @@ fn a_store_made_before_scopes_learns_where_its_records_belong_at_open() {
         [m.clinic, m.p2, m.v2, m.e2, m.stock2].into()
     );
 }
+
+#[test]
+fn pages_for_a_device_of_one_clinic_are_full_and_leave_out_none_of_its_records() {
+    let store = Store::memory(Schema::hikma()).expect("store");
+    let clinics: Vec<String> = (0..10).map(|_| DocId::new_v7().to_string()).collect();
+    let ops = (0..3000)
+        .map(|i| {
+            WriteOp::new(
+                "patients",
+                None,
+                WriteKind::Create(fields(
+                    json!({"given_name": format!("P{i}"), "primary_clinic_id": clinics[i % 10]}),
+                )),
+                ChangeAuthor::default(),
+            )
+        })
+        .collect();
+    store
+        .write_blocking(WriteBatch { ops, atomic: false })
+        .expect("write");
+    let scope = Scope::of_clinics(&clinics[..1]);
+    let everything: Vec<DocId> = announced(&store, 0, &scope);
+    assert_eq!(everything.len(), 300);
+    // Pages of 50: each full (it reads on past other clinics' records), the position
+    // moving on, and together exactly the clinic's records in feed order.
+    let (mut paged, mut after, mut pages) = (Vec::new(), 0, 0);
+    loop {
+        let (entries, last) = store.local_feed_page(after, 50, &scope).expect("page");
+        if last == after {
+            break;
+        }
+        assert!(entries.len() == 50 || paged.len() + entries.len() == 300);
+        paged.extend(entries.iter().map(|e| e.item.id));
+        after = last;
+        pages += usize::from(!entries.is_empty());
+    }
+    assert_eq!(paged, everything);
+    assert_eq!(pages, 6, "pages with records");
+}
