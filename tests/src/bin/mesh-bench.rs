@@ -938,7 +938,7 @@ async fn main() -> Result<()> {
         Target {
             name: "initial sync, changes signed and checked vs neither (side by side)",
             figure: format!(
-                "{initial_s:.2} s vs {unsigned_s:.2} s = +{:.0}% ({initial_bytes} vs {unsigned_bytes} bytes)",
+                "{initial_s:.2} s vs {unsigned_s:.2} s = {:+.0}% ({initial_bytes} vs {unsigned_bytes} bytes)",
                 (signed_ratio - 1.0) * 100.0
             ),
             target: "≤ +25%".into(),
