@@ -332,3 +332,87 @@ async fn a_narrow_device_between_two_wide_ones_relays_only_its_clinics() {
         "{stderr}"
     );
 }
+
+/// A gateway of every clinic between the cloud and a device of one: the device gets only
+/// its clinic's records from the cloud (and a patient of another clinic once seen at
+/// its own, with the visit), and what it records reaches the cloud through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_of_every_clinic_brings_a_device_only_its_clinics_records_from_the_cloud() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = medmesh_tests::cloud::Cloud::new();
+    let (c1, c2) = (fresh_id(), fresh_id());
+    cloud.put("clinics", json!({"id": c1, "name": "Clinic one"}));
+    cloud.put("clinics", json!({"id": c2, "name": "Hill clinic"}));
+    let mut ours = medmesh_tests::patient(1);
+    ours["primary_clinic_id"] = json!(c1);
+    let mut theirs = medmesh_tests::patient(2);
+    theirs["primary_clinic_id"] = json!(c2);
+    let mut seen_here = medmesh_tests::patient(3);
+    seen_here["primary_clinic_id"] = json!(c2);
+    let visit = fresh_id();
+    for row in [&ours, &theirs, &seen_here] {
+        cloud.put("patients", row.clone());
+    }
+    cloud.put(
+        "visits",
+        json!({"id": visit, "patient_id": seen_here["id"], "clinic_id": c1,
+               "provider_name": "Dr Musa", "check_in_timestamp": 1_767_000_000_000i64}),
+    );
+    let key = cloud.add_hub_key(&[&c1, &c2]);
+    let addr = cloud
+        .serve("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("cloud");
+    let key_file = dir.path().join("hub.key");
+    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
+
+    let dg = dir.path().join("gateway");
+    init_node(&dg);
+    let gateway_node = NodeProcess::start_with_args(
+        &dg,
+        &[],
+        &[
+            "--gateway",
+            &format!("http://{addr}"),
+            "--hub-key-file",
+            key_file.to_str().expect("path"),
+            "--gateway-interval",
+            "1",
+        ],
+    )
+    .expect("gateway");
+    let gateway = Api::new(&gateway_node.api);
+    let dn = dir.path().join("narrow");
+    admit(&dg, &dn, &[&c1]);
+    let narrow_node =
+        NodeProcess::start_peered(&dn, std::slice::from_ref(&gateway_node.listen), None)
+            .expect("narrow");
+    let narrow = Api::new(&narrow_node.api);
+    let id = |v: &Value| v["id"].as_str().expect("id").to_owned();
+    let all: BTreeSet<String> = [id(&ours), id(&theirs), id(&seen_here), visit.clone()].into();
+    wait_for(&gateway, &all, "the cloud's records on the gateway").await;
+    let clinic_one: BTreeSet<String> = [id(&ours), id(&seen_here), visit.clone()].into();
+    wait_for(&narrow, &clinic_one, "clinic one's records on its device").await;
+
+    // What the device records reaches the cloud through the gateway.
+    let new = post(
+        &narrow,
+        "/v1/patients",
+        json!({"given_name": "Zainab", "primary_clinic_id": c1}),
+    )
+    .await;
+    eventually(WAIT, "the device's patient in the cloud", || {
+        let found = cloud.row("patients", &new).is_some();
+        async move { found }
+    })
+    .await
+    .expect("pushed");
+    let mut expected = clinic_one;
+    expected.insert(new);
+    assert!(holds_exactly(&narrow, &expected).await);
+}
+
+/// A fresh record id, as text.
+fn fresh_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
