@@ -89,7 +89,8 @@ pub(crate) fn mark_unknown(tables: &mut Tables<'_>, id: &DocId) -> Result<()> {
 /// same devices (every device, one clinic's, those of a patient's clinics), so that a
 /// seal over their changes reaches no device without them.
 pub(crate) fn audiences<'d>(
-    tables: &Tables<'_>,
+    places: &impl ReadableTable<u128, &'static [u8]>,
+    patient_docs: &impl ReadableTable<(u128, u128), &'static [u8]>,
     ids: impl Iterator<Item = &'d DocId>,
 ) -> Result<HashMap<DocId, Vec<u8>>> {
     let mut out = HashMap::new();
@@ -98,7 +99,7 @@ pub(crate) fn audiences<'d>(
         if out.contains_key(id) {
             continue;
         }
-        let place = tables.places.get(doc_key(id))?.map(|v| v.value().to_vec());
+        let place = places.get(doc_key(id))?.map(|v| v.value().to_vec());
         let key = match place.as_deref().and_then(decode_place) {
             Some(Belongs::Patient(patient)) => {
                 let p = doc_key(&patient);
@@ -106,7 +107,7 @@ pub(crate) fn audiences<'d>(
                     key.clone()
                 } else {
                     let mut key = vec![b'p'];
-                    for clinic in patient_clinics(&tables.patient_docs, p)? {
+                    for clinic in patient_clinics(patient_docs, p)? {
                         key.extend_from_slice(clinic.as_bytes());
                         key.push(0);
                     }

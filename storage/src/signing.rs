@@ -569,6 +569,7 @@ impl Writer {
         let upto = self.next_seq.saturating_sub(1);
         let mine = author.key.verifying_key().to_bytes();
         let mut missing = Vec::new();
+        let mut audiences = HashMap::new();
         let mark = {
             let txn = self.db.get()?.begin_read()?;
             let info = txn.open_table(INFO)?;
@@ -595,6 +596,12 @@ impl Writer {
                         }
                     }
                 }
+                // Sealed by audience, as when they were written.
+                audiences = crate::scope::audiences(
+                    &txn.open_table(crate::tables::PLACES)?,
+                    &txn.open_table(crate::tables::PATIENT_DOCS)?,
+                    missing.iter().map(|c| &c.0),
+                )?;
             }
             mark
         };
@@ -603,7 +610,7 @@ impl Writer {
             return Ok(());
         }
         let changes = missing.len();
-        let (entries, seals) = author.sign_own(missing, |_| ());
+        let (entries, seals) = author.sign_own(missing, |id| audiences.get(id).cloned());
         let entries: Vec<_> = entries.into_iter().collect();
         self.save_own(&entries, &seals, upto)?;
         if changes > 0 {

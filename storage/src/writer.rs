@@ -1346,7 +1346,11 @@ impl Writer {
         // A large batch (an import) writes its signatures in its own commit: they add
         // little to it, while a commit of their own later would cost a sync to disk.
         let inline = own.len() >= signing::OWN_FLUSH;
-        let audiences = crate::scope::audiences(tables, own.iter().map(|c| &c.0))?;
+        let audiences = crate::scope::audiences(
+            &tables.places,
+            &tables.patient_docs,
+            own.iter().map(|c| &c.0),
+        )?;
         let (entries, seals) = author.sign_own(own, |id| audiences.get(id).cloned());
         signing::store_seals(&mut tables.seals, &seals)?;
         for seal in seals {
