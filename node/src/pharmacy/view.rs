@@ -303,6 +303,11 @@ impl View {
     }
 
     /// Stock rows, filtered, with drug names, ordered by drug then expiry.
+    /// A ledger's delta as this view last read it (`None`: no such ledger read yet).
+    pub(crate) fn ledger_delta(&self, ledger: &DocId) -> Option<i64> {
+        self.ledgers.get(ledger).map(|l| l.delta)
+    }
+
     pub(crate) fn stock_rows(&self, clinic: Option<&str>, drug: Option<&str>) -> Vec<StockRow> {
         self.stock_page(clinic, drug, None, usize::MAX)
             .map(|(rows, _)| rows)
