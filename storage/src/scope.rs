@@ -27,10 +27,13 @@ use serde::Serialize;
 
 use crate::error::{Result, StoreError};
 use crate::meta::{DocMeta, doc_key, key_doc};
-use crate::store::{Store, load_from_tables};
+use crate::store::{Store, load_document, load_from_tables, read_meta};
 use crate::tables::{PATIENT_DOCS, PLACES, PURGED};
 use crate::write::PeerRecord;
+use crate::write::PeerUpdate;
 use crate::writer::{Tables, Writer, index_entries};
+use automerge::{ChangeHash, ReadDoc};
+use medmesh_protocol::wire::{FeedItem, WantChanges, split_heads};
 
 /// The `info` key that says every document of the store is placed.
 pub(crate) const PLACED_MARK: &str = "places";
@@ -258,6 +261,70 @@ impl Store {
         f(&mut reach)
     }
 
+    /// [`Store::check_docs`] for a page of `peer`, a device of `scope`. It also offers the
+    /// peer again ([`PeerUpdate::Offer`]) the documents it lists at older versions that,
+    /// by what this store knows, left its clinics since: a device that missed the change
+    /// moving a patient away would otherwise keep the old version, which no summary of
+    /// the clinics both serve shows and no feed brings.
+    pub fn check_docs_from(
+        &self,
+        peer: &str,
+        entries: &[FeedItem],
+        scope: &Scope,
+    ) -> Result<(Vec<DocId>, Vec<WantChanges>)> {
+        let checked = self.check_docs(entries)?;
+        let Some(clinic) = scope.clinics().and_then(|c| c.iter().next()).cloned() else {
+            return Ok(checked);
+        };
+        let ids = self.left_scope(entries, scope)?;
+        if !ids.is_empty() {
+            tracing::debug!(
+                peer,
+                documents = ids.len(),
+                "a peer holds old versions of records that left its clinics; announcing them again"
+            );
+            self.update_peer_blocking(peer, PeerUpdate::Offer { ids, clinic })?;
+        }
+        Ok(checked)
+    }
+
+    /// Which of a peer's entries it holds at versions older than this store's (every
+    /// change of theirs is here), for documents a device of `scope` does not hold.
+    fn left_scope(&self, entries: &[FeedItem], scope: &Scope) -> Result<Vec<DocId>> {
+        let txn = self.read_txn()?;
+        let mut behind = Vec::new();
+        for entry in entries {
+            let Some(meta) = read_meta(&txn, &entry.id)?.filter(|m| !m.held) else {
+                continue;
+            };
+            let theirs = split_heads(&entry.heads).unwrap_or_default();
+            if !theirs.is_empty() && theirs != meta.heads {
+                behind.push((entry.id, theirs, meta));
+            }
+        }
+        if behind.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        self.with_reach(&txn, scope, |reach| {
+            for (id, theirs, meta) in behind {
+                // (Even one marked as sent to it: the feed did not bring it, or the
+                // peer could not merge what came.)
+                if reach.holds(&id)? {
+                    continue;
+                }
+                let theirs: Vec<ChangeHash> = theirs.into_iter().map(ChangeHash).collect();
+                if load_document(&txn, &id, &meta)
+                    .is_ok_and(|doc| doc.get_missing_deps(&theirs).is_empty())
+                {
+                    out.push(id);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Whether a device of `scope` holds the document (by what this store knows).
     pub fn in_scope(&self, id: &DocId, scope: &Scope) -> Result<bool> {
         let txn = self.read_txn()?;
@@ -434,6 +501,10 @@ impl Writer {
     /// Answers whether anything moved.
     pub(crate) fn refeed(&mut self, tables: &mut Tables<'_>, first_seq: u64) -> Result<bool> {
         let mut moved = false;
+        let mut groups: Vec<Vec<u128>> = std::mem::take(&mut self.refeed_docs)
+            .iter()
+            .map(|id| vec![doc_key(id)])
+            .collect();
         for patient in std::mem::take(&mut self.refeed) {
             let p = doc_key(&patient);
             let mut ids = vec![p];
@@ -444,6 +515,9 @@ impl Writer {
                     ids.push(doc);
                 }
             }
+            groups.push(ids);
+        }
+        for ids in groups {
             for key in ids {
                 let id = key_doc(key);
                 let Some(mut meta) = tables.meta_of(&id)? else {
@@ -461,6 +535,44 @@ impl Writer {
             }
         }
         Ok(moved)
+    }
+
+    /// [`PeerUpdate::Offer`]: marks each patient's document as having left `clinic` and
+    /// queues it to move to the head of the feed, so that the feed brings it to the
+    /// devices of `clinic` that still hold an older version.
+    pub(crate) fn offer(
+        &mut self,
+        tables: &mut Tables<'_>,
+        ids: &[DocId],
+        clinic: &str,
+    ) -> Result<()> {
+        for id in ids {
+            let key = doc_key(id);
+            let place = tables
+                .places
+                .get(key)?
+                .and_then(|v| decode_place(v.value()));
+            let Some(Belongs::Patient(patient)) = place else {
+                continue;
+            };
+            let p = doc_key(&patient);
+            let Some((brings, _)) = tables
+                .patient_docs
+                .get((p, key))?
+                .map(|v| decode_entry(v.value()))
+            else {
+                continue;
+            };
+            if brings.as_deref() == Some(clinic) {
+                continue;
+            }
+            tables.patient_docs.insert(
+                (p, key),
+                encode_entry(brings.as_deref(), Some(clinic)).as_slice(),
+            )?;
+            self.refeed_docs.insert(*id);
+        }
+        Ok(())
     }
 
     /// [`Store::set_scope_blocking`].

@@ -194,6 +194,15 @@ pub enum PeerUpdate {
     /// Read the peer's feed again from its start (this device's scope widened: what the
     /// peer sent before was only what the narrower scope held).
     Rewind,
+    /// The peer (of `clinic`) holds these documents at older versions, from before they
+    /// left its clinics: they are announced again, to the devices of `clinic` too, so it
+    /// learns that they left (and purges them).
+    Offer {
+        /// The documents.
+        ids: Vec<medmesh_protocol::DocId>,
+        /// A clinic the peer serves.
+        clinic: String,
+    },
     /// Forget the peer entirely.
     Forget,
 }
@@ -241,6 +250,8 @@ impl PeerRecord {
             }
             PeerUpdate::Clinics { clinics } => self.clinics = Some(clinics.clone()),
             PeerUpdate::Rewind => self.cursor_seq = 0,
+            // Documents of the store, not the peer's record (the writer does it).
+            PeerUpdate::Offer { .. } => {}
             PeerUpdate::Forget => return None,
         }
         Some(self)

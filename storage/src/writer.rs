@@ -164,6 +164,8 @@ pub(crate) struct Writer {
     /// Patients that gained a clinic in the transaction being written: their documents
     /// move to the head of the feed before it commits.
     pub(crate) refeed: BTreeSet<DocId>,
+    /// Documents to move to the head of the feed in this transaction (offered again).
+    pub(crate) refeed_docs: BTreeSet<DocId>,
     /// Bumped when what the store holds changed without the feed moving (a purge, a new
     /// scope): summaries computed before are stale.
     pub(crate) summary_generation: Arc<std::sync::atomic::AtomicU64>,
@@ -293,6 +295,7 @@ impl Writer {
             unsaved: false,
             scope,
             refeed: BTreeSet::new(),
+            refeed_docs: BTreeSet::new(),
             summary_generation,
             feed_epoch: info.feed_epoch.clone(),
         })
@@ -532,6 +535,7 @@ impl Writer {
         // (What a transaction that failed collected is not carried into this one.)
         self.journal_entries.clear();
         self.refeed.clear();
+        self.refeed_docs.clear();
         self.journaling = journaled;
         let first_seq = self.next_seq;
         let mut refed = false;
@@ -568,6 +572,9 @@ impl Writer {
                             }
                         }
                     }
+                    Pending::Peer(_, PeerUpdate::Offer { ids, clinic }) => {
+                        self.offer(&mut tables, &ids, &clinic)?;
+                    }
                     Pending::Peer(key, update) => {
                         let old = match tables.peers.get(key.as_str())? {
                             Some(bytes) => serde_json::from_slice::<PeerRecord>(bytes.value())
@@ -587,7 +594,7 @@ impl Writer {
                     }
                 }
             }
-            if !self.refeed.is_empty() {
+            if !self.refeed.is_empty() || !self.refeed_docs.is_empty() {
                 refed = self.refeed(&mut tables, first_seq)?;
             }
         }

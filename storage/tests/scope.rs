@@ -410,3 +410,44 @@ fn pages_for_a_device_of_one_clinic_are_full_and_leave_out_none_of_its_records()
     assert_eq!(paged, everything);
     assert_eq!(pages, 6, "pages with records");
 }
+
+#[test]
+fn a_device_left_with_an_old_version_of_a_patient_that_moved_away_is_sent_the_move() {
+    let origin = Store::memory(Schema::hikma()).expect("origin");
+    let m = district(&origin);
+    let c1 = Scope::of_clinics(&[&m.c1]);
+    let narrow = Store::memory_with(
+        Schema::hikma(),
+        StoreOptions {
+            scope: c1.clone(),
+            ..StoreOptions::default()
+        },
+    )
+    .expect("narrow");
+    send(&origin, &narrow, 0, &c1);
+    // The patient moves to clinic two; the narrow device misses it. A wide device that
+    // met the patient only after the move cannot tell it was ever clinic one's.
+    patch(
+        &origin,
+        "patients",
+        m.p1,
+        json!({"primary_clinic_id": m.c2}),
+    );
+    let late = Store::memory(Schema::hikma()).expect("late");
+    send(&origin, &late, 0, &Scope::all());
+    let mark = late.last_seq().expect("seq");
+    assert!(announced(&late, 0, &c1).iter().all(|id| *id != m.p1));
+    // The narrow device lists its old version (its feed, or a range in anti-entropy):
+    // the wide one announces the move to it.
+    let (listed, _) = narrow.feed_page(0, 1000).expect("feed");
+    late.check_docs_from("narrow", &listed, &c1).expect("check");
+    assert_eq!(announced(&late, mark, &c1), vec![m.p1]);
+    assert_eq!(send(&late, &narrow, mark, &c1), 1);
+    let moved = narrow.get("patients", &m.p1).expect("patient");
+    assert_eq!(moved.record["primary_clinic_id"], json!(m.c2));
+    // Listed again at the same version, nothing more is announced.
+    let mark = late.last_seq().expect("seq");
+    let (listed, _) = narrow.feed_page(0, 1000).expect("feed");
+    late.check_docs_from("narrow", &listed, &c1).expect("check");
+    assert_eq!(late.last_seq().expect("seq"), mark);
+}

@@ -430,7 +430,10 @@ impl Sim {
                     })
                 }
                 Output::CheckDocs { page, entries } => {
-                    let (missing, behind) = store.check_docs(&entries).expect("check");
+                    let remote = self.peers[self.peer_of(l, 1 - side)].name.clone();
+                    let (missing, behind) = store
+                        .check_docs_from(&remote, &entries, &remote_scope)
+                        .expect("check");
                     Some(Input::Checked {
                         page,
                         missing,

@@ -212,7 +212,8 @@ fn a_full_mesh_of_30_delivers_every_change_everywhere_at_under_twice_its_size() 
 fn devices_of_different_clinics_hold_exactly_their_clinics_records() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(seed) => vec![seed],
-        None => (100..108).collect(),
+        // 323: a narrow device missed a transfer, which only its old version could show.
+        None => (100..108).chain([323]).collect(),
     };
     for seed in seeds {
         let mut sim = Sim::scoped(seed, 4);

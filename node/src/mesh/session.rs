@@ -330,7 +330,10 @@ impl Driver<'_> {
                     })
                 }
                 Output::CheckDocs { page, entries } => {
-                    let (missing, behind) = blocking(move || store.check_docs(&entries)).await?;
+                    let scope = self.peer_scope.clone();
+                    let remote = self.remote.to_owned();
+                    let (missing, behind) =
+                        blocking(move || store.check_docs_from(&remote, &entries, &scope)).await?;
                     Some(Input::Checked {
                         page,
                         missing,
