@@ -571,6 +571,11 @@ impl Writer {
                 encode_entry(brings.as_deref(), Some(clinic)).as_slice(),
             )?;
             self.refeed_docs.insert(*id);
+            // Announced even to a peer whose neighbour it came from: that neighbour may
+            // not send it (it may not know that the peer ever held it).
+            if let Ok(mut origins) = self.origins.lock() {
+                origins.pop(id);
+            }
         }
         Ok(())
     }

@@ -136,7 +136,7 @@ pub(crate) struct Writer {
     /// Documents received in the transaction being written: who sent them, at which
     /// heads (published to [`Origins`] when it commits).
     pub(crate) arrivals: Vec<(DocId, Vec<[u8; 32]>, String)>,
-    origins: Arc<Origins>,
+    pub(crate) origins: Arc<Origins>,
     /// The device key this store signs its changes with (this writer is its only writer).
     pub(crate) author: Arc<AuthorCell>,
     /// Who may have made the changes peers send.

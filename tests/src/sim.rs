@@ -431,9 +431,14 @@ impl Sim {
                 }
                 Output::CheckDocs { page, entries } => {
                     let remote = self.peers[self.peer_of(l, 1 - side)].name.clone();
+                    let before = self.peers[peer].head();
                     let (missing, behind) = store
                         .check_docs_from(&remote, &entries, &remote_scope)
                         .expect("check");
+                    // Records offered again moved to the head of the feed.
+                    if self.peers[peer].head() != before {
+                        self.notify(peer, Some((l, side)));
+                    }
                     Some(Input::Checked {
                         page,
                         missing,

@@ -212,8 +212,9 @@ fn a_full_mesh_of_30_delivers_every_change_everywhere_at_under_twice_its_size() 
 fn devices_of_different_clinics_hold_exactly_their_clinics_records() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         Some(seed) => vec![seed],
-        // 323: a narrow device missed a transfer, which only its old version could show.
-        None => (100..108).chain([323]).collect(),
+        // 323 and 425: a narrow device missed a transfer, which only its old version
+        // could show (in 425 the wide devices got the patient through its neighbour).
+        None => (100..108).chain([323, 425]).collect(),
     };
     for seed in seeds {
         let mut sim = Sim::scoped(seed, 4);
@@ -280,6 +281,19 @@ fn debug_differences(sim: &Sim) {
             for (id, (collection, heads)) in lx {
                 if ly.get(id).map(|v| &v.1) != Some(heads) {
                     let rec = |p: &SimPeer| p.store.get(collection, id).map(|v| v.record).ok();
+                    let contains = |p: &SimPeer, q: &SimPeer| {
+                        let theirs = q.heads_of(collection, id);
+                        p.store.document(collection, id).is_ok_and(|d| {
+                            automerge::ReadDoc::get_missing_deps(&d, &theirs).is_empty()
+                        })
+                    };
+                    println!(
+                        "  {} holds every change of {}'s: {}; the reverse: {}",
+                        y.name,
+                        x.name,
+                        contains(y, x),
+                        contains(x, y)
+                    );
                     println!(
                         "{} ({}) lists {collection} {id}; {} ({}) {}: {:?} / {:?}",
                         x.name,
