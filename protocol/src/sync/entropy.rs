@@ -70,9 +70,16 @@ impl Entropy {
 
 impl Session {
     /// Starts a round when one is due: at connect once caught up, then every
-    /// [`ENTROPY_INTERVAL_MS`], and only while no feed page is in flight.
+    /// [`ENTROPY_INTERVAL_MS`], and only while no feed page is in flight either way (a
+    /// peer still taking this side's feed holds less than this side, and would list all
+    /// it holds so far).
     pub(super) fn maybe_start_round(&mut self, now_ms: u64, out: &mut Vec<Output>) {
-        if !self.is_open() || !self.caught_up || !self.pages.is_empty() || self.entropy.busy() {
+        if !self.is_open()
+            || !self.caught_up
+            || !self.pages.is_empty()
+            || self.feeding()
+            || self.entropy.busy()
+        {
             return;
         }
         let due = match self.entropy.last_end_ms {
@@ -209,9 +216,9 @@ impl Session {
             return;
         }
         let catching_up = !self.caught_up || self.pages.iter().any(|p| p.kind == PageKind::Feed);
-        if catching_up && self.entropy.tokens.is_empty() {
-            // The peer's round while this side still reads its feed: what differs is on
-            // its way. This side's own round, once caught up, fetches what remains.
+        if (catching_up || self.feeding()) && self.entropy.tokens.is_empty() {
+            // The peer's round while either side still reads the other's feed: what
+            // differs is on its way. A round once both are caught up fetches what remains.
             return;
         }
         let differing = local.differing(theirs);

@@ -65,6 +65,12 @@ impl Session {
         Ok(())
     }
 
+    /// The peer is still taking this side's feed: pages of it are unacknowledged, or the
+    /// peer has not been told it caught up.
+    pub(super) fn feeding(&self) -> bool {
+        self.subscribed && (!self.told_caught_up || !self.in_flight.is_empty())
+    }
+
     pub(super) fn maybe_read(&mut self, out: &mut Vec<Output>) {
         if !self.subscribed || self.reading || self.in_flight.len() >= WINDOW {
             return;
