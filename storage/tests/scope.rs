@@ -86,6 +86,18 @@ fn send(from: &Store, to: &Store, after: u64, scope: &Scope) -> usize {
     kept
 }
 
+/// An in-memory store of a device that serves `scope`.
+fn narrow_store(scope: &Scope) -> Store {
+    Store::memory_with(
+        Schema::hikma(),
+        StoreOptions {
+            scope: scope.clone(),
+            ..StoreOptions::default()
+        },
+    )
+    .expect("narrow")
+}
+
 fn ids_in(store: &Store) -> BTreeSet<DocId> {
     announced(store, 0, &Scope::all()).into_iter().collect()
 }
@@ -237,14 +249,7 @@ fn a_narrow_store_refuses_other_clinics_records_and_purges_what_leaves_its_scope
     let wide = Store::memory(Schema::hikma()).expect("wide");
     let m = district(&wide);
     let c1 = Scope::of_clinics(&[&m.c1]);
-    let narrow = Store::memory_with(
-        Schema::hikma(),
-        StoreOptions {
-            scope: c1.clone(),
-            ..StoreOptions::default()
-        },
-    )
-    .expect("narrow");
+    let narrow = narrow_store(&c1);
     assert_eq!(send(&wide, &narrow, 0, &c1), 4);
     assert_eq!(
         ids_in(&narrow),
@@ -322,14 +327,7 @@ fn widening_a_store_s_scope_takes_what_it_refused_before() {
     let wide = Store::memory(Schema::hikma()).expect("wide");
     let m = district(&wide);
     let c1 = Scope::of_clinics(&[&m.c1]);
-    let narrow = Store::memory_with(
-        Schema::hikma(),
-        StoreOptions {
-            scope: c1.clone(),
-            ..StoreOptions::default()
-        },
-    )
-    .expect("narrow");
+    let narrow = narrow_store(&c1);
     send(&wide, &narrow, 0, &Scope::all());
     assert!(narrow.get("patients", &m.p2).is_err());
     let both = Scope::of_clinics(&[&m.c1, &m.c2]);
@@ -416,14 +414,7 @@ fn a_device_left_with_an_old_version_of_a_patient_that_moved_away_is_sent_the_mo
     let origin = Store::memory(Schema::hikma()).expect("origin");
     let m = district(&origin);
     let c1 = Scope::of_clinics(&[&m.c1]);
-    let narrow = Store::memory_with(
-        Schema::hikma(),
-        StoreOptions {
-            scope: c1.clone(),
-            ..StoreOptions::default()
-        },
-    )
-    .expect("narrow");
+    let narrow = narrow_store(&c1);
     send(&origin, &narrow, 0, &c1);
     // The patient moves to clinic two; the narrow device misses it. A wide device that
     // met the patient only after the move cannot tell it was ever clinic one's.
