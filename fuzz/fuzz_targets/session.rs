@@ -117,6 +117,7 @@ fn message(u: &mut Unstructured, req: u64) -> Result<Option<Message>> {
             entries: items(u, 6)?,
             upto: u.int_in_range(0..=40)?,
             more: u.arbitrary()?,
+            head: u.int_in_range(0..=60)?,
         },
         2 => Message::Want {
             req: u.int_in_range(0..=8)?,

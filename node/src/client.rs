@@ -1084,31 +1084,18 @@ pub async fn users(action: crate::config::UsersAction) -> Result<()> {
             {
                 bail!("a user with the email {email} exists already");
             }
-            let hashed = crate::users::hash_password(&read_password(&email)?)?;
+            // The node hashes the password (bcrypt) and never stores it as typed.
             let mut user = json!({
                 "email": email,
                 "name": name,
                 "role": role,
-                "hashed_password": hashed,
+                "password": read_password(&email)?,
             });
             if let Some(clinic) = clinic {
                 user["clinic_id"] = json!(clinic);
             }
+            // The node gives a user with a clinic their role's permissions there.
             let (_, created) = client.call(Method::POST, "/v1/users", Some(&user)).await?;
-            if let (Some(clinic), Some(id)) = (user.get("clinic_id"), created["id"].as_str()) {
-                // What the Hikma cloud does for a new user: the role's permissions at
-                // their clinic (the app enforces them too).
-                let mut permissions = crate::users::default_permissions(&role);
-                permissions["user_id"] = json!(id);
-                permissions["clinic_id"] = clinic.clone();
-                client
-                    .call(
-                        Method::POST,
-                        "/v1/user_clinic_permissions",
-                        Some(&permissions),
-                    )
-                    .await?;
-            }
             println!(
                 "User {email} ({role}) created: {}. They sign in to the Hikma app with this node's address.",
                 created["id"].as_str().unwrap_or("?")
@@ -1173,12 +1160,12 @@ pub async fn users(action: crate::config::UsersAction) -> Result<()> {
         UsersAction::Passwd { api, email } => {
             let client = Client::new(&api)?;
             let id = user_id(&client, &email).await?;
-            let hashed = crate::users::hash_password(&read_password(&email)?)?;
+            let password = read_password(&email)?;
             client
                 .call(
                     Method::PATCH,
                     &format!("/v1/users/{id}"),
-                    Some(&json!({"hashed_password": hashed})),
+                    Some(&json!({ "password": password })),
                 )
                 .await?;
             println!(

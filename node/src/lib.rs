@@ -17,6 +17,7 @@ pub mod access;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod files;
 pub mod forms;
 pub mod gateway;

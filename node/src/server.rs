@@ -509,9 +509,22 @@ pub async fn start(args: StartArgs) -> Result<()> {
             "           discovery off (--no-mdns): other nodes come from --peer or `medmesh peers add`"
         );
     }
+    println!(
+        "  console: open {scheme}://{}/ in a browser and sign in with a user of the mesh",
+        api.addr
+    );
     println!("Press Ctrl-C to stop.");
     tracing::info!(peer = %opened.peer_id, api = %api.addr, "node started");
+    let progress = {
+        use std::io::IsTerminal;
+        std::io::stderr()
+            .is_terminal()
+            .then(|| tokio::spawn(show_sync_progress(mesh.clone())))
+    };
     shutdown_signal().await;
+    if let Some(task) = progress {
+        task.abort();
+    }
     println!("Stopping: finishing the writes in progress...");
     gateway_shutdown.cancel();
     if let Some(task) = gateway_task {
@@ -861,31 +874,65 @@ pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<
 /// The file where a running node keeps the addresses it listens on (for `medmesh invite`).
 pub const LISTEN_FILE: &str = "listen.addrs";
 
-/// `medmesh invite`: makes an invite that admits one device, printed as the last line.
-pub fn invite(args: &crate::config::InviteArgs) -> Result<()> {
-    let dir = args.data.dir();
-    if trust::read_root(&dir)?.is_none() {
-        bail!(
-            "{} holds no medmesh node yet; create one with `medmesh init --data {}`",
-            dir.display(),
-            dir.display()
-        );
+/// Documents still to come from one peer for a progress bar to be worth showing.
+const PROGRESS_SHOWN_FROM: u64 = 200;
+
+/// A progress bar on the terminal while this node takes a large part of a peer's feed
+/// (an initial sync, or catching up after days apart): documents received of those
+/// announced, the rate and the time left.
+async fn show_sync_progress(mesh: mesh::Mesh) {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let busy = mesh
+            .peers()
+            .into_iter()
+            .filter_map(|p| {
+                let progress = p.sync_progress?;
+                let name = p
+                    .name
+                    .unwrap_or_else(|| p.peer_id.chars().take(12).collect());
+                (progress.announced.saturating_sub(progress.received) >= PROGRESS_SHOWN_FROM
+                    || bar.is_some())
+                .then_some((name, progress))
+            })
+            .max_by_key(|(_, progress)| progress.announced);
+        match (busy, &bar) {
+            (Some((name, progress)), _) => {
+                let shown = bar.get_or_insert_with(|| {
+                    let bar = indicatif::ProgressBar::new(progress.announced);
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} {bar:30} {pos}/{len} documents, {per_sec}, {eta} left",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar
+                });
+                shown.set_length(progress.announced);
+                shown.set_position(progress.received);
+                shown.set_message(format!("syncing from {name}:"));
+            }
+            (None, Some(shown)) => {
+                shown.finish_with_message("initial sync done:");
+                bar = None;
+            }
+            (None, None) => {}
+        }
     }
-    let me = trust::load(&dir, None)?;
+}
+
+/// A single-use invite to this mesh, made on an admin device whose node listens (or
+/// listened) in `dir`: it carries `addrs` and the node's listening addresses, the LAN's
+/// before loopback, at most eight. For `medmesh invite` and `POST /v1/invites`.
+pub fn new_invite(
+    dir: &Path,
+    me: &Trust,
+    mut addrs: Vec<String>,
+    options: &trust::InviteOptions,
+) -> Result<Invite> {
     me.owner().context("this device cannot admit others")?;
-    let kind: DeviceKind = args.kind.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let options = trust::InviteOptions {
-        valid_for: trust::parse_duration(&args.expires)?,
-        kind,
-        name: args.name.clone(),
-        clinics: args.clinics.clone(),
-        cert_valid_for: args
-            .valid_for
-            .as_deref()
-            .map(trust::parse_duration)
-            .transpose()?,
-    };
-    let mut addrs = args.addrs.clone();
     let listening = std::fs::read_to_string(dir.join(LISTEN_FILE)).unwrap_or_default();
     let mut lan = Vec::new();
     let mut loopback = Vec::new();
@@ -908,7 +955,33 @@ pub fn invite(args: &crate::config::InviteArgs) -> Result<()> {
             dir.display()
         );
     }
-    let invite = trust::make_invite(&dir, &me, &me.device.peer_id, addrs, &options)?;
+    trust::make_invite(dir, me, &me.device.peer_id, addrs, options)
+}
+
+/// `medmesh invite`: makes an invite that admits one device, printed as the last line.
+pub fn invite(args: &crate::config::InviteArgs) -> Result<()> {
+    let dir = args.data.dir();
+    if trust::read_root(&dir)?.is_none() {
+        bail!(
+            "{} holds no medmesh node yet; create one with `medmesh init --data {}`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let me = trust::load(&dir, None)?;
+    let kind: DeviceKind = args.kind.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let options = trust::InviteOptions {
+        valid_for: trust::parse_duration(&args.expires)?,
+        kind,
+        name: args.name.clone(),
+        clinics: args.clinics.clone(),
+        cert_valid_for: args
+            .valid_for
+            .as_deref()
+            .map(trust::parse_duration)
+            .transpose()?,
+    };
+    let invite = new_invite(&dir, &me, args.addrs.clone(), &options)?;
     let text = invite.to_text();
     let expires = chrono::DateTime::from_timestamp_millis(invite.expires_at)
         .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())

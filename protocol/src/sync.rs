@@ -99,6 +99,18 @@ pub struct SessionConfig {
     pub cursor: Option<Cursor>,
 }
 
+/// How far an initial sync (or any stretch of catching up) has come: feed positions of
+/// the peer, each one document changed there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Progress {
+    /// Positions of the peer's feed this node holds, of those below.
+    pub received: u64,
+    /// Positions of the peer's feed it had told of since the stretch began.
+    pub announced: u64,
+    /// How long the stretch has lasted (milliseconds).
+    pub elapsed_ms: u64,
+}
+
 /// What happened, for the session to act on.
 #[derive(Debug, Clone)]
 pub enum Input {
@@ -320,6 +332,11 @@ pub struct Session {
     next_page: u64,
     next_req: u64,
     cursor_seq: u64,
+    /// The newest position of the peer's feed it has told of.
+    remote_head: u64,
+    /// Where this copy of the peer's feed stood, and when, as the current stretch of
+    /// catching up began (for [`Session::progress`]).
+    progress_base: Option<(u64, u64)>,
     partial: Option<PartialDoc>,
     caught_up: bool,
     last_synced_ms: Option<u64>,
@@ -368,6 +385,8 @@ impl Session {
             next_page: 1,
             next_req: 1,
             cursor_seq: 0,
+            remote_head: 0,
+            progress_base: None,
             partial: None,
             caught_up: false,
             last_synced_ms: None,
@@ -421,6 +440,29 @@ impl Session {
     /// Documents requested from the peer and not stored yet.
     pub fn pending_in(&self) -> usize {
         self.pages.iter().map(|p| p.wanted).sum()
+    }
+
+    /// How far this node has come in taking the peer's feed, while it is behind it.
+    pub fn progress(&self) -> Option<Progress> {
+        let (base, since_ms) = self.progress_base?;
+        if self.remote_head <= self.cursor_seq {
+            return None;
+        }
+        Some(Progress {
+            received: self.cursor_seq.saturating_sub(base),
+            announced: self.remote_head.saturating_sub(base),
+            elapsed_ms: self.clock.saturating_sub(since_ms),
+        })
+    }
+
+    /// A feed page told the peer's newest position: a stretch of catching up begins when
+    /// this copy was level with the peer's feed.
+    fn note_progress(&mut self, upto: u64, head: u64, now_ms: u64) {
+        let head = head.max(upto);
+        if self.progress_base.is_none() || self.remote_head <= self.cursor_seq {
+            self.progress_base = Some((self.cursor_seq, now_ms));
+        }
+        self.remote_head = self.remote_head.max(head);
     }
 
     /// Local feed positions the peer has not acknowledged yet.
@@ -608,8 +650,12 @@ impl Session {
                     entries,
                     upto,
                     more,
+                    head,
                 },
-            ) => self.on_feed(entries, upto, more, now_ms, out),
+            ) => {
+                self.note_progress(upto, head, now_ms);
+                self.on_feed(entries, upto, more, now_ms, out)
+            }
             (
                 Phase::Open,
                 Message::Docs {

@@ -273,6 +273,10 @@ pub enum Message {
         /// does not need, so a short page does not mean the end).
         #[serde(default, rename = "m", skip_serializing_if = "std::ops::Not::not")]
         more: bool,
+        /// The sender's newest feed position when it sent the page (0: not said), so the
+        /// receiver can show how far an initial sync has come.
+        #[serde(default, rename = "h", skip_serializing_if = "is_zero")]
+        head: u64,
     },
     /// What the asker needs, for its request `req`.
     #[serde(rename = "W")]
@@ -572,6 +576,10 @@ pub fn join_heads(heads: &[[u8; 32]]) -> ByteBuf {
     ByteBuf::from(heads.concat())
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,6 +617,7 @@ mod tests {
                     .collect(),
                 upto: 299,
                 more: true,
+                head: 1_000,
             },
             Message::Want {
                 req: 1,

@@ -6,8 +6,9 @@
 //!   form cannot post to the node. No CORS headers are sent unless origins are configured.
 //! - Every `/v1` endpoint needs a credential: HTTP Basic with a user of the mesh, a
 //!   session token from `POST /v1/sessions`, or the node's own token (`DIR/api-token`,
-//!   what the command line uses). `/health` needs none; the Hikma app's `/api` endpoints
-//!   check the app's own credentials and answer in the app's forms.
+//!   what the command line uses). `/health` and the console's files (`/`, `/console/`)
+//!   need none; the Hikma app's `/api` endpoints check the app's own credentials and
+//!   answer in the app's forms.
 //! - What a caller may do is the role matrix in [`roles`].
 
 pub mod log;
@@ -228,7 +229,9 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         }
     }
     let signs_in = path == "/v1/sessions" && *request.method() == Method::POST;
+    let page = *request.method() == Method::GET && crate::console::is_console(&path);
     if path == "/health"
+        || page
         || path.starts_with("/api/")
         || signs_in
         || *request.method() == Method::OPTIONS

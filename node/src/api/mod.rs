@@ -245,6 +245,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices", get(peers::devices))
         .route("/v1/devices/{peer_id}/revoke", post(peers::revoke))
         .route("/v1/devices/{peer_id}/clinics", post(peers::set_clinics))
+        .route("/v1/invites", post(peers::invite))
         .route("/v1/hub", get(hub::info))
         .route("/v1/hub/clients", get(hub::clients))
         .route(
@@ -258,6 +259,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/pharmacy/stock", get(pharmacy::stock))
         .route("/v1/pharmacy/alerts", get(pharmacy::alerts))
         .route("/v1/pharmacy/verify", get(pharmacy::verify))
+        .route("/v1/pharmacy/levels", get(pharmacy::levels))
         .route("/v1/drugs/search", get(pharmacy::search))
         .route("/v1/{collection}", post(records::create).get(records::list))
         .route(
@@ -278,6 +280,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/me", get(sessions::me))
         .merge(import)
         .merge(app)
+        .merge(crate::console::router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -247,3 +247,106 @@ pub async fn set_clinics(
     .await?;
     Ok(Json(json!({"peer_id": peer, "clinics": device.clinics})))
 }
+
+/// `POST /v1/invites {"kind"?, "name"?, "clinics"?, "expires"?, "valid_for"?}` on an
+/// admin device: a single-use invite for one new device, as text and as a QR code (SVG),
+/// the way `medmesh invite` makes it.
+pub async fn invite(
+    State(state): State<AppState>,
+    Extension(caller): Extension<crate::access::Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
+    let mesh = state.mesh().ok_or_else(no_mesh)?;
+    let trust = mesh.trust().clone();
+    if trust.owner.is_none() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_admin_device",
+            "only an admin device of the mesh (one that holds the owner key) can invite devices; do it on an admin device",
+        ));
+    }
+    let Some(dir) = state.inner.data_dir.clone() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_data_dir",
+            "this node keeps no data directory, so it cannot keep invites",
+        ));
+    };
+    let body = match body {
+        Ok(bytes) if bytes.is_empty() => json!({}),
+        body => json_body(body)?,
+    };
+    let text = |name: &str| body.get(name).and_then(Value::as_str).map(str::trim);
+    let bad = |field: &str, message: String| {
+        let mut error = ApiError::bad_request("invalid_field", message);
+        error.field = Some(field.to_owned());
+        error
+    };
+    let kind: medmesh_protocol::membership::DeviceKind = text("kind")
+        .unwrap_or("tablet")
+        .parse()
+        .map_err(|e: String| bad("kind", e))?;
+    let duration = |field: &str, default: Option<&str>| {
+        text(field)
+            .filter(|t| !t.is_empty())
+            .or(default)
+            .map(|t| crate::trust::parse_duration(t).map_err(|e| bad(field, format!("{e:#}"))))
+            .transpose()
+    };
+    let clinics = match body.get("clinics") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|c| {
+                c.as_str()
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .ok_or_else(|| bad("clinics", "every clinic must be a clinic id (text)".into()))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(bad(
+                "clinics",
+                "`clinics` must be a list of clinic ids (empty: all)".into(),
+            ));
+        }
+    };
+    let options = crate::trust::InviteOptions {
+        valid_for: duration("expires", Some("24h"))?.unwrap_or_default(),
+        kind,
+        name: text("name").filter(|n| !n.is_empty()).map(str::to_owned),
+        clinics,
+        cert_valid_for: duration("valid_for", None)?,
+    };
+    let invite = blocking(move || {
+        crate::server::new_invite(&dir, &trust, Vec::new(), &options).map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot_invite",
+                format!("{e:#}"),
+            )
+        })
+    })
+    .await?;
+    let text = invite.to_text();
+    let qr = qrcode::QrCode::new(text.as_bytes())
+        .map(|code| {
+            code.render::<qrcode::render::svg::Color>()
+                .min_dimensions(256, 256)
+                .quiet_zone(true)
+                .build()
+        })
+        .ok();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "invite": text,
+            "kind": kind.as_str(),
+            "expires_at": medmesh_protocol::record::format_timestamp(invite.expires_at),
+            "qr_svg": qr,
+            "join": "on the new device: medmesh init --data DIR --join INVITE",
+        })),
+    ))
+}

@@ -213,3 +213,31 @@ pub async fn search(
     let hits = blocking(move || Ok(pharmacy.search_drugs(&q, limit)?)).await?;
     Ok(Json(json!({ "drugs": hits })))
 }
+
+/// Points of a level chart at most.
+const LEVEL_POINTS: usize = 240;
+
+/// Parameters of `GET /v1/pharmacy/levels`.
+#[derive(Debug, Deserialize)]
+pub struct LevelParams {
+    stock_item_id: String,
+}
+
+/// `GET /v1/pharmacy/levels?stock_item_id=ID`: the stock item's level after each of its
+/// movements, oldest first (at most 240 points, evenly spaced), for a chart.
+pub async fn levels(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Query<LevelParams>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Permission::ReadStock, None)?;
+    let id: DocId = params.stock_item_id.parse().map_err(|_| {
+        ApiError::bad_request(
+            "bad_query",
+            "stock_item_id must be a stock item's id (from GET /v1/pharmacy/stock)",
+        )
+    })?;
+    let pharmacy = state.pharmacy();
+    let answer = blocking(move || Ok(pharmacy.levels(&id, LEVEL_POINTS)?)).await?;
+    Ok(Json(answer))
+}

@@ -335,9 +335,11 @@ pub async fn create(
     caller.require(needed(&collection, Access::Write), clinic_of(&fields))?;
     check_super_admin(&caller, &collection, &[&fields])?;
     refuse_managed(&state, &collection, None, &GenericWrite::Create)?;
+    let mut fields = fields;
     if collection == "users" {
         let (s, f) = (state.clone(), fields.clone());
         blocking(move || unique_email(&s, &f, None)).await?;
+        hash_given_password(&mut fields).await?;
     }
     let op = WriteOp::new(
         &collection,
@@ -346,8 +348,72 @@ pub async fn create(
         caller.author(state.peer_id()),
     );
     let outcome = write_one(&state, op).await?;
+    if collection == "users" {
+        default_clinic_permissions(&state, &caller, &outcome.record).await?;
+    }
     let record = masked_if_user(&collection, outcome.record);
     Ok((StatusCode::CREATED, Json(Value::Object(record))))
+}
+
+/// A user's `password`, when a request gives one, becomes its bcrypt `hashed_password`:
+/// the plain text is never stored.
+async fn hash_given_password(fields: &mut Fields) -> Result<(), ApiError> {
+    let Some(given) = fields.remove("password") else {
+        return Ok(());
+    };
+    let password = given
+        .as_str()
+        .filter(|p| p.chars().count() >= 8)
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            let mut error = ApiError::bad_request(
+                "invalid_field",
+                "the password must be text of at least 8 characters",
+            );
+            error.field = Some("password".into());
+            error
+        })?;
+    let hashed = blocking(move || {
+        crate::users::hash_password(&password).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the password could not be hashed: {e:#}"),
+            )
+        })
+    })
+    .await?;
+    fields.insert("hashed_password".into(), Value::from(hashed));
+    Ok(())
+}
+
+/// What the Hikma cloud does for a new user with a clinic: a `user_clinic_permissions`
+/// row with their role's defaults at that clinic (the app enforces it too).
+async fn default_clinic_permissions(
+    state: &AppState,
+    caller: &Caller,
+    user: &Fields,
+) -> Result<(), ApiError> {
+    let (Some(id), Some(clinic), Some(role)) = (
+        user.get("id").and_then(Value::as_str),
+        user.get("clinic_id").and_then(Value::as_str),
+        user.get("role").and_then(Value::as_str),
+    ) else {
+        return Ok(());
+    };
+    let mut row = crate::users::default_permissions(role);
+    row["user_id"] = Value::from(id);
+    row["clinic_id"] = Value::from(clinic);
+    let Value::Object(row) = row else {
+        return Ok(());
+    };
+    let op = WriteOp::new(
+        "user_clinic_permissions",
+        None,
+        WriteKind::Create(row),
+        caller.author(state.peer_id()),
+    );
+    write_one(state, op).await.map(|_| ())
 }
 
 /// `GET /v1/{collection}/{id}`
@@ -390,7 +456,12 @@ async fn change(
 ) -> Result<Json<Value>, ApiError> {
     check_collection(&state, &collection)?;
     let id = parse_id(&id)?;
-    let kind = kind()?;
+    let mut kind = kind()?;
+    if collection == "users"
+        && let WriteKind::Patch(fields) | WriteKind::Replace(fields) = &mut kind
+    {
+        hash_given_password(fields).await?;
+    }
     // Setting or clearing a deletion is a delete (or an undelete), whatever the verb.
     let deletes = match &kind {
         WriteKind::Delete => true,

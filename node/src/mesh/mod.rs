@@ -64,12 +64,47 @@ pub struct PeerView {
     pub pending_out: u64,
     /// What the sync with it waits for.
     pub waiting_for: Option<String>,
+    /// While this node is taking the peer's feed (an initial sync, or catching up after
+    /// time apart): how far it has come.
+    pub sync_progress: Option<SyncProgress>,
     /// Why the last session ended, if it did.
     pub last_error: Option<String>,
     /// When this node last compared everything it holds with the peer (RFC 3339).
     pub last_check: Option<String>,
     /// What that comparison found.
     pub last_check_result: Option<String>,
+}
+
+/// How far this node has come in taking a peer's feed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncProgress {
+    /// Documents received (feed positions of the peer this node holds).
+    pub received: u64,
+    /// Documents the peer announced since this stretch began.
+    pub announced: u64,
+    /// Documents per second so far.
+    pub rate: f64,
+    /// Seconds left at that rate (none before the first documents arrived).
+    pub eta_s: Option<f64>,
+}
+
+impl SyncProgress {
+    /// From the session's figures.
+    pub fn of(progress: medmesh_protocol::sync::Progress) -> Self {
+        let seconds = progress.elapsed_ms as f64 / 1000.0;
+        let rate = if seconds > 0.0 {
+            progress.received as f64 / seconds
+        } else {
+            0.0
+        };
+        let left = progress.announced.saturating_sub(progress.received) as f64;
+        Self {
+            received: progress.received,
+            announced: progress.announced,
+            rate,
+            eta_s: (rate > 0.0).then(|| left / rate),
+        }
+    }
 }
 
 /// What `medmesh verify --peer` reports.

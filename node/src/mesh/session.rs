@@ -228,6 +228,7 @@ async fn drive(
                 v.pending_in = session.pending_in();
                 v.pending_out = session.pending_out();
                 v.waiting_for = Some(session.waiting_for());
+                v.sync_progress = session.progress().map(crate::mesh::SyncProgress::of);
                 if let Some(ms) = session.last_synced_ms() {
                     v.last_sync = Some(record::format_timestamp(ms as i64));
                 }
@@ -244,6 +245,7 @@ async fn drive(
         v.syncing = false;
         v.pending_in = 0;
         v.waiting_for = None;
+        v.sync_progress = None;
         v.last_error = Some(escape(&reason));
     });
     Ok(reason)

@@ -1103,6 +1103,61 @@ impl Pharmacy {
         self.with_view(|v| v.search(query, limit))
     }
 
+    /// A stock item's level over time, from its movements (`inventory_transactions`) in
+    /// the order they were made: the running sum of their changes after each one, at
+    /// most `points` of them (evenly spaced, the last always kept), and how many
+    /// movements there are. The sum after the last is the item's quantity.
+    pub fn levels(&self, stock_item: &DocId, points: usize) -> Result<Value> {
+        let mut moves: Vec<(String, i64, String)> = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self.store.list(&Query {
+                collection: "inventory_transactions".into(),
+                filters: vec![medmesh_storage::Filter::Equals {
+                    field: "stock_item_id".into(),
+                    value: stock_item.to_string(),
+                }],
+                limit: 1000,
+                cursor: cursor.take(),
+                include_deleted: true,
+            })?;
+            for tx in page.records {
+                let text = |f: &str| {
+                    tx.record
+                        .get(f)
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                if let Some(change) = tx.record.get("quantity_change").and_then(Value::as_i64) {
+                    moves.push((text("performed_at"), change, text("transaction_type")));
+                }
+            }
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        moves.sort_by(|a, b| a.0.cmp(&b.0));
+        let total = moves.len();
+        let step = total.div_ceil(points.max(1)).max(1);
+        let mut level = 0i64;
+        let mut shown = Vec::with_capacity(total.min(points) + 1);
+        for (i, (at, change, kind)) in moves.into_iter().enumerate() {
+            level += change;
+            if (i + 1) % step == 0 || i + 1 == total {
+                shown.push(json!({"at": at, "level": level, "change": change, "type": kind}));
+            }
+        }
+        Ok(json!({
+            "stock_item_id": stock_item.to_string(),
+            "movements": total,
+            "level": level,
+            "quantity": self.quantity(stock_item)?,
+            "points": shown,
+        }))
+    }
+
     /// Every stock item whose quantity differs from the sum of its movements.
     pub fn verify(&self) -> Result<Value> {
         let mut sums: std::collections::HashMap<String, (i64, usize)> = Default::default();

@@ -95,6 +95,7 @@ impl Session {
                 entries: Vec::new(),
                 upto: self.after,
                 more: false,
+                head: self.head.unwrap_or(self.after),
             }));
         }
         out
@@ -119,6 +120,7 @@ impl Session {
             entries: Vec::new(),
             upto: self.after,
             more: false,
+            head: self.head.unwrap_or(self.after),
         }));
     }
 
@@ -201,6 +203,7 @@ impl Session {
                 entries,
                 upto: self.after,
                 more: full,
+                head: self.head.unwrap_or(self.after),
             }));
         }
         self.maybe_read(out);

@@ -265,6 +265,7 @@ fn message() -> impl Strategy<Value = Message> {
                     .collect(),
                 upto,
                 more: false,
+                head: upto,
             }),
         (
             any::<u64>(),
@@ -354,6 +355,7 @@ fn a_diverged_document_is_asked_again_with_a_summary_then_whole() {
             entries: vec![entry],
             upto: 1,
             more: false,
+            head: 1,
         }),
         0,
     );
