@@ -170,6 +170,8 @@ async fn every_endpoint_needs_a_credential_except_health() {
         (Method::POST, "/v1/peers/12D3KooWx/verify"),
         (Method::GET, "/v1/devices"),
         (Method::POST, "/v1/devices/12D3KooWx/revoke"),
+        (Method::POST, "/v1/invites"),
+        (Method::GET, "/v1/pharmacy/levels?stock_item_id=ID"),
         (Method::POST, "/v1/pharmacy/restock"),
         (Method::POST, "/v1/pharmacy/dispense"),
         (Method::POST, "/v1/pharmacy/count"),
@@ -223,6 +225,36 @@ async fn every_endpoint_needs_a_credential_except_health() {
     }
     let (status, _) = call(&anonymous, &node, Method::GET, "/health", None).await;
     assert_eq!(status, StatusCode::OK);
+    // The console's files hold no data: they need no credential, and say what the page
+    // may load (only this node).
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/console/app.js", "text/javascript"),
+        ("/console/strings.js", "text/javascript"),
+        ("/console/app.css", "text/css"),
+    ] {
+        let answer = anonymous.get(node.url(path)).send().await.expect("send");
+        assert_eq!(answer.status(), StatusCode::OK, "{path}");
+        let header = |name: &str| {
+            answer
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(header("content-type").starts_with(kind), "{path}");
+        assert!(
+            header("content-security-policy").contains("default-src 'self'"),
+            "{path}"
+        );
+    }
+    let missing = anonymous
+        .get(node.url("/console/secrets.txt"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     // A wrong password is refused like no credential.
     let basic = reqwest::Client::new()
         .get(node.url("/v1/status"))
@@ -994,4 +1026,83 @@ async fn the_apps_sync_gives_and_takes_only_what_the_role_may() {
     )
     .await;
     assert_eq!(dispensed["records"], json!([]));
+}
+
+#[tokio::test]
+async fn a_password_given_to_the_api_is_hashed_by_the_node_and_a_new_user_gets_its_roles_permissions()
+ {
+    let node = Node::start().await;
+    let admin_id = node.add_user("admin@clinic.org", "admin", &[]).await;
+    assert!(!admin_id.is_empty());
+    let admin = node.sign_in("admin@clinic.org").await;
+    let (status, refused) = call(
+        &admin,
+        &node,
+        Method::POST,
+        "/v1/users",
+        Some(json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "registrar", "password": "short"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["error"]["field"], "password", "{refused}");
+    let (status, made) = call(
+        &admin,
+        &node,
+        Method::POST,
+        "/v1/users",
+        Some(
+            json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "registrar",
+                    "clinic_id": CLINIC, "password": "first password"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    assert_eq!(made["hashed_password"], "************");
+    assert!(made.get("password").is_none(), "{made}");
+    let id = made["id"].as_str().expect("id").to_owned();
+    let stored = node
+        .state
+        .store()
+        .get("users", &id.parse().expect("id"))
+        .expect("stored");
+    let hash = stored.record["hashed_password"].as_str().expect("hash");
+    assert!(bcrypt::verify("first password", hash).expect("bcrypt"));
+    // What the Hikma cloud gives a new registrar at their clinic.
+    let (_, rows) = call(
+        &admin,
+        &node,
+        Method::GET,
+        &format!("/v1/user_clinic_permissions?user_id={id}"),
+        None,
+    )
+    .await;
+    let row = &rows["records"][0];
+    assert_eq!(row["clinic_id"], CLINIC, "{rows}");
+    assert_eq!(row["can_register_patients"], true, "{rows}");
+    assert_eq!(row["can_view_history"], false, "{rows}");
+
+    let sign_in = |password: &'static str| {
+        let url = node.url("/v1/sessions");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"email": "nurse@clinic.org", "password": password}))
+                .send()
+                .await
+                .expect("sign in")
+                .status()
+        }
+    };
+    assert_eq!(sign_in("first password").await, StatusCode::CREATED);
+    let (status, answer) = call(
+        &admin,
+        &node,
+        Method::PATCH,
+        &format!("/v1/users/{id}"),
+        Some(json!({"password": "second password"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(sign_in("first password").await, StatusCode::UNAUTHORIZED);
+    assert_eq!(sign_in("second password").await, StatusCode::CREATED);
 }

@@ -706,3 +706,60 @@ async fn the_stock_listing_comes_in_pages_that_together_hold_every_batch_once() 
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
     }
 }
+
+#[tokio::test]
+async fn a_stock_items_level_over_time_adds_up_its_movements() {
+    let node = Node::start().await;
+    let clinic = node.clinic().await;
+    let (status, restocked) = node
+        .post("/v1/pharmacy/restock", json!({"clinic_id": clinic, "drug_name": "Zinc 20mg tablets", "batch_number": "Z-1", "expiry_date": "2031-01-31", "quantity": 50}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{restocked}");
+    for quantity in [5, 12] {
+        let (status, answer) = node
+            .post(
+                "/v1/pharmacy/dispense",
+                json!({"clinic_id": clinic, "drug_name": "zinc 20 mg tablets", "quantity": quantity}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let (status, answer) = node
+        .post("/v1/pharmacy/adjust", json!({"clinic_id": clinic, "drug_name": "Zinc 20mg tablets", "batch_number": "Z-1", "quantity_change": -3, "reason": "damaged"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let stock = node
+        .get(&format!("/v1/pharmacy/stock?clinic_id={clinic}"))
+        .await;
+    let item = stock["items"][0]["stock_item_id"]
+        .as_str()
+        .expect("item")
+        .to_owned();
+    let levels = node
+        .get(&format!("/v1/pharmacy/levels?stock_item_id={item}"))
+        .await;
+    let shown: Vec<i64> = levels["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| p["level"].as_i64().expect("level"))
+        .collect();
+    assert_eq!(shown, [50, 45, 33, 30], "{levels}");
+    assert_eq!(levels["movements"], 4);
+    assert_eq!(levels["level"], levels["quantity"], "{levels}");
+    assert_eq!(levels["points"][3]["type"], "adjustment", "{levels}");
+
+    let (status, bad) = {
+        let r = node
+            .http
+            .get(format!(
+                "http://{}/v1/pharmacy/levels?stock_item_id=not-an-id",
+                node.api.addr
+            ))
+            .send()
+            .await
+            .expect("get");
+        (r.status(), r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+}

@@ -142,6 +142,7 @@ impl Member {
             entries,
             upto,
             more: false,
+            head: 0,
         })
         .await;
         let asked = self
@@ -472,6 +473,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
                     .collect(),
                 upto: 5_000,
                 more: false,
+                head: 0,
             }],
         ),
         (
@@ -512,6 +514,7 @@ async fn a_hostile_member_cannot_crash_flood_or_poison_a_node() {
             ],
             upto: 1,
             more: false,
+            head: 0,
         })
         .await;
     let req = member

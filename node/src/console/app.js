@@ -371,10 +371,11 @@
             "dl",
             { class: "facts" },
             h("dt", { text: t("cloud") }), h("dd", { text: g.cloud || "-" }),
-            h("dt", { text: t("last_pull") }), h("dd", { text: when(g.last_pull) }),
-            h("dt", { text: t("last_push") }), h("dd", { text: when(g.last_push) }),
-            h("dt", { text: t("backlog") }), h("dd", { text: String(g.backlog === undefined ? "-" : g.backlog) }),
-            h("dt", { text: t("last_error") }), h("dd", { class: g.last_error ? "bad" : "", text: g.last_error || t("none") }),
+            h("dt", { text: t("last_pull") }), h("dd", { text: when(g.last_pull_at) + " · " + t("rows", { n: g.last_pull_rows }) }),
+            h("dt", { text: t("last_push") }), h("dd", { text: when(g.last_push_at) }),
+            h("dt", { text: t("backlog") }), h("dd", { "data-backlog": g.backlog, text: String(g.backlog) }),
+            h("dt", { text: t("refused_by_cloud") }), h("dd", { class: g.refused.length ? "warn" : "", text: String(g.refused.length) }),
+            h("dt", { text: t("last_error") }), h("dd", { class: g.last_error ? "bad" : "", text: g.last_error ? g.last_error + " (" + when(g.last_error_at) + ")" : t("none") }),
           ),
         ),
       );
@@ -588,10 +589,22 @@
     const top = Math.max(0, ...levels);
     const bottom = Math.min(0, ...levels);
     const span = top - bottom || 1;
-    const x = (i) => P + (points.length === 1 ? 0 : (i * (W - 2 * P)) / (points.length - 1));
+    // Along the time of the movements (by their order when the times do not spread).
+    const times = points.map((p) => Date.parse(p.at));
+    const first = times[0];
+    const last = times[times.length - 1];
+    const timed = times.every((v) => !isNaN(v)) && last > first;
+    const x = (i) => P + (points.length === 1 ? 0 : ((timed ? (times[i] - first) / (last - first) : i / (points.length - 1)) * (W - 2 * P)));
     const y = (v) => H - P - ((v - bottom) * (H - 2 * P)) / span;
+    // A level holds until the next movement: a step line.
+    const corners = [];
+    points.forEach((p, i) => {
+      if (i > 0) corners.push([x(i), y(points[i - 1].level)]);
+      corners.push([x(i), y(p.level)]);
+    });
     const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("points", points.map((p, i) => x(i).toFixed(1) + "," + y(p.level).toFixed(1)).join(" "));
+    line.setAttribute("points", corners.map(([cx, cy]) => cx.toFixed(1) + "," + cy.toFixed(1)).join(" "));
+    svg.dataset.points = String(points.length);
     const zero = document.createElementNS(ns, "line");
     zero.setAttribute("class", "zero");
     zero.setAttribute("x1", P); zero.setAttribute("x2", W - P);
@@ -612,6 +625,7 @@
   }
 
   // ---- records -------------------------------------------------------------------
+  const BOOKKEEPING = ["updated_at", "last_modified", "server_created_at"];
   async function showRecords(main) {
     main.append(h("h1", { text: t("records_title") }));
     const results = h("div", { "aria-live": "polite" });
@@ -659,9 +673,12 @@
       h("h2", { text: t("record_title", { name: [current.given_name, current.surname].filter(Boolean).join(" ") || id }) }),
       h("dl", { class: "facts" }, Object.entries(current).flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { "data-field": k, text: shown(v) })])),
     ];
-    parts.push(h("h2", { text: t("conflicts_title", { n: conflicts.conflicts.length }) }));
-    if (!conflicts.conflicts.length) parts.push(h("p", { class: "muted", text: t("no_conflicts") }));
-    for (const c of conflicts.conflicts) {
+    // When a record was last changed is kept by the node itself: two devices that both
+    // changed it always differ there, and the next change settles it. Not for a person.
+    const open = conflicts.conflicts.filter((c) => !BOOKKEEPING.includes(c.field));
+    parts.push(h("h2", { text: t("conflicts_title", { n: open.length }) }));
+    if (!open.length) parts.push(h("p", { class: "muted", text: t("no_conflicts") }));
+    for (const c of open) {
       const name = "conflict-" + c.field;
       const form = h(
         "form",

@@ -75,6 +75,8 @@ window.MEDMESH_STRINGS = {
       last_pull: "Last pull",
       last_push: "Last push",
       backlog: "Changes waiting for the cloud",
+      rows: "{n} rows",
+      refused_by_cloud: "Records the cloud refused (kept, sent again when changed)",
       // Devices
       devices_title: "Devices",
       revoked: "revoked",

@@ -189,6 +189,7 @@ fn messages_before_the_handshake_close_the_session() {
 fn a_feeder_never_runs_more_than_a_window_ahead() {
     let (mut a, _) = open_pair();
     let mut reads = 0;
+    let mut heads = Vec::new();
     // B subscribed during the handshake: A's first read is outstanding.
     let mut out = vec![Output::ReadFeed {
         after: 0,
@@ -221,8 +222,17 @@ fn a_feeder_never_runs_more_than_a_window_ahead() {
             },
             0,
         );
+        heads.extend(sent(&out).iter().filter_map(|m| match m {
+            Message::Feed { head, .. } => Some(*head),
+            _ => None,
+        }));
     }
     assert_eq!(reads, WINDOW, "no acknowledgement, no more pages");
+    assert_eq!(
+        heads,
+        vec![1_000_000; WINDOW],
+        "every feed page tells the sender's newest position"
+    );
     out = a.handle(Input::Message(Message::Ack { upto: PAGE as u64 }), 0);
     assert!(
         out.iter().any(|o| matches!(o, Output::ReadFeed { .. })),
@@ -558,4 +568,48 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_receiver_tells_how_far_it_has_come_in_the_peers_feed() {
+    let (_, mut b) = open_pair();
+    let page = |upto: u64, head: u64, more: bool| {
+        Input::Message(Message::Feed {
+            entries: Vec::new(),
+            upto,
+            more,
+            head,
+        })
+    };
+    assert_eq!(b.progress(), None, "nothing announced yet");
+    b.handle(page(100, 1_000, true), 1_000);
+    assert_eq!(
+        b.progress(),
+        Some(Progress {
+            received: 100,
+            announced: 1_000,
+            elapsed_ms: 0
+        })
+    );
+    b.handle(page(400, 1_000, true), 3_000);
+    assert_eq!(
+        b.progress(),
+        Some(Progress {
+            received: 400,
+            announced: 1_000,
+            elapsed_ms: 2_000
+        })
+    );
+    b.handle(page(1_000, 1_000, false), 4_000);
+    assert_eq!(b.progress(), None, "caught up: no progress to show");
+    // A later stretch (days apart) counts from where this copy stood.
+    b.handle(page(1_005, 1_500, true), 9_000);
+    assert_eq!(
+        b.progress(),
+        Some(Progress {
+            received: 5,
+            announced: 500,
+            elapsed_ms: 0
+        })
+    );
 }
