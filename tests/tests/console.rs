@@ -343,6 +343,22 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     .await;
     check_accessible(&page, "health").await;
     screenshot(&page, "02-health").await;
+    // Live: a record written on B shows in A's count without a reload.
+    let before = js(&page, "window.notReloaded = true; return Number(document.querySelector('[data-total]').dataset.total)").await;
+    let (code, _) = api_b
+        .post(
+            "/v1/patients",
+            &json!({"given_name": "Live", "surname": "Update"}),
+        )
+        .await
+        .expect("write on b");
+    assert_eq!(code, 201);
+    until(
+        &page,
+        &format!("return window.notReloaded === true && Number(document.querySelector('[data-total]').dataset.total) > {before}"),
+        "the health screen to refresh itself",
+    )
+    .await;
 
     // Devices: an invite as a QR code and as text, which admits a real device.
     go(&page, "devices").await;

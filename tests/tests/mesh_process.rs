@@ -69,12 +69,32 @@ async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
     }
     assert_eq!(count(&http, &a).await, total);
     let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
-    // Kill B once part of the sync is stored.
+    // Kill B once part of the sync is stored, and B shows how far it has come (what
+    // the console and the terminal's bar show).
+    let mut progress = Value::Null;
     wait_for("part of the sync", Duration::from_secs(60), async || {
         let n = count(&http, &b).await;
-        n > 0 && n < total
+        if let Ok(r) = http.get(b.url("/v1/peers")).send().await
+            && let Ok(peers) = r.json::<Value>().await
+            && let Some(p) = peers["peers"].as_array().and_then(|l| {
+                l.iter()
+                    .find_map(|p| p.get("sync_progress").filter(|s| !s.is_null()))
+            })
+        {
+            progress = p.clone();
+        }
+        n > 0 && n < total && progress["received"].as_u64().is_some_and(|r| r > 0)
     })
     .await;
+    let (received, announced) = (
+        progress["received"].as_u64().unwrap_or(0),
+        progress["announced"].as_u64().unwrap_or(0),
+    );
+    assert!(
+        announced >= total && received < announced,
+        "an initial sync shows its progress: {progress}"
+    );
+    assert!(progress["rate"].as_f64().is_some(), "{progress}");
     let before = count(&http, &b).await;
     b.kill9();
     assert!(before < total, "killed in the middle ({before} of {total})");

@@ -306,7 +306,7 @@
           h("dt", { text: t("kind") }), h("dd", { text: device.kind || "-" }),
           h("dt", { text: t("peer_id") }), h("dd", { text: status.peer_id }),
           h("dt", { text: t("serves") }), h("dd", { text: device.serves || t("all_clinics") }),
-          h("dt", { text: t("records") }), h("dd", { text: String(status.total_records) }),
+          h("dt", { text: t("records") }), h("dd", { "data-total": status.total_records, text: String(status.total_records) }),
           h("dt", { text: t("kept_for_retry") }), h("dd", { text: String(status.held.total) }),
           h("dt", { text: t("uptime") }), h("dd", { text: t("seconds", { n: status.uptime_s }) }),
         ),
