@@ -23,6 +23,8 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const ADMIN: (&str, &str) = ("admin@clinic.test", "admin-password-1");
 const REGISTRAR: (&str, &str) = ("registrar@clinic.test", "registrar-password-1");
+/// The registrar's password after an admin resets it in the console.
+const REGISTRAR_RESET: (&str, &str) = ("registrar@clinic.test", "registrar-password-2");
 const CLINIC: &str = "0c1a1c00-0000-4000-8000-00000000c0de";
 
 /// chromedriver, ended with the test.
@@ -627,6 +629,18 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     .await;
     check_accessible(&page, "users").await;
     screenshot(&page, "09-users").await;
+    // The admin resets the new user's password in a dialog.
+    let row = format!("tr[data-user='{}']", REGISTRAR.0);
+    click(&page, &format!("{row} button[aria-label^='Reset']")).await;
+    type_into(
+        &page,
+        "dialog[open] input[name=password]",
+        REGISTRAR_RESET.1,
+    )
+    .await;
+    check_accessible(&page, "reset password").await;
+    click(&page, "dialog[open] button[type=submit]").await;
+    until(&page, "return !document.querySelector('dialog[open]') && document.getElementById('notice').className === 'info'", "the password reset").await;
 
     // Right to left in Arabic, then back.
     page.find(Locator::Css("header select[name=lang]"))
@@ -675,7 +689,7 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         "signed out",
     )
     .await;
-    sign_in(&page, &base, REGISTRAR).await;
+    sign_in(&page, &base, REGISTRAR_RESET).await;
     let screens = js(
         &page,
         "return [...document.querySelectorAll('header nav a')].map((a) => a.getAttribute('href'))",
@@ -716,6 +730,37 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         "the node refuses a registrar the stock"
     );
     screenshot(&page, "12-registrar").await;
+
+    // Disabled by the admin, the registrar can no longer sign in, and is told why.
+    click(&page, "header button.secondary").await;
+    sign_in(&page, &base, ADMIN).await;
+    go(&page, "users").await;
+    click(&page, &format!("{row} button.danger")).await;
+    click(&page, "dialog[open] button.danger").await;
+    until(
+        &page,
+        &format!(
+            "const r = document.querySelector(`{row}`); return !!r && !!r.querySelector('.bad')"
+        ),
+        "the registrar disabled",
+    )
+    .await;
+    click(&page, "header button.secondary").await;
+    page.goto(&base).await.expect("open the console");
+    type_into(&page, "input[name=email]", REGISTRAR_RESET.0).await;
+    type_into(&page, "input[name=password]", REGISTRAR_RESET.1).await;
+    click(&page, "form.signin button[type=submit]").await;
+    until(
+        &page,
+        "return document.getElementById('notice').textContent.includes('disabled')",
+        "the refusal naming the reason",
+    )
+    .await;
+    screenshot(&page, "13-disabled-user-refused").await;
+
+    // Everything the page loaded came from the node itself (it works with no internet).
+    let foreign = js(&page, "return performance.getEntriesByType('resource').map((r) => r.name).filter((n) => !n.startsWith(location.origin))").await;
+    assert_eq!(foreign, json!([]), "the console loads only from the node");
 
     page.close().await.expect("close the browser");
     drop((a, b, c));

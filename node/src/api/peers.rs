@@ -334,7 +334,7 @@ pub async fn invite(
     let qr = qrcode::QrCode::new(text.as_bytes())
         .map(|code| {
             code.render::<qrcode::render::svg::Color>()
-                .min_dimensions(256, 256)
+                .min_dimensions(400, 400)
                 .quiet_zone(true)
                 .build()
         })

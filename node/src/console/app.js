@@ -398,7 +398,7 @@
   // ---- devices -------------------------------------------------------------------
   async function showDevices(main) {
     main.append(h("h1", { text: t("devices_title") }));
-    const list = h("div");
+    const list = h("section", { class: "panel" });
     main.append(list);
     const load = async () => {
       const answer = await api("GET", "/v1/devices");
@@ -530,6 +530,7 @@
             ),
           ),
         ),
+        s.next ? h("p", { class: "muted", text: t("stock_first_page", { n: s.items.length }) }) : null,
       );
       if (selected) {
         const row = s.items.find((r) => r.stock_item_id === selected);

@@ -106,6 +106,7 @@ window.MEDMESH_STRINGS = {
       alert_expired: "Expired, still in stock: {n}",
       alert_negative: "Negative stock: {n}",
       stock: "Stock",
+      stock_first_page: "The first {n} batches are shown: choose a clinic to see its own.",
       drug: "Drug",
       drug_name: "Drug name",
       batch: "Batch",
