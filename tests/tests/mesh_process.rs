@@ -363,3 +363,99 @@ async fn a_collection_declared_on_one_node_reaches_and_is_readable_on_the_others
         "{report}"
     );
 }
+
+/// The processes started (directly or not) by `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // The parent's pid is the second field after the command's closing parenthesis.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(parent) && !found.contains(&child) {
+                found.push(child);
+            }
+        }
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn medmesh_start_in_a_terminal_shows_an_initial_syncs_progress() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    init_node(&da);
+    join_mesh(&da, &db).expect("join");
+    let a = NodeProcess::start_peered(&da, &[], None).expect("a");
+    let http = medmesh_tests::http();
+    let total = 10_000u64;
+    for start in (0..total as usize).step_by(1000) {
+        let records: Vec<Value> = (start..start + 1000).map(patient).collect();
+        let response = http
+            .post(a.url("/v1/patients/_import"))
+            .json(&json!({ "records": records }))
+            .send()
+            .await
+            .expect("import");
+        assert!(response.status().is_success());
+    }
+    // B runs in a pseudo-terminal (`script`), as a person starts it.
+    medmesh_tests::give_test_token(&db).expect("token");
+    let api = format!("127.0.0.1:{}", medmesh_tests::free_port());
+    let command = format!(
+        "MEDMESH_LOG=warn {} start --no-mdns --data {} --api {api} --listen /ip4/127.0.0.1/tcp/{} --peer {}",
+        medmesh_tests::medmesh_bin().display(),
+        db.display(),
+        medmesh_tests::free_port(),
+        a.listen
+    );
+    let terminal = dir.path().join("terminal.log");
+    let mut script = std::process::Command::new("script")
+        .args(["-q", "-f", "-e", "-c", &command])
+        .arg(&terminal)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("script");
+    let b_url = |path: &str| format!("http://{api}{path}");
+    let synced = async || {
+        let Ok(r) = http.get(b_url("/v1/status")).send().await else {
+            return false;
+        };
+        r.json::<Value>()
+            .await
+            .ok()
+            .and_then(|s| s["records"]["patients"].as_u64())
+            == Some(total)
+    };
+    wait_for("the sync in the terminal", Duration::from_secs(120), synced).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Stops the node this test started through `script` (by its pid).
+    for pid in descendants(script.id()) {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    let _ = script.wait();
+    let shown =
+        String::from_utf8_lossy(&std::fs::read(&terminal).expect("terminal log")).into_owned();
+    assert!(
+        shown.contains("syncing from") && shown.contains("documents"),
+        "a progress bar while syncing: {shown}"
+    );
+    assert!(shown.contains("initial sync done"), "the bar ends: {shown}");
+}
