@@ -765,3 +765,87 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     page.close().await.expect("close the browser");
     drop((a, b, c));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_console_shows_its_rounds_with_the_cloud() {
+    let driver = start_driver();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cloud = medmesh_tests::cloud::Cloud::new();
+    cloud.put("clinics", json!({"id": CLINIC, "name": "Hillside clinic"}));
+    let key = cloud.add_hub_key(&[CLINIC]);
+    let addr = cloud
+        .serve("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("cloud");
+    let key_file = dir.path().join("hub.key");
+    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
+    let dg = dir.path().join("gateway");
+    medmesh_tests::init_node(&dg);
+    let url = format!("http://{addr}");
+    let gateway = NodeProcess::start_with_args(
+        &dg,
+        &[],
+        &[
+            "--gateway",
+            &url,
+            "--hub-key-file",
+            key_file.to_str().expect("path"),
+            "--gateway-interval",
+            "1",
+        ],
+    )
+    .expect("gateway node");
+    let api = Api::new(&gateway.api);
+    let (code, _) = api
+        .post(
+            "/v1/users",
+            &json!({"email": ADMIN.0, "name": "Clinic admin", "role": "admin", "password": ADMIN.1}),
+        )
+        .await
+        .expect("admin user");
+    assert_eq!(code, 201);
+
+    let profile = tempfile::tempdir().expect("profile");
+    let page = browser(&driver, profile.path()).await;
+    let base = gateway.url("/");
+    sign_in(&page, &base, ADMIN).await;
+    until(
+        &page,
+        "const b = document.querySelector('[data-backlog]'); return !!b && b.dataset.backlog === '0'",
+        "the gateway panel with nothing waiting for the cloud",
+    )
+    .await;
+    // A record made here reaches the cloud; the panel shows the push and an empty backlog.
+    let (code, _) = api
+        .post(
+            "/v1/patients",
+            &json!({"given_name": "Cloudward", "primary_clinic_id": CLINIC}),
+        )
+        .await
+        .expect("patient");
+    assert_eq!(code, 201);
+    eventually(
+        Duration::from_secs(30),
+        "the patient in the cloud",
+        async || {
+            cloud
+                .rows("patients")
+                .iter()
+                .any(|p| p.get("given_name") == Some(&json!("Cloudward")))
+        },
+    )
+    .await
+    .expect("pushed");
+    until(
+        &page,
+        "const panel = document.querySelector('[aria-labelledby=gateway-title]');
+         const text = panel ? panel.innerText : '';
+         return document.querySelector('[data-backlog]').dataset.backlog === '0'
+           && !/Last pull\\s*never/.test(text) && !/Last push\\s*never/.test(text)",
+        "the last pull and push on the panel",
+    )
+    .await;
+    check_accessible(&page, "health of a gateway").await;
+    screenshot(&page, "14-gateway-health").await;
+    page.close().await.expect("close the browser");
+}
