@@ -255,6 +255,14 @@ pub enum Command {
         #[arg(long, conflicts_with = "new_passphrase_file")]
         no_passphrase: bool,
     },
+    /// Give back the database file's free space, with the node stopped: after a large
+    /// import or many edits the file keeps pages it no longer uses; this moves the data
+    /// to the front of the file and shortens it.
+    Compact {
+        #[command(flatten)]
+        /// Data directory.
+        data: DataArgs,
+    },
     /// Show a running node's status.
     Status {
         #[command(flatten)]

@@ -655,6 +655,35 @@ pub fn rekey(dir: &Path, new_passphrase_file: Option<&Path>, no_passphrase: bool
     Ok(())
 }
 
+/// `medmesh compact`: gives back the free space of the database file of a stopped node.
+pub async fn compact(dir: &Path) -> Result<()> {
+    if !dir.join(STORE_FILE).exists() {
+        bail!(
+            "{} holds no medmesh store; give the node's directory with --data DIR",
+            dir.display()
+        );
+    }
+    let opened = open_data_async(dir.to_path_buf(), None)
+        .await
+        .context("stop the node first (`medmesh compact` needs its store to itself)")?;
+    let store = opened.store.clone();
+    let started = std::time::Instant::now();
+    let (before, after) = tokio::task::spawn_blocking(move || store.compact_file_blocking())
+        .await
+        .context("the compaction was interrupted; the store is as it was, run it again")??;
+    drop(opened);
+    let mb = |bytes: u64| bytes as f64 / 1_000_000.0;
+    println!(
+        "The database file of {} went from {:.1} MB to {:.1} MB ({:.1} MB given back) in {:.1} s.",
+        dir.display(),
+        mb(before),
+        mb(after),
+        mb(before.saturating_sub(after)),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// The email of the first admin a new node makes.
 pub const FIRST_ADMIN_EMAIL: &str = "admin@medmesh.local";
 

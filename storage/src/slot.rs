@@ -63,6 +63,50 @@ impl DbSlot {
         ))
     }
 
+    /// Compacts the database file (redb moves pages down and gives back the end of the
+    /// file), holding it alone meanwhile: new readers wait, and the readers in flight are
+    /// let finish first. Answers whether redb could compact.
+    pub(crate) fn compact(&self) -> Result<bool> {
+        let mut slot = self
+            .current
+            .write()
+            .map_err(|_| StoreError::Storage("the database lock was poisoned".into()))?;
+        let Some(old) = slot.take() else {
+            return Err(StoreError::Storage(
+                "the database is closed after a failed write; try again later".into(),
+            ));
+        };
+        let deadline = Instant::now() + READERS_DRAIN_TIMEOUT;
+        while Arc::strong_count(&old) > 1 {
+            if Instant::now() > deadline {
+                *slot = Some(old);
+                return Err(StoreError::Storage(
+                    "readers kept the database busy; compact it again later".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let mut db = match Arc::try_unwrap(old) {
+            Ok(db) => db,
+            Err(old) => {
+                *slot = Some(old);
+                return Err(StoreError::Storage(
+                    "the database is in use; compact it again later".into(),
+                ));
+            }
+        };
+        let mut compacted = false;
+        let outcome = loop {
+            match db.compact() {
+                Ok(true) => compacted = true,
+                Ok(false) => break Ok(compacted),
+                Err(err) => break Err(StoreError::Storage(format!("compaction: {err}"))),
+            }
+        };
+        *slot = Some(Arc::new(db));
+        outcome
+    }
+
     /// Closes and reopens the database.
     pub(crate) fn reopen(&self) -> Result<()> {
         let mut slot = self

@@ -635,6 +635,26 @@ impl Store {
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
+    /// Gives back the database file's free pages: writes the journal out, then lets redb
+    /// move the live pages to the front and shorten the file. Writes and reads wait
+    /// meanwhile, so it is for a node that is stopped (`medmesh compact`) or idle.
+    /// Answers the file's size before and after (bytes; both 0 for a store in memory).
+    pub fn compact_file_blocking(&self) -> Result<(u64, u64)> {
+        let size = || {
+            self.inner
+                .info
+                .path
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map_or(0, |m| m.len())
+        };
+        let before = size();
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::CompactFile { reply })?;
+        answer.blocking_recv().map_err(|_| StoreError::Closed)??;
+        Ok((before, size()))
+    }
+
     /// Compacts every document that has change chunks, now (the writer also does this in
     /// the background when idle). Answers with the number of documents compacted.
     pub fn compact_all_blocking(&self) -> Result<usize> {

@@ -88,6 +88,9 @@ pub(crate) enum Command {
     CompactAll {
         reply: oneshot::Sender<Result<usize>>,
     },
+    CompactFile {
+        reply: oneshot::Sender<Result<bool>>,
+    },
     Checkpoint {
         reply: oneshot::Sender<Result<()>>,
     },
@@ -400,6 +403,11 @@ impl Writer {
                 }
                 Command::CompactAll { reply } => {
                     let _ = reply.send(self.compact_all());
+                }
+                Command::CompactFile { reply } => {
+                    // Everything out of the journal first: the file then holds all.
+                    let done = self.checkpoint().and_then(|()| self.db.compact());
+                    let _ = reply.send(done);
                 }
                 Command::Checkpoint { reply } => {
                     let _ = reply.send(self.checkpoint());

@@ -66,6 +66,32 @@ fn import_reports_refused_lines_and_keeps_the_good_ones() {
     );
     assert!(stdout.contains("Imported 0 record(s)"), "{stdout}");
     assert!(stdout.contains("already exists"), "{stdout}");
+
+    // The database file's free space given back, with the node stopped (refused while
+    // it runs), and every record still there.
+    let data = dir.path().join("node");
+    let compact = || {
+        medmesh_tests::medmesh_command()
+            .args(["compact", "--data"])
+            .arg(&data)
+            .output()
+            .expect("run medmesh compact")
+    };
+    let refused = compact();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop the node first"),
+        "{refused:?}"
+    );
+    let mut node = node;
+    node.stop();
+    let done = compact();
+    let said = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success() && said.contains("went from"), "{done:?}");
+    let node = NodeProcess::start(&data).expect("node again");
+    let (ok, exported, _) = medmesh(&node.api, &["export", "patients"]);
+    assert!(ok);
+    assert_eq!(exported.lines().count(), 1496);
 }
 
 #[test]
