@@ -87,7 +87,10 @@ fn import_reports_refused_lines_and_keeps_the_good_ones() {
     node.stop();
     let done = compact();
     let said = String::from_utf8_lossy(&done.stdout);
-    assert!(done.status.success() && said.contains("went from"), "{done:?}");
+    assert!(
+        done.status.success() && said.contains("went from"),
+        "{done:?}"
+    );
     let node = NodeProcess::start(&data).expect("node again");
     let (ok, exported, _) = medmesh(&node.api, &["export", "patients"]);
     assert!(ok);
