@@ -262,6 +262,9 @@ pub enum Command {
         #[command(flatten)]
         /// Data directory.
         data: DataArgs,
+        /// Also list what each table of the database holds.
+        #[arg(long)]
+        details: bool,
     },
     /// Show a running node's status.
     Status {

@@ -47,9 +47,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let passphrase_file = match &cli.command {
-        Command::Init { data, .. } | Command::Rekey { data, .. } | Command::Compact { data } => {
-            data.passphrase_file.clone()
-        }
+        Command::Init { data, .. }
+        | Command::Rekey { data, .. }
+        | Command::Compact { data, .. } => data.passphrase_file.clone(),
         Command::Start(args) => args.data.passphrase_file.clone(),
         Command::Invite(args) => args.data.passphrase_file.clone(),
         _ => None,
@@ -78,7 +78,7 @@ fn main() -> std::process::ExitCode {
                 server::rekey(&data.dir(), new_passphrase_file.as_deref(), no_passphrase)
             }
             Command::Users { action } => client::users(action).await,
-            Command::Compact { data } => server::compact(&data.dir()).await,
+            Command::Compact { data, details } => server::compact(&data.dir(), details).await,
             Command::Verify { api, peer } => match client::verify(&api, &peer).await {
                 Ok(true) => Ok(()),
                 Ok(false) => std::process::exit(1),

@@ -656,7 +656,7 @@ pub fn rekey(dir: &Path, new_passphrase_file: Option<&Path>, no_passphrase: bool
 }
 
 /// `medmesh compact`: gives back the free space of the database file of a stopped node.
-pub async fn compact(dir: &Path) -> Result<()> {
+pub async fn compact(dir: &Path, details: bool) -> Result<()> {
     if !dir.join(STORE_FILE).exists() {
         bail!(
             "{} holds no medmesh store; give the node's directory with --data DIR",
@@ -671,8 +671,22 @@ pub async fn compact(dir: &Path) -> Result<()> {
     let (before, after) = tokio::task::spawn_blocking(move || store.compact_file_blocking())
         .await
         .context("the compaction was interrupted; the store is as it was, run it again")??;
+    let tables = if details {
+        opened.store.table_sizes()?
+    } else {
+        Vec::new()
+    };
     drop(opened);
     let mb = |bytes: u64| bytes as f64 / 1_000_000.0;
+    for table in &tables {
+        println!(
+            "  {:<28} {:>8.1} MB of entries, {:>6.1} MB of tree, {:>6.1} MB free in its pages",
+            table.name,
+            mb(table.entry_bytes),
+            mb(table.tree_bytes),
+            mb(table.free_bytes)
+        );
+    }
     println!(
         "The database file of {} went from {:.1} MB to {:.1} MB ({:.1} MB given back) in {:.1} s.",
         dir.display(),

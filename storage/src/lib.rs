@@ -58,7 +58,8 @@ pub use merge::escape;
 pub use scope::PurgeReport;
 pub use signing::SealsSent;
 pub use store::{
-    FeedEntry, Filter, MemoryDisk, Page, Query, RecordView, Signers, Store, StoreInfo, StoreOptions,
+    FeedEntry, Filter, MemoryDisk, Page, Query, RecordView, Signers, Store, StoreInfo,
+    StoreOptions, TableSize,
 };
 pub use write::{
     MAX_PEER_ADDRS, PeerRecord, PeerUpdate, Received, WriteBatch, WriteKind, WriteOp, WriteOutcome,

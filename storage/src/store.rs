@@ -96,6 +96,19 @@ pub struct StoreInfo {
     pub actor: String,
 }
 
+/// What one table of the database holds ([`Store::table_sizes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSize {
+    /// The table.
+    pub name: String,
+    /// Its entries' keys and values.
+    pub entry_bytes: u64,
+    /// Its B-tree's own bookkeeping (branch pages, page headers).
+    pub tree_bytes: u64,
+    /// Free space inside its pages.
+    pub free_bytes: u64,
+}
+
 /// One record as read from the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordView {
@@ -633,6 +646,30 @@ impl Store {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Checkpoint { reply })?;
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// What each of the database's tables holds, largest first: its name, the bytes of
+    /// its entries, of its B-tree's own bookkeeping, and of free space inside its pages.
+    pub fn table_sizes(&self) -> Result<Vec<TableSize>> {
+        use redb::ReadableTableMetadata;
+        let db = self.inner.db.get()?;
+        let txn = db.begin_read()?;
+        let mut sizes = Vec::new();
+        for handle in txn.list_tables()? {
+            let name = redb::TableHandle::name(&handle).to_owned();
+            let table = txn
+                .open_untyped_table(handle)
+                .map_err(|e| StoreError::Storage(e.to_string()))?;
+            let stats = table.stats()?;
+            sizes.push(TableSize {
+                name,
+                entry_bytes: stats.stored_bytes(),
+                tree_bytes: stats.metadata_bytes(),
+                free_bytes: stats.fragmented_bytes(),
+            });
+        }
+        sizes.sort_by_key(|s| std::cmp::Reverse(s.entry_bytes + s.tree_bytes + s.free_bytes));
+        Ok(sizes)
     }
 
     /// Gives back the database file's free pages: writes the journal out, then lets redb

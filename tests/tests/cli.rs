@@ -72,7 +72,7 @@ fn import_reports_refused_lines_and_keeps_the_good_ones() {
     let data = dir.path().join("node");
     let compact = || {
         medmesh_tests::medmesh_command()
-            .args(["compact", "--data"])
+            .args(["compact", "--details", "--data"])
             .arg(&data)
             .output()
             .expect("run medmesh compact")
@@ -90,6 +90,10 @@ fn import_reports_refused_lines_and_keeps_the_good_ones() {
     assert!(
         done.status.success() && said.contains("went from"),
         "{done:?}"
+    );
+    assert!(
+        said.contains("MB of entries"),
+        "what each table holds: {said}"
     );
     let node = NodeProcess::start(&data).expect("node again");
     let (ok, exported, _) = medmesh(&node.api, &["export", "patients"]);
