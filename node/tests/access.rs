@@ -1045,6 +1045,17 @@ async fn a_password_given_to_the_api_is_hashed_by_the_node_and_a_new_user_gets_i
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
     assert_eq!(refused["error"]["field"], "password", "{refused}");
+    // Longer than bcrypt reads: refused too, rather than cut short unseen.
+    let (status, refused) = call(
+        &admin,
+        &node,
+        Method::POST,
+        "/v1/users",
+        Some(json!({"email": "nurse@clinic.org", "name": "Nurse", "role": "registrar", "password": "x".repeat(73)})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["error"]["field"], "password", "{refused}");
     let (status, made) = call(
         &admin,
         &node,

@@ -445,7 +445,9 @@ impl Session {
     /// How far this node has come in taking the peer's feed, while it is behind it.
     pub fn progress(&self) -> Option<Progress> {
         let (base, since_ms) = self.progress_base?;
-        if self.remote_head <= self.cursor_seq {
+        // Level with the peer, or told so by it: a peer that overstated its head does
+        // not keep a progress bar up.
+        if self.remote_head <= self.cursor_seq || (self.caught_up && self.pages.is_empty()) {
             return None;
         }
         Some(Progress {
@@ -459,10 +461,14 @@ impl Session {
     /// this copy was level with the peer's feed.
     fn note_progress(&mut self, upto: u64, head: u64, now_ms: u64) {
         let head = head.max(upto);
-        if self.progress_base.is_none() || self.remote_head <= self.cursor_seq {
+        let level =
+            self.remote_head <= self.cursor_seq || (self.caught_up && self.pages.is_empty());
+        if self.progress_base.is_none() || level {
             self.progress_base = Some((self.cursor_seq, now_ms));
+            self.remote_head = head;
+        } else {
+            self.remote_head = self.remote_head.max(head);
         }
-        self.remote_head = self.remote_head.max(head);
     }
 
     /// Local feed positions the peer has not acknowledged yet.

@@ -429,6 +429,24 @@ impl Cloud {
         Value::Object(out)
     }
 
+    /// A cloud with one clinic, served on loopback, and a hub key for it written to
+    /// `dir/hub.key`: the cloud's URL and that file, what a gateway starts with.
+    pub async fn serve_with_clinic(
+        &self,
+        dir: &std::path::Path,
+        clinic: &str,
+        name: &str,
+    ) -> std::io::Result<(String, std::path::PathBuf)> {
+        self.put("clinics", json!({"id": clinic, "name": name}));
+        let key = self.add_hub_key(&[clinic]);
+        let addr = self
+            .serve("127.0.0.1:0".parse().expect("an address"))
+            .await?;
+        let key_file = dir.join("hub.key");
+        std::fs::write(&key_file, format!("{key}\n"))?;
+        Ok((format!("http://{addr}"), key_file))
+    }
+
     /// Serves the cloud on `addr` (port 0: any); answers the address it listens on.
     pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(addr).await?;

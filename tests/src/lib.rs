@@ -76,6 +76,32 @@ impl NodeProcess {
         Self::start_full(medmesh_bin().as_path(), data, peers, None, extra)
     }
 
+    /// Starts a gateway node to the cloud at `url` with the hub key in `key_file`,
+    /// connecting to `peers`, a round every `interval` seconds.
+    pub fn start_gateway(
+        data: &Path,
+        url: &str,
+        key_file: &Path,
+        peers: &[String],
+        interval: &str,
+    ) -> Result<Self> {
+        let key_file = key_file
+            .to_str()
+            .context("the key file's path is not text")?;
+        Self::start_with_args(
+            data,
+            peers,
+            &[
+                "--gateway",
+                url,
+                "--hub-key-file",
+                key_file,
+                "--gateway-interval",
+                interval,
+            ],
+        )
+    }
+
     /// Starts a node connecting to `peers` with more environment variables.
     pub fn start_peered_env(data: &Path, peers: &[String], env: &[(&str, &str)]) -> Result<Self> {
         Self::start_full_env(medmesh_bin().as_path(), data, peers, None, &[], env)
@@ -537,6 +563,29 @@ pub fn key_from_hex(hex: &str) -> Result<medmesh_storage::DataKey> {
 /// before it starts, where a node keeps its token across starts), so that one HTTP
 /// client of the tests can call every node.
 pub const TEST_TOKEN: &str = "mm_the-token-of-every-node-in-the-tests-0000";
+
+/// Imports the patients `records` (of [`patient`]) into `node`, 1,000 a request.
+pub async fn import_patients(
+    http: &reqwest::Client,
+    node: &NodeProcess,
+    records: std::ops::Range<usize>,
+) -> Result<()> {
+    let indexes: Vec<usize> = records.collect();
+    for chunk in indexes.chunks(1000) {
+        let batch: Vec<serde_json::Value> = chunk.iter().copied().map(patient).collect();
+        let response = http
+            .post(node.url("/v1/patients/_import"))
+            .json(&serde_json::json!({ "records": batch }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "the import answered {}",
+            response.status()
+        );
+    }
+    Ok(())
+}
 
 /// Gives the node of data directory `dir` the tests' token.
 pub fn give_test_token(dir: &Path) -> Result<()> {

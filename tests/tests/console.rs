@@ -144,6 +144,18 @@ async fn type_into(page: &Client, css: &str, text: &str) {
     field.send_keys(text).await.expect("type");
 }
 
+/// Presses Tab; answers the attribute `property` of the control that has the focus then.
+async fn tab(page: &Client, property: &str) -> Value {
+    let key = char::from(fantoccini::key::Key::Tab).to_string();
+    page.active_element()
+        .await
+        .expect("focus")
+        .send_keys(&key)
+        .await
+        .expect("tab");
+    js(page, &format!("return document.activeElement.{property}")).await
+}
+
 async fn go(page: &Client, screen: &str) {
     click(page, &format!("header nav a[href='#/{screen}']")).await;
     until(
@@ -310,27 +322,8 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     .await;
     check_accessible(&page, "sign-in").await;
     screenshot(&page, "01-sign-in").await;
-    let tab = char::from(fantoccini::key::Key::Tab).to_string();
-    page.active_element()
-        .await
-        .expect("focus")
-        .send_keys(&tab)
-        .await
-        .expect("tab");
-    assert_eq!(
-        js(&page, "return document.activeElement.name").await,
-        "password"
-    );
-    page.active_element()
-        .await
-        .expect("focus")
-        .send_keys(&tab)
-        .await
-        .expect("tab");
-    assert_eq!(
-        js(&page, "return document.activeElement.type").await,
-        "submit"
-    );
+    assert_eq!(tab(&page, "name").await, "password");
+    assert_eq!(tab(&page, "type").await, "submit");
     sign_in(&page, &base, ADMIN).await;
 
     // Mesh health: both peers connected, live (the page refreshes itself).
@@ -771,30 +764,13 @@ async fn a_gateways_console_shows_its_rounds_with_the_cloud() {
     let driver = start_driver();
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = medmesh_tests::cloud::Cloud::new();
-    cloud.put("clinics", json!({"id": CLINIC, "name": "Hillside clinic"}));
-    let key = cloud.add_hub_key(&[CLINIC]);
-    let addr = cloud
-        .serve("127.0.0.1:0".parse().expect("addr"))
+    let (url, key_file) = cloud
+        .serve_with_clinic(dir.path(), CLINIC, "Hillside clinic")
         .await
         .expect("cloud");
-    let key_file = dir.path().join("hub.key");
-    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
     let dg = dir.path().join("gateway");
     medmesh_tests::init_node(&dg);
-    let url = format!("http://{addr}");
-    let gateway = NodeProcess::start_with_args(
-        &dg,
-        &[],
-        &[
-            "--gateway",
-            &url,
-            "--hub-key-file",
-            key_file.to_str().expect("path"),
-            "--gateway-interval",
-            "1",
-        ],
-    )
-    .expect("gateway node");
+    let gateway = NodeProcess::start_gateway(&dg, &url, &key_file, &[], "1").expect("gateway node");
     let api = Api::new(&gateway.api);
     let (code, _) = api
         .post(

@@ -19,15 +19,11 @@ const BATCH: &str = "0192f0c4-6a1e-7cc3-9d0e-00000000b001";
 /// A reference cloud with the clinic, served on loopback; its URL and a hub key file.
 async fn cloud_with_clinic(dir: &Path) -> (Cloud, String, std::path::PathBuf) {
     let cloud = Cloud::new();
-    cloud.put("clinics", json!({"id": CLINIC, "name": "Kano General"}));
-    let key = cloud.add_hub_key(&[CLINIC]);
-    let addr = cloud
-        .serve("127.0.0.1:0".parse().expect("addr"))
+    let (url, key_file) = cloud
+        .serve_with_clinic(dir, CLINIC, "Kano General")
         .await
         .expect("cloud");
-    let key_file = dir.join("hub.key");
-    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
-    (cloud, format!("http://{addr}"), key_file)
+    (cloud, url, key_file)
 }
 
 fn start_gateway(data: &Path, url: &str, key_file: &Path, peers: &[String]) -> NodeProcess {
@@ -42,19 +38,7 @@ fn start_gateway_every(
     peers: &[String],
     interval: &str,
 ) -> NodeProcess {
-    NodeProcess::start_with_args(
-        data,
-        peers,
-        &[
-            "--gateway",
-            url,
-            "--hub-key-file",
-            key_file.to_str().expect("path"),
-            "--gateway-interval",
-            interval,
-        ],
-    )
-    .expect("gateway node")
+    NodeProcess::start_gateway(data, url, key_file, peers, interval).expect("gateway node")
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use medmesh_tests::{NodeProcess, init_node, join_mesh, patient};
+use medmesh_tests::{NodeProcess, init_node, join_mesh};
 use serde_json::{Value, json};
 
 async fn count(http: &reqwest::Client, node: &NodeProcess) -> u64 {
@@ -57,16 +57,9 @@ async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let http = medmesh_tests::http();
     let total = 20_000u64;
-    for start in (0..total as usize).step_by(1000) {
-        let records: Vec<Value> = (start..start + 1000).map(patient).collect();
-        let response = http
-            .post(a.url("/v1/patients/_import"))
-            .json(&json!({ "records": records }))
-            .send()
-            .await
-            .expect("import");
-        assert!(response.status().is_success());
-    }
+    medmesh_tests::import_patients(&http, &a, 0..total as usize)
+        .await
+        .expect("import");
     assert_eq!(count(&http, &a).await, total);
     let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
     // Kill B once part of the sync is stored, and B shows how far it has come (what
@@ -403,16 +396,9 @@ async fn medmesh_start_in_a_terminal_shows_an_initial_syncs_progress() {
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let http = medmesh_tests::http();
     let total = 10_000u64;
-    for start in (0..total as usize).step_by(1000) {
-        let records: Vec<Value> = (start..start + 1000).map(patient).collect();
-        let response = http
-            .post(a.url("/v1/patients/_import"))
-            .json(&json!({ "records": records }))
-            .send()
-            .await
-            .expect("import");
-        assert!(response.status().is_success());
-    }
+    medmesh_tests::import_patients(&http, &a, 0..total as usize)
+        .await
+        .expect("import");
     // B runs in a pseudo-terminal (`script`), as a person starts it.
     medmesh_tests::give_test_token(&db).expect("token");
     let api = format!("127.0.0.1:{}", medmesh_tests::free_port());

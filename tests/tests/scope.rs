@@ -368,19 +368,9 @@ async fn a_gateway_of_every_clinic_brings_a_device_only_its_clinics_records_from
 
     let dg = dir.path().join("gateway");
     init_node(&dg);
-    let gateway_node = NodeProcess::start_with_args(
-        &dg,
-        &[],
-        &[
-            "--gateway",
-            &format!("http://{addr}"),
-            "--hub-key-file",
-            key_file.to_str().expect("path"),
-            "--gateway-interval",
-            "1",
-        ],
-    )
-    .expect("gateway");
+    let gateway_node =
+        NodeProcess::start_gateway(&dg, &format!("http://{addr}"), &key_file, &[], "1")
+            .expect("gateway");
     let gateway = Api::new(&gateway_node.api);
     let dn = dir.path().join("narrow");
     admit(&dg, &dn, &[&c1]);

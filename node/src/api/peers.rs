@@ -28,6 +28,27 @@ fn no_mesh() -> ApiError {
     )
 }
 
+/// This device's trust, for a caller who may manage devices, on an admin device (one
+/// that holds the mesh's owner key): only such a device can `action`.
+fn admin_trust(
+    state: &AppState,
+    caller: &crate::access::Caller,
+    action: &str,
+) -> Result<crate::trust::Trust, ApiError> {
+    caller.require(crate::access::Permission::ManageDevices, None)?;
+    let trust = state.mesh().ok_or_else(no_mesh)?.trust().clone();
+    if trust.owner.is_none() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_admin_device",
+            format!(
+                "only an admin device of the mesh (one that holds the owner key) can {action}; do it on an admin device"
+            ),
+        ));
+    }
+    Ok(trust)
+}
+
 /// Every peer known now: id, addresses, connected, last sync, documents pending each way.
 pub async fn list(
     State(state): State<AppState>,
@@ -166,16 +187,7 @@ pub async fn revoke(
     Path(peer): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(crate::access::Permission::ManageDevices, None)?;
-    let mesh = state.mesh().ok_or_else(no_mesh)?;
-    let trust = mesh.trust().clone();
-    if trust.owner.is_none() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not_admin_device",
-            "only an admin device of the mesh (one that holds the owner key) can revoke devices; do it on an admin device",
-        ));
-    }
+    let trust = admin_trust(&state, &caller, "revoke devices")?;
     if peer.parse::<libp2p::PeerId>().is_err() {
         return Err(ApiError::bad_request(
             "bad_peer",
@@ -209,16 +221,7 @@ pub async fn set_clinics(
     Path(peer): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(crate::access::Permission::ManageDevices, None)?;
-    let mesh = state.mesh().ok_or_else(no_mesh)?;
-    let trust = mesh.trust().clone();
-    if trust.owner.is_none() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not_admin_device",
-            "only an admin device of the mesh (one that holds the owner key) can change a device's clinics; do it on an admin device",
-        ));
-    }
+    let trust = admin_trust(&state, &caller, "change a device's clinics")?;
     let body = json_body(body)?;
     let Some(list) = body.get("clinics").and_then(Value::as_array) else {
         return Err(ApiError::bad_request(
@@ -256,16 +259,7 @@ pub async fn invite(
     Extension(caller): Extension<crate::access::Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    caller.require(crate::access::Permission::ManageDevices, None)?;
-    let mesh = state.mesh().ok_or_else(no_mesh)?;
-    let trust = mesh.trust().clone();
-    if trust.owner.is_none() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not_admin_device",
-            "only an admin device of the mesh (one that holds the owner key) can invite devices; do it on an admin device",
-        ));
-    }
+    let trust = admin_trust(&state, &caller, "invite devices")?;
     let Some(dir) = state.inner.data_dir.clone() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -361,14 +361,15 @@ async fn hash_given_password(fields: &mut Fields) -> Result<(), ApiError> {
     let Some(given) = fields.remove("password") else {
         return Ok(());
     };
+    // bcrypt reads at most 72 bytes of a password.
     let password = given
         .as_str()
-        .filter(|p| p.chars().count() >= 8)
+        .filter(|p| p.chars().count() >= 8 && p.len() <= 72)
         .map(str::to_owned)
         .ok_or_else(|| {
             let mut error = ApiError::bad_request(
                 "invalid_field",
-                "the password must be text of at least 8 characters",
+                "the password must be text of 8 characters to 72 bytes",
             );
             error.field = Some("password".into());
             error

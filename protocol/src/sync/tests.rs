@@ -602,13 +602,17 @@ fn a_receiver_tells_how_far_it_has_come_in_the_peers_feed() {
     );
     b.handle(page(1_000, 1_000, false), 4_000);
     assert_eq!(b.progress(), None, "caught up: no progress to show");
+    // A peer that overstates its head shows no progress once it says this node is
+    // caught up.
+    b.handle(page(1_001, 9_999_999, false), 4_500);
+    assert_eq!(b.progress(), None, "an overstated head is not shown");
     // A later stretch (days apart) counts from where this copy stood.
     b.handle(page(1_005, 1_500, true), 9_000);
     assert_eq!(
         b.progress(),
         Some(Progress {
-            received: 5,
-            announced: 500,
+            received: 4,
+            announced: 499,
             elapsed_ms: 0
         })
     );
