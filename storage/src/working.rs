@@ -78,6 +78,15 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
+    /// Room for `n` documents.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Self {
+            docs: HashMap::with_capacity(n),
+            order: Vec::with_capacity(n),
+            cacheable: BTreeSet::new(),
+        }
+    }
+
     /// Adds signatures to be stored with a document of this batch.
     pub(crate) fn sign(&mut self, id: &DocId, sigs: Vec<SignedChange>) {
         if let Some(working) = self.docs.get_mut(id) {

@@ -77,6 +77,8 @@ fn main() -> Result<()> {
 
     // Sequential durable single-record writes through the API.
     let http = medmesh_tests::http();
+    let round_trip_us = round_trip(&runtime, &http, &node.url("/health"), single_writes)?;
+    println!("HTTP round trip (GET /health): {round_trip_us:.0} µs");
     let url = node.url("/v1/visits");
     let single_rate = sequential_writes(&runtime, &http, &url, single_writes)?;
     println!("sequential single writes: {single_rate:.0}/s");
@@ -332,6 +334,8 @@ fn main() -> Result<()> {
         .map(str::to_owned)
         .collect();
     let floor_rate = automerge_floor(&lines)?;
+    let sync_us = synced_append(dir.path(), single_writes)?;
+    println!("anchor: append and fdatasync {sync_us:.0} µs");
     println!("anchor: Automerge in-process floor {floor_rate:.0} records/s");
     let (sqlite_single, sqlite_bulk) = sqlite_anchors(dir.path(), &lines, single_writes)?;
     println!(
@@ -367,6 +371,49 @@ fn main() -> Result<()> {
         holds: true,
     });
     let write_ratio = single_rate / sqlite_single;
+    // Where a sequential write's time goes: what any durable write through this API
+    // cannot go below (an HTTP round trip and one synced append on the same disk).
+    let write_us = 1e6 / single_rate;
+    figures.push(Figure {
+        name: "sequential durable write through the API, time per write".into(),
+        value: write_us,
+        unit: "µs",
+        target: String::new(),
+        holds: true,
+    });
+    figures.push(Figure {
+        name: "anchor: SQLite durable single-row transaction, time per transaction".into(),
+        value: 1e6 / sqlite_single,
+        unit: "µs",
+        target: String::new(),
+        holds: true,
+    });
+    figures.push(Figure {
+        name: "anchor: HTTP round trip to the node (`GET /health`, same client, same connection)"
+            .into(),
+        value: round_trip_us,
+        unit: "µs",
+        target: String::new(),
+        holds: true,
+    });
+    figures.push(Figure {
+        name: "anchor: append 300 bytes to a file and fdatasync it, on the same disk".into(),
+        value: sync_us,
+        unit: "µs",
+        target: String::new(),
+        holds: true,
+    });
+    let own_us = write_us - round_trip_us - sync_us;
+    println!(
+        "a sequential write takes {write_us:.0} µs: HTTP round trip {round_trip_us:.0} µs, synced append {sync_us:.0} µs, the rest {own_us:.0} µs"
+    );
+    figures.push(Figure {
+        name: "sequential write time less the HTTP round trip and the synced append: the node's own work".into(),
+        value: own_us,
+        unit: "µs",
+        target: String::new(),
+        holds: true,
+    });
     figures.push(Figure {
         name: "sequential durable writes vs SQLite's single-row transactions".into(),
         value: write_ratio,
@@ -412,6 +459,52 @@ fn sequential_writes(
         anyhow::Ok(())
     })?;
     Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Mean microseconds of `count` sequential `GET` requests of `url`, each answered before
+/// the next (after a few to open the connection).
+fn round_trip(
+    runtime: &tokio::runtime::Runtime,
+    http: &reqwest::Client,
+    url: &str,
+    count: usize,
+) -> Result<f64> {
+    runtime.block_on(async {
+        let mut started = Instant::now();
+        for i in 0..count + 10 {
+            if i == 10 {
+                started = Instant::now();
+            }
+            let response = http.get(url).send().await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "GET {url}: {}",
+                response.status()
+            );
+            response.bytes().await?;
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e6 / count as f64)
+    })
+}
+
+/// Mean microseconds to append 300 bytes to a file in `dir` and `fdatasync` it, `count`
+/// times: the disk's cost of one durable append, which every durable write pays.
+fn synced_append(dir: &Path, count: usize) -> Result<f64> {
+    let path = dir.join("synced-append");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    let frame = [7u8; 300];
+    let started = Instant::now();
+    for _ in 0..count {
+        file.write_all(&frame)?;
+        file.sync_data()?;
+    }
+    let us = started.elapsed().as_secs_f64() * 1e6 / count as f64;
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(us)
 }
 
 /// Records per second to make each record an Automerge document and save it, on all
