@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use medmesh::config::ApiArgs;
 use medmesh_protocol::Schema;
-use medmesh_storage::{Query, StoreOptions};
+use medmesh_protocol::ChangeAuthor;
+use medmesh_storage::{Query, Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
 use medmesh_tests::{Figure, NodeProcess, patient, update_benchmarks};
 use serde_json::json;
 
@@ -248,23 +249,7 @@ fn main() -> Result<()> {
         holds: size_ratio <= 1.5,
     });
     // `medmesh compact` on the stopped node: redb's free pages given back.
-    let uncompacted = std::fs::metadata(data.join("medmesh.redb"))
-        .map(|m| m.len())
-        .unwrap_or(0);
-    let started = Instant::now();
-    let out = medmesh_tests::medmesh_command()
-        .args(["compact", "--data"])
-        .arg(&data)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "medmesh compact failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let compact_s = started.elapsed().as_secs_f64();
-    let compacted = std::fs::metadata(data.join("medmesh.redb"))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let (uncompacted, compacted, compact_s) = compact(&data)?;
     let compacted_ratio = compacted as f64 / bytes.max(1) as f64;
     println!(
         "medmesh compact: {:.0} MB -> {:.0} MB in {compact_s:.1} s",
@@ -281,6 +266,64 @@ fn main() -> Result<()> {
         unit: "×",
         target: "≤ 1.5".into(),
         holds: compacted_ratio <= 1.5,
+    });
+
+    // A week's edits on the compacted store: 10 edits on each of 10,000 records (eight
+    // clients at once), then a clean stop; the file against the records' JSON.
+    let edited = records.min(10_000);
+    let ids: Vec<String> = std::fs::read_to_string(&file)?
+        .lines()
+        .take(edited)
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_owned))
+                .context("a generated record has no id")
+        })
+        .collect::<Result<_>>()?;
+    let mut node = NodeProcess::start(&data)?;
+    let started = Instant::now();
+    runtime.block_on(week_of_edits(&http, &node, &ids))?;
+    let edits_s = started.elapsed().as_secs_f64();
+    node.stop();
+    let (week, week_compacted, week_compact_s) = compact(&data)?;
+    let week_ratio = week as f64 / bytes.max(1) as f64;
+    println!(
+        "{} edits in {edits_s:.1} s ({:.0}/s); database file afterwards {:.0} MB, {:.0} MB after `medmesh compact` ({week_compact_s:.1} s)",
+        ids.len() * EDITS_PER_RECORD,
+        (ids.len() * EDITS_PER_RECORD) as f64 / edits_s,
+        week as f64 / 1_048_576.0,
+        week_compacted as f64 / 1_048_576.0
+    );
+    figures.push(Figure {
+        name: format!(
+            "database file after a week's edits ({EDITS_PER_RECORD} on each of {} records, {:.0} MB) vs the records' JSON",
+            ids.len(),
+            week as f64 / 1_048_576.0
+        ),
+        value: week_ratio,
+        unit: "×",
+        target: "≤ 1.5".into(),
+        holds: week_ratio <= 1.5,
+    });
+    figures.push(Figure {
+        name: "a week's edits through the API (`PATCH` of one field, eight clients at once)"
+            .into(),
+        value: (ids.len() * EDITS_PER_RECORD) as f64 / edits_s,
+        unit: "edits/s",
+        target: String::new(),
+        holds: true,
+    });
+    let week_compacted_ratio = week_compacted as f64 / bytes.max(1) as f64;
+    figures.push(Figure {
+        name: format!(
+            "the same after `medmesh compact` ({:.0} MB, in {week_compact_s:.1} s) vs the records' JSON",
+            week_compacted as f64 / 1_048_576.0
+        ),
+        value: week_compacted_ratio,
+        unit: "×",
+        target: "≤ 1.5".into(),
+        holds: week_compacted_ratio <= 1.5,
     });
 
     // The same import and sequential writes on a node whose store is not encrypted
@@ -336,6 +379,8 @@ fn main() -> Result<()> {
     let floor_rate = automerge_floor(&lines)?;
     let sync_us = synced_append(dir.path(), single_writes)?;
     println!("anchor: append and fdatasync {sync_us:.0} µs");
+    let store_us = store_writes(dir.path(), single_writes)?;
+    println!("sequential writes straight to a store in this process: {store_us:.0} µs each");
     println!("anchor: Automerge in-process floor {floor_rate:.0} records/s");
     let (sqlite_single, sqlite_bulk) = sqlite_anchors(dir.path(), &lines, single_writes)?;
     println!(
@@ -403,6 +448,13 @@ fn main() -> Result<()> {
         target: String::new(),
         holds: true,
     });
+    figures.push(Figure {
+        name: "the same sequential writes made straight to a store in this process (no HTTP, no runtime), time per write".into(),
+        value: store_us,
+        unit: "µs",
+        target: String::new(),
+        holds: true,
+    });
     let own_us = write_us - round_trip_us - sync_us;
     println!(
         "a sequential write takes {write_us:.0} µs: HTTP round trip {round_trip_us:.0} µs, synced append {sync_us:.0} µs, the rest {own_us:.0} µs"
@@ -461,6 +513,64 @@ fn sequential_writes(
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
+/// `medmesh compact` on the stopped node of data directory `data`: the file's size before
+/// and after, and the seconds it took.
+fn compact(data: &Path) -> Result<(u64, u64, f64)> {
+    let size = || {
+        std::fs::metadata(data.join("medmesh.redb"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
+    let before = size();
+    let started = Instant::now();
+    let out = medmesh_tests::medmesh_command()
+        .args(["compact", "--data"])
+        .arg(data)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "medmesh compact failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((before, size(), started.elapsed().as_secs_f64()))
+}
+
+/// Edits made to each record of a week's edits.
+const EDITS_PER_RECORD: usize = 10;
+
+/// [`EDITS_PER_RECORD`] edits of one field on each patient of `ids`, by eight clients at
+/// once, each edit answered before that client's next.
+async fn week_of_edits(http: &reqwest::Client, node: &NodeProcess, ids: &[String]) -> Result<()> {
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..8 {
+        let mine: Vec<String> = ids.iter().skip(client).step_by(8).cloned().collect();
+        let urls: Vec<String> = mine
+            .iter()
+            .map(|id| node.url(&format!("/v1/patients/{id}")))
+            .collect();
+        let http = http.clone();
+        clients.spawn(async move {
+            for round in 0..EDITS_PER_RECORD {
+                for (i, url) in urls.iter().enumerate() {
+                    let phone = format!("+234 805 {round:03} {:04}", (i * 8 + client) % 10_000);
+                    let response = http.patch(url).json(&json!({ "phone": phone })).send().await?;
+                    anyhow::ensure!(
+                        response.status().is_success(),
+                        "edit failed: {}",
+                        response.status()
+                    );
+                    response.bytes().await?;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
 /// Mean microseconds of `count` sequential `GET` requests of `url`, each answered before
 /// the next (after a few to open the connection).
 fn round_trip(
@@ -485,6 +595,33 @@ fn round_trip(
         }
         Ok(started.elapsed().as_secs_f64() * 1e6 / count as f64)
     })
+}
+
+/// Mean microseconds of `count` sequential durable single-record writes made straight
+/// to a store in this process (a new plain store in `dir`, its changes signed as the
+/// node's are): a write's time with no HTTP and no runtime around it.
+fn store_writes(dir: &Path, count: usize) -> Result<f64> {
+    let store = Store::open(
+        &dir.join("store-only.redb"),
+        Schema::hikma(),
+        StoreOptions::default(),
+    )?;
+    store.sign_as_blocking(&[7u8; 32])?;
+    let started = Instant::now();
+    for i in 0..count {
+        let mut fields = medmesh_protocol::record::Fields::new();
+        fields.insert("patient_id".into(), json!(format!("p{i}")));
+        fields.insert("clinic_id".into(), json!("c1"));
+        fields.insert("provider_name".into(), json!("Dr. Mensah"));
+        let op = WriteOp::new(
+            "visits",
+            None,
+            WriteKind::Create(fields),
+            ChangeAuthor::default(),
+        );
+        store.write_blocking(WriteBatch::one(op))?.remove(0)?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1e6 / count as f64)
 }
 
 /// Mean microseconds to append 300 bytes to a file in `dir` and `fdatasync` it, `count`
