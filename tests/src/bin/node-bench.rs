@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use medmesh::config::ApiArgs;
-use medmesh_protocol::Schema;
 use medmesh_protocol::ChangeAuthor;
+use medmesh_protocol::Schema;
 use medmesh_storage::{Query, Store, StoreOptions, WriteBatch, WriteKind, WriteOp};
 use medmesh_tests::{Figure, NodeProcess, patient, update_benchmarks};
 use serde_json::json;
@@ -307,8 +307,7 @@ fn main() -> Result<()> {
         holds: week_ratio <= 1.5,
     });
     figures.push(Figure {
-        name: "a week's edits through the API (`PATCH` of one field, eight clients at once)"
-            .into(),
+        name: "a week's edits through the API (`PATCH` of one field, eight clients at once)".into(),
         value: (ids.len() * EDITS_PER_RECORD) as f64 / edits_s,
         unit: "edits/s",
         target: String::new(),
@@ -553,7 +552,11 @@ async fn week_of_edits(http: &reqwest::Client, node: &NodeProcess, ids: &[String
             for round in 0..EDITS_PER_RECORD {
                 for (i, url) in urls.iter().enumerate() {
                     let phone = format!("+234 805 {round:03} {:04}", (i * 8 + client) % 10_000);
-                    let response = http.patch(url).json(&json!({ "phone": phone })).send().await?;
+                    let response = http
+                        .patch(url)
+                        .json(&json!({ "phone": phone }))
+                        .send()
+                        .await?;
                     anyhow::ensure!(
                         response.status().is_success(),
                         "edit failed: {}",
