@@ -48,18 +48,29 @@ async fn a_chain_of_three_processes_carries_writes_end_to_end() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+/// A mesh of two data directories under `dir`: A founded it and runs holding `total`
+/// imported patients; B has joined and is not started. Answers B's directory, A, and the
+/// tests' client.
+async fn a_with_patients(
+    dir: &std::path::Path,
+    total: u64,
+) -> (std::path::PathBuf, NodeProcess, reqwest::Client) {
+    let (da, db) = (dir.join("a"), dir.join("b"));
     init_node(&da);
     join_mesh(&da, &db).expect("join");
     let a = NodeProcess::start_peered(&da, &[], None).expect("a");
     let http = medmesh_tests::http();
-    let total = 20_000u64;
     medmesh_tests::import_patients(&http, &a, 0..total as usize)
         .await
         .expect("import");
+    (db, a, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_during_a_large_sync_finishes_it_after_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let total = 20_000u64;
+    let (db, a, http) = a_with_patients(dir.path(), total).await;
     assert_eq!(count(&http, &a).await, total);
     let mut b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
     // Kill B once part of the sync is stored, and B shows how far it has come (what
@@ -390,15 +401,8 @@ fn descendants(pid: u32) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn medmesh_start_in_a_terminal_shows_an_initial_syncs_progress() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
-    init_node(&da);
-    join_mesh(&da, &db).expect("join");
-    let a = NodeProcess::start_peered(&da, &[], None).expect("a");
-    let http = medmesh_tests::http();
     let total = 10_000u64;
-    medmesh_tests::import_patients(&http, &a, 0..total as usize)
-        .await
-        .expect("import");
+    let (db, a, http) = a_with_patients(dir.path(), total).await;
     // B runs in a pseudo-terminal (`script`), as a person starts it.
     medmesh_tests::give_test_token(&db).expect("token");
     let api = format!("127.0.0.1:{}", medmesh_tests::free_port());
