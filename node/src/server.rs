@@ -928,19 +928,10 @@ async fn show_sync_progress(mesh: mesh::Mesh) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
-        let busy = mesh
-            .peers()
-            .into_iter()
-            .filter_map(|p| {
-                let progress = p.sync_progress?;
-                let name = p
-                    .name
-                    .unwrap_or_else(|| p.peer_id.chars().take(12).collect());
-                (progress.announced.saturating_sub(progress.received) >= PROGRESS_SHOWN_FROM
-                    || bar.is_some())
-                .then_some((name, progress))
-            })
-            .max_by_key(|(_, progress)| progress.announced);
+        let busy = mesh.largest_sync().filter(|(_, progress)| {
+            progress.announced.saturating_sub(progress.received) >= PROGRESS_SHOWN_FROM
+                || bar.is_some()
+        });
         match (busy, &bar) {
             (Some((name, progress)), _) => {
                 let shown = bar.get_or_insert_with(|| {

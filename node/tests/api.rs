@@ -99,7 +99,13 @@ fn error_code(body: &Value) -> &str {
 async fn health_status_and_the_create_read_update_delete_cycle() {
     let node = Node::start().await;
     let (status, body) = node.get("/health").await;
-    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ok"})));
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::OK,
+            json!({"status": "ok", "sync_progress": null})
+        )
+    );
 
     let (status, created) = node
         .post("/v1/patients", json!({"given_name": "Amina", "surname": "Okafor", "additional_data": {"tribe": "x", "n": [1, 2.5]}, "app_field_v9": true}))

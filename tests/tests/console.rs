@@ -1,10 +1,13 @@
 //! The web console in a real browser: Debian's headless Chromium, driven through
 //! chromedriver (WebDriver), against `medmesh` processes on loopback. It signs in, sees
 //! two peers connected, makes an invite (QR and text) that admits a device, revokes a
-//! device and sees it disconnected, dispenses and sees the chart and the alerts change,
-//! resolves a conflict and sees the value on the other node, adds a user, and checks that
-//! a registrar has no pharmacy screen; on a tablet's and a phone's screen, right to left
-//! in Arabic, with labels on every control, keyboard navigation and readable contrast.
+//! device and sees it disconnected, dispenses, restocks, counts and adjusts (and is told
+//! when the API refuses) and sees the chart and the alerts change, resolves a conflict and
+//! sees the value on the other node, adds a user, and checks that a registrar has no
+//! pharmacy screen; on a tablet's and a phone's screen, right to left in Arabic, with
+//! labels on every control, keyboard navigation and readable contrast. A new device's
+//! sign-in page shows its initial sync; a gateway's health screen, its rounds with the
+//! cloud.
 //!
 //! Screenshots of every screen are saved in `target/console-screenshots/` (not
 //! committed) for a person to look at. The test needs `/usr/bin/chromium` and
@@ -224,6 +227,61 @@ async fn accessibility_faults(page: &Client) -> Value {
 async fn check_accessible(page: &Client, screen: &str) {
     let faults = accessibility_faults(page).await;
     assert_eq!(faults, json!([]), "accessibility faults on {screen}");
+}
+
+/// Fills the pharmacy's `operation` form for the test's clinic and drug with `fields`
+/// and sends it; waits for the console to say it was done, or to show a refusal.
+async fn stock_form(page: &Client, operation: &str, fields: &[(&str, &str)]) {
+    let form = format!("form[data-operation={operation}]");
+    page.find(Locator::Css(&format!("{form} select[name=clinic_id]")))
+        .await
+        .expect("clinic")
+        .select_by_value(CLINIC)
+        .await
+        .expect("choose the clinic");
+    type_into(
+        page,
+        &format!("{form} input[name=drug_name]"),
+        "amoxicillin 250 mg capsules",
+    )
+    .await;
+    for (name, value) in fields {
+        let css = format!("{form} input[name={name}]");
+        if name.ends_with("_date") {
+            // A date field's typing follows the browser's locale; set its value instead.
+            js(
+                page,
+                &format!("document.querySelector('{css}').value = '{value}'; return true"),
+            )
+            .await;
+        } else {
+            type_into(page, &css, value).await;
+        }
+    }
+    js(
+        page,
+        "document.getElementById('notice').textContent = ''; return true",
+    )
+    .await;
+    click(page, &format!("{form} button[type=submit]")).await;
+    until(
+        page,
+        "return document.getElementById('notice').textContent !== ''",
+        &format!("an answer to the {operation} form"),
+    )
+    .await;
+}
+
+/// Waits until the chart shows `level` as the item's level now.
+async fn at_level(page: &Client, level: i64, when: &str) {
+    until(
+        page,
+        &format!(
+            "const p = document.querySelector('[data-level]'); return !!p && p.dataset.level === '{level}'"
+        ),
+        &format!("the chart at {level} {when}"),
+    )
+    .await;
 }
 
 async fn peer_id(api: &Api) -> String {
@@ -454,27 +512,8 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         "the chart at 20",
     )
     .await;
-    let form = "form[data-operation=dispense]";
-    page.find(Locator::Css(&format!("{form} select[name=clinic_id]")))
-        .await
-        .expect("clinic")
-        .select_by_value(CLINIC)
-        .await
-        .expect("choose the clinic");
-    type_into(
-        &page,
-        &format!("{form} input[name=drug_name]"),
-        "amoxicillin 250 mg capsules",
-    )
-    .await;
-    type_into(&page, &format!("{form} input[name=quantity]"), "15").await;
-    click(&page, &format!("{form} button[type=submit]")).await;
-    until(
-        &page,
-        "const p = document.querySelector('[data-level]'); return !!p && p.dataset.level === '5'",
-        "the chart at 5 after the dispense",
-    )
-    .await;
+    stock_form(&page, "dispense", &[("quantity", "15")]).await;
+    at_level(&page, 5, "after the dispense").await;
     until(
         &page,
         "return document.querySelector('[data-alert=low_stock] span').className === 'warn'",
@@ -497,6 +536,57 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     assert_eq!(stock["items"][0]["quantity"], 5, "{stock}");
     check_accessible(&page, "pharmacy").await;
     screenshot(&page, "06-pharmacy").await;
+
+    // The other forms, with the API's rules: a restock, a count, an adjustment of 0
+    // refused with the field named (nothing changes), and one that is taken. The chart
+    // follows each movement, and the low-stock alert goes once the level is above 10.
+    let batch = [("batch_number", "AMX-1")];
+    stock_form(
+        &page,
+        "restock",
+        &[batch[0], ("expiry_date", "2030-06-30"), ("quantity", "25")],
+    )
+    .await;
+    at_level(&page, 30, "after the restock").await;
+    stock_form(&page, "count", &[batch[0], ("counted_quantity", "28")]).await;
+    at_level(&page, 28, "after the count").await;
+    stock_form(
+        &page,
+        "adjust",
+        &[batch[0], ("quantity_change", "0"), ("reason", "none")],
+    )
+    .await;
+    until(
+        &page,
+        "return /cannot be 0 \\(quantity_change\\)/.test(document.getElementById('notice').textContent)",
+        "the refusal of an adjustment of 0, naming the field",
+    )
+    .await;
+    stock_form(
+        &page,
+        "adjust",
+        &[
+            batch[0],
+            ("quantity_change", "-3"),
+            ("reason", "broken bottle"),
+        ],
+    )
+    .await;
+    at_level(&page, 25, "after the adjustment").await;
+    until(
+        &page,
+        "return document.querySelector('[data-alert=low_stock] span').className === 'muted'
+            && Number(document.querySelector('svg.chart').dataset.points) === 5",
+        "five points on the chart and no low-stock alert",
+    )
+    .await;
+    let (_, stock) = api_a
+        .get(&format!("/v1/pharmacy/stock?clinic_id={CLINIC}"))
+        .await
+        .expect("stock");
+    assert_eq!(stock["items"][0]["quantity"], 25, "{stock}");
+    check_accessible(&page, "pharmacy forms").await;
+    screenshot(&page, "06b-pharmacy-forms").await;
 
     // Records: a conflict made by two nodes apart, resolved in the console on A, and the
     // chosen value on B.
@@ -823,5 +913,69 @@ async fn a_gateways_console_shows_its_rounds_with_the_cloud() {
     .await;
     check_accessible(&page, "health of a gateway").await;
     screenshot(&page, "14-gateway-health").await;
+    page.close().await.expect("close the browser");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_devices_sign_in_page_shows_its_initial_sync() {
+    let driver = start_driver();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    medmesh_tests::init_node(&da);
+    medmesh_tests::join_mesh(&da, &db).expect("join");
+    let a = NodeProcess::start_peered(&da, &[], None).expect("a");
+    let (code, _) = Api::new(&a.api)
+        .post(
+            "/v1/users",
+            &json!({"email": ADMIN.0, "name": "Clinic admin", "role": "admin", "password": ADMIN.1}),
+        )
+        .await
+        .expect("admin user");
+    assert_eq!(code, 201);
+    let total = 20_000;
+    medmesh_tests::import_patients(&medmesh_tests::http(), &a, 0..total)
+        .await
+        .expect("import");
+    let b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
+
+    // The new device's console, before anyone can sign in there: how far it has come.
+    let profile = tempfile::tempdir().expect("profile");
+    let page = browser(&driver, profile.path()).await;
+    let base = b.url("/");
+    page.goto(&base).await.expect("open the console");
+    until(
+        &page,
+        "const bar = document.querySelector('section.receiving:not([hidden]) progress');
+         return !!bar && bar.value > 0 && bar.value < bar.max && bar.max >= 20000",
+        "the initial sync's progress on the sign-in page",
+    )
+    .await;
+    check_accessible(&page, "sign-in during an initial sync").await;
+    screenshot(&page, "15-sign-in-during-initial-sync").await;
+
+    // Once the sync is done the progress goes, and the mesh's admin signs in here.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while js(
+        &page,
+        "return document.querySelector('section.receiving').hidden",
+    )
+    .await
+        != Value::Bool(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the initial sync did not finish in 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    sign_in(&page, &base, ADMIN).await;
+    until(
+        &page,
+        &format!(
+            "const t = document.querySelector('[data-total]'); return !!t && Number(t.dataset.total) >= {total}"
+        ),
+        "every record on the new device's health screen",
+    )
+    .await;
     page.close().await.expect("close the browser");
 }

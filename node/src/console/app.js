@@ -257,8 +257,28 @@
         render();
       });
     });
-    main.append(form);
+    // A new device takes the mesh's records (users included) in its initial sync: the
+    // page shows how far it has come, from /health (no credential needed).
+    const receiving = h("section", { class: "panel receiving", "aria-live": "polite", hidden: true });
+    const refresh = async () => {
+      try {
+        const health = await api("GET", "/health");
+        const p = health && health.sync_progress;
+        receiving.hidden = !(p && p.announced);
+        if (receiving.hidden) return receiving.replaceChildren();
+        receiving.replaceChildren(
+          h("h2", { text: t("receiving_title") }),
+          progressBar(p),
+          h("p", { class: "muted", text: t("receiving_help") }),
+        );
+      } catch (err) {
+        receiving.hidden = true;
+      }
+    };
+    main.append(form, receiving);
     form.querySelector("input").focus();
+    refresh();
+    state.timer = setInterval(refresh, 1000);
   }
   async function loadMe() {
     state.me = await api("GET", "/v1/me");
@@ -386,6 +406,9 @@
   function progressOf(peer) {
     const p = peer.sync_progress;
     if (!p || !p.announced) return String(peer.pending_in);
+    return progressBar(p);
+  }
+  function progressBar(p) {
     const percent = Math.floor((100 * p.received) / p.announced);
     return h(
       "div",

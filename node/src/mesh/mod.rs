@@ -300,6 +300,22 @@ impl Mesh {
             .unwrap_or_default()
     }
 
+    /// The largest stretch of a peer's feed this node is taking now (an initial sync, or
+    /// catching up after time apart): the peer's name (or the start of its id) and how
+    /// far it has come. What the terminal's bar and the console's sign-in show.
+    pub fn largest_sync(&self) -> Option<(String, SyncProgress)> {
+        self.peers()
+            .into_iter()
+            .filter_map(|p| {
+                let progress = p.sync_progress?;
+                let name = p
+                    .name
+                    .unwrap_or_else(|| p.peer_id.chars().take(12).collect());
+                Some((name, progress))
+            })
+            .max_by_key(|(_, progress)| progress.announced)
+    }
+
     /// The mesh's fingerprint.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
