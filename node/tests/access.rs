@@ -249,6 +249,9 @@ async fn every_endpoint_needs_a_credential_except_health() {
             "{path}"
         );
     }
+    // A HEAD (what a link checker or `curl -I` sends) is a GET without the body.
+    let head = anonymous.head(node.url("/")).send().await.expect("send");
+    assert_eq!(head.status(), StatusCode::OK);
     let missing = anonymous
         .get(node.url("/console/secrets.txt"))
         .send()

@@ -229,7 +229,8 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         }
     }
     let signs_in = path == "/v1/sessions" && *request.method() == Method::POST;
-    let page = *request.method() == Method::GET && crate::console::is_console(&path);
+    let page = matches!(*request.method(), Method::GET | Method::HEAD)
+        && crate::console::is_console(&path);
     if path == "/health"
         || page
         || path.starts_with("/api/")
