@@ -149,14 +149,40 @@ async fn type_into(page: &Client, css: &str, text: &str) {
 
 /// Presses Tab; answers the attribute `property` of the control that has the focus then.
 async fn tab(page: &Client, property: &str) -> Value {
-    let key = char::from(fantoccini::key::Key::Tab).to_string();
+    press(page, fantoccini::key::Key::Tab).await;
+    js(page, &format!("return document.activeElement.{property}")).await
+}
+
+/// Presses `key` on the control that has the focus.
+async fn press(page: &Client, key: fantoccini::key::Key) {
     page.active_element()
         .await
         .expect("focus")
-        .send_keys(&key)
+        .send_keys(&char::from(key).to_string())
         .await
-        .expect("tab");
-    js(page, &format!("return document.activeElement.{property}")).await
+        .expect("press a key");
+}
+
+/// Opens `screen` with the keyboard alone: Tab from the top of the page to its link in
+/// the navigation, then Enter.
+async fn go_by_keyboard(page: &Client, screen: &str) {
+    js(page, "document.activeElement.blur(); return true").await;
+    let link = format!("#/{screen}");
+    let mut reached = false;
+    for _ in 0..20 {
+        if tab(page, "getAttribute('href')").await == link.as_str() {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "Tab does not reach the link to {screen}");
+    press(page, fantoccini::key::Key::Enter).await;
+    until(
+        page,
+        &format!("return location.hash === '{link}' && !!document.querySelector('main h1')"),
+        screen,
+    )
+    .await;
 }
 
 async fn go(page: &Client, screen: &str) {
@@ -459,8 +485,36 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         "the console's invite admits a device: {out:?}"
     );
 
+    // By keyboard: Enter on Revoke opens the confirmation with the focus inside it, and
+    // Escape cancels it; nothing is revoked.
+    let revoke = format!("tr[data-peer='{id_c}'] button.danger");
+    js(
+        &page,
+        &format!("document.querySelector(\"{revoke}\").focus(); return true"),
+    )
+    .await;
+    press(&page, fantoccini::key::Key::Enter).await;
+    until(
+        &page,
+        "const d = document.querySelector('dialog[open]'); return !!d && d.contains(document.activeElement)",
+        "the confirmation, holding the focus",
+    )
+    .await;
+    press(&page, fantoccini::key::Key::Escape).await;
+    until(
+        &page,
+        "return !document.querySelector('dialog')",
+        "the confirmation closed by Escape",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        connected(&api_a, &id_c).await,
+        "a cancelled revocation revoked nothing"
+    );
+
     // Revoke tablet C, confirmed in a dialog; the health screen shows it disconnected.
-    click(&page, &format!("tr[data-peer='{id_c}'] button.danger")).await;
+    click(&page, &revoke).await;
     until(
         &page,
         "return !!document.querySelector('dialog[open]')",
@@ -488,8 +542,9 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     );
     screenshot(&page, "05-health-after-revoke").await;
 
-    // Pharmacy: the chart of the item, then a dispense; the chart and the alerts change.
-    go(&page, "pharmacy").await;
+    // Pharmacy, reached by keyboard (Tab to its link, Enter): the chart of the item, then
+    // a dispense; the chart and the alerts change.
+    go_by_keyboard(&page, "pharmacy").await;
     until(
         &page,
         "return !!document.querySelector('tr[data-item] button')",
