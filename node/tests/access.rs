@@ -199,6 +199,7 @@ async fn every_endpoint_needs_a_credential_except_health() {
         .chain([
             (Method::GET, "/v1/patients/ID/history"),
             (Method::GET, "/v1/patients/ID/conflicts"),
+            (Method::POST, "/v1/patients/ID/conflicts"),
         ])
     {
         let path = path.replace("ID", id);

@@ -398,6 +398,57 @@ async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
     values.sort();
     assert_eq!(values, vec!["\"2\"", "\"3\""]);
     assert_eq!(phone["value"], on_a["phone"]);
+
+    // The record written back as shown (what a device or the cloud sends) is no choice:
+    // the conflict stays.
+    let path = format!("/v1/patients/{id}");
+    let (status, _) = a
+        .send(
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"phone": phone["value"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, still) = a.get(&format!("{path}/conflicts")).await;
+    assert!(
+        still["conflicts"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["field"] == json!("phone"))),
+        "{still}"
+    );
+    // A person chooses, also the value shown: the conflict is settled, here and on the
+    // other node once it has the choice.
+    let (status, chosen) = a
+        .send(
+            reqwest::Method::POST,
+            &format!("{path}/conflicts"),
+            Some(json!({"phone": phone["value"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{chosen}");
+    assert_eq!(chosen["phone"], phone["value"]);
+    merge(&b.store, id, &a.store).await;
+    for node in [&a, &b] {
+        let (_, left) = node.get(&format!("{path}/conflicts")).await;
+        assert!(
+            left["conflicts"]
+                .as_array()
+                .is_some_and(|c| c.iter().all(|c| c["field"] != json!("phone"))),
+            "{left}"
+        );
+        let (_, record) = node.get(&path).await;
+        assert_eq!(record["phone"], phone["value"]);
+    }
+    // A choice is a write of the record: another id is refused as in a PATCH.
+    let (status, refused) = a
+        .send(
+            reqwest::Method::POST,
+            &format!("{path}/conflicts"),
+            Some(json!({"id": "00000000-0000-4000-8000-000000000000"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
 }
 
 /// Sends `from`'s document `id` to `to` as a peer would (its bytes with their

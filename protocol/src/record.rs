@@ -184,7 +184,19 @@ fn scalar_equals(stored: &ScalarValueRef<'_>, new: &Value) -> bool {
 /// the current value. Fields not named are left as they are (a PATCH).
 pub fn write_fields<T: Transactable>(tx: &mut T, fields: &Fields) -> Result<(), RecordError> {
     for (key, value) in fields {
-        put_value(tx, &ROOT, Prop::Map(key.clone()), value)?;
+        put_value(tx, &ROOT, Prop::Map(key.clone()), value, false)?;
+    }
+    Ok(())
+}
+
+/// Writes `fields` as a person's choice among the concurrent values of conflicted fields:
+/// as [`write_fields`], except that a conflicted field (at any depth of `fields`) is
+/// written even where it equals the value shown now, which settles the conflict. An
+/// ordinary write of the value shown (a device or the cloud sending the record back as
+/// it saw it) leaves the conflict for a person to see.
+pub fn settle_fields<T: Transactable>(tx: &mut T, fields: &Fields) -> Result<(), RecordError> {
+    for (key, value) in fields {
+        put_value(tx, &ROOT, Prop::Map(key.clone()), value, true)?;
     }
     Ok(())
 }
@@ -207,18 +219,25 @@ pub fn replace_fields<T: Transactable>(
     Ok(())
 }
 
-/// Puts `value` at `prop` of `obj` with the fewest operations.
+/// Puts `value` at `prop` of `obj` with the fewest operations; with `settle`, a
+/// conflicted field is always written (see [`settle_fields`]).
 fn put_value<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     prop: Prop,
     value: &Value,
+    settle: bool,
 ) -> Result<(), RecordError> {
     let current = tx.get(obj, prop.clone())?;
     match (value, current) {
+        (Value::Object(_), Some((automerge::Value::Object(ObjType::Map), _)))
+            if settle && conflicted(tx, obj, &prop)? =>
+        {
+            put_fresh(tx, obj, prop, value)?
+        }
         (Value::Object(fields), Some((automerge::Value::Object(ObjType::Map), child))) => {
             for (key, v) in fields {
-                put_value(tx, &child, Prop::Map(key.clone()), v)?;
+                put_value(tx, &child, Prop::Map(key.clone()), v, settle)?;
             }
             let stale: Vec<String> = tx
                 .keys(&child)
@@ -231,7 +250,7 @@ fn put_value<T: Transactable>(
         (Value::Array(items), Some((automerge::Value::Object(ObjType::List), child))) => {
             let old_len = tx.length(&child);
             for (index, item) in items.iter().enumerate().take(old_len) {
-                put_value(tx, &child, Prop::Seq(index), item)?;
+                put_value(tx, &child, Prop::Seq(index), item, settle)?;
             }
             for (index, item) in items.iter().enumerate().skip(old_len) {
                 insert_value(tx, &child, index, item)?;
@@ -258,13 +277,20 @@ fn put_value<T: Transactable>(
             }
         }
         (_, Some((automerge::Value::Scalar(stored), _))) if value_is_scalar(value) => {
-            if !scalar_equals(&scalar_value_as_ref(stored.as_ref()), value) {
+            if !scalar_equals(&scalar_value_as_ref(stored.as_ref()), value)
+                || (settle && conflicted(tx, obj, &prop)?)
+            {
                 put_fresh(tx, obj, prop, value)?;
             }
         }
         _ => put_fresh(tx, obj, prop, value)?,
     }
     Ok(())
+}
+
+/// `prop` of `obj` holds more than one concurrent value.
+fn conflicted<T: Transactable>(tx: &T, obj: &ObjId, prop: &Prop) -> Result<bool, RecordError> {
+    Ok(tx.get_all(obj, prop.clone())?.len() > 1)
 }
 
 fn value_is_scalar(value: &Value) -> bool {
@@ -664,6 +690,56 @@ mod tests {
                 .iter()
                 .any(|a| a.device == "L" && a.user.as_deref() == Some("nurse"))
         );
+    }
+
+    #[test]
+    fn choosing_the_shown_value_settles_a_conflict_and_writing_it_back_does_not() {
+        let base = doc_from(&obj(
+            json!({"phone": "1", "address": {"town": "A", "street": "x"}}),
+        ));
+        let mut left = base.fork();
+        let mut right = base.fork();
+        for (doc, phone, town) in [(&mut left, "2", "B"), (&mut right, "3", "C")] {
+            doc.transact::<_, _, RecordError>(|tx| {
+                write_fields(tx, &obj(json!({"phone": phone, "address": {"town": town}})))
+            })
+            .expect("edit");
+        }
+        // A map made on both sides at once conflicts as a whole.
+        for (doc, note) in [(&mut left, "l"), (&mut right, "r")] {
+            doc.transact::<_, _, RecordError>(|tx| {
+                write_fields(tx, &obj(json!({"extra": {"note": note}})))
+            })
+            .expect("edit");
+        }
+        left.merge(&mut right).expect("merge");
+        let fields: Vec<String> = conflicts(&left).into_iter().map(|c| c.field).collect();
+        assert_eq!(fields, ["address.town", "extra", "phone"]);
+        let shown = read_record(&left);
+        let chosen = obj(json!({
+            "phone": shown["phone"],
+            "address": shown["address"],
+            "extra": shown["extra"],
+        }));
+        // A record written back as it is shown (a device or the cloud sending what it
+        // saw) is no choice: the conflicts stay for a person to see.
+        let echo = left
+            .transact::<_, _, RecordError>(|tx| write_fields(tx, &chosen))
+            .expect("echo");
+        assert_eq!(echo.hash, None);
+        assert_eq!(conflicts(&left).len(), 3);
+        // A person chooses the value shown now: that settles each conflict.
+        let result = left
+            .transact::<_, _, RecordError>(|tx| settle_fields(tx, &chosen))
+            .expect("choose");
+        assert!(result.hash.is_some(), "the choice is a change");
+        assert_eq!(conflicts(&left), vec![]);
+        assert_eq!(read_record(&left), shown, "the values stay the ones chosen");
+        // Without a conflict, the same choice is no change at all.
+        let again = left
+            .transact::<_, _, RecordError>(|tx| settle_fields(tx, &chosen))
+            .expect("again");
+        assert_eq!(again.hash, None);
     }
 
     #[test]

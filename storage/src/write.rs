@@ -12,6 +12,11 @@ pub enum WriteKind {
     Create(Fields),
     /// Changes only the given fields.
     Patch(Fields),
+    /// A person's choice among the concurrent values of conflicted fields: as
+    /// [`WriteKind::Patch`], except that a conflicted field is written even where it
+    /// equals the value shown, which settles the conflict
+    /// ([`medmesh_protocol::record::settle_fields`]).
+    Choose(Fields),
     /// Makes the record equal to the given fields (written as the minimal set of field
     /// changes); `id` and `created_at` are kept.
     Replace(Fields),

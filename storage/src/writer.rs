@@ -1097,12 +1097,17 @@ impl Writer {
                 if working.collection != op.collection {
                     return Err(not_found());
                 }
+                let is_choice = matches!(kind, WriteKind::Choose(_));
                 let change = match kind {
-                    WriteKind::Patch(mut fields) => {
+                    WriteKind::Patch(mut fields) | WriteKind::Choose(mut fields) => {
                         check_same_id(spec, &mut fields, &id)?;
                         fields.remove("updated_at");
                         spec.validate_patch(&fields)?;
-                        Change::Write(fields)
+                        if is_choice {
+                            Change::Choose(fields)
+                        } else {
+                            Change::Write(fields)
+                        }
                     }
                     WriteKind::Replace(mut fields) => {
                         check_same_id(spec, &mut fields, &id)?;
@@ -1133,6 +1138,7 @@ impl Writer {
                     |tx| {
                         match &change {
                             Change::Write(fields) => record::write_fields(tx, fields)?,
+                            Change::Choose(fields) => record::settle_fields(tx, fields)?,
                             Change::Replace(fields) => {
                                 record::replace_fields(tx, fields, KEPT_ON_REPLACE)?
                             }
@@ -1510,6 +1516,7 @@ fn replicate(err: &StoreError) -> StoreError {
 
 enum Change {
     Write(Fields),
+    Choose(Fields),
     Replace(Fields),
     Increment(Vec<(String, i64)>),
     Delete,

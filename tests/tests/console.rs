@@ -670,11 +670,11 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     .expect("apart");
     let path = format!("/v1/patients/{patient_id}");
     api_a
-        .patch(&path, &json!({"hometown": "Kati"}))
+        .patch(&path, &json!({"hometown": "Kati", "phone": "111"}))
         .await
         .expect("edit on a");
     api_b
-        .patch(&path, &json!({"hometown": "Kita"}))
+        .patch(&path, &json!({"hometown": "Kita", "phone": "222"}))
         .await
         .expect("edit on b");
     let (code, _) = api_a
@@ -686,7 +686,7 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         let Ok((_, c)) = api_a.get(&format!("{path}/conflicts")).await else {
             return false;
         };
-        c["conflicts"].as_array().is_some_and(|l| !l.is_empty())
+        c["conflicts"].as_array().is_some_and(|l| l.len() >= 2)
     })
     .await
     .expect("conflict");
@@ -694,11 +694,18 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         .get(&format!("{path}/conflicts"))
         .await
         .expect("conflicts");
-    let shown = conflicts["conflicts"][0]["value"]
-        .as_str()
-        .expect("value")
-        .to_owned();
+    let conflict = |field: &str| {
+        conflicts["conflicts"]
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["field"] == field))
+            .cloned()
+            .unwrap_or_else(|| panic!("no conflict on {field}: {conflicts}"))
+    };
+    let (hometown, phone) = (conflict("hometown"), conflict("phone"));
+    let shown = hometown["value"].as_str().expect("value").to_owned();
     let chosen = if shown == "Kati" { "Kita" } else { "Kati" };
+    // The phone is kept as shown: choosing the value shown also settles a conflict.
+    let phone_kept = phone["value"].as_str().expect("value").to_owned();
     go(&page, "records").await;
     type_into(&page, "form[role=search] input[name=name]", "ami").await;
     click(&page, "form[role=search] button[type=submit]").await;
@@ -717,12 +724,22 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     .await;
     check_accessible(&page, "records").await;
     screenshot(&page, "07-records-conflict").await;
-    let index = conflicts["conflicts"][0]["values"]
-        .as_array()
-        .expect("values")
-        .iter()
-        .position(|v| v == chosen)
-        .expect("the chosen value is offered");
+    let offered = |conflict: &Value, value: &str| {
+        conflict["values"]
+            .as_array()
+            .and_then(|l| l.iter().position(|v| v == value))
+            .expect("the chosen value is offered")
+    };
+    let index = offered(&phone, &phone_kept);
+    click(&page, &format!("#conflict-phone-{index}")).await;
+    click(&page, "form[data-conflict=phone] button[type=submit]").await;
+    until(
+        &page,
+        "return !document.querySelector('form[data-conflict=phone]') && !!document.querySelector('form[data-conflict=hometown]')",
+        "the phone's conflict settled, the hometown's still open",
+    )
+    .await;
+    let index = offered(&hometown, chosen);
     click(&page, &format!("#conflict-hometown-{index}")).await;
     click(&page, "form[data-conflict=hometown] button[type=submit]").await;
     until(&page, &format!("const d = document.querySelector('[data-field=hometown]'); return !!d && d.textContent === '{chosen}' && !document.querySelector('form[data-conflict]')"), "the conflict resolved").await;
@@ -737,7 +754,9 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
             let Ok((_, c)) = api_b.get(&format!("{path}/conflicts")).await else {
                 return false;
             };
-            record["hometown"] == chosen && c["conflicts"] == json!([])
+            record["hometown"] == chosen
+                && record["phone"] == phone_kept.as_str()
+                && c["conflicts"] == json!([])
         },
     )
     .await

@@ -270,7 +270,10 @@ pub fn router(state: AppState) -> Router {
                 .delete(records::delete),
         )
         .route("/v1/{collection}/{id}/history", get(records::history))
-        .route("/v1/{collection}/{id}/conflicts", get(records::conflicts))
+        .route(
+            "/v1/{collection}/{id}/conflicts",
+            get(records::conflicts).post(records::choose),
+        )
         .layer(DefaultBodyLimit::max(MAX_RECORD_BODY))
         .route("/v1/sessions", post(sessions::open))
         .route(

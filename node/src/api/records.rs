@@ -203,7 +203,7 @@ enum GenericWrite {
 impl GenericWrite {
     fn of(kind: &WriteKind) -> Self {
         match kind {
-            WriteKind::Patch(fields) => Self::Patch(fields.clone()),
+            WriteKind::Patch(fields) | WriteKind::Choose(fields) => Self::Patch(fields.clone()),
             WriteKind::Replace(fields) => Self::Replace(fields.clone()),
             WriteKind::Create(_) => Self::Create,
             _ => Self::Delete,
@@ -459,14 +459,15 @@ async fn change(
     let id = parse_id(&id)?;
     let mut kind = kind()?;
     if collection == "users"
-        && let WriteKind::Patch(fields) | WriteKind::Replace(fields) = &mut kind
+        && let WriteKind::Patch(fields) | WriteKind::Replace(fields) | WriteKind::Choose(fields) =
+            &mut kind
     {
         hash_given_password(fields).await?;
     }
     // Setting or clearing a deletion is a delete (or an undelete), whatever the verb.
     let deletes = match &kind {
         WriteKind::Delete => true,
-        WriteKind::Patch(fields) | WriteKind::Replace(fields) => {
+        WriteKind::Patch(fields) | WriteKind::Replace(fields) | WriteKind::Choose(fields) => {
             fields.contains_key("deleted_at") || fields.contains_key("is_deleted")
         }
         _ => false,
@@ -504,7 +505,7 @@ async fn change(
     .await?;
     let credentials_change = collection == "users"
         && match &kind {
-            WriteKind::Patch(f) | WriteKind::Replace(f) => [
+            WriteKind::Patch(f) | WriteKind::Replace(f) | WriteKind::Choose(f) => [
                 "hashed_password",
                 "disabled_at",
                 "role",
@@ -546,6 +547,22 @@ pub async fn patch(
 ) -> Result<Json<Value>, ApiError> {
     change(state, collection, id, caller, || {
         Ok(WriteKind::Patch(body_object(body)?))
+    })
+    .await
+}
+
+/// `POST /v1/{collection}/{id}/conflicts`: a person's choice among the values of
+/// conflicted fields, given as a patch (`{"hometown": "Kati"}`, nested fields as nested
+/// objects). Each given field is written even where it equals the value shown now, so
+/// its conflict is settled; a `PATCH` of the value shown leaves the conflict.
+pub async fn choose(
+    State(state): State<AppState>,
+    Path((collection, id)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    change(state, collection, id, caller, || {
+        Ok(WriteKind::Choose(body_object(body)?))
     })
     .await
 }

@@ -106,7 +106,8 @@
           "div",
           { class: "form-row" },
           h("button", { type: "button", class: "danger", onclick: () => dialog.close("yes"), text: action }),
-          h("button", { type: "button", class: "secondary", onclick: () => dialog.close("no"), text: t("cancel") }),
+          // The focus starts on Cancel: Enter pressed by habit changes nothing.
+          h("button", { type: "button", class: "secondary", autofocus: true, onclick: () => dialog.close("no"), text: t("cancel") }),
         ),
       );
       dialog.addEventListener("close", () => {
@@ -157,14 +158,20 @@
     return json;
   }
   // Runs an action from a form or button; shows what went wrong, in the user's words.
+  // A `work` that answers `{ warning }` has done its work with a warning: it is shown
+  // instead of `done`.
   async function act(work, done) {
     notice("");
     try {
-      await work();
-      if (done) notice(done, "info");
+      const result = await work();
+      if (result && typeof result.warning === "string") notice(result.warning, "warn");
+      else if (done) notice(done, "info");
     } catch (err) {
       notice(err.message + (err.field ? " (" + err.field + ")" : ""));
     }
+  }
+  function roleName(role) {
+    return STRINGS.languages.en["role_" + role] ? t("role_" + role) : role;
   }
   function may(permission) {
     return !!state.me && state.me.permissions.includes(permission);
@@ -203,7 +210,7 @@
         h(
           "div",
           { class: "who" },
-          h("span", { text: t("signed_in_as", { user: state.me.user, role: state.me.role }) }),
+          h("span", { text: t("signed_in_as", { user: state.me.user, role: roleName(state.me.role) }) }),
           languages,
           h("button", { type: "button", class: "secondary", onclick: () => signOut(), text: t("sign_out") }),
         ),
@@ -224,8 +231,10 @@
     state.timer = null;
     applyLanguage();
     header();
-    const main = document.getElementById("main");
-    main.replaceChildren();
+    // Each render draws into a container of its own: a screen left while it still loads
+    // draws into a container no longer on the page, never into the next screen.
+    const main = h("div");
+    document.getElementById("main").replaceChildren(main);
     if (!state.me) return showSignIn(main);
     const screen = currentScreen();
     if (!screen) {
@@ -233,6 +242,27 @@
       return;
     }
     await screen.show(main);
+  }
+
+  // Runs `work` now and every `ms` while `node` is on the page (one run at a time).
+  function refreshing(node, ms, work) {
+    let busy = false;
+    const run = async () => {
+      if (!node.isConnected) {
+        clearInterval(timer);
+        return;
+      }
+      if (busy) return;
+      busy = true;
+      try {
+        await work();
+      } finally {
+        busy = false;
+      }
+    };
+    const timer = setInterval(run, ms);
+    state.timer = timer;
+    return run();
   }
 
   // ---- sign-in -------------------------------------------------------------------
@@ -259,7 +289,7 @@
     });
     // A new device takes the mesh's records (users included) in its initial sync: the
     // page shows how far it has come, from /health (no credential needed).
-    const receiving = h("section", { class: "panel receiving", "aria-live": "polite", hidden: true });
+    const receiving = h("section", { class: "panel receiving", hidden: true });
     const refresh = async () => {
       try {
         const health = await api("GET", "/health");
@@ -268,7 +298,7 @@
         if (receiving.hidden) return receiving.replaceChildren();
         receiving.replaceChildren(
           h("h2", { text: t("receiving_title") }),
-          progressBar(p),
+          progressBar(p, t("receiving_title")),
           h("p", { class: "muted", text: t("receiving_help") }),
         );
       } catch (err) {
@@ -277,8 +307,7 @@
     };
     main.append(form, receiving);
     form.querySelector("input").focus();
-    refresh();
-    state.timer = setInterval(refresh, 1000);
+    refreshing(receiving, 1000, refresh);
   }
   async function loadMe() {
     state.me = await api("GET", "/v1/me");
@@ -297,17 +326,19 @@
   // ---- mesh health ---------------------------------------------------------------
   async function showHealth(main) {
     main.append(h("h1", { text: t("health_title") }));
-    const body = h("div", { "aria-live": "polite" });
+    // Not a live region: it is drawn again every 2 s, and a screen reader would read it
+    // out each time.
+    const body = h("div");
     main.append(body);
     const refresh = async () => {
       try {
-        body.replaceChildren(...(await healthView()));
+        const view = await healthView();
+        body.replaceChildren(...view);
       } catch (err) {
-        notice(err.message);
+        if (body.isConnected) notice(err.message);
       }
     };
-    await refresh();
-    state.timer = setInterval(refresh, 2000);
+    await refreshing(body, 2000, refresh);
   }
   async function healthView() {
     const status = await api("GET", "/v1/status");
@@ -406,14 +437,14 @@
   function progressOf(peer) {
     const p = peer.sync_progress;
     if (!p || !p.announced) return String(peer.pending_in);
-    return progressBar(p);
+    return progressBar(p, t("initial_sync_from", { name: peer.name || peer.peer_id }));
   }
-  function progressBar(p) {
+  function progressBar(p, label) {
     const percent = Math.floor((100 * p.received) / p.announced);
     return h(
       "div",
       {},
-      h("progress", { class: "progress", max: p.announced, value: p.received, "aria-label": t("initial_sync") }),
+      h("progress", { class: "progress", max: p.announced, value: p.received, "aria-label": label }),
       h("div", { class: "muted", text: t("progress_text", { received: p.received, announced: p.announced, percent, rate: Math.round(p.rate || 0), left: p.eta_s === null || p.eta_s === undefined ? "?" : Math.ceil(p.eta_s) }) }),
     );
   }
@@ -455,7 +486,7 @@
           ),
         ),
       );
-      list.replaceChildren(table([t("name"), t("kind"), t("peer_id"), t("serves"), t("state"), ""], rows));
+      list.replaceChildren(table([t("name"), t("kind"), t("peer_id"), t("serves"), t("state"), t("actions")], rows));
     };
     await act(load);
     const shown = h("div", { class: "qr", "aria-live": "polite" });
@@ -533,7 +564,7 @@
       stock.replaceChildren(
         h("h2", { text: t("stock") }),
         table(
-          [t("drug"), t("batch"), t("expiry"), t("quantity"), t("reorder_level"), ""],
+          [t("drug"), t("batch"), t("expiry"), t("quantity"), t("reorder_level"), t("chart")],
           s.items.map((r) =>
             h(
               "tr",
@@ -570,7 +601,7 @@
       field(t("drug_name"), input("drug_name", { required: true, autocomplete: "off" })),
     ];
     if (may("dispense")) {
-      operations.push(["dispense", t("dispense"), [...drugFields(), field(t("quantity"), input("quantity", { type: "number", min: 1, required: true })), field(t("batch"), input("batch_number", { placeholder: t("earliest_expiry") }))]]);
+      operations.push(["dispense", t("dispense"), [...drugFields(), field(t("quantity"), input("quantity", { type: "number", min: 1, required: true })), field(t("batch"), input("batch_number", { placeholder: t("earliest_expiry") })), field(t("allow_expired"), input("allow_expired", { type: "checkbox" }))]]);
     }
     if (may("manage_stock")) {
       operations.push(["restock", t("restock"), [...drugFields(), field(t("batch"), input("batch_number", { required: true })), field(t("expiry"), input("expiry_date", { type: "date", required: true })), field(t("quantity"), input("quantity", { type: "number", min: 1, required: true })), field(t("reorder_level"), input("reorder_level", { type: "number", min: 0 }))]]);
@@ -584,9 +615,11 @@
         e.preventDefault();
         const body = formValues(form);
         for (const key of numbers) if (body[key] !== undefined) body[key] = Number(body[key]);
+        if (body.allow_expired !== undefined) body.allow_expired = true;
         act(async () => {
-          await api("POST", "/v1/pharmacy/" + name, body);
+          const answer = await api("POST", "/v1/pharmacy/" + name, body);
           await load();
+          if (answer && answer.negative_stock) return { warning: t("negative_after_dispense", { operation: title }) };
         }, t("done_operation", { operation: title }));
       });
       main.append(h("section", { class: "panel" }, h("h2", { text: title }), form));
@@ -662,16 +695,23 @@
     );
     form.addEventListener("submit", (e) => {
       e.preventDefault();
-      const name = formValues(form).name || "";
+      const name = (formValues(form).name || "").trim();
       act(async () => {
+        // "Amina Di": patients with a name starting "Amina" (given name or surname), and
+        // of those, the ones where every word starts one of their names.
+        const words = name.toLowerCase().split(/\s+/).filter(Boolean);
         const found = new Map();
         for (const field of ["given_name", "surname"]) {
-          const page = await api("GET", "/v1/patients?limit=50&" + field + "=" + encodeURIComponent(name) + "*");
+          const page = await api("GET", "/v1/patients?limit=50&" + field + "=" + encodeURIComponent(name.split(/\s+/)[0]) + "*");
           for (const p of page.records) found.set(p.id, p);
+        }
+        const names = (p) => [p.given_name, p.surname].filter(Boolean).join(" ").toLowerCase().split(/\s+/);
+        for (const [id, p] of found) {
+          if (!words.every((w) => names(p).some((n) => n.startsWith(w)))) found.delete(id);
         }
         results.replaceChildren(
           found.size
-            ? table([t("name"), t("date_of_birth"), t("sex"), ""], [...found.values()].map((p) =>
+            ? table([t("name"), t("date_of_birth"), t("sex"), t("actions")], [...found.values()].map((p) =>
                 h("tr", {},
                   h("td", { text: [p.given_name, p.surname].filter(Boolean).join(" ") }),
                   h("td", { text: p.date_of_birth || "-" }),
@@ -702,7 +742,17 @@
     const open = conflicts.conflicts.filter((c) => !BOOKKEEPING.includes(c.field));
     parts.push(h("h2", { text: t("conflicts_title", { n: open.length }) }));
     if (!open.length) parts.push(h("p", { class: "muted", text: t("no_conflicts") }));
+    // Choosing a value is an edit of the record: only for a role that may edit it (the
+    // node checks again). Others see the values, and who can choose.
+    const mayChoose = may("register_patients");
+    if (open.length && !mayChoose) parts.push(h("p", { class: "muted", text: t("conflict_not_yours") }));
     for (const c of open) {
+      if (!mayChoose) {
+        parts.push(h("div", { class: "conflict", "data-conflict": c.field },
+          h("p", { text: t("conflict_field", { field: c.field, value: shown(c.value) }) }),
+          h("ul", {}, c.values.map((v) => h("li", { text: shown(v) })))));
+        continue;
+      }
       const name = "conflict-" + c.field;
       const form = h(
         "form",
@@ -722,13 +772,19 @@
         e.preventDefault();
         const chosen = c.values[Number(new FormData(form).get(name))];
         act(async () => {
-          // A write over the conflicted field replaces every concurrent value.
+          // The choice is written over every concurrent value (also when it is the value
+          // shown). A nested field is sent with the fields beside it at each level, which
+          // a write of a map would otherwise drop.
           const patch = {};
           const keys = c.field.split(".");
           let at = patch;
-          keys.slice(0, -1).forEach((k) => { at = at[k] = Object.assign({}, current[k] || {}); });
+          let from = current;
+          keys.slice(0, -1).forEach((k) => {
+            from = from && typeof from === "object" ? from[k] : undefined;
+            at = at[k] = Object.assign({}, from && typeof from === "object" ? from : {});
+          });
           at[keys[keys.length - 1]] = chosen;
-          await api("PATCH", path, patch);
+          await api("POST", path + "/conflicts", patch);
           await openRecord(box, collection, id);
         }, t("conflict_resolved", { field: c.field }));
       });
@@ -755,42 +811,21 @@
       const page = await api("GET", "/v1/users?limit=1000");
       list.replaceChildren(
         table(
-          [t("email"), t("name"), t("role"), t("clinic"), t("state"), ""],
+          [t("email"), t("name"), t("role"), t("clinic"), t("state"), t("actions")],
           page.records.map((u) => {
             const disabled = !!u.disabled_at;
+            const actions = !ADMIN_ROLES.includes(u.role) || managesAdmins()
+              ? [u.email === state.me.user ? null : disableButton(u, disabled, load), " ", resetButton(u)]
+              : [h("span", { class: "muted", text: t("only_super_admin") })];
             return h(
               "tr",
               { "data-user": u.email },
               h("td", { text: u.email }),
               h("td", { text: u.name || "-" }),
-              h("td", { text: u.role || "-" }),
+              h("td", { text: u.role ? roleName(u.role) : "-" }),
               h("td", { text: (clinics.find((c) => c[0] === u.clinic_id) || [null, u.clinic_id || "-"])[1] }),
               h("td", {}, disabled ? h("span", { class: "bad", text: t("disabled") }) : h("span", { class: "ok", text: t("active") })),
-              h(
-                "td",
-                {},
-                h("button", {
-                  type: "button",
-                  class: disabled ? "secondary" : "danger",
-                  "aria-label": t(disabled ? "enable_named" : "disable_named", { email: u.email }),
-                  text: t(disabled ? "enable" : "disable"),
-                  onclick: async () => {
-                    if (!disabled && !(await confirmDialog(t("disable_confirm", { email: u.email }), t("disable")))) return;
-                    await act(async () => {
-                      await api("PATCH", "/v1/users/" + u.id, { disabled_at: disabled ? null : new Date().toISOString() });
-                      await load();
-                    });
-                  },
-                }),
-                " ",
-                h("button", {
-                  type: "button",
-                  class: "secondary",
-                  "aria-label": t("reset_password_named", { email: u.email }),
-                  text: t("reset_password"),
-                  onclick: () => resetPassword(u),
-                }),
-              ),
+              h("td", {}, actions),
             );
           }),
         ),
@@ -801,7 +836,7 @@
       { class: "inline", "aria-labelledby": "add-user-title" },
       field(t("email"), input("email", { type: "email", required: true, autocomplete: "off" })),
       field(t("name"), input("name", { required: true })),
-      field(t("role"), select("role", STRINGS.roles.map((r) => [r, t("role_" + r)]))),
+      field(t("role"), select("role", STRINGS.roles.filter((r) => managesAdmins() || !ADMIN_ROLES.includes(r)).map((r) => [r, t("role_" + r)]))),
       field(t("clinic"), select("clinic_id", [["", t("no_clinic")], ...clinics])),
       field(t("password"), input("password", { type: "password", minlength: 8, required: true, autocomplete: "new-password" })),
       h("button", { type: "submit", text: t("add_user") }),
@@ -816,6 +851,37 @@
     });
     main.append(h("section", { class: "panel" }, list), h("section", { class: "panel" }, h("h2", { id: "add-user-title", text: t("add_user") }), form));
     await act(load);
+  }
+  // Only a super_admin makes or changes an admin (the node refuses the others).
+  const ADMIN_ROLES = ["admin", "super_admin"];
+  function managesAdmins() {
+    return state.me.role === "super_admin";
+  }
+  // Disable a user (after a confirmation) or enable them again. Not offered on one's own
+  // row: an admin who disabled themselves would be signed out at once.
+  function disableButton(u, disabled, load) {
+    return h("button", {
+      type: "button",
+      class: disabled ? "secondary" : "danger",
+      "aria-label": t(disabled ? "enable_named" : "disable_named", { email: u.email }),
+      text: t(disabled ? "enable" : "disable"),
+      onclick: async () => {
+        if (!disabled && !(await confirmDialog(t("disable_confirm", { email: u.email }), t("disable")))) return;
+        await act(async () => {
+          await api("PATCH", "/v1/users/" + u.id, { disabled_at: disabled ? null : new Date().toISOString() });
+          await load();
+        });
+      },
+    });
+  }
+  function resetButton(u) {
+    return h("button", {
+      type: "button",
+      class: "secondary",
+      "aria-label": t("reset_password_named", { email: u.email }),
+      text: t("reset_password"),
+      onclick: () => resetPassword(u),
+    });
   }
   function resetPassword(user) {
     const password = input("password", { type: "password", minlength: 8, required: true, autocomplete: "new-password" });
@@ -839,7 +905,13 @@
   }
 
   // ---- start ---------------------------------------------------------------------
-  window.addEventListener("hashchange", () => { notice(""); render(); });
+  // After a move to another screen the focus goes to it, so a keyboard or screen-reader
+  // user starts there.
+  window.addEventListener("hashchange", async () => {
+    notice("");
+    await render();
+    document.getElementById("main").focus({ preventScroll: true });
+  });
   (async () => {
     if (state.token) {
       try { await loadMe(); } catch (err) { state.token = null; sessionStorage.removeItem("medmesh.token"); }
