@@ -642,6 +642,27 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     assert_eq!(stock["items"][0]["quantity"], 25, "{stock}");
     check_accessible(&page, "pharmacy forms").await;
     screenshot(&page, "06b-pharmacy-forms").await;
+    // Dispensing more than the records show is done, and the pharmacist is warned: the
+    // level goes below zero, with a negative-stock alert, until a count puts it right.
+    stock_form(
+        &page,
+        "dispense",
+        &[("quantity", "30"), ("batch_number", "")],
+    )
+    .await;
+    at_level(&page, -5, "after dispensing more than the records show").await;
+    until(
+        &page,
+        "const n = document.getElementById('notice');
+         return n.className === 'warn' && /Count the shelf/.test(n.textContent)
+           && document.querySelector('[data-alert=negative_stock] span').className !== 'muted'",
+        "the warning and the negative-stock alert",
+    )
+    .await;
+    check_accessible(&page, "pharmacy with a warning").await;
+    screenshot(&page, "06c-pharmacy-negative").await;
+    stock_form(&page, "count", &[batch[0], ("counted_quantity", "25")]).await;
+    at_level(&page, 25, "after the count").await;
 
     // Records: a conflict made by two nodes apart, resolved in the console on A, and the
     // chosen value on B.
@@ -707,7 +728,8 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     // The phone is kept as shown: choosing the value shown also settles a conflict.
     let phone_kept = phone["value"].as_str().expect("value").to_owned();
     go(&page, "records").await;
-    type_into(&page, "form[role=search] input[name=name]", "ami").await;
+    // Two words: the start of the given name and of the surname.
+    type_into(&page, "form[role=search] input[name=name]", "ami dia").await;
     click(&page, "form[role=search] button[type=submit]").await;
     click(&page, "main table button.secondary").await;
     until(
