@@ -532,7 +532,10 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     go(&page, "health").await;
     until(
         &page,
-        &format!("const row = document.querySelector(`tr[data-peer='{id_c}']`); return !row || !!row.querySelector('.bad')"),
+        // Once the screen is drawn (the node's panel is there): C is gone from the peers or
+        // shown disconnected.
+        &format!("const row = document.querySelector(`tr[data-peer='{id_c}']`);
+                  return !!document.querySelector('[data-total]') && (!row || !!row.querySelector('.bad'))"),
         "tablet C disconnected on the health screen",
     )
     .await;
