@@ -529,6 +529,14 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         "tablet C revoked",
     )
     .await;
+    // The button used is gone with the list drawn again: the focus is on what happened
+    // or on the screen, not lost to the top of the page.
+    until(
+        &page,
+        "return ['notice', 'main'].includes(document.activeElement.id)",
+        "the focus after the revocation",
+    )
+    .await;
     go(&page, "health").await;
     until(
         &page,

@@ -169,6 +169,12 @@
     } catch (err) {
       notice(err.message + (err.field ? " (" + err.field + ")" : ""));
     }
+    // The control that was used may be gone (a list drawn again): the focus goes to what
+    // happened, or to the screen, not back to the top of the page.
+    if (!document.activeElement || document.activeElement === document.body) {
+      const box = document.getElementById("notice");
+      (box.textContent ? box : document.getElementById("main")).focus({ preventScroll: true });
+    }
   }
   function roleName(role) {
     return STRINGS.languages.en["role_" + role] ? t("role_" + role) : role;
@@ -495,7 +501,7 @@
       { class: "inline", "aria-labelledby": "invite-title" },
       field(t("device_kind"), select("kind", [["tablet", t("kind_tablet")], ["gateway", t("kind_gateway")], ["admin", t("kind_admin")]])),
       field(t("device_name"), input("name", { placeholder: t("optional") })),
-      field(t("invite_expires"), select("expires", [["1h", t("hours", { n: 1 })], ["24h", t("hours", { n: 24 })], ["7d", t("days", { n: 7 })]], {})),
+      field(t("invite_expires"), select("expires", [["1h", t("hour")], ["24h", t("hours", { n: 24 })], ["7d", t("days", { n: 7 })]], {})),
       h("button", { type: "submit", text: t("make_invite") }),
     );
     form.querySelector("[name=expires]").value = "24h";

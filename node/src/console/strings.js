@@ -38,6 +38,7 @@ window.MEDMESH_STRINGS = {
       cancel: "Cancel",
       optional: "optional",
       seconds: "{n} s",
+      hour: "1 hour",
       hours: "{n} hours",
       days: "{n} days",
       // Mesh health
