@@ -917,9 +917,6 @@ pub async fn init(dir: &Path, join: Option<&str>, name: Option<&str>) -> Result<
 /// The file where a running node keeps the addresses it listens on (for `medmesh invite`).
 pub const LISTEN_FILE: &str = "listen.addrs";
 
-/// Documents still to come from one peer for a progress bar to be worth showing.
-const PROGRESS_SHOWN_FROM: u64 = 200;
-
 /// A progress bar on the terminal while this node takes a large part of a peer's feed
 /// (an initial sync, or catching up after days apart): documents received of those
 /// announced, the rate and the time left.
@@ -928,10 +925,7 @@ async fn show_sync_progress(mesh: mesh::Mesh) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
-        let busy = mesh.largest_sync().filter(|(_, progress)| {
-            progress.announced.saturating_sub(progress.received) >= PROGRESS_SHOWN_FROM
-                || bar.is_some()
-        });
+        let busy = mesh.largest_sync();
         match (busy, &bar) {
             (Some((name, progress)), _) => {
                 let shown = bar.get_or_insert_with(|| {

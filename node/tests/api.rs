@@ -423,7 +423,7 @@ async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
         .send(
             reqwest::Method::POST,
             &format!("{path}/conflicts"),
-            Some(json!({"phone": phone["value"]})),
+            Some(json!({"field": "phone", "value": phone["value"]})),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{chosen}");
@@ -440,15 +440,41 @@ async fn concurrent_edits_merged_from_two_stores_show_as_conflicts() {
         let (_, record) = node.get(&path).await;
         assert_eq!(record["phone"], phone["value"]);
     }
-    // A choice is a write of the record: another id is refused as in a PATCH.
-    let (status, refused) = a
-        .send(
-            reqwest::Method::POST,
-            &format!("{path}/conflicts"),
-            Some(json!({"id": "00000000-0000-4000-8000-000000000000"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    // What is not a choice of a field is refused, naming what is wrong, and changes
+    // nothing.
+    for (body, named) in [
+        (json!({"value": "4"}), "`field` is required"),
+        (json!({"field": "phone"}), "`value` is required"),
+        (
+            json!({"field": "phone.x", "value": "4"}),
+            "must be a string",
+        ),
+        (
+            json!({"field": "nickname.first", "value": "4"}),
+            "not a field of this record",
+        ),
+        (
+            json!({"field": "phone", "value": "4", "sex": "x"}),
+            "`sex` is not part of a choice",
+        ),
+        (
+            json!({"field": "id", "value": "00000000-0000-4000-8000-000000000000"}),
+            "ids cannot be changed",
+        ),
+    ] {
+        let (status, refused) = a
+            .send(
+                reqwest::Method::POST,
+                &format!("{path}/conflicts"),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {refused}");
+        let message = refused["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{body}: {refused}");
+    }
+    let (_, record) = a.get(&path).await;
+    assert_eq!(record["phone"], phone["value"]);
 }
 
 /// Sends `from`'s document `id` to `to` as a peer would (its bytes with their

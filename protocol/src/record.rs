@@ -66,6 +66,18 @@ pub enum RecordError {
     /// Automerge refused an operation (a bug or a damaged document).
     #[error("the document could not be read or changed: {0}")]
     Automerge(#[from] automerge::AutomergeError),
+    /// A choice named a field the record does not have where it says (a path through
+    /// something that is not an object).
+    #[error(
+        "`{0}` is not a field of this record (nested fields are named with dots, as in the conflicts listed)"
+    )]
+    NotAField(String),
+    /// A choice named a counter, which adds up every device's moves and holds no
+    /// conflict.
+    #[error(
+        "`{0}` is a counter: it adds up every device's changes, so there is no value to choose"
+    )]
+    Counter(String),
 }
 
 /// Deepest nesting of objects and lists a record may have (the record itself is depth 0).
@@ -184,21 +196,36 @@ fn scalar_equals(stored: &ScalarValueRef<'_>, new: &Value) -> bool {
 /// the current value. Fields not named are left as they are (a PATCH).
 pub fn write_fields<T: Transactable>(tx: &mut T, fields: &Fields) -> Result<(), RecordError> {
     for (key, value) in fields {
-        put_value(tx, &ROOT, Prop::Map(key.clone()), value, false)?;
+        put_value(tx, &ROOT, Prop::Map(key.clone()), value)?;
     }
     Ok(())
 }
 
-/// Writes `fields` as a person's choice among the concurrent values of conflicted fields:
-/// as [`write_fields`], except that a conflicted field (at any depth of `fields`) is
-/// written even where it equals the value shown now, which settles the conflict. An
-/// ordinary write of the value shown (a device or the cloud sending the record back as
-/// it saw it) leaves the conflict for a person to see.
-pub fn settle_fields<T: Transactable>(tx: &mut T, fields: &Fields) -> Result<(), RecordError> {
-    for (key, value) in fields {
-        put_value(tx, &ROOT, Prop::Map(key.clone()), value, true)?;
+/// Writes a person's choice for the field at `path` (`["address", "town"]`): always
+/// written, even where it equals the value shown now, over every concurrent value, which
+/// settles that field's conflict and no other. An ordinary write of the value shown (a
+/// device or the cloud sending the record back as it saw it) makes no change, and
+/// leaves the conflict for a person to see.
+pub fn settle_field<T: Transactable>(
+    tx: &mut T,
+    path: &[String],
+    value: &Value,
+) -> Result<(), RecordError> {
+    let not_a_field = || RecordError::NotAField(path.join("."));
+    let (last, parents) = path.split_last().ok_or_else(not_a_field)?;
+    let mut obj = ROOT;
+    for key in parents {
+        match tx.get(&obj, key.as_str())? {
+            Some((automerge::Value::Object(ObjType::Map), child)) => obj = child,
+            _ => return Err(not_a_field()),
+        }
     }
-    Ok(())
+    if let Some((automerge::Value::Scalar(stored), _)) = tx.get(&obj, last.as_str())?
+        && matches!(stored.as_ref(), ScalarValue::Counter(_))
+    {
+        return Err(RecordError::Counter(path.join(".")));
+    }
+    put_fresh(tx, &obj, Prop::Map(last.clone()), value)
 }
 
 /// Makes the record's root map equal `fields` (a PUT), except that fields named in
@@ -219,25 +246,18 @@ pub fn replace_fields<T: Transactable>(
     Ok(())
 }
 
-/// Puts `value` at `prop` of `obj` with the fewest operations; with `settle`, a
-/// conflicted field is always written (see [`settle_fields`]).
+/// Puts `value` at `prop` of `obj` with the fewest operations.
 fn put_value<T: Transactable>(
     tx: &mut T,
     obj: &ObjId,
     prop: Prop,
     value: &Value,
-    settle: bool,
 ) -> Result<(), RecordError> {
     let current = tx.get(obj, prop.clone())?;
     match (value, current) {
-        (Value::Object(_), Some((automerge::Value::Object(ObjType::Map), _)))
-            if settle && conflicted(tx, obj, &prop)? =>
-        {
-            put_fresh(tx, obj, prop, value)?
-        }
         (Value::Object(fields), Some((automerge::Value::Object(ObjType::Map), child))) => {
             for (key, v) in fields {
-                put_value(tx, &child, Prop::Map(key.clone()), v, settle)?;
+                put_value(tx, &child, Prop::Map(key.clone()), v)?;
             }
             let stale: Vec<String> = tx
                 .keys(&child)
@@ -250,7 +270,7 @@ fn put_value<T: Transactable>(
         (Value::Array(items), Some((automerge::Value::Object(ObjType::List), child))) => {
             let old_len = tx.length(&child);
             for (index, item) in items.iter().enumerate().take(old_len) {
-                put_value(tx, &child, Prop::Seq(index), item, settle)?;
+                put_value(tx, &child, Prop::Seq(index), item)?;
             }
             for (index, item) in items.iter().enumerate().skip(old_len) {
                 insert_value(tx, &child, index, item)?;
@@ -277,20 +297,13 @@ fn put_value<T: Transactable>(
             }
         }
         (_, Some((automerge::Value::Scalar(stored), _))) if value_is_scalar(value) => {
-            if !scalar_equals(&scalar_value_as_ref(stored.as_ref()), value)
-                || (settle && conflicted(tx, obj, &prop)?)
-            {
+            if !scalar_equals(&scalar_value_as_ref(stored.as_ref()), value) {
                 put_fresh(tx, obj, prop, value)?;
             }
         }
         _ => put_fresh(tx, obj, prop, value)?,
     }
     Ok(())
-}
-
-/// `prop` of `obj` holds more than one concurrent value.
-fn conflicted<T: Transactable>(tx: &T, obj: &ObjId, prop: &Prop) -> Result<bool, RecordError> {
-    Ok(tx.get_all(obj, prop.clone())?.len() > 1)
 }
 
 fn value_is_scalar(value: &Value) -> bool {
@@ -693,53 +706,66 @@ mod tests {
     }
 
     #[test]
-    fn choosing_the_shown_value_settles_a_conflict_and_writing_it_back_does_not() {
+    fn choosing_a_value_settles_that_conflict_only_and_writing_it_back_does_not() {
         let base = doc_from(&obj(
             json!({"phone": "1", "address": {"town": "A", "street": "x"}}),
         ));
         let mut left = base.fork();
         let mut right = base.fork();
-        for (doc, phone, town) in [(&mut left, "2", "B"), (&mut right, "3", "C")] {
+        for (doc, side) in [(&mut left, "l"), (&mut right, "r")] {
             doc.transact::<_, _, RecordError>(|tx| {
-                write_fields(tx, &obj(json!({"phone": phone, "address": {"town": town}})))
-            })
-            .expect("edit");
-        }
-        // A map made on both sides at once conflicts as a whole.
-        for (doc, note) in [(&mut left, "l"), (&mut right, "r")] {
-            doc.transact::<_, _, RecordError>(|tx| {
-                write_fields(tx, &obj(json!({"extra": {"note": note}})))
+                // A scalar, two nested fields, and a map and a list made on both sides at
+                // once (each conflicts as a whole).
+                write_fields(
+                    tx,
+                    &obj(
+                        json!({"phone": side, "address": {"town": side, "street": side},
+                                "extra": {"note": side}, "tags": [side]}),
+                    ),
+                )
             })
             .expect("edit");
         }
         left.merge(&mut right).expect("merge");
-        let fields: Vec<String> = conflicts(&left).into_iter().map(|c| c.field).collect();
-        assert_eq!(fields, ["address.town", "extra", "phone"]);
+        let fields = |doc: &Automerge| -> Vec<String> {
+            conflicts(doc).into_iter().map(|c| c.field).collect()
+        };
+        let all = ["address.street", "address.town", "extra", "phone", "tags"];
+        assert_eq!(fields(&left), all);
         let shown = read_record(&left);
-        let chosen = obj(json!({
-            "phone": shown["phone"],
-            "address": shown["address"],
-            "extra": shown["extra"],
-        }));
-        // A record written back as it is shown (a device or the cloud sending what it
-        // saw) is no choice: the conflicts stay for a person to see.
+        // The record written back as it is shown (a device or the cloud sending what it
+        // saw) is no choice: no change, every conflict stays for a person to see.
         let echo = left
-            .transact::<_, _, RecordError>(|tx| write_fields(tx, &chosen))
+            .transact::<_, _, RecordError>(|tx| write_fields(tx, &shown))
             .expect("echo");
         assert_eq!(echo.hash, None);
-        assert_eq!(conflicts(&left).len(), 3);
-        // A person chooses the value shown now: that settles each conflict.
-        let result = left
-            .transact::<_, _, RecordError>(|tx| settle_fields(tx, &chosen))
-            .expect("choose");
-        assert!(result.hash.is_some(), "the choice is a change");
-        assert_eq!(conflicts(&left), vec![]);
-        assert_eq!(read_record(&left), shown, "the values stay the ones chosen");
-        // Without a conflict, the same choice is no change at all.
-        let again = left
-            .transact::<_, _, RecordError>(|tx| settle_fields(tx, &chosen))
-            .expect("again");
-        assert_eq!(again.hash, None);
+        assert_eq!(fields(&left), all);
+        // Choosing the value shown of a nested field settles it, and not the field beside.
+        let path = |p: &str| -> Vec<String> { p.split('.').map(str::to_owned).collect() };
+        let choose = |doc: &mut Automerge, p: &str, value: &Value| {
+            doc.transact::<_, _, RecordError>(|tx| settle_field(tx, &path(p), value))
+                .expect("choose")
+        };
+        let result = choose(&mut left, "address.town", &shown["address"]["town"]);
+        assert!(result.hash.is_some(), "a choice is a change");
+        assert_eq!(fields(&left), ["address.street", "extra", "phone", "tags"]);
+        for p in ["phone", "extra", "tags"] {
+            choose(&mut left, p, &shown[p]);
+        }
+        assert_eq!(fields(&left), ["address.street"]);
+        assert_eq!(read_record(&left), shown, "the values are the ones chosen");
+        // What is not a field, or is a counter, is refused and changes nothing.
+        let refused =
+            left.transact::<_, _, RecordError>(|tx| settle_field(tx, &path("phone.x"), &json!(1)));
+        assert!(matches!(refused, Err(f) if matches!(f.error, RecordError::NotAField(_))));
+        left.transact::<_, _, RecordError>(|tx| {
+            tx.put(ROOT, "n", ScalarValue::counter(1))?;
+            Ok(())
+        })
+        .expect("counter");
+        let refused =
+            left.transact::<_, _, RecordError>(|tx| settle_field(tx, &path("n"), &json!(5)));
+        assert!(matches!(refused, Err(f) if matches!(f.error, RecordError::Counter(_))));
     }
 
     #[test]

@@ -63,4 +63,5 @@ pub use store::{
 };
 pub use write::{
     MAX_PEER_ADDRS, PeerRecord, PeerUpdate, Received, WriteBatch, WriteKind, WriteOp, WriteOutcome,
+    choice_as_fields,
 };

@@ -12,11 +12,16 @@ pub enum WriteKind {
     Create(Fields),
     /// Changes only the given fields.
     Patch(Fields),
-    /// A person's choice among the concurrent values of conflicted fields: as
-    /// [`WriteKind::Patch`], except that a conflicted field is written even where it
-    /// equals the value shown, which settles the conflict
-    /// ([`medmesh_protocol::record::settle_fields`]).
-    Choose(Fields),
+    /// A person's choice for one field that holds concurrent values (a conflict): the
+    /// field at `path` (`["address", "town"]`) is written even where it equals the value
+    /// shown, which settles its conflict and no other
+    /// ([`medmesh_protocol::record::settle_field`]).
+    Choose {
+        /// The field, one name per level of nesting.
+        path: Vec<String>,
+        /// The value chosen.
+        value: serde_json::Value,
+    },
     /// Makes the record equal to the given fields (written as the minimal set of field
     /// changes); `id` and `created_at` are kept.
     Replace(Fields),
@@ -295,4 +300,20 @@ pub struct PeerRecord {
     /// proved its membership.
     #[serde(default)]
     pub clinics: Option<Vec<String>>,
+}
+
+/// The field at `path` with `value` as a patch of the record's top level
+/// (`{"address": {"town": "Kati"}}`): what a choice is checked as (schema, permission).
+pub fn choice_as_fields(path: &[String], value: &serde_json::Value) -> Fields {
+    let mut nested = value.clone();
+    for key in path.iter().skip(1).rev() {
+        let mut level = serde_json::Map::new();
+        level.insert(key.clone(), nested);
+        nested = serde_json::Value::Object(level);
+    }
+    let mut fields = Fields::new();
+    if let Some(top) = path.first() {
+        fields.insert(top.clone(), nested);
+    }
+    fields
 }

@@ -1097,17 +1097,18 @@ impl Writer {
                 if working.collection != op.collection {
                     return Err(not_found());
                 }
-                let is_choice = matches!(kind, WriteKind::Choose(_));
                 let change = match kind {
-                    WriteKind::Patch(mut fields) | WriteKind::Choose(mut fields) => {
+                    WriteKind::Patch(mut fields) => {
                         check_same_id(spec, &mut fields, &id)?;
                         fields.remove("updated_at");
                         spec.validate_patch(&fields)?;
-                        if is_choice {
-                            Change::Choose(fields)
-                        } else {
-                            Change::Write(fields)
-                        }
+                        Change::Write(fields)
+                    }
+                    WriteKind::Choose { path, value } => {
+                        let mut fields = crate::write::choice_as_fields(&path, &value);
+                        check_same_id(spec, &mut fields, &id)?;
+                        spec.validate_patch(&fields)?;
+                        Change::Choose(path, value)
                     }
                     WriteKind::Replace(mut fields) => {
                         check_same_id(spec, &mut fields, &id)?;
@@ -1138,7 +1139,7 @@ impl Writer {
                     |tx| {
                         match &change {
                             Change::Write(fields) => record::write_fields(tx, fields)?,
-                            Change::Choose(fields) => record::settle_fields(tx, fields)?,
+                            Change::Choose(path, value) => record::settle_field(tx, path, value)?,
                             Change::Replace(fields) => {
                                 record::replace_fields(tx, fields, KEPT_ON_REPLACE)?
                             }
@@ -1516,7 +1517,7 @@ fn replicate(err: &StoreError) -> StoreError {
 
 enum Change {
     Write(Fields),
-    Choose(Fields),
+    Choose(Vec<String>, Value),
     Replace(Fields),
     Increment(Vec<(String, i64)>),
     Delete,

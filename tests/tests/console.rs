@@ -507,10 +507,17 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         "the confirmation closed by Escape",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        connected(&api_a, &id_c).await,
-        "a cancelled revocation revoked nothing"
+    // (A request the page would have sent has landed by then.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, devices) = api_a.get("/v1/devices").await.expect("devices");
+    let c_revoked = devices["devices"]
+        .as_array()
+        .and_then(|l| l.iter().find(|d| d["peer_id"] == id_c.as_str()))
+        .map(|d| d["revoked"].clone());
+    assert_eq!(
+        c_revoked,
+        Some(Value::Null),
+        "a cancelled revocation revoked nothing: {devices}"
     );
 
     // Revoke tablet C, confirmed in a dialog; the health screen shows it disconnected.
@@ -1043,11 +1050,13 @@ async fn a_new_devices_sign_in_page_shows_its_initial_sync() {
     medmesh_tests::import_patients(&medmesh_tests::http(), &a, 0..total)
         .await
         .expect("import");
+    // The browser is up before the new device starts, so its sync cannot be over before
+    // the page is open.
+    let profile = tempfile::tempdir().expect("profile");
+    let page = browser(&driver, profile.path()).await;
     let b = NodeProcess::start_peered(&db, std::slice::from_ref(&a.listen), None).expect("b");
 
     // The new device's console, before anyone can sign in there: how far it has come.
-    let profile = tempfile::tempdir().expect("profile");
-    let page = browser(&driver, profile.path()).await;
     let base = b.url("/");
     page.goto(&base).await.expect("open the console");
     until(

@@ -9,7 +9,7 @@ use axum::{Extension, Json};
 use medmesh_protocol::DocId;
 use medmesh_protocol::record::{self, Fields};
 use medmesh_protocol::schema::counter_fields;
-use medmesh_storage::{Filter, Query, WriteBatch, WriteKind, WriteOp};
+use medmesh_storage::{Filter, Query, WriteBatch, WriteKind, WriteOp, choice_as_fields};
 use serde_json::{Value, json};
 
 use super::{
@@ -203,7 +203,8 @@ enum GenericWrite {
 impl GenericWrite {
     fn of(kind: &WriteKind) -> Self {
         match kind {
-            WriteKind::Patch(fields) | WriteKind::Choose(fields) => Self::Patch(fields.clone()),
+            WriteKind::Patch(fields) => Self::Patch(fields.clone()),
+            WriteKind::Choose { path, value } => Self::Patch(choice_as_fields(path, value)),
             WriteKind::Replace(fields) => Self::Replace(fields.clone()),
             WriteKind::Create(_) => Self::Create,
             _ => Self::Delete,
@@ -459,16 +460,21 @@ async fn change(
     let id = parse_id(&id)?;
     let mut kind = kind()?;
     if collection == "users"
-        && let WriteKind::Patch(fields) | WriteKind::Replace(fields) | WriteKind::Choose(fields) =
-            &mut kind
+        && let WriteKind::Patch(fields) | WriteKind::Replace(fields) = &mut kind
     {
         hash_given_password(fields).await?;
     }
     // Setting or clearing a deletion is a delete (or an undelete), whatever the verb.
     let deletes = match &kind {
         WriteKind::Delete => true,
-        WriteKind::Patch(fields) | WriteKind::Replace(fields) | WriteKind::Choose(fields) => {
+        WriteKind::Patch(fields) | WriteKind::Replace(fields) => {
             fields.contains_key("deleted_at") || fields.contains_key("is_deleted")
+        }
+        WriteKind::Choose { path, .. } => {
+            matches!(
+                path.first().map(String::as_str),
+                Some("deleted_at" | "is_deleted")
+            )
         }
         _ => false,
     };
@@ -505,7 +511,7 @@ async fn change(
     .await?;
     let credentials_change = collection == "users"
         && match &kind {
-            WriteKind::Patch(f) | WriteKind::Replace(f) | WriteKind::Choose(f) => [
+            WriteKind::Patch(f) | WriteKind::Replace(f) => [
                 "hashed_password",
                 "disabled_at",
                 "role",
@@ -551,10 +557,10 @@ pub async fn patch(
     .await
 }
 
-/// `POST /v1/{collection}/{id}/conflicts`: a person's choice among the values of
-/// conflicted fields, given as a patch (`{"hometown": "Kati"}`, nested fields as nested
-/// objects). Each given field is written even where it equals the value shown now, so
-/// its conflict is settled; a `PATCH` of the value shown leaves the conflict.
+/// `POST /v1/{collection}/{id}/conflicts` with `{"field": "address.town", "value": …}`:
+/// a person's choice for one conflicted field (named as `GET …/conflicts` names it). It is
+/// written even where it equals the value shown now, so that field's conflict is settled,
+/// and no other; a `PATCH` of the value shown leaves the conflict listed.
 pub async fn choose(
     State(state): State<AppState>,
     Path((collection, id)): Path<(String, String)>,
@@ -562,7 +568,34 @@ pub async fn choose(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     change(state, collection, id, caller, || {
-        Ok(WriteKind::Choose(body_object(body)?))
+        let mut body = body_object(body)?;
+        let wrong = |message: &str| {
+            let mut error = ApiError::bad_request("invalid_field", message);
+            error.field = Some("field".into());
+            error
+        };
+        let path: Vec<String> = match body.remove("field") {
+            Some(Value::String(name)) => name.split('.').map(str::to_owned).collect(),
+            _ => return Err(wrong("`field` is required: the conflicted field's name, as GET …/conflicts lists it (nested fields with dots)")),
+        };
+        if path.iter().any(String::is_empty) || path.len() > record::MAX_RECORD_DEPTH {
+            return Err(wrong("`field` must name a field, with a dot between nested names"));
+        }
+        if path[0] == "password" {
+            return Err(wrong("a password is never stored, so it holds no conflict: set a new one with PATCH"));
+        }
+        let value = body.remove("value").ok_or_else(|| {
+            let mut error = ApiError::bad_request("invalid_field", "`value` is required: the value chosen");
+            error.field = Some("value".into());
+            error
+        })?;
+        if let Some(other) = body.keys().next() {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                format!("`{other}` is not part of a choice: send only `field` and `value`"),
+            ));
+        }
+        Ok(WriteKind::Choose { path, value })
     })
     .await
 }

@@ -12,10 +12,10 @@ const HELD_SHOWN: usize = 50;
 /// Clinics looked at for the ones no connected peer brings.
 const CLINICS_LISTED: usize = 1_000;
 
-/// `GET /health`: answers without a credential. While this node is taking a peer's feed
-/// (an initial sync, or catching up after time apart) it also tells how far it has come
-/// (counts only, no names): a new device's console shows it on its sign-in page, before
-/// the mesh's users have arrived.
+/// `GET /health`: answers without a credential. While this node is taking a large
+/// stretch of a peer's feed (an initial sync, or catching up after time apart; see
+/// `Mesh::largest_sync`) it also tells how far it has come (counts only, no names): a new
+/// device's console shows it on its sign-in page, before the mesh's users have arrived.
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let sync = state
         .mesh()

@@ -622,6 +622,9 @@
         const body = formValues(form);
         for (const key of numbers) if (body[key] !== undefined) body[key] = Number(body[key]);
         if (body.allow_expired !== undefined) body.allow_expired = true;
+        // Dispensing an expired batch is chosen for one dispense, never left ticked.
+        const expired = form.querySelector("input[name=allow_expired]");
+        if (expired) expired.checked = false;
         act(async () => {
           const answer = await api("POST", "/v1/pharmacy/" + name, body);
           await load();
@@ -703,12 +706,19 @@
       e.preventDefault();
       const name = (formValues(form).name || "").trim();
       act(async () => {
-        // "Amina Di": patients with a name starting "Amina" (given name or surname), and
-        // of those, the ones where every word starts one of their names.
+        // "Amina Di": a given name or surname starting with all of it ("Mary Ann"), or a
+        // given name starting with one word and a surname with the next (either order);
+        // of those, the patients where every word starts one of their names.
         const words = name.toLowerCase().split(/\s+/).filter(Boolean);
+        const prefix = (field, text) => field + "=" + encodeURIComponent(text) + "*";
+        const queries = [prefix("given_name", name), prefix("surname", name)];
+        if (words.length > 1) {
+          queries.push(prefix("given_name", words[0]) + "&" + prefix("surname", words[1]));
+          queries.push(prefix("surname", words[0]) + "&" + prefix("given_name", words[1]));
+        }
         const found = new Map();
-        for (const field of ["given_name", "surname"]) {
-          const page = await api("GET", "/v1/patients?limit=50&" + field + "=" + encodeURIComponent(name.split(/\s+/)[0]) + "*");
+        for (const query of queries) {
+          const page = await api("GET", "/v1/patients?limit=50&" + query);
           for (const p of page.records) found.set(p.id, p);
         }
         const names = (p) => [p.given_name, p.surname].filter(Boolean).join(" ").toLowerCase().split(/\s+/);
@@ -778,19 +788,9 @@
         e.preventDefault();
         const chosen = c.values[Number(new FormData(form).get(name))];
         act(async () => {
-          // The choice is written over every concurrent value (also when it is the value
-          // shown). A nested field is sent with the fields beside it at each level, which
-          // a write of a map would otherwise drop.
-          const patch = {};
-          const keys = c.field.split(".");
-          let at = patch;
-          let from = current;
-          keys.slice(0, -1).forEach((k) => {
-            from = from && typeof from === "object" ? from[k] : undefined;
-            at = at[k] = Object.assign({}, from && typeof from === "object" ? from : {});
-          });
-          at[keys[keys.length - 1]] = chosen;
-          await api("POST", path + "/conflicts", patch);
+          // The choice is written over every concurrent value of this field (also when
+          // it is the value shown), and over no other field.
+          await api("POST", path + "/conflicts", { field: c.field, value: chosen });
           await openRecord(box, collection, id);
         }, t("conflict_resolved", { field: c.field }));
       });

@@ -75,6 +75,10 @@ pub struct PeerView {
     pub last_check_result: Option<String>,
 }
 
+/// Documents a stretch of a peer's feed must hold for its progress to be shown on the
+/// terminal and the sign-in page.
+pub const SYNC_SHOWN_FROM: u64 = 200;
+
 /// How far this node has come in taking a peer's feed.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SyncProgress {
@@ -301,13 +305,14 @@ impl Mesh {
     }
 
     /// The largest stretch of a peer's feed this node is taking now (an initial sync, or
-    /// catching up after time apart): the peer's name (or the start of its id) and how
-    /// far it has come. What the terminal's bar and the console's sign-in show.
+    /// catching up after time apart) of at least [`SYNC_SHOWN_FROM`] documents: the
+    /// peer's name (or the start of its id) and how far it has come. What the terminal's
+    /// bar and the console's sign-in show; the trickle of a busy mesh's edits is not one.
     pub fn largest_sync(&self) -> Option<(String, SyncProgress)> {
         self.peers()
             .into_iter()
             .filter_map(|p| {
-                let progress = p.sync_progress?;
+                let progress = p.sync_progress.filter(|s| s.announced >= SYNC_SHOWN_FROM)?;
                 let name = p
                     .name
                     .unwrap_or_else(|| p.peer_id.chars().take(12).collect());
