@@ -839,7 +839,9 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
     click(&page, "dialog[open] button[type=submit]").await;
     until(&page, "return !document.querySelector('dialog[open]') && document.getElementById('notice').className === 'info'", "the password reset").await;
 
-    // Right to left in Arabic, then back.
+    // Right to left in Arabic, then back; what was typed in a form stays.
+    let half_typed = "form[aria-labelledby=add-user-title] input[name=name]";
+    type_into(&page, half_typed, "Half typed").await;
     page.find(Locator::Css("header select[name=lang]"))
         .await
         .expect("language")
@@ -850,6 +852,12 @@ async fn the_console_runs_the_mesh_in_a_real_browser() {
         &page,
         "return document.documentElement.dir === 'rtl'",
         "right to left",
+    )
+    .await;
+    until(
+        &page,
+        &format!("const f = document.querySelector('{half_typed}'); return !!f && f.value === 'Half typed'"),
+        "the form's text kept in another language",
     )
     .await;
     until(

@@ -198,7 +198,7 @@
     const languages = select(
       "lang",
       Object.keys(STRINGS.languages).map((code) => [code, STRINGS.languages[code].language_name]),
-      { onchange: (e) => { state.lang = e.target.value; localStorage.setItem("medmesh.lang", state.lang); render(); } },
+      { onchange: (e) => { state.lang = e.target.value; localStorage.setItem("medmesh.lang", state.lang); redrawKeepingForms(); } },
     );
     languages.value = state.lang;
     languages.setAttribute("aria-label", t("language"));
@@ -224,6 +224,20 @@
     } else {
       top.append(h("div", { class: "who" }, languages));
     }
+  }
+
+  // Draws the screen again (in another language) with what was typed in its forms kept:
+  // the same screen has the same controls in the same order.
+  async function redrawKeepingForms() {
+    const controls = () => [...document.querySelectorAll("#main form [name]")];
+    const ticked = (el) => el.type === "checkbox" || el.type === "radio";
+    const typed = controls().map((el) => [el.name, ticked(el) ? el.checked : el.value]);
+    await render();
+    controls().forEach((el, i) => {
+      if (!typed[i] || typed[i][0] !== el.name) return;
+      if (ticked(el)) el.checked = typed[i][1];
+      else el.value = typed[i][1];
+    });
   }
 
   function currentScreen() {
