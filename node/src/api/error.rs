@@ -36,6 +36,13 @@ impl ApiError {
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
+
+    /// 400 `invalid_field`, naming the field at fault.
+    pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut error = Self::bad_request("invalid_field", message);
+        error.field = Some(field.into());
+        error
+    }
 }
 
 impl IntoResponse for ApiError {

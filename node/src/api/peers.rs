@@ -272,11 +272,7 @@ pub async fn invite(
         body => json_body(body)?,
     };
     let text = |name: &str| body.get(name).and_then(Value::as_str).map(str::trim);
-    let bad = |field: &str, message: String| {
-        let mut error = ApiError::bad_request("invalid_field", message);
-        error.field = Some(field.to_owned());
-        error
-    };
+    let bad = |field: &str, message: String| ApiError::invalid_field(field, message);
     let kind: medmesh_protocol::membership::DeviceKind = text("kind")
         .unwrap_or("tablet")
         .parse()

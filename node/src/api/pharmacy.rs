@@ -17,11 +17,7 @@ use crate::pharmacy::{Pharmacy, PharmacyError};
 impl From<PharmacyError> for ApiError {
     fn from(err: PharmacyError) -> Self {
         match err {
-            PharmacyError::Invalid { field, message } => {
-                let mut error = ApiError::bad_request("invalid_field", message);
-                error.field = Some(field.to_owned());
-                error
-            }
+            PharmacyError::Invalid { field, message } => ApiError::invalid_field(field, message),
             PharmacyError::Store(err) => err.into(),
         }
     }

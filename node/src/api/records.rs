@@ -368,12 +368,10 @@ async fn hash_given_password(fields: &mut Fields) -> Result<(), ApiError> {
         .filter(|p| p.chars().count() >= 8 && p.len() <= 72)
         .map(str::to_owned)
         .ok_or_else(|| {
-            let mut error = ApiError::bad_request(
-                "invalid_field",
+            ApiError::invalid_field(
+                "password",
                 "the password must be text of 8 characters to 72 bytes",
-            );
-            error.field = Some("password".into());
-            error
+            )
         })?;
     let hashed = blocking(move || {
         crate::users::hash_password(&password).map_err(|e| {
@@ -569,11 +567,7 @@ pub async fn choose(
 ) -> Result<Json<Value>, ApiError> {
     change(state, collection, id, caller, || {
         let mut body = body_object(body)?;
-        let wrong = |message: &str| {
-            let mut error = ApiError::bad_request("invalid_field", message);
-            error.field = Some("field".into());
-            error
-        };
+        let wrong = |message: &str| ApiError::invalid_field("field", message);
         let path: Vec<String> = match body.remove("field") {
             Some(Value::String(name)) => name.split('.').map(str::to_owned).collect(),
             _ => return Err(wrong("`field` is required: the conflicted field's name, as GET …/conflicts lists it (nested fields with dots)")),
@@ -585,13 +579,11 @@ pub async fn choose(
             return Err(wrong("a password is never stored, so it holds no conflict: set a new one with PATCH"));
         }
         let value = body.remove("value").ok_or_else(|| {
-            let mut error = ApiError::bad_request("invalid_field", "`value` is required: the value chosen");
-            error.field = Some("value".into());
-            error
+            ApiError::invalid_field("value", "`value` is required: the value chosen")
         })?;
         if let Some(other) = body.keys().next() {
-            return Err(ApiError::bad_request(
-                "invalid_field",
+            return Err(ApiError::invalid_field(
+                other.as_str(),
                 format!("`{other}` is not part of a choice: send only `field` and `value`"),
             ));
         }
